@@ -1,0 +1,75 @@
+"""Stateless application of Keras 3 models: (params, state, inputs) -> (outputs, state).
+
+Keras objects live at the edges of keras_metapt; the core works on explicit nests
+of tensors. These functions move between the two:
+
+    trainable, non_trainable = model_state(model)
+    outputs, non_trainable = stateless_apply(model, trainable, non_trainable, x, training)
+    assign_state(model, trainable, non_trainable)
+
+``non_trainable`` holds state such as BatchNorm moving statistics. With
+``training=True`` the returned state is updated; it is the caller's choice to keep
+it (a hyperstep should not: see the BatchNorm note in the README).
+"""
+
+import tensorflow as tf
+
+from keras_metapt.errors import InputMismatchError
+
+__all__ = ["model_state", "stateless_apply", "assign_state"]
+
+
+def model_state(model):
+    """Current values of (trainable, non-trainable) variables, as lists of tensors."""
+    _require_built(model)
+    return ([tf.convert_to_tensor(v.value) for v in model.trainable_variables],
+            [tf.convert_to_tensor(v.value) for v in model.non_trainable_variables])
+
+
+def _require_built(model):
+    if not model.built:
+        raise InputMismatchError(
+            f"model {model.name!r} is not built; call it once on example inputs (or "
+            "model.build(input_shape)) so that its variables exist")
+
+
+def _check_against(variables, values, what):
+    if len(values) != len(variables):
+        raise InputMismatchError(
+            f"{what}: got {len(values)} tensors for {len(variables)} variables")
+    for i, (var, value) in enumerate(zip(variables, values)):
+        if not tf.TensorShape(var.shape).is_compatible_with(value.shape):
+            raise InputMismatchError(
+                f"{what}[{i}] ({var.path}) has shape {value.shape}, expected {tuple(var.shape)}")
+        if tf.as_dtype(value.dtype) != tf.as_dtype(var.dtype):
+            raise InputMismatchError(
+                f"{what}[{i}] ({var.path}) has dtype {tf.as_dtype(value.dtype).name}, "
+                f"expected {tf.as_dtype(var.dtype).name}")
+
+
+def stateless_apply(model, trainable, non_trainable, inputs, training=False):
+    """Runs ``model`` on ``inputs`` with the given variable values; touches no variable.
+
+    Returns (outputs, new_non_trainable). Differentiable with respect to
+    ``trainable`` (and ``inputs``), in tapes, forward accumulators and XLA.
+    Cost: one forward pass.
+    """
+    _require_built(model)
+    trainable = list(trainable)
+    non_trainable = list(non_trainable)
+    _check_against(model.trainable_variables, trainable, "trainable")
+    _check_against(model.non_trainable_variables, non_trainable, "non_trainable")
+    outputs, new_state = model.stateless_call(trainable, non_trainable, inputs, training=training)
+    return outputs, list(new_state)
+
+
+def assign_state(model, trainable, non_trainable=None):
+    """Writes values back into the model's variables (after checking shapes and dtypes)."""
+    _require_built(model)
+    _check_against(model.trainable_variables, list(trainable), "trainable")
+    for var, value in zip(model.trainable_variables, trainable):
+        var.assign(value)
+    if non_trainable is not None:
+        _check_against(model.non_trainable_variables, list(non_trainable), "non_trainable")
+        for var, value in zip(model.non_trainable_variables, non_trainable):
+            var.assign(value)

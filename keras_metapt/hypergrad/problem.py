@@ -1,0 +1,194 @@
+"""The one calling convention shared by every hypergradient estimator.
+
+A bilevel problem is two pure losses of (params, hparams, batch):
+
+    inner_loss(theta, phi, batch)  -> scalar   (training / pre-training loss)
+    outer_loss(theta, phi, batch)  -> scalar   (validation / fine-tuning loss)
+
+and every estimator is called the same way:
+
+    result = estimator(problem, params, hparams, inner_batch, outer_batch)
+
+returning a `HypergradResult` whose ``hypergrad`` = ``direct`` + ``indirect``:
+the direct term d outer / d phi at fixed theta, and the indirect term through the
+inner problem's dependence of theta on phi. Estimators that run inner optimizer
+steps (unrolled, forward) also accept ``opt_state=`` and return the final
+parameters and optimizer state, so meta-training can continue from them.
+"""
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
+
+import tensorflow as tf
+
+from keras_metapt import _checks, _tree
+from keras_metapt.errors import InputMismatchError, NonFiniteHypergradientError
+
+__all__ = ["BilevelProblem", "StepBatches", "HypergradResult", "ensure_finite"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BilevelProblem:
+    """Inner and outer losses, and optionally how hparams set optimizer hyperparameters.
+
+    ``inner_optimizer_hparams(hparams, step, num_steps) -> dict`` returns overrides
+    for the inner optimizer at a given step (a scalar int tensor), for example
+    ``{"learning_rate": piecewise_constant(hparams["lr"], step, num_steps)}``.
+    Used by the estimators that differentiate through optimizer steps.
+    """
+
+    inner_loss: Callable[[Any, Any, Any], tf.Tensor]
+    outer_loss: Callable[[Any, Any, Any], tf.Tensor]
+    inner_optimizer_hparams: Optional[Callable[[Any, tf.Tensor, int], dict]] = None
+
+
+class StepBatches:
+    """One inner batch per step: every tensor has a leading dimension of length >= T.
+
+    Pass ``StepBatches(batches)`` as ``inner_batch`` to use ``batches[t]`` at step t
+    (gathered inside the loop, so it compiles with XLA). Any other ``inner_batch``
+    is reused at every step.
+    """
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def length(self):
+        lengths = {x.shape[0] for x in tf.nest.flatten(self.batches)}
+        if len(lengths) != 1:
+            raise InputMismatchError(
+                f"StepBatches tensors disagree on their leading (step) dimension: {sorted(lengths)}")
+        return lengths.pop()
+
+    def at(self, step):
+        return tf.nest.map_structure(lambda x: tf.gather(x, step), self.batches)
+
+
+class HypergradResult(NamedTuple):
+    """What every estimator returns.
+
+    hypergrad: d outer / d hparams (shaped like hparams) = direct + indirect.
+    direct:    the partial derivative at fixed inner parameters.
+    indirect:  the part through the inner parameters' dependence on hparams.
+    outer_loss: the outer loss at ``params``.
+    params:    inner parameters at which the outer loss was taken (after the
+               inner steps for unrolled/forward; the given ones for implicit;
+               the softmax-weighted combination for EvoGrad).
+    opt_state: inner optimizer state after the steps (None where no steps ran).
+    is_finite: scalar bool, every hypergradient element is finite. Check it (or
+               call `ensure_finite`) after a `jit_compile=True` function, where
+               XLA drops runtime assertions.
+    """
+
+    hypergrad: Any
+    direct: Any
+    indirect: Any
+    outer_loss: tf.Tensor
+    params: Any
+    opt_state: Any
+    is_finite: tf.Tensor
+
+
+def ensure_finite(result, hparams_names_from=None):
+    """Raises NonFiniteHypergradientError if ``result.is_finite`` is False (eager only).
+
+    Use after calling an estimator inside ``tf.function(jit_compile=True)``, where
+    XLA cannot raise from inside the compiled program.
+    """
+    if not bool(result.is_finite):
+        names = _tree.leaf_names(result.hypergrad, "hparams")
+        bad = [name for name, leaf in zip(names, tf.nest.flatten(result.hypergrad))
+               if not bool(tf.reduce_all(tf.math.is_finite(leaf)))]
+        raise NonFiniteHypergradientError(
+            f"the hypergradient for {', '.join(bad)} is not finite (NaN or Inf); no update "
+            "should be applied. Lower the learning rates, check the losses, or use float64.")
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Helpers shared by the estimator modules (not public).
+
+def prepare(params, hparams, inner_batch=None, num_steps=None):
+    """Validates and converts inputs; returns (params, hparams) as tensor nests."""
+    params = _tree.to_tensors(params)
+    hparams = _tree.to_tensors(hparams)
+    dtype = _checks.check_float_leaves(params, "params")
+    _checks.check_float_leaves(hparams, "hparams", dtype)
+    if isinstance(inner_batch, StepBatches) and num_steps is not None:
+        length = inner_batch.length()
+        if length is not None and length < num_steps:
+            raise InputMismatchError(
+                f"StepBatches has {length} batches but the estimator runs {num_steps} steps")
+    return params, hparams
+
+
+def batch_at(inner_batch, step):
+    return inner_batch.at(step) if isinstance(inner_batch, StepBatches) else inner_batch
+
+
+def inner_loss_value(problem, params, hparams, batch):
+    return _checks.check_scalar(problem.inner_loss(params, hparams, batch), "inner_loss")
+
+
+def outer_loss_value(problem, params, hparams, batch):
+    return _checks.check_scalar(problem.outer_loss(params, hparams, batch), "outer_loss")
+
+
+def inner_step(problem, optimizer, params, opt_state, hparams, inner_batch, step, num_steps):
+    """One differentiable optimizer step on the inner loss at step index ``step``."""
+    batch = batch_at(inner_batch, step)
+    with tf.GradientTape() as tape:
+        tape.watch(tf.nest.flatten(params))
+        loss = inner_loss_value(problem, params, hparams, batch)
+    grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    overrides = {}
+    if problem.inner_optimizer_hparams is not None:
+        overrides = problem.inner_optimizer_hparams(hparams, step, num_steps)
+    return optimizer.update(grads, opt_state, params, **overrides)
+
+
+def run_inner_steps(problem, optimizer, params, opt_state, hparams, inner_batch, start, stop,
+                    num_steps):
+    """Steps ``start`` .. ``stop``-1 in a `tf.while_loop` (differentiable)."""
+    if stop <= start:
+        return params, opt_state
+
+    def body(t, params, opt_state):
+        params, opt_state = inner_step(problem, optimizer, params, opt_state, hparams,
+                                       inner_batch, t, num_steps)
+        return t + 1, params, opt_state
+
+    _, params, opt_state = tf.while_loop(
+        lambda t, p, s: t < stop, body, (tf.constant(start), params, opt_state),
+        maximum_iterations=stop - start)
+    return params, opt_state
+
+
+def outer_gradients(problem, params, hparams, outer_batch):
+    """(outer loss, d outer/d params, direct d outer/d hparams).
+
+    The direct term keeps None where a hyperparameter does not enter the outer loss.
+    """
+    with tf.GradientTape() as tape:
+        tape.watch(tf.nest.flatten(params) + tf.nest.flatten(hparams))
+        loss = outer_loss_value(problem, params, hparams, outer_batch)
+    g_params, direct = tape.gradient(loss, (params, hparams))
+    return loss, _tree.zeros_for_none(g_params, params), direct
+
+
+def finish(hparams, direct, indirect, outer_loss, params, opt_state):
+    """Checks connection and finiteness, assembles the HypergradResult.
+
+    ``direct`` and ``indirect`` may hold None for a leaf; a leaf for which both are
+    None does not influence the outer loss at all, which is an error.
+    """
+    connected = tf.nest.map_structure(
+        lambda d, i: None if (d is None and i is None) else True, direct, indirect)
+    _checks.check_connected(connected, hparams, "hparams",
+                            "the outer loss (neither directly nor through the inner problem)")
+    indirect = _tree.zeros_for_none(indirect, hparams)
+    direct = _tree.zeros_for_none(direct, hparams)
+    total = _tree.tree_add(direct, indirect)
+    total = _checks.check_finite(total, "hparams")
+    return HypergradResult(total, direct, indirect, outer_loss, params, opt_state,
+                           _checks.finite_flag(total))

@@ -1,0 +1,152 @@
+"""Differentiable inner optimizers as pure functions.
+
+An `InnerOptimizer` is a pair of pure functions, as in optax:
+
+    state = opt.init(params)
+    new_params, new_state = opt.update(grads, state, params, **overrides)
+
+Everything is TensorFlow ops on nests of tensors, so an update can be
+differentiated (reverse mode through a `tf.GradientTape`, forward mode through a
+`tf.autodiff.ForwardAccumulator`) and compiled with `tf.function(jit_compile=True)`.
+
+``overrides`` replace the optimizer's hyperparameters for one call (for example
+``learning_rate=lr_schedule[t]``). They may be tensors that carry gradients, which
+is how learning-rate, momentum and weight-decay schedules are meta-learned.
+Each optimizer lists the names it accepts in ``opt.hyperparameters``.
+
+Cost: O(P) time per update; state memory 0 (SGD), P (momentum) or 2P (Adam).
+"""
+
+from typing import Any, Callable, Mapping, NamedTuple
+
+import tensorflow as tf
+
+__all__ = ["InnerOptimizer", "sgd", "adam", "adamw"]
+
+
+class InnerOptimizer(NamedTuple):
+    """A differentiable optimizer: ``init(params) -> state`` and
+    ``update(grads, state, params, **overrides) -> (new_params, new_state)``.
+
+    ``hyperparameters`` maps each overridable name to its default value.
+    """
+
+    init: Callable[[Any], Any]
+    update: Callable[..., tuple]
+    hyperparameters: Mapping[str, float]
+
+
+def _resolve(defaults, overrides, optimizer_name):
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"{optimizer_name} has no hyperparameter {unknown[0]!r}; it accepts "
+            f"{sorted(defaults)}")
+    values = dict(defaults)
+    values.update(overrides)
+    return values
+
+
+def _cast(value, like):
+    return tf.cast(value, like.dtype)
+
+
+def sgd(learning_rate, momentum=None, nesterov=False, weight_decay=0.0):
+    """Stochastic gradient descent with optional (Nesterov) momentum and L2 weight decay.
+
+    With g' = g + wd * p:
+      no momentum:  p <- p - lr * g'
+      momentum:     v <- mu * v + g';  p <- p - lr * v            (heavy ball)
+      Nesterov:     v <- mu * v + g';  p <- p - lr * (g' + mu * v)
+
+    ``momentum=None`` keeps no velocity state (and momentum cannot be overridden);
+    pass ``momentum=0.0`` to keep the state so that a momentum schedule can be
+    meta-learned from zero. Overridable: learning_rate, weight_decay, and momentum
+    when enabled.
+    """
+    has_velocity = momentum is not None
+    defaults = {"learning_rate": learning_rate, "weight_decay": weight_decay}
+    if has_velocity:
+        defaults["momentum"] = momentum
+    name = "sgd"
+
+    def init(params):
+        if not has_velocity:
+            return ()
+        return tf.nest.map_structure(tf.zeros_like, params)
+
+    def update(grads, state, params, **overrides):
+        hp = _resolve(defaults, overrides, name)
+        flat_p = tf.nest.flatten(params)
+        flat_g = tf.nest.flatten(grads)
+        flat_v = tf.nest.flatten(state) if has_velocity else [None] * len(flat_p)
+        new_p, new_v = [], []
+        for p, g, v in zip(flat_p, flat_g, flat_v):
+            lr = _cast(hp["learning_rate"], p)
+            g = g + _cast(hp["weight_decay"], p) * p
+            if has_velocity:
+                mu = _cast(hp["momentum"], p)
+                v = mu * v + g
+                step = g + mu * v if nesterov else v
+                new_v.append(v)
+            else:
+                step = g
+            new_p.append(p - lr * step)
+        new_params = tf.nest.pack_sequence_as(params, new_p)
+        new_state = tf.nest.pack_sequence_as(state, new_v) if has_velocity else ()
+        return new_params, new_state
+
+    return InnerOptimizer(init, update, defaults)
+
+
+def adamw(learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-8, eps_root=1e-8,
+          weight_decay=0.01):
+    """Adam with decoupled weight decay, differentiable to second order.
+
+      m <- b1 m + (1-b1) g;   v <- b2 v + (1-b2) g^2;   t <- t + 1
+      p <- p - lr * ( m_hat / (sqrt(v_hat + eps_root) + eps) + wd * p )
+
+    ``eps_root`` > 0 sits inside the square root, so d sqrt(v_hat + eps_root) / dv
+    stays finite when a gradient is exactly zero (with eps_root = 0 the second
+    derivative is 0 * inf = NaN). Overridable: learning_rate, beta_1, beta_2,
+    weight_decay. State: an int32 step count and two moments (2P memory).
+    """
+    if eps_root < 0:
+        raise ValueError(f"eps_root must be >= 0, got {eps_root}")
+    defaults = {"learning_rate": learning_rate, "beta_1": beta_1, "beta_2": beta_2,
+                "weight_decay": weight_decay}
+    name = "adamw" if weight_decay else "adam"
+
+    def init(params):
+        zeros = tf.nest.map_structure(tf.zeros_like, params)
+        return (tf.zeros([], tf.int32), zeros, tf.nest.map_structure(tf.zeros_like, params))
+
+    def update(grads, state, params, **overrides):
+        hp = _resolve(defaults, overrides, name)
+        count, m_state, v_state = state
+        count = count + 1
+        new_p, new_m, new_v = [], [], []
+        for p, g, m, v in zip(tf.nest.flatten(params), tf.nest.flatten(grads),
+                              tf.nest.flatten(m_state), tf.nest.flatten(v_state)):
+            b1 = _cast(hp["beta_1"], p)
+            b2 = _cast(hp["beta_2"], p)
+            t = tf.cast(count, p.dtype)
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * tf.square(g)
+            m_hat = m / (1 - b1 ** t)
+            v_hat = v / (1 - b2 ** t)
+            step = m_hat / (tf.sqrt(v_hat + _cast(eps_root, p)) + _cast(epsilon, p))
+            step = step + _cast(hp["weight_decay"], p) * p
+            new_p.append(p - _cast(hp["learning_rate"], p) * step)
+            new_m.append(m)
+            new_v.append(v)
+        return (tf.nest.pack_sequence_as(params, new_p),
+                (count, tf.nest.pack_sequence_as(m_state, new_m),
+                 tf.nest.pack_sequence_as(v_state, new_v)))
+
+    return InnerOptimizer(init, update, defaults)
+
+
+def adam(learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-8, eps_root=1e-8):
+    """Adam (no weight decay), differentiable to second order; see `adamw`."""
+    return adamw(learning_rate, beta_1, beta_2, epsilon, eps_root, weight_decay=0.0)
