@@ -29,6 +29,14 @@ def leaf_names(structure, prefix):
     return names
 
 
+def cast_scalar(value, dtype):
+    """A scalar in ``dtype``. Python numbers are converted directly (tf.cast of a
+    Python float would round it through float32 first)."""
+    if isinstance(value, (int, float)):
+        return tf.constant(value, dtype)
+    return tf.cast(value, dtype)
+
+
 def to_tensors(structure):
     """Reads variables and converts array-likes to tensors, keeping the nest."""
     return tf.nest.map_structure(tf.convert_to_tensor, structure)
@@ -47,12 +55,12 @@ def tree_sub(a, b):
 
 
 def tree_scale(a, scalar):
-    return tf.nest.map_structure(lambda x: tf.cast(scalar, x.dtype) * x, a)
+    return tf.nest.map_structure(lambda x: cast_scalar(scalar, x.dtype) * x, a)
 
 
 def tree_axpy(alpha, x, y):
     """alpha * x + y, leaf by leaf."""
-    return tf.nest.map_structure(lambda u, v: tf.cast(alpha, u.dtype) * u + v, x, y)
+    return tf.nest.map_structure(lambda u, v: cast_scalar(alpha, u.dtype) * u + v, x, y)
 
 
 def tree_vdot(a, b):

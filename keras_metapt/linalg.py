@@ -72,7 +72,7 @@ def neumann_inverse_hvp(hvp_fn, vector, alpha, num_terms):
     if num_terms < 0:
         raise ValueError(f"num_terms must be >= 0, got {num_terms}")
     flat_v = tf.nest.flatten(vector)
-    alpha = tf.cast(alpha, flat_v[0].dtype)
+    alpha = _tree.cast_scalar(alpha, flat_v[0].dtype)
 
     def body(j, term, total):
         term = _tree.tree_sub(term, _tree.tree_scale(hvp_fn(term), alpha))
@@ -103,11 +103,14 @@ def conjugate_gradient(hvp_fn, b, max_iterations=10, tolerance=1e-10, x0=None):
         r = _tree.tree_sub(b, hvp_fn(x0))
     p = r
     rs = _tree.tree_vdot(r, r)
-    threshold = tf.cast(tolerance, dtype) ** 2 * _tree.tree_vdot(b, b)
+    threshold = _tree.cast_scalar(tolerance, dtype) ** 2 * _tree.tree_vdot(b, b)
     tiny = tf.constant(1e-300 if dtype == tf.float64 else 1e-30, dtype)
 
     def cond(k, x, r, p, rs):
-        return tf.logical_and(k < max_iterations, rs > threshold)
+        # Keep iterating on NaN (a plain "rs > threshold" is False for NaN), so a non-finite
+        # right-hand side yields a non-finite solution instead of the zero initial guess.
+        unconverged = tf.logical_or(rs > threshold, tf.math.is_nan(rs))
+        return tf.logical_and(k < max_iterations, unconverged)
 
     def body(k, x, r, p, rs):
         hp = hvp_fn(p)

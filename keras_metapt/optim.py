@@ -21,6 +21,8 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import tensorflow as tf
 
+from keras_metapt._tree import cast_scalar
+
 __all__ = ["InnerOptimizer", "sgd", "adam", "adamw"]
 
 
@@ -48,7 +50,7 @@ def _resolve(defaults, overrides, optimizer_name):
 
 
 def _cast(value, like):
-    return tf.cast(value, like.dtype)
+    return cast_scalar(value, like.dtype)
 
 
 def sgd(learning_rate, momentum=None, nesterov=False, weight_decay=0.0):

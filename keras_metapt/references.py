@@ -40,12 +40,17 @@ def ridge_hypergradient(x, y, x_val, y_val, lam):
 
 
 def quadratic_gd_iterate(a, b, w0, learning_rates):
-    """Gradient descent on L(w) = 1/2 w^T A w - b^T w with step lr_t:
-    w_{t+1} = (I - lr_t A) w_t + lr_t b. Returns w_T (closed-form product)."""
+    """Gradient descent on L_t(w) = 1/2 w^T A w - b_t^T w with step lr_t:
+    w_{t+1} = (I - lr_t A) w_t + lr_t b_t. Returns w_T.
+
+    ``b`` is one vector (the same every step) or an array [T, d] of per-step vectors.
+    """
     w = np.asarray(w0, np.float64)
     eye = np.eye(len(w))
-    for lr in learning_rates:
-        w = (eye - lr * a) @ w + lr * b
+    b = np.asarray(b, np.float64)
+    for t, lr in enumerate(learning_rates):
+        b_t = b[t] if b.ndim == 2 else b
+        w = (eye - lr * a) @ w + lr * b_t
     return w
 
 

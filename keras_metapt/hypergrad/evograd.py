@@ -71,7 +71,7 @@ class EvoGrad:
         else:
             bits = tf.random.stateless_uniform(shape, seed, minval=0, maxval=2, dtype=tf.int32)
             eps = tf.cast(2 * bits - 1, leaf.dtype)
-        return tf.cast(self.sigma, leaf.dtype) * eps
+        return _tree.cast_scalar(self.sigma, leaf.dtype) * eps
 
     def __call__(self, problem, params, hparams, inner_batch, outer_batch, seed=None):
         params, hparams = _p.prepare(params, hparams)
@@ -93,7 +93,7 @@ class EvoGrad:
             tape.watch(tf.nest.flatten(hparams))
             losses = tf.stack([_p.inner_loss_value(problem, c, hparams, inner_batch)
                                for c in copies])
-            weights = tf.nn.softmax(-losses / tf.cast(self.temperature, losses.dtype))
+            weights = tf.nn.softmax(-losses / _tree.cast_scalar(self.temperature, losses.dtype))
             combined = tf.nest.map_structure(
                 lambda *xs: tf.add_n([weights[k] * x for k, x in enumerate(xs)]), *copies)
             outer_loss, g_params, direct = _p.outer_gradients(problem, combined, hparams,

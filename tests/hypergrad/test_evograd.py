@@ -1,0 +1,74 @@
+"""EvoGrad on its 1-D toy: train (x-1)^2 + lambda x^2, val (x-0.5)^2.
+
+References: the true hypergradient (lambda-1)/(lambda+1)^3
+(keras_metapt.references.evograd_toy_hypergradient) for the sign, and the one-step
+SGD hypergradient at learning rate eta = sigma^2 (K-1) / (K tau), written out below,
+for the mean in the small-sigma regime.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_metapt as km
+from keras_metapt import references
+
+
+def toy_problem():
+    def inner(params, hparams, batch):
+        x = params[0]
+        return tf.reduce_sum((x - 1.0) ** 2 + hparams[0] * x ** 2)
+
+    def outer(params, hparams, batch):
+        return tf.reduce_sum((params[0] - 0.5) ** 2)
+
+    return km.BilevelProblem(inner, outer)
+
+
+def one_step_hypergradient(x, lam, eta):
+    """d/dlam (x' - 0.5)^2 with x' = x - eta * (2(x-1) + 2 lam x)."""
+    x_new = x - eta * (2 * (x - 1) + 2 * lam * x)
+    return 2 * (x_new - 0.5) * (-eta * 2 * x)
+
+
+def mean_hypergradient(estimator, x, lam, draws):
+    problem = toy_problem()
+
+    @tf.function
+    def call(seed):
+        return estimator(problem, [tf.constant([x], tf.float64)], [tf.constant(lam, tf.float64)],
+                         None, None, seed=seed).hypergrad[0]
+
+    seeds = [tf.constant([i, 7], tf.int64) for i in range(draws)]
+    return float(np.mean([call(s).numpy() for s in seeds]))
+
+
+@pytest.mark.parametrize("lam", [0.1, 0.25, 0.5, 1.5, 2.0])
+def test_sign_matches_true_hypergradient(lam):
+    x_star = 1.0 / (1.0 + lam)  # the inner optimum
+    estimator = km.EvoGrad(num_copies=2, sigma=0.05, temperature=0.05, noise="rademacher")
+    mean = mean_hypergradient(estimator, x_star, lam, draws=200)
+    assert np.sign(mean) == np.sign(references.evograd_toy_hypergradient(lam))
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("x", [None, 0.2])  # at the optimum and away from it
+def test_small_sigma_mean_equals_one_step_hypergradient(noise, x):
+    lam = 0.5
+    x = 1.0 / (1.0 + lam) if x is None else x
+    estimator = km.EvoGrad(num_copies=4, sigma=1e-3, temperature=0.05, noise=noise)
+    eta = estimator.effective_learning_rate
+    assert eta == pytest.approx(1e-6 * 3 / (4 * 0.05))
+    mean = mean_hypergradient(estimator, x, lam, draws=3000)
+    expected = one_step_hypergradient(x, lam, eta)
+    assert abs(mean - expected) < 0.05 * abs(expected), (mean, expected)
+
+
+def test_stateful_generator_draws_fresh_noise_and_compiles():
+    estimator = km.EvoGrad(num_copies=3, sigma=0.1, temperature=0.1, seed=1)
+    problem = toy_problem()
+    fn = tf.function(lambda: estimator(problem, [tf.constant([0.3], tf.float64)],
+                                       [tf.constant(0.5, tf.float64)], None, None).hypergrad[0],
+                     jit_compile=True)
+    first, second = fn().numpy(), fn().numpy()
+    assert np.isfinite(first) and np.isfinite(second) and first != second

@@ -1,0 +1,105 @@
+"""keras_metapt.linalg against explicit matrices (NumPy, float64)."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_metapt import linalg
+from tests.conftest import compiled
+
+RNG = np.random.default_rng(0)
+D = 6
+M = RNG.normal(size=(D, D))
+A = M @ M.T / D + np.eye(D)  # symmetric positive definite
+X0 = RNG.normal(size=D)
+V = RNG.normal(size=D)
+
+
+def loss(params):
+    # f(x) = 1/2 x^T A x + sum(sin x):  Hessian = A - diag(sin x).
+    x = params[0]
+    return 0.5 * tf.tensordot(x, tf.linalg.matvec(tf.constant(A), x), 1) + tf.reduce_sum(tf.sin(x))
+
+
+def hessian_at(x):
+    return A - np.diag(np.sin(x))
+
+
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+def test_hvp_equals_explicit_hessian_times_vector(mode):
+    got = compiled(lambda x, v: linalg.hvp(loss, [x], [v])[0], mode)(tf.constant(X0), tf.constant(V))
+    np.testing.assert_allclose(got.numpy(), hessian_at(X0) @ V, rtol=1e-12)
+
+
+def test_mixed_vjp_equals_closed_form():
+    # L(x, phi) = sum(phi * x^2) + phi_0 * x_1:  d/dphi <dL/dx, v> = 2 x * v, plus x-term v_1 in entry 0.
+    def lossxp(params, hparams):
+        x, phi = params[0], hparams[0]
+        return tf.reduce_sum(phi * x ** 2) + phi[0] * x[1]
+    phi = tf.constant(RNG.normal(size=D))
+    got = linalg.mixed_vjp(lossxp, [tf.constant(X0)], [phi], [tf.constant(V)])[0].numpy()
+    expected = 2 * X0 * V
+    expected[0] += V[1]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_mixed_vjp_returns_none_for_unconnected_hparam():
+    def lossxp(params, hparams):
+        return tf.reduce_sum(params[0] ** 2) + hparams[1] * 0.0 + tf.reduce_sum(hparams[0])
+    out = linalg.mixed_vjp(lossxp, [tf.constant(X0)], [tf.constant(V), tf.constant(1.0, tf.float64)],
+                           [tf.constant(V)])
+    assert out[0] is None and out[1] is None  # neither enters dL/dx
+
+
+def test_neumann_error_falls_with_terms_and_converges():
+    # Reference: A^-1 v by numpy.linalg.solve. alpha = 1 / lambda_max keeps the series convergent.
+    exact = np.linalg.solve(A, V)
+    alpha = 1.0 / np.linalg.eigvalsh(A).max()
+
+    def hvp_fn(v):
+        return [tf.linalg.matvec(tf.constant(A), v[0])]
+
+    errors = [np.linalg.norm(linalg.neumann_inverse_hvp(hvp_fn, [tf.constant(V)], alpha, i)[0].numpy()
+                             - exact) for i in (0, 2, 5, 10, 20, 40, 200)]
+    assert all(b < a for a, b in zip(errors[:-1], errors[1:-1])), errors
+    assert errors[-1] < 1e-8 * np.linalg.norm(exact)
+
+
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+def test_conjugate_gradient_solves_spd_system(mode):
+    # Reference: numpy.linalg.solve; CG is exact after D iterations in exact arithmetic.
+    def solve(b):
+        return linalg.conjugate_gradient(
+            lambda v: [tf.linalg.matvec(tf.constant(A), v[0])], [b], max_iterations=3 * D,
+            tolerance=1e-14)[0]
+    got = compiled(solve, mode)(tf.constant(V)).numpy()
+    np.testing.assert_allclose(got, np.linalg.solve(A, V), rtol=1e-10)
+
+
+def test_conjugate_gradient_stops_at_tolerance():
+    # Counts HVPs: with a loose tolerance CG stops before max_iterations.
+    calls = []
+
+    def hvp_fn(v):
+        calls.append(1)
+        return [tf.linalg.matvec(tf.constant(np.diag(np.arange(1.0, 101.0))), v[0])]
+
+    b = tf.constant(np.ones(100))
+    linalg.conjugate_gradient(hvp_fn, [b], max_iterations=100, tolerance=1e-1)
+    assert 1 <= len(calls) < 100
+
+
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+def test_dense_inverse_hvp_matches_numpy_solve(mode):
+    got = compiled(lambda x, v: linalg.dense_inverse_hvp(loss, [x], [v])[0], mode)(
+        tf.constant(X0), tf.constant(V))
+    np.testing.assert_allclose(got.numpy(), np.linalg.solve(hessian_at(X0), V), rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+def test_conjugate_gradient_propagates_nan(mode):
+    # A NaN right-hand side must not come back as the (finite) initial guess.
+    b = tf.constant([1.0, np.nan, 0.0, 0.0, 0.0, 0.0], tf.float64)
+    x = compiled(lambda b: linalg.conjugate_gradient(
+        lambda v: [tf.linalg.matvec(tf.constant(A), v[0])], [b])[0], mode)(b)
+    assert not np.all(np.isfinite(x.numpy()))
