@@ -21,6 +21,7 @@ __all__ = [
     "mixed_vjp",
     "neumann_inverse_hvp",
     "conjugate_gradient",
+    "conjugate_gradient_with_info",
     "dense_inverse_hvp",
 ]
 
@@ -87,10 +88,20 @@ def neumann_inverse_hvp(hvp_fn, vector, alpha, num_terms):
 def conjugate_gradient(hvp_fn, b, max_iterations=10, tolerance=1e-10, x0=None):
     """Solves H x = b by conjugate gradient (H symmetric positive definite).
 
-    Stops after ``max_iterations`` HVPs or when ||r|| <= tolerance * ||b||.
-    Exact after at most dim(theta) iterations in exact arithmetic. Cost: one HVP
-    per iteration. Memory: 4 nests shaped like b. Returns x (shaped like b).
+    Stops after ``max_iterations`` HVPs, when ||r|| <= tolerance * ||b||, or when a
+    search direction has non-positive curvature p^T H p <= 0 (H is not positive
+    definite there, as for a network's Hessian away from a minimum): the iterate
+    reached so far is returned, as in truncated CG, instead of dividing by ~0.
+    Exact after at most dim(theta) iterations in exact arithmetic for SPD H.
+    A non-finite right-hand side gives a non-finite result (never silent zeros).
+    Cost: one HVP per iteration. Memory: 4 nests shaped like b. Returns x.
     """
+    x, _ = conjugate_gradient_with_info(hvp_fn, b, max_iterations, tolerance, x0)
+    return x
+
+
+def conjugate_gradient_with_info(hvp_fn, b, max_iterations=10, tolerance=1e-10, x0=None):
+    """`conjugate_gradient`, also returning the number of HVPs it ran (int32 scalar)."""
     max_iterations = int(max_iterations)
     if max_iterations < 0:
         raise ValueError(f"max_iterations must be >= 0, got {max_iterations}")
@@ -104,26 +115,30 @@ def conjugate_gradient(hvp_fn, b, max_iterations=10, tolerance=1e-10, x0=None):
     p = r
     rs = _tree.tree_vdot(r, r)
     threshold = _tree.cast_scalar(tolerance, dtype) ** 2 * _tree.tree_vdot(b, b)
-    tiny = tf.constant(1e-300 if dtype == tf.float64 else 1e-30, dtype)
+    zero = tf.zeros([], dtype)
 
-    def cond(k, x, r, p, rs):
+    def cond(k, x, r, p, rs, stopped):
         # Keep iterating on NaN (a plain "rs > threshold" is False for NaN), so a non-finite
         # right-hand side yields a non-finite solution instead of the zero initial guess.
         unconverged = tf.logical_or(rs > threshold, tf.math.is_nan(rs))
-        return tf.logical_and(k < max_iterations, unconverged)
+        return tf.logical_and(tf.logical_and(k < max_iterations, unconverged),
+                              tf.logical_not(stopped))
 
-    def body(k, x, r, p, rs):
+    def body(k, x, r, p, rs, stopped):
         hp = hvp_fn(p)
-        step = rs / tf.maximum(_tree.tree_vdot(p, hp), tiny)
+        curvature = _tree.tree_vdot(p, hp)
+        stopped = curvature <= zero  # False for NaN: NaN propagates
+        step = tf.where(stopped, zero, rs / tf.where(stopped, tf.ones_like(curvature), curvature))
         x = _tree.tree_axpy(step, p, x)
         r = _tree.tree_axpy(-step, hp, r)
-        rs_new = _tree.tree_vdot(r, r)
-        p = _tree.tree_axpy(rs_new / tf.maximum(rs, tiny), p, r)
-        return k + 1, x, r, p, rs_new
+        rs_new = tf.where(stopped, rs, _tree.tree_vdot(r, r))
+        beta = tf.where(stopped, zero, rs_new / tf.where(rs > zero, rs, tf.ones_like(rs)))
+        p = _tree.tree_axpy(beta, p, r)
+        return k + 1, x, r, p, rs_new, stopped
 
-    _, x, _, _, _ = tf.while_loop(cond, body, (tf.constant(0), x, r, p, rs),
-                                  maximum_iterations=max_iterations)
-    return x
+    k, x, _, _, _, _ = tf.while_loop(cond, body, (tf.constant(0), x, r, p, rs, tf.constant(False)),
+                                     maximum_iterations=max_iterations)
+    return x, k
 
 
 def dense_inverse_hvp(loss_fn, params, vector):

@@ -103,3 +103,18 @@ def test_conjugate_gradient_propagates_nan(mode):
     x = compiled(lambda b: linalg.conjugate_gradient(
         lambda v: [tf.linalg.matvec(tf.constant(A), v[0])], [b])[0], mode)(b)
     assert not np.all(np.isfinite(x.numpy()))
+
+
+def test_conjugate_gradient_stops_at_negative_curvature():
+    # H = diag(1, -1), b = (1, 1): the first direction b has b^T H b = 0 -> stop, x = 0, 1 HVP.
+    # Reference: the truncated-CG rule (return the iterate reached before non-positive curvature).
+    h = tf.constant(np.diag([1.0, -1.0]))
+    x, k = linalg.conjugate_gradient_with_info(lambda v: [tf.linalg.matvec(h, v[0])],
+                                               [tf.constant([1.0, 1.0], tf.float64)], 10)
+    assert int(k) == 1
+    np.testing.assert_array_equal(x[0].numpy(), [0.0, 0.0])
+    # H = diag(2, -1), b = (1, 0.5): curvature 2 - 0.25 > 0 for the first step, then negative.
+    h2 = tf.constant(np.diag([2.0, -1.0]))
+    x, k = linalg.conjugate_gradient_with_info(lambda v: [tf.linalg.matvec(h2, v[0])],
+                                               [tf.constant([1.0, 0.5], tf.float64)], 10)
+    assert np.all(np.isfinite(x[0].numpy())) and int(k) == 2
