@@ -29,9 +29,9 @@ if keras.backend.backend() != "tensorflow":
 from keras_metapt import errors, functional, hyper, hypergrad, linalg, optim  # noqa: E402
 from keras_metapt.errors import (HypergradientError, InputMismatchError,  # noqa: E402
                                  NonFiniteHypergradientError, UnconnectedHyperparameterError)
-from keras_metapt.hypergrad import (BilevelProblem, EvoGrad, Forward,  # noqa: E402
-                                    HypergradResult, Implicit, StepBatches, Unrolled,
-                                    ensure_finite)
+from keras_metapt.hypergrad import (PTFT, BilevelProblem, EvoGrad, Forward,  # noqa: E402
+                                    HypergradResult, Implicit, PretrainFinetuneProblem,
+                                    StepBatches, Unrolled, ensure_finite)
 
 __all__ = [
     "__version__",
@@ -39,7 +39,7 @@ __all__ = [
     "errors", "functional", "hyper", "hypergrad", "linalg", "optim",
     # the calling convention and the estimators
     "BilevelProblem", "StepBatches", "HypergradResult", "ensure_finite",
-    "Unrolled", "Forward", "Implicit", "EvoGrad",
+    "Unrolled", "Forward", "Implicit", "EvoGrad", "PretrainFinetuneProblem", "PTFT",
     # errors
     "HypergradientError", "InputMismatchError", "UnconnectedHyperparameterError",
     "NonFiniteHypergradientError",

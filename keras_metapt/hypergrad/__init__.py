@@ -8,6 +8,7 @@
 | Forward   | n_phi JVPs per step, T steps           | O(P * n_phi)      |
 | Implicit  | i (Neumann) or CG-iteration HVPs + 1 mixed VJP | O(P)      |
 | EvoGrad   | K forwards + 1 backward, first order   | O(K * P)          |
+| PTFT      | K FT steps + i HVPs + 1 mixed VJP      | O(P + K * P_psi)  |
 """
 
 from keras_metapt.hypergrad.evograd import EvoGrad
@@ -15,6 +16,7 @@ from keras_metapt.hypergrad.forward import Forward
 from keras_metapt.hypergrad.implicit import Implicit
 from keras_metapt.hypergrad.problem import (BilevelProblem, HypergradResult, StepBatches,
                                             ensure_finite)
+from keras_metapt.hypergrad.ptft import PTFT, PretrainFinetuneProblem
 from keras_metapt.hypergrad.unrolled import Unrolled
 
 __all__ = [
@@ -26,4 +28,6 @@ __all__ = [
     "Forward",
     "Implicit",
     "EvoGrad",
+    "PretrainFinetuneProblem",
+    "PTFT",
 ]

@@ -1,0 +1,208 @@
+"""PT/FT hypergradients (Raghu et al. 2021).
+
+References:
+* an independent float64 computation in this file: explicit Hessian and mixed-derivative
+  matrices of L_PT (GradientTape.jacobian over flattened parameters), an FT unroll written
+  out step by step, and the Neumann sum alpha sum_j (I - alpha H)^j g evaluated with NumPy;
+* for a convex case (linear encoder, quadratic losses), central finite differences of the
+  FT validation loss after solving PT exactly (normal equations in NumPy) and K FT steps.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_metapt as km
+from keras_metapt import optim
+from tests.conftest import compiled, rel_err
+
+# --------------------------------------------------------------------------- tiny nonlinear model
+
+RNG = np.random.default_rng(0)
+X_PT = RNG.normal(size=(12, 2))
+Y_PT = (RNG.random(size=(12, 2)) < 0.5).astype(np.float64)
+X_MT, Y_MT = RNG.normal(size=(10, 2)), RNG.normal(size=(10, 1))
+X_MV, Y_MV = RNG.normal(size=(8, 2)), RNG.normal(size=(8, 1))
+THETA_E = [RNG.normal(size=(2, 3)), RNG.normal(size=3) * 0.1]
+THETA_H = [RNG.normal(size=(3, 2)), RNG.normal(size=2) * 0.1]
+PSI = [RNG.normal(size=(3, 1)), np.zeros(1)]
+PHI = RNG.normal(size=2) * 0.5
+FT_LR = 0.3
+
+
+def features(e, x):
+    return tf.tanh(tf.matmul(x, e[0]) + e[1])
+
+
+def pt_loss(e, h, phi, batch):
+    x, y = batch
+    logits = tf.matmul(features(e, x), h[0]) + h[1]
+    bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=logits)
+    return tf.reduce_sum(2.0 * tf.sigmoid(phi[0]) * tf.reduce_mean(bce, axis=0))
+
+
+def ft_loss(e, psi, batch):
+    x, y = batch
+    pred = tf.matmul(features(e, x), psi[0]) + psi[1]
+    return 0.5 * tf.reduce_mean((pred - y) ** 2)
+
+
+PROBLEM = km.PretrainFinetuneProblem(pt_loss, ft_loss)
+
+
+def flat(parts):
+    return tf.concat([tf.reshape(p, [-1]) for p in parts], 0)
+
+
+def unflat(vec, like):
+    out, i = [], 0
+    for p in like:
+        n = int(np.prod(p.shape))
+        out.append(tf.reshape(vec[i:i + n], p.shape))
+        i += n
+    return out
+
+
+def independent_hypergradient(K, num_terms, alpha):
+    e_vec = tf.constant(flat(THETA_E))
+    with tf.GradientTape() as tape:
+        tape.watch(e_vec)
+        e = unflat(e_vec, THETA_E)
+        psi = [tf.constant(p) for p in PSI]
+        for _ in range(K):  # the FT unroll, written out
+            with tf.GradientTape() as inner:
+                inner.watch(psi)
+                loss = ft_loss(e, psi, (X_MT, Y_MT))
+            psi = [p - FT_LR * g for p, g in zip(psi, inner.gradient(loss, psi))]
+        val = ft_loss(e, psi, (X_MV, Y_MV))
+    g_e = tape.gradient(val, e_vec).numpy()
+
+    p_vec = tf.constant(flat(THETA_E + THETA_H))
+    phi = tf.constant(PHI)
+    with tf.GradientTape(persistent=True) as outer:
+        outer.watch([p_vec, phi])
+        with tf.GradientTape() as inner:
+            inner.watch(p_vec)
+            parts = unflat(p_vec, THETA_E + THETA_H)
+            loss = pt_loss(parts[:2], parts[2:], [phi], (X_PT, Y_PT))
+        grad = inner.gradient(loss, p_vec)
+    hessian = outer.jacobian(grad, p_vec).numpy()
+    mixed = outer.jacobian(grad, phi).numpy()  # d grad / d phi: (P, n_phi)
+    rhs = np.concatenate([g_e, np.zeros(hessian.shape[0] - g_e.size)])
+    term, total = rhs.copy(), rhs.copy()
+    for _ in range(num_terms):
+        term = term - alpha * hessian @ term
+        total += term
+    v = alpha * total
+    return -mixed.T @ v, float(val)
+
+
+@pytest.mark.parametrize("K,num_terms", [(1, 1), (2, 3)])
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+def test_matches_independent_explicit_hessian_computation(K, num_terms, mode):
+    alpha = 0.05
+    estimator = km.PTFT(optim.sgd(FT_LR), unroll_steps=K, num_terms=num_terms, alpha=alpha)
+    result = compiled(lambda params, phi: estimator(PROBLEM, params, phi, (X_PT, Y_PT),
+                                                    ((X_MT, Y_MT), (X_MV, Y_MV))), mode)(
+        (THETA_E, THETA_H, PSI), [PHI])
+    expected, val = independent_hypergradient(K, num_terms, alpha)
+    assert rel_err(result.hypergrad[0], expected) < 1e-5
+    assert float(result.outer_loss) == pytest.approx(val, rel=1e-10)
+    np.testing.assert_array_equal(result.direct[0], 0.0)  # no direct term
+
+
+def test_meta_train_step_batches_are_used_in_order():
+    # Reference: the same unroll with K distinct MetaTrain batches written out by hand.
+    batches = (np.stack([X_MT, X_MT[::-1]]), np.stack([Y_MT, -Y_MT]))
+    result = km.PTFT(optim.sgd(FT_LR), unroll_steps=2)(
+        PROBLEM, (THETA_E, THETA_H, PSI), [PHI], (X_PT, Y_PT),
+        (km.StepBatches(batches), (X_MV, Y_MV)))
+    psi = [tf.constant(p) for p in PSI]
+    for k in range(2):
+        with tf.GradientTape() as tape:
+            tape.watch(psi)
+            loss = ft_loss(THETA_E, psi, (batches[0][k], batches[1][k]))
+        psi = [p - FT_LR * g for p, g in zip(psi, tape.gradient(loss, psi))]
+    for got, ref in zip(result.params[2], psi):
+        np.testing.assert_allclose(got, ref, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- convex case
+
+D_X, D_F, N_T, MU = 4, 3, 5, 0.3
+C = np.random.default_rng(1)
+A_TASKS = C.normal(size=(N_T, D_F))  # fixed per-task read-out of the features
+XP, YP = C.normal(size=(30, D_X)), C.normal(size=(30, N_T))
+XT, YT = C.normal(size=(20, D_X)), C.normal(size=(20, 1))
+XV, YV = C.normal(size=(15, D_X)), C.normal(size=(15, 1))
+PHI_C = C.normal(size=N_T) * 0.5
+PSI_C = [C.normal(size=(D_F, 1)) * 0.3, np.zeros(1)]
+K_FT, LR_FT = 3, 0.2
+
+
+def convex_pt_loss(e, h, phi, batch):
+    """mean_n sum_t w_t (a_t . W x_n + b_t - y_tn)^2 / 2 + mu/2 (||W||^2 + ||b||^2)."""
+    x, y = batch
+    pred = tf.matmul(tf.matmul(x, e[0]), tf.constant(A_TASKS.T)) + h[0]
+    w = 2.0 * tf.sigmoid(phi[0])
+    fit = tf.reduce_mean(tf.reduce_sum(w * (pred - y) ** 2, axis=1)) / 2
+    return fit + MU / 2 * (tf.reduce_sum(e[0] ** 2) + tf.reduce_sum(h[0] ** 2))
+
+
+def convex_ft_loss(e, psi, batch):
+    x, y = batch
+    return 0.5 * tf.reduce_mean((tf.matmul(tf.matmul(x, e[0]), psi[0]) + psi[1] - y) ** 2)
+
+
+def solve_pt_exactly(phi):
+    """Normal equations for z = [vec(W) row-major (D_X x D_F), b]; W maps x to features."""
+    w = 2.0 / (1.0 + np.exp(-phi))
+    n = len(XP)
+    dim = D_X * D_F + N_T
+    q, r = MU * np.eye(dim), np.zeros(dim)
+    for i in range(n):
+        for t in range(N_T):
+            row = np.concatenate([np.outer(XP[i], A_TASKS[t]).ravel(), np.eye(N_T)[t]])
+            q += w[t] * np.outer(row, row) / n
+            r += w[t] * YP[i, t] * row / n
+    z = np.linalg.solve(q, r)
+    return z[:D_X * D_F].reshape(D_X, D_F), z[D_X * D_F:], q
+
+
+def ft_val_after_exact_pt(phi):
+    w_enc, _, _ = solve_pt_exactly(phi)
+    u, c = PSI_C[0].copy(), PSI_C[1].copy()
+    ft, fv = XT @ w_enc, XV @ w_enc
+    for _ in range(K_FT):
+        err = ft @ u + c - YT
+        u, c = u - LR_FT * ft.T @ err / len(XT), c - LR_FT * err.mean(0)
+    return 0.5 * np.mean((fv @ u + c - YV) ** 2)
+
+
+def finite_difference_hypergradient(h=1e-5):
+    return np.array([(ft_val_after_exact_pt(PHI_C + h * e) - ft_val_after_exact_pt(PHI_C - h * e))
+                     / (2 * h) for e in np.eye(N_T)])
+
+
+@pytest.mark.parametrize("solver", ["cg", "neumann"])
+def test_convex_case_matches_finite_differences(solver):
+    w_enc, b, q = solve_pt_exactly(PHI_C)
+    alpha = 1.0 / np.linalg.eigvalsh(q).max()
+    estimator = km.PTFT(optim.sgd(LR_FT), unroll_steps=K_FT, solver=solver,
+                        num_terms=3000, alpha=alpha, max_iterations=200, tolerance=1e-14)
+    problem = km.PretrainFinetuneProblem(convex_pt_loss, convex_ft_loss)
+    result = compiled(lambda params, phi: estimator(problem, params, phi, (XP, YP),
+                                                    ((XT, YT), (XV, YV))), "xla")(
+        ([w_enc], [b], PSI_C), [PHI_C])
+    assert rel_err(result.hypergrad[0], finite_difference_hypergradient()) < 1e-6
+
+
+def test_bad_inputs_are_named():
+    estimator = km.PTFT(optim.sgd(FT_LR), unroll_steps=3)
+    batches = (np.stack([X_MT, X_MT]), np.stack([Y_MT, Y_MT]))
+    with pytest.raises(km.InputMismatchError, match="2 batches for unroll_steps=3"):
+        estimator(PROBLEM, (THETA_E, THETA_H, PSI), [PHI], (X_PT, Y_PT),
+                  (km.StepBatches(batches), (X_MV, Y_MV)))
+    with pytest.raises(km.UnconnectedHyperparameterError, match=r"hparams\[1\]"):
+        estimator(PROBLEM, (THETA_E, THETA_H, PSI), [PHI, np.float64(1.0)], (X_PT, Y_PT),
+                  ((X_MT, Y_MT), (X_MV, Y_MV)))
