@@ -18,6 +18,7 @@ setup(
         "tensorflow>=2.21,<2.22",
         "keras>=3.15,<4",
         "absl-py>=2.1",
+        "tensorboard>=2.21,<2.22",
         "tensorflow-datasets>=4.9.10",
         "importlib_resources",
         "numpy>=1.26",

@@ -1,5 +1,7 @@
-"""What is meta-learned: hyperparameter parameterisations."""
+"""What is meta-learned: Keras layers whose weights are the meta-parameters phi."""
 
+from keras_metapt.hyper.augment import LearnedAugmentation, LearnedGaussianNoise
 from keras_metapt.hyper.schedules import piecewise_constant
+from keras_metapt.hyper.task_weights import TaskWeights
 
-__all__ = ["piecewise_constant"]
+__all__ = ["TaskWeights", "LearnedAugmentation", "LearnedGaussianNoise", "piecewise_constant"]

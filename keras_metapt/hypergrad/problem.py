@@ -176,8 +176,11 @@ def outer_gradients(problem, params, hparams, outer_batch):
     return loss, _tree.zeros_for_none(g_params, params), direct
 
 
-def finish(hparams, direct, indirect, outer_loss, params, opt_state):
+def finish(hparams, direct, indirect, outer_loss, params, opt_state, check_finite=True):
     """Checks connection and finiteness, assembles the HypergradResult.
+
+    With ``check_finite=False`` a non-finite hypergradient is only reported through
+    ``is_finite`` (for callers that skip the update themselves).
 
     ``direct`` and ``indirect`` may hold None for a leaf; a leaf for which both are
     None does not influence the outer loss at all, which is an error.
@@ -189,6 +192,7 @@ def finish(hparams, direct, indirect, outer_loss, params, opt_state):
     indirect = _tree.zeros_for_none(indirect, hparams)
     direct = _tree.zeros_for_none(direct, hparams)
     total = _tree.tree_add(direct, indirect)
-    total = _checks.check_finite(total, "hparams")
+    if check_finite:
+        total = _checks.check_finite(total, "hparams")
     return HypergradResult(total, direct, indirect, outer_loss, params, opt_state,
                            _checks.finite_flag(total))

@@ -60,10 +60,13 @@ class PTFT:
       num_terms: Neumann terms i (HVPs); default 1.
       alpha: Neumann step; the PT learning rate in Raghu et al.
       max_iterations, tolerance: CG stopping rule.
+      check_finite: raise NonFiniteHypergradientError on NaN/Inf (eagerly; in a graph through
+        check_numerics). False only reports it in ``is_finite``, for callers that skip the
+        update themselves (MetaPretrainer does, then stops fit with that error).
     """
 
     def __init__(self, ft_optimizer, unroll_steps=1, solver="neumann", num_terms=1, alpha=1e-3,
-                 max_iterations=10, tolerance=1e-10):
+                 max_iterations=10, tolerance=1e-10, check_finite=True):
         if int(unroll_steps) < 1:
             raise ValueError(f"unroll_steps must be >= 1, got {unroll_steps}")
         if solver not in ("neumann", "cg"):
@@ -77,6 +80,7 @@ class PTFT:
         self.alpha = alpha
         self.max_iterations = int(max_iterations)
         self.tolerance = tolerance
+        self.check_finite = bool(check_finite)
 
     def __call__(self, problem, params, hparams, inner_batch, outer_batch, opt_state=None):
         theta_e, theta_h, psi = params
@@ -122,4 +126,4 @@ class PTFT:
         indirect = _tree.tree_map(lambda m: None if m is None else -m, mixed)
         no_direct_term = tf.nest.map_structure(lambda _: None, hparams)
         return _p.finish(hparams, no_direct_term, indirect, val_loss, (theta_e, theta_h, _tree.tree_stop_gradient(psi_k)),
-                         _tree.tree_stop_gradient(opt_state_k))
+                         _tree.tree_stop_gradient(opt_state_k), check_finite=self.check_finite)

@@ -1,0 +1,181 @@
+"""Keras callbacks for meta-pre-training: checkpoint/resume, safety, TensorBoard, plots."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_metapt.errors import InputMismatchError, NonFiniteHypergradientError
+
+__all__ = ["MetaCheckpoint", "StopOnNonFiniteHypergradient", "MetaParameterSummaries",
+           "TaskWeightsPlot"]
+
+
+class MetaCheckpoint(keras.callbacks.Callback):
+    """Saves the whole training state at the end of every ``every_n_epochs`` epochs, and
+    restores the latest one when `MetaPretrainer.fit` starts.
+
+    State: all model variables (encoder, heads, phi, BatchNorm statistics, RNG seed states),
+    the PT, FT and hyper optimizers' variables and the step counter (see
+    `MetaPretrainer.state_variables`). Files: ``<directory>/state-<epoch>.npz`` (written to a
+    temporary name, then renamed, so a killed run never leaves a half-written checkpoint) and
+    ``<directory>/latest.json``. The last ``keep`` checkpoints are kept.
+    """
+
+    def __init__(self, directory, every_n_epochs=1, keep=2):
+        super().__init__()
+        self.directory = directory
+        self.every_n_epochs = int(every_n_epochs)
+        self.keep = int(keep)
+
+    def _latest(self):
+        path = os.path.join(self.directory, "latest.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def restore(self, model):
+        """Restores the latest checkpoint into ``model``; returns its epoch, or None."""
+        latest = self._latest()
+        if latest is None:
+            return None
+        path = os.path.join(self.directory, latest["file"])
+        with np.load(path) as data:
+            stored = dict(data)
+        current = model.state_variables()
+        names = [name for name, _ in current]
+        missing = [n for n in names if n not in stored]
+        extra = [n for n in stored if n not in set(names)]
+        if missing or extra:
+            raise InputMismatchError(
+                f"checkpoint {path} does not match this model: missing {missing[:3]}, "
+                f"unexpected {extra[:3]} (was it written by a different configuration?)")
+        for name, var in current:
+            value = stored[name]
+            if tuple(value.shape) != tuple(var.shape):
+                raise InputMismatchError(f"checkpoint {path}: {name} has shape {value.shape}, "
+                                         f"the model's is {tuple(var.shape)}")
+            var.assign(value)
+        print(f"MetaCheckpoint: resumed from {path} (epoch {latest['epoch']}, "
+              f"step {latest['step']})")
+        return int(latest["epoch"])
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        if done % self.every_n_epochs:
+            return
+        os.makedirs(self.directory, exist_ok=True)
+        arrays = {name: np.asarray(keras.ops.convert_to_numpy(var.value))
+                  for name, var in self.model.state_variables()}
+        name = f"state-{done:06d}.npz"
+        tmp = os.path.join(self.directory, f".{name}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, os.path.join(self.directory, name))
+        meta = {"file": name, "epoch": done, "step": int(self.model.meta_step.numpy())}
+        tmp = os.path.join(self.directory, ".latest.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f)
+        os.replace(tmp, os.path.join(self.directory, "latest.json"))
+        olds = sorted(f for f in os.listdir(self.directory) if f.startswith("state-"))
+        for old in olds[:-self.keep]:
+            os.remove(os.path.join(self.directory, old))
+
+
+class StopOnNonFiniteHypergradient(keras.callbacks.Callback):
+    """Raises NonFiniteHypergradientError after a batch whose hyperstep was skipped because its
+    hypergradient was NaN/Inf (XLA cannot raise from inside the compiled step; the step
+    itself applied no update). `MetaPretrainer.fit` adds it unless one is given."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs and logs.get("nonfinite_hypersteps", 0) > 0:
+            raise NonFiniteHypergradientError(
+                f"a hyperstep produced a non-finite hypergradient (batch {batch}, meta step "
+                f"{int(self.model.meta_step.numpy())}); phi was not updated. Lower the hyper "
+                "learning rate or neumann_alpha, or check the losses.")
+
+
+def _task_weights(meta_layer):
+    if hasattr(meta_layer, "task_weights"):
+        return np.asarray(meta_layer.task_weights()), "task weight"
+    flat = np.concatenate([np.ravel(v.numpy()) for v in meta_layer.trainable_variables])
+    return flat, "phi"
+
+
+class MetaParameterSummaries(keras.callbacks.Callback):
+    """TensorBoard summaries of phi every ``every_n_epochs`` epochs: a histogram of the task
+    weights (or of raw phi) and its mean/min/max as scalars. Use with keras.callbacks.TensorBoard
+    (which logs the training metrics) on the same ``log_dir``."""
+
+    def __init__(self, log_dir, every_n_epochs=1):
+        super().__init__()
+        self.log_dir = log_dir
+        self.every_n_epochs = int(every_n_epochs)
+        self._writer = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every_n_epochs:
+            return
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "meta"))
+        values, label = _task_weights(self.model.meta_layer)
+        tag = label.replace(" ", "_")
+        with self._writer.as_default(step=epoch + 1):
+            tf.summary.histogram(f"{tag}s", values)
+            tf.summary.scalar(f"{tag}_mean", float(values.mean()))
+            tf.summary.scalar(f"{tag}_min", float(values.min()))
+            tf.summary.scalar(f"{tag}_max", float(values.max()))
+        self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+
+
+class TaskWeightsPlot(keras.callbacks.Callback):
+    """Saves a PNG of the learned task weights, sorted, labelled with task names.
+
+    With many tasks, the ``max_labels`` largest and smallest are labelled. Written at the end of
+    training and every ``every_n_epochs`` epochs (0: only at the end).
+    """
+
+    def __init__(self, path, task_names=None, every_n_epochs=0, max_labels=40):
+        super().__init__()
+        self.path = path
+        self.task_names = task_names
+        self.every_n_epochs = int(every_n_epochs)
+        self.max_labels = int(max_labels)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0:
+            self.save(title_suffix=f" (epoch {epoch + 1})")
+
+    def on_train_end(self, logs=None):
+        self.save()
+
+    def save(self, title_suffix=""):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        values, label = _task_weights(self.model.meta_layer)
+        names = self.task_names or getattr(self.model.meta_layer, "task_names", None) \
+            or [f"task {i}" for i in range(len(values))]
+        order = np.argsort(values)[::-1]
+        n = len(values)
+        width = min(max(6.0, 0.22 * min(n, 2 * self.max_labels)), 18.0)
+        fig, ax = plt.subplots(figsize=(width, 4.5))
+        ax.bar(np.arange(n), values[order], color="tab:blue", width=1.0 if n > 200 else 0.8)
+        ax.axhline(1.0 if label == "task weight" else 0.0, color="gray", lw=0.8, ls="--")
+        if n <= 2 * self.max_labels:
+            ax.set_xticks(np.arange(n), [names[i] for i in order], rotation=90, fontsize=7)
+        else:
+            shown = list(range(self.max_labels)) + list(range(n - self.max_labels, n))
+            ax.set_xticks(shown, [names[order[i]] for i in shown], rotation=90, fontsize=6)
+        ax.set_ylabel(f"learned {label}")
+        ax.set_title(f"Learned {label}s, sorted{title_suffix}")
+        fig.tight_layout()
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        fig.savefig(self.path, dpi=110)
+        plt.close(fig)

@@ -1,0 +1,246 @@
+"""MetaPretrainer: the hyperstep, fit() end to end, resumption, memory, bad input.
+
+References: an independent float64 computation with explicit Hessians (below); a synthetic
+multitask problem with known helpful tasks (tests.meta_pt_toy.synthetic_tasks); an
+uninterrupted run for resumption; the process's resident memory for leaks.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from sklearn.metrics import roc_auc_score
+
+import keras_metapt as km
+from keras_metapt.callbacks import MetaCheckpoint, MetaParameterSummaries, TaskWeightsPlot
+from keras_metapt.hyper import TaskWeights
+from keras_metapt.losses import masked_multitask_bce
+from tests import meta_pt_toy
+from tests.conftest import rel_err
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# --------------------------------------------------------------------------- the hyperstep
+
+
+def tiny_float64_model(unroll_steps, neumann_terms, alpha):
+    keras.utils.set_random_seed(3)
+    f64 = "float64"  # Inputs too: a float32 keras.Input would cast float64 features down
+    encoder = keras.Sequential([keras.Input((3,), dtype=f64), keras.layers.Dense(4, activation="tanh", dtype=f64)])
+    pt_head = keras.Sequential([keras.Input((4,), dtype=f64), keras.layers.Dense(3, dtype=f64)])
+    ft_head = keras.Sequential([keras.Input((4,), dtype=f64), keras.layers.Dense(1, dtype=f64)])
+    weights = TaskWeights(3, dtype="float64")
+    weights.logits.assign([0.3, -0.2, 0.1])
+    model = km.MetaPretrainer(
+        encoder, pt_head, ft_head, weights,
+        pt_loss=lambda y, p, w: masked_multitask_bce(y, p, w),
+        ft_loss=lambda y, p: 0.5 * tf.reduce_mean((p - y) ** 2),
+        unroll_steps=unroll_steps, neumann_terms=neumann_terms, neumann_alpha=alpha,
+        ft_unroll_optimizer=km.optim.sgd(0.2))
+    model.compile(jit_compile=False)
+    return model
+
+
+def tiny_data(unroll_steps):
+    rng = np.random.default_rng(5)
+    y_pt = (rng.random((10, 3)) < 0.5).astype(np.float64)
+    y_pt[0, 1] = np.nan  # a missing label, masked
+    return {
+        "pt": (rng.normal(size=(10, 3)), y_pt),
+        "pt_fresh": (rng.normal(size=(10, 3)), y_pt[::-1].copy()),
+        "meta_train": (rng.normal(size=(unroll_steps, 6, 3)), rng.normal(size=(unroll_steps, 6, 1))),
+        "meta_val": (rng.normal(size=(7, 3)), rng.normal(size=(7, 1))),
+    }
+
+
+def independent_hypergradient(model, data, unroll_steps, neumann_terms, alpha):
+    """Explicit-matrix float64 computation, using the Keras layers' variables directly."""
+    enc_vars = model.encoder.trainable_variables
+    pt_vars = enc_vars + model.pt_head.trainable_variables
+    phi = model.meta_layer.logits
+    kernel, bias = [tf.constant(v.numpy()) for v in model.ft_head.trainable_variables]
+
+    with tf.GradientTape() as tape:  # g_FT through the FT unroll, written out
+        psi = [kernel, bias]
+        for k in range(unroll_steps):
+            x, y = data["meta_train"][0][k], data["meta_train"][1][k]
+            feats = model.encoder(x, training=False)
+            with tf.GradientTape() as inner:
+                inner.watch(psi)
+                loss = 0.5 * tf.reduce_mean((tf.matmul(feats, psi[0]) + psi[1] - y) ** 2)
+            psi = [p - 0.2 * g for p, g in zip(psi, inner.gradient(loss, psi))]
+        x, y = data["meta_val"]
+        val = 0.5 * tf.reduce_mean((tf.matmul(model.encoder(x, training=False), psi[0]) + psi[1] - y) ** 2)
+    g_e = np.concatenate([g.numpy().ravel() for g in tape.gradient(val, enc_vars)])
+
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            x, y = data["pt_fresh"]
+            preds = model.pt_head(model.encoder(x, training=False), training=False)
+            loss = masked_multitask_bce(y, preds, 2.0 * tf.sigmoid(phi))
+        grads = inner.gradient(loss, pt_vars)
+        flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+    size = int(flat.shape[0])
+    hessian = np.concatenate([j.numpy().reshape(size, -1) for j in outer.jacobian(flat, pt_vars)], 1)
+    mixed = outer.jacobian(flat, phi).numpy()
+    rhs = np.concatenate([g_e, np.zeros(size - g_e.size)])
+    term, total = rhs.copy(), rhs.copy()
+    for _ in range(neumann_terms):
+        term = term - alpha * hessian @ term
+        total += term
+    return -mixed.T @ (alpha * total), psi
+
+
+@pytest.mark.parametrize("unroll_steps,neumann_terms", [(1, 1), (2, 2)])
+def test_hyperstep_hypergradient_matches_explicit_float64_computation(unroll_steps, neumann_terms):
+    model = tiny_float64_model(unroll_steps, neumann_terms, alpha=0.1)
+    data = tiny_data(unroll_steps)
+    result = model.hypergradient(data)
+    expected, psi_k = independent_hypergradient(model, data, unroll_steps, neumann_terms, 0.1)
+    assert rel_err(result.hypergrad[0], expected) < 1e-5
+    for got, ref in zip(result.params[2], psi_k):
+        np.testing.assert_allclose(got, ref, rtol=1e-10)
+
+
+def test_hyperstep_updates_phi_and_psi_but_not_batchnorm_statistics():
+    keras.utils.set_random_seed(0)
+    encoder = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
+                                keras.layers.BatchNormalization(), keras.layers.ReLU()])
+    model = km.MetaPretrainer(
+        encoder, keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]),
+        keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]), TaskWeights(3),
+        pt_loss=lambda y, p, w: masked_multitask_bce(y, p, w),
+        ft_loss=lambda y, p: tf.reduce_mean((p - y) ** 2))
+    model.compile(jit_compile=False)
+    data = tf.nest.map_structure(lambda a: tf.constant(a, tf.float32), tiny_data(1))
+    stats = [v.numpy().copy() for v in encoder.non_trainable_variables]
+    phi, psi = model.meta_parameters()[0], [v.numpy().copy() for v in model.ft_head.trainable_variables]
+    model._hyperstep(data)
+    for before, var in zip(stats, encoder.non_trainable_variables):
+        np.testing.assert_array_equal(before, var.numpy())
+    assert not np.allclose(phi, model.meta_parameters()[0])
+    assert not np.allclose(psi[0], model.ft_head.trainable_variables[0].numpy())
+
+
+# --------------------------------------------------------------------------- fit end to end
+
+
+def run_toy(seed, epochs, jit_compile=False, callbacks=(), steps=50, **build_kwargs):
+    x, y, x_ft, y_ft, helpful = meta_pt_toy.synthetic_tasks(seed)
+    model = meta_pt_toy.build(seed, y.shape[1], jit_compile=jit_compile, **build_kwargs)
+    history = model.fit(meta_pt_toy.stream(seed, x, y, x_ft, y_ft), epochs=epochs,
+                        steps_per_epoch=steps, verbose=0, callbacks=list(callbacks))
+    return model, history, helpful
+
+
+def test_learned_weights_separate_helpful_tasks():
+    # Ground truth: tasks 0-9 are noisy copies of the FT rule; 10-19 distractors; 20-29 noise.
+    aucs = []
+    for seed in range(3):
+        model, history, helpful = run_toy(seed, epochs=12)
+        aucs.append(roc_auc_score(helpful, model.meta_layer.task_weights()))
+        assert history.history["hypersteps"][-1] == 50  # N=1 after one warm-up epoch
+    assert np.mean(aucs) >= 0.9, aucs
+
+
+def test_xla_and_graph_runs_give_the_same_phi(tmp_path):
+    xla, hx, _ = run_toy(1, epochs=2, jit_compile=True)
+    graph, hg, _ = run_toy(1, epochs=2, jit_compile=False)
+    np.testing.assert_allclose(xla.meta_parameters()[0], graph.meta_parameters()[0], atol=1e-5)
+    assert hx.history["hypersteps"][-1] == 50 and not np.allclose(xla.meta_parameters()[0], 0.0)
+
+
+def test_memory_flat_and_no_retracing_over_many_hypersteps():
+    traces = []
+
+    class Rss(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.mib = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            with open("/proc/self/status") as f:
+                self.mib.append(next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024)
+
+    x, y, x_ft, y_ft, _ = meta_pt_toy.synthetic_tasks(0)
+    model = meta_pt_toy.build(0, y.shape[1], jit_compile=True, warmup_steps=0)
+    original = model.train_step
+    model.train_step = lambda data: (traces.append(1), original(data))[1]  # Python runs at trace
+    rss = Rss()
+    model.fit(meta_pt_toy.stream(0, x, y, x_ft, y_ft), epochs=12, steps_per_epoch=100, verbose=0,
+              callbacks=[rss])
+    assert int(model.meta_step.numpy()) == 1200 and len(traces) == 1
+    growth = rss.mib[-1] - rss.mib[2]  # after 900 more hypersteps
+    assert growth < 25, rss.mib
+
+
+def test_callbacks_write_tensorboard_summaries_and_plot(tmp_path):
+    log_dir, png = str(tmp_path / "tb"), str(tmp_path / "weights.png")
+    run_toy(0, epochs=2, steps=10, callbacks=[keras.callbacks.TensorBoard(log_dir),
+                                              MetaParameterSummaries(log_dir), TaskWeightsPlot(png)])
+    tags = set()
+    for root, _, files in os.walk(os.path.join(log_dir, "meta")):
+        for name in files:
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(root, name)):
+                tags.update(v.tag for v in event.summary.value)
+    assert {"task_weights", "task_weight_mean", "task_weight_min", "task_weight_max"} <= tags
+    assert os.path.getsize(png) > 10_000
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    full.mkdir()
+    killed.mkdir()
+    cmd = [sys.executable, "-m", "tests.meta_pt_toy"]
+    subprocess.run(cmd + [str(full), "5"], cwd=ROOT, check=True, timeout=300, capture_output=True)
+    proc = subprocess.Popen(cmd + [str(killed), "5", "--sleep", "0.02"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed / "ckpt" / "latest.json"
+    deadline = time.time() + 240
+    while not (latest.exists() and '"epoch": 2' in latest.read_text()):
+        assert proc.poll() is None and time.time() < deadline, "run ended before epoch 2"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # really killed, mid-run
+    proc.wait()
+    assert not (killed / "phi.npy").exists()
+    resumed = subprocess.run(cmd + [str(killed), "5"], cwd=ROOT, timeout=300, capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    np.testing.assert_array_equal(np.load(killed / "phi.npy"), np.load(full / "phi.npy"))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_named():
+    x, y, x_ft, y_ft, _ = meta_pt_toy.synthetic_tasks(0, n=256)
+    model = meta_pt_toy.build(0, y.shape[1])
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        model.fit(meta_pt_toy.stream(0, x, y, x_ft, y_ft), epochs=1)
+    with pytest.raises(km.InputMismatchError, match="meta_dataset"):
+        model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat(), epochs=1,
+                  steps_per_epoch=2, verbose=0)
+    with pytest.raises(km.InputMismatchError, match="meta_train must be batched"):
+        km.meta_dataset(tf.data.Dataset.from_tensor_slices((x, y)).batch(8, drop_remainder=True),
+                        tf.data.Dataset.from_tensor_slices((x_ft, y_ft)).batch(8),
+                        tf.data.Dataset.from_tensor_slices((x_ft, y_ft)).batch(8, drop_remainder=True))
+    with pytest.raises(km.InputMismatchError, match="encoder 'lazy' is not built"):
+        km.MetaPretrainer(keras.Sequential([keras.layers.Dense(2)], name="lazy"), model.pt_head,
+                          model.ft_head, TaskWeights(2), pt_loss=None, ft_loss=None)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_non_finite_hypergradient_stops_fit_without_updating_phi(jit_compile):
+    x, y, x_ft, y_ft, _ = meta_pt_toy.synthetic_tasks(0, n=512)
+    model = meta_pt_toy.build(0, y.shape[1], warmup_steps=0, jit_compile=jit_compile)
+    model.ft_loss_fn = lambda y_true, p: tf.reduce_mean(p) * np.nan  # poisons every hyperstep
+    with pytest.raises(km.NonFiniteHypergradientError, match="phi was not updated"):
+        model.fit(meta_pt_toy.stream(0, x, y, x_ft, y_ft), epochs=1, steps_per_epoch=5, verbose=0)
+    np.testing.assert_array_equal(model.meta_parameters()[0], 0.0)
