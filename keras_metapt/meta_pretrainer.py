@@ -318,6 +318,11 @@ class MetaPretrainer(keras.Model):
         self.ft_val_loss_tracker.update_state(result.outer_loss)
         norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in result.hypergrad]))
         self.hypergrad_norm_tracker.update_state(tf.where(result.is_finite, norm, 0.0))
+        # phi changes only here, so its statistics are taken here (not on every step).
+        flat_phi = tf.concat([tf.reshape(v.value, [-1]) for v in phi_vars], 0)
+        for key, value in (("mean", tf.reduce_mean(flat_phi)), ("std", tf.math.reduce_std(flat_phi)),
+                           ("min", tf.reduce_min(flat_phi)), ("max", tf.reduce_max(flat_phi))):
+            self.phi_stats[key].update_state(value)
         return nonfinite
 
     def train_step(self, data):
@@ -332,10 +337,6 @@ class MetaPretrainer(keras.Model):
         tf.cond(tf.logical_and(after_warmup, on_schedule),
                 lambda: self._hyperstep(data), lambda: self._ft_head_step(data["meta_train"]))
         self.meta_step.assign_add(1)
-        flat_phi = tf.concat([tf.reshape(v.value, [-1]) for v in self.meta_layer.trainable_variables], 0)
-        for key, value in (("mean", tf.reduce_mean(flat_phi)), ("std", tf.math.reduce_std(flat_phi)),
-                           ("min", tf.reduce_min(flat_phi)), ("max", tf.reduce_max(flat_phi))):
-            self.phi_stats[key].update_state(value)
         return {m.name: m.result() for m in self.metrics}
 
     def test_step(self, data):

@@ -1,0 +1,210 @@
+r"""MetaPretrainer cost against plain pre-training.
+
+    python -m benchmarks.meta_pt            # reference configuration (a few minutes on 2 cores)
+    python -m benchmarks.meta_pt --quick    # tiny sizes, a smoke run
+
+Reference configuration (kept as the defaults so results compare with other
+implementations): MLP encoder 128-256-256-256 (ReLU), PT head 256->500 tasks (sigmoid BCE
+with TaskWeights), FT head 256->10 tasks (sigmoid BCE), batch 64, hyperstep every N=10 steps,
+K=1 FT unroll step, i=1 Neumann term, Adam everywhere, float32, random data (seed 0).
+
+Measured, each with and without XLA (jit_compile), in one process:
+* plain PT step: a plain Keras model (encoder + PT head, uniform weights) trained with fit();
+* meta-PT step: MetaPretrainer.fit() with a hyperstep every N steps (no warm-up), averaged;
+* both as time per step: after a warm-up epoch each, --rounds rounds alternate one plain and
+  one meta-PT epoch of --steps steps (so machine drift hits both alike); the ratio is the
+  median of the per-round ratios;
+* hyperstep and plain PT step as compiled functions on one fixed batch (median of --repeats).
+
+Writes benchmarks/results/meta_pt.{md,json} (or --output_dir).
+"""
+
+import json
+import os
+import time
+
+from absl import app, flags, logging
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras_metapt as km  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras_metapt.hyper import TaskWeights  # noqa: E402
+from keras_metapt.losses import masked_multitask_bce  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("input_dim", 128, "Input features.")
+flags.DEFINE_list("hidden", ["256", "256", "256"], "Encoder widths (the last is the feature size).")
+flags.DEFINE_integer("pt_tasks", 500, "PT tasks (TaskWeights size).")
+flags.DEFINE_integer("ft_tasks", 10, "FT tasks.")
+flags.DEFINE_integer("batch", 64, "Batch size of every stream.")
+flags.DEFINE_integer("hyperstep_every", 10, "N.")
+flags.DEFINE_integer("unroll_steps", 1, "K.")
+flags.DEFINE_integer("neumann_terms", 1, "i.")
+flags.DEFINE_integer("steps", 100, "Steps per timed epoch.")
+flags.DEFINE_integer("rounds", 5, "Alternating plain / meta-PT timed epochs (median).")
+flags.DEFINE_integer("repeats", 20, "Calls for the function-level timings (median).")
+flags.DEFINE_bool("quick", False, "Tiny sizes: a smoke run, not a measurement.")
+flags.DEFINE_string("output_dir", os.path.join(os.path.dirname(__file__), "results"),
+                    "Where meta_pt.md and meta_pt.json are written.")
+
+
+def data():
+    rng = np.random.default_rng(0)
+    n = 4096
+    x = rng.normal(size=(n, FLAGS.input_dim)).astype("float32")
+    y_pt = (rng.random((n, FLAGS.pt_tasks)) < 0.5).astype("float32")
+    y_ft = (rng.random((n, FLAGS.ft_tasks)) < 0.5).astype("float32")
+    return x, y_pt, y_ft
+
+
+def parts():
+    keras.utils.set_random_seed(0)
+    hidden = [int(h) for h in FLAGS.hidden]
+    encoder = keras.Sequential([keras.Input((FLAGS.input_dim,))]
+                               + [keras.layers.Dense(h, activation="relu") for h in hidden],
+                               name="encoder")
+    pt_head = keras.Sequential([keras.Input((hidden[-1],)), keras.layers.Dense(FLAGS.pt_tasks)],
+                               name="pt_head")
+    ft_head = keras.Sequential([keras.Input((hidden[-1],)), keras.layers.Dense(FLAGS.ft_tasks)],
+                               name="ft_head")
+    return encoder, pt_head, ft_head
+
+
+def ft_loss(y, p):
+    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=p))
+
+
+class EpochTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def plain_pt(xla, x, y_pt):
+    """A plain Keras PT model, its stream, and one compiled train step on a fixed batch."""
+    encoder, pt_head, _ = parts()
+    model = keras.Sequential([encoder, pt_head])
+    model.compile(keras.optimizers.Adam(1e-3), loss=lambda y, p: masked_multitask_bce(y, p),
+                  jit_compile=xla)
+    ds = tf.data.Dataset.from_tensor_slices((x, y_pt)).batch(FLAGS.batch, drop_remainder=True)
+    batch = next(iter(ds))
+
+    @tf.function(jit_compile=xla)
+    def step(xb, yb):  # what fit's train step does, as one function
+        with tf.GradientTape() as tape:
+            loss = masked_multitask_bce(yb, model(xb, training=True))
+        model.optimizer.apply(tape.gradient(loss, model.trainable_variables),
+                              model.trainable_variables)
+        return loss
+
+    return model, ds.repeat(), lambda: step(*batch)
+
+
+def meta_pt(xla, x, y_pt, y_ft):
+    """A MetaPretrainer, its meta_dataset stream, and its compiled hyperstep on one element."""
+    encoder, pt_head, ft_head = parts()
+    model = km.MetaPretrainer(
+        encoder, pt_head, ft_head, TaskWeights(FLAGS.pt_tasks),
+        pt_loss=lambda y, p, w: masked_multitask_bce(y, p, w), ft_loss=ft_loss,
+        hyperstep_every=FLAGS.hyperstep_every, unroll_steps=FLAGS.unroll_steps,
+        neumann_terms=FLAGS.neumann_terms, warmup_steps=0)
+    model.compile(keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3),
+                  keras.optimizers.Adam(1e-3), jit_compile=xla)
+
+    def batched(*arrays):
+        return tf.data.Dataset.from_tensor_slices(arrays).batch(FLAGS.batch, drop_remainder=True)
+
+    stream = km.meta_dataset(batched(x, y_pt), batched(x[:1024], y_ft[:1024]),
+                             batched(x[1024:2048], y_ft[1024:2048]), FLAGS.unroll_steps)
+    element = next(iter(stream))
+    hyperstep = tf.function(model._hyperstep, jit_compile=xla)
+    return model, stream, lambda: hyperstep(element)
+
+
+def epoch_ms(model, stream, timer):
+    model.fit(stream, epochs=1, steps_per_epoch=FLAGS.steps, verbose=0, callbacks=[timer])
+    return 1e3 * timer.seconds[-1] / FLAGS.steps
+
+
+def compare(xla, x, y_pt, y_ft):
+    plain, plain_stream, plain_step = plain_pt(xla, x, y_pt)
+    meta, meta_stream, hyperstep = meta_pt(xla, x, y_pt, y_ft)
+    timers = EpochTimer(), EpochTimer()
+    epoch_ms(plain, plain_stream, timers[0])  # warm-up: tracing and compilation
+    epoch_ms(meta, meta_stream, timers[1])
+    plain_ms, meta_ms = [], []
+    for _ in range(FLAGS.rounds):
+        plain_ms.append(epoch_ms(plain, plain_stream, timers[0]))
+        meta_ms.append(epoch_ms(meta, meta_stream, timers[1]))
+    ratios = np.array(meta_ms) / np.array(plain_ms)
+    plain_fn, hyper_fn = [], []
+    for _ in range(3):  # alternate the function timings too
+        plain_fn.append(function_ms(plain_step))
+        hyper_fn.append(function_ms(hyperstep))
+    return {"xla": xla, "plain_pt_step_ms": float(np.median(plain_ms)),
+            "meta_pt_step_ms": float(np.median(meta_ms)), "meta_over_plain": float(np.median(ratios)),
+            "meta_over_plain_per_round": ratios.tolist(),
+            "plain_pt_step_fn_ms": float(np.median(plain_fn)), "hyperstep_fn_ms": float(np.median(hyper_fn)),
+            "hyperstep_over_plain_step": float(np.median(np.array(hyper_fn) / np.array(plain_fn)))}
+
+
+def function_ms(fn):
+    fn()  # tracing and compilation
+    times = []
+    for _ in range(FLAGS.repeats):
+        start = time.perf_counter()
+        out = fn()
+        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, out)
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.ERROR)
+    if FLAGS.quick:
+        FLAGS.input_dim, FLAGS.hidden, FLAGS.pt_tasks, FLAGS.ft_tasks = 16, ["32", "32"], 20, 3
+        FLAGS.batch, FLAGS.steps, FLAGS.rounds, FLAGS.repeats = 16, 20, 1, 3
+    x, y_pt, y_ft = data()
+    rows = []
+    for xla in (False, True):
+        row = compare(xla, x, y_pt, y_ft)
+        rows.append(row)
+        print(f"  {'XLA' if xla else 'tf.function'}: plain {row['plain_pt_step_ms']:.2f} ms/step, "
+              f"meta {row['meta_pt_step_ms']:.2f} ms/step, per-round ratios "
+              f"{np.round(row['meta_over_plain_per_round'], 2).tolist()}", flush=True)
+    config = (f"encoder {FLAGS.input_dim}-{'-'.join(FLAGS.hidden)}, PT head ->{FLAGS.pt_tasks} "
+              f"tasks, FT head ->{FLAGS.ft_tasks}, batch {FLAGS.batch}, N={FLAGS.hyperstep_every}, "
+              f"K={FLAGS.unroll_steps}, i={FLAGS.neumann_terms}, Adam, float32")
+    lines = ["## MetaPretrainer benchmark", "",
+             f"`python -m benchmarks.meta_pt{' --quick' if FLAGS.quick else ''}`: {config}; "
+             f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores.", "",
+             "| compilation | plain PT step (fit) | meta-PT step (fit, avg) | meta / plain "
+             "| hyperstep (fn) | plain PT step (fn) | hyperstep / plain step |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {'XLA' if r['xla'] else 'tf.function'} | {r['plain_pt_step_ms']:.2f} ms | "
+                     f"{r['meta_pt_step_ms']:.2f} ms | {r['meta_over_plain']:.2f}x | "
+                     f"{r['hyperstep_fn_ms']:.2f} ms | {r['plain_pt_step_fn_ms']:.2f} ms | "
+                     f"{r['hyperstep_over_plain_step']:.2f}x |")
+    lines += ["", "Targets: meta / plain <= 1.3x; hyperstep / plain step <= 4x."]
+    report = "\n".join(lines) + "\n"
+    print("\n" + report)
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    with open(os.path.join(FLAGS.output_dir, "meta_pt.md"), "w") as f:
+        f.write(report)
+    with open(os.path.join(FLAGS.output_dir, "meta_pt.json"), "w") as f:
+        json.dump({"config": config, "rows": rows, "quick": FLAGS.quick}, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)

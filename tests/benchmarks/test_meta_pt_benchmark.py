@@ -1,0 +1,25 @@
+"""`python -m benchmarks.meta_pt --quick` stays runnable and writes its table."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_quick_meta_pt_benchmark(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.meta_pt", "--quick",
+                           f"--output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.load(open(tmp_path / "meta_pt.json"))["rows"]
+    assert [r["xla"] for r in rows] == [False, True]
+    for r in rows:
+        assert r["plain_pt_step_ms"] > 0 and r["meta_pt_step_ms"] > 0 and r["hyperstep_fn_ms"] > 0
+        # the reported ratio is the median of the ratios measured round by round
+        assert r["meta_over_plain"] == pytest.approx(np.median(r["meta_over_plain_per_round"]))
+    assert "| XLA |" in (tmp_path / "meta_pt.md").read_text()
