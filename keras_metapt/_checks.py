@@ -32,20 +32,6 @@ def check_float_leaves(structure, prefix, dtype=None):
     return dtype
 
 
-def check_same_structure(reference, other, ref_prefix, other_prefix):
-    """``other`` has the nest structure and leaf shapes of ``reference``."""
-    try:
-        tf.nest.assert_same_structure(reference, other)
-    except (ValueError, TypeError) as e:
-        raise InputMismatchError(
-            f"{other_prefix} does not have the structure of {ref_prefix}: {e}") from None
-    names = _tree.leaf_names(other, other_prefix)
-    for name, ref, leaf in zip(names, tf.nest.flatten(reference), tf.nest.flatten(other)):
-        if not ref.shape.is_compatible_with(leaf.shape):
-            raise InputMismatchError(
-                f"{name} has shape {leaf.shape}, expected {ref.shape} as in {ref_prefix}")
-
-
 def check_scalar(value, what):
     value = tf.convert_to_tensor(value)
     if value.shape.rank is not None and value.shape.rank != 0:

@@ -81,14 +81,3 @@ def zeros_for_none(grads, like):
     """Replaces None gradients by zeros shaped like the matching leaf of ``like``."""
     return tf.nest.map_structure(
         lambda g, x: tf.zeros_like(x) if g is None else g, grads, like)
-
-
-def num_elements(structure):
-    """Static total number of scalars in a nest."""
-    total = 0
-    for leaf in tf.nest.flatten(structure):
-        n = leaf.shape.num_elements()
-        if n is None:
-            raise ValueError(f"a leaf of shape {leaf.shape} has no static size")
-        total += n
-    return total

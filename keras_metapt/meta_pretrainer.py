@@ -24,6 +24,7 @@ import keras
 import tensorflow as tf
 
 from keras_metapt import optim
+from keras_metapt.callbacks import MetaCheckpoint, StopOnNonFiniteHypergradient
 from keras_metapt.errors import InputMismatchError
 from keras_metapt.hypergrad.problem import StepBatches
 from keras_metapt.hypergrad.ptft import PTFT, PretrainFinetuneProblem
@@ -218,7 +219,6 @@ class MetaPretrainer(keras.Model):
         if self.requested_warmup_steps is None:
             self.warmup_steps.assign(int(steps_per_epoch))
         callbacks = list(callbacks or [])
-        from keras_metapt.callbacks import MetaCheckpoint, StopOnNonFiniteHypergradient
         for cb in callbacks:
             if isinstance(cb, MetaCheckpoint):
                 restored_epoch = cb.restore(self)

@@ -120,8 +120,8 @@ def adamw(learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-8, eps_root=1
     name = "adamw" if weight_decay else "adam"
 
     def init(params):
-        zeros = tf.nest.map_structure(tf.zeros_like, params)
-        return (tf.zeros([], tf.int32), zeros, tf.nest.map_structure(tf.zeros_like, params))
+        return (tf.zeros([], tf.int32), tf.nest.map_structure(tf.zeros_like, params),
+                tf.nest.map_structure(tf.zeros_like, params))
 
     def update(grads, state, params, **overrides):
         hp = _resolve(defaults, overrides, name)

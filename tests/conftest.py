@@ -67,3 +67,18 @@ def ridge():
 def rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+def central_differences(fn, values, h=1e-6):
+    """Central differences (float64) of fn(*values) with respect to every entry of every array."""
+    grads = []
+    for which in range(len(values)):
+        grad = np.zeros_like(values[which])
+        for i in range(len(grad)):
+            up = [np.array(v, copy=True) for v in values]
+            down = [np.array(v, copy=True) for v in values]
+            up[which][i] += h
+            down[which][i] -= h
+            grad[i] = (fn(*up) - fn(*down)) / (2 * h)
+        grads.append(grad)
+    return grads

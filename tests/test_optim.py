@@ -24,6 +24,18 @@ def numpy_adamw(p, g, m, v, t, lr, b1, b2, eps, eps_root, wd):
     return p - lr * (m_hat / (np.sqrt(v_hat + eps_root) + eps) + wd * p), m, v
 
 
+def run_updates(opt, p0, grads, mode):
+    """Applies opt.update for each gradient in turn, from p0, in the given mode."""
+    def run(p):
+        state = opt.init([p])
+        params = [p]
+        for g in grads:
+            params, state = opt.update([tf.constant(g)], state, params)
+        return params[0]
+
+    return compiled(run, mode)(tf.constant(p0)).numpy()
+
+
 @pytest.mark.parametrize("momentum,nesterov", [(None, False), (0.9, False), (0.9, True)])
 @pytest.mark.parametrize("mode", ["eager", "xla"])
 def test_sgd_three_steps_match_numpy_rule(momentum, nesterov, mode):
@@ -32,14 +44,7 @@ def test_sgd_three_steps_match_numpy_rule(momentum, nesterov, mode):
     grads = [rng.normal(size=(3, 2)) for _ in range(3)]
     opt = optim.sgd(0.1, momentum=momentum, nesterov=nesterov, weight_decay=0.01)
 
-    def run(p):
-        state = opt.init([p])
-        params = [p]
-        for g in grads:
-            params, state = opt.update([tf.constant(g)], state, params)
-        return params[0]
-
-    got = compiled(run, mode)(tf.constant(p0)).numpy()
+    got = run_updates(opt, p0, grads, mode)
     ref, v = p0, np.zeros_like(p0)
     for g in grads:
         ref, v = numpy_sgd(ref, g, v, 0.1, momentum, 0.01, nesterov)
@@ -53,14 +58,7 @@ def test_adamw_three_steps_match_numpy_rule(mode):
     grads = [rng.normal(size=(4,)) for _ in range(3)]
     opt = optim.adamw(learning_rate=0.01, weight_decay=0.1, eps_root=1e-8)
 
-    def run(p):
-        state = opt.init([p])
-        params = [p]
-        for g in grads:
-            params, state = opt.update([tf.constant(g)], state, params)
-        return params[0]
-
-    got = compiled(run, mode)(tf.constant(p0)).numpy()
+    got = run_updates(opt, p0, grads, mode)
     ref, m, v = p0, np.zeros(4), np.zeros(4)
     for t, g in enumerate(grads, start=1):
         ref, m, v = numpy_adamw(ref, g, m, v, t, 0.01, 0.9, 0.999, 1e-8, 1e-8, 0.1)

@@ -11,9 +11,8 @@ class TaskWeights(keras.layers.Layer):
     """w_t = 2 sigmoid(phi_t), one logit phi_t per PT task, phi = 0 initially (all weights 1).
 
     Weights stay in (0, 2): a task can be switched off or counted up to twice. Calling the
-    layer on any input returns the weight vector (the input only sets nothing but the call
-    signature, so the layer fits `MetaPretrainer(meta_role="loss")`). Thousands of tasks cost
-    one vector.
+    layer returns the weight vector whatever the input (which is ignored), so the layer fits
+    `MetaPretrainer(meta_role="loss")`. Thousands of tasks cost one vector.
     """
 
     def __init__(self, num_tasks, task_names=None, **kwargs):

@@ -11,6 +11,7 @@ import tensorflow as tf
 import keras_metapt as km
 from keras_metapt import references
 from keras_metapt.hyper import piecewise_constant
+from tests.conftest import central_differences
 
 D, BLOCKS, GAMMA = 5, 4, 0.05
 
@@ -70,15 +71,4 @@ class Quadratic:
 
     def finite_difference(self, fn, h=1e-6):
         """Central differences in float64 of fn(c, lr) with respect to c and lr."""
-        out = []
-        for which in (0, 1):
-            base = [self.c.copy(), self.lr.copy()]
-            grad = np.zeros_like(base[which])
-            for i in range(len(grad)):
-                up = [x.copy() for x in base]
-                down = [x.copy() for x in base]
-                up[which][i] += h
-                down[which][i] -= h
-                grad[i] = (fn(*up) - fn(*down)) / (2 * h)
-            out.append(grad)
-        return out
+        return central_differences(fn, [self.c, self.lr], h)

@@ -12,7 +12,7 @@ import tensorflow as tf
 import keras_metapt as km
 from keras_metapt import optim
 from keras_metapt.hyper import piecewise_constant
-from tests.conftest import compiled, rel_err
+from tests.conftest import central_differences, compiled, rel_err
 from tests.hypergrad.quadratic import Quadratic
 
 
@@ -55,20 +55,6 @@ def numpy_momentum_sgd_outer(lr, mu, wd, nesterov):
         v = mu[k] * v + g
         w = w - lr[k] * ((g + mu[k] * v) if nesterov else v)
     return 0.5 * np.sum((w - TARGET) ** 2)
-
-
-def central_differences(fn, values, h=1e-6):
-    grads = []
-    for which in range(len(values)):
-        grad = np.zeros_like(values[which])
-        for i in range(len(grad)):
-            up = [v.copy() for v in values]
-            down = [v.copy() for v in values]
-            up[which][i] += h
-            down[which][i] -= h
-            grad[i] = (fn(*up) - fn(*down)) / (2 * h)
-        grads.append(grad)
-    return grads
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
