@@ -26,7 +26,7 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "scikit-learn>=1.4"],
+        "test": ["pytest>=8", "scikit-learn>=1.4", "tensorflow-serving-api>=2.21,<2.22"],
         "examples": ["scikit-learn>=1.4"],
     },
 )

@@ -153,6 +153,7 @@ class MetaPretrainer(keras.Model):
         self.ft_optimizer = None
         self.hyper_optimizer = None
         self._estimator = None
+        self.built = True  # every part was required to be built above
 
     # ----------------------------------------------------------------- Keras plumbing
 
