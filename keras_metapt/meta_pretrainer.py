@@ -154,6 +154,8 @@ class MetaPretrainer(keras.Model):
         self.hyper_optimizer = None
         self._estimator = None
         self.built = True  # every part was required to be built above
+        self._host_step = None  # host-side mirror of meta_step for choosing the step function
+        self._host_warmup = None
 
     # ----------------------------------------------------------------- Keras plumbing
 
@@ -219,6 +221,7 @@ class MetaPretrainer(keras.Model):
                              "infinite)")
         if self.requested_warmup_steps is None:
             self.warmup_steps.assign(int(steps_per_epoch))
+        self._host_step = None  # re-read from meta_step (after any restore) at the first step
         callbacks = list(callbacks or [])
         for cb in callbacks:
             if isinstance(cb, MetaCheckpoint):
@@ -326,11 +329,62 @@ class MetaPretrainer(keras.Model):
             self.phi_stats[key].update_state(value)
         return nonfinite
 
-    def train_step(self, data):
+    @staticmethod
+    def _check_element(data):
         if not isinstance(data, dict) or not {"pt", "pt_fresh", "meta_train", "meta_val"} <= set(data):
             raise InputMismatchError(
                 "MetaPretrainer expects elements from keras_metapt.meta_dataset(pt, meta_train, "
                 f"meta_val, unroll_steps); got {type(data).__name__}")
+
+    def _is_hyperstep(self, step, warmup):
+        return step >= warmup and (step - warmup) % self.hyperstep_every == 0
+
+    def _regular_train_step(self, data):
+        """PT step + FT-head step (a step that is not a hyperstep)."""
+        self._check_element(data)
+        self._pt_step(data["pt"])
+        self._ft_head_step(data["meta_train"])
+        self.meta_step.assign_add(1)
+        return {m.name: m.result() for m in self.metrics}
+
+    def _hyper_train_step(self, data):
+        """PT step + hyperstep."""
+        self._check_element(data)
+        self._pt_step(data["pt"])
+        self._hyperstep(data)
+        self.meta_step.assign_add(1)
+        return {m.name: m.result() for m in self.metrics}
+
+    def make_train_function(self, force=False):
+        """Two compiled steps (regular, hyper) chosen on the host for each batch.
+
+        Choosing on the host keeps the hyperstep out of the regular step's graph (no tf.cond
+        and no idle branch), and keeps optimizer updates out of control flow. With
+        steps_per_execution > 1 several steps run per call, so the choice falls back to a
+        tf.cond inside `train_step`.
+        """
+        if self.train_function is not None and not force:
+            return self.train_function
+        if self.steps_per_execution != 1:
+            return super().make_train_function(force)
+        regular = self._make_function(self._regular_train_step)
+        hyper = self._make_function(self._hyper_train_step)
+
+        def train_function(iterator):
+            if self._host_step is None:  # synced from the (possibly restored) state variables
+                self._host_step = int(self.meta_step.numpy())
+                self._host_warmup = int(self.warmup_steps.numpy())
+            step = self._host_step
+            outputs = (hyper if self._is_hyperstep(step, self._host_warmup) else regular)(iterator)
+            self._host_step = step + 1
+            return outputs
+
+        self.train_function = train_function
+        return train_function
+
+    def train_step(self, data):
+        """One step with the choice made in the graph (used when steps_per_execution > 1)."""
+        self._check_element(data)
         self._pt_step(data["pt"])
         step = self.meta_step.value
         after_warmup = step >= self.warmup_steps.value

@@ -156,6 +156,18 @@ def test_xla_and_graph_runs_give_the_same_phi(tmp_path):
     assert hx.history["hypersteps"][-1] == 50 and not np.allclose(xla.meta_parameters()[0], 0.0)
 
 
+def test_host_dispatch_and_in_graph_choice_give_the_same_phi():
+    # Reference: the in-graph tf.cond path (steps_per_execution > 1) on the same schedule:
+    # warm-up 10 steps, then a hyperstep every 3 steps.
+    results = []
+    for spe in (1, 5):
+        model, history, _ = run_toy(2, epochs=2, steps=20, warmup_steps=10, hyperstep_every=3,
+                                    steps_per_execution=spe)
+        results.append(model.meta_parameters()[0])
+        assert history.history["hypersteps"] == [4, 6]  # steps 10,13,16,19 | 22,25,...,37
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-6, atol=1e-7)
+
+
 def test_memory_flat_and_no_retracing_over_many_hypersteps():
     traces = []
 
@@ -170,12 +182,13 @@ def test_memory_flat_and_no_retracing_over_many_hypersteps():
 
     x, y, x_ft, y_ft, _ = meta_pt_toy.synthetic_tasks(0)
     model = meta_pt_toy.build(0, y.shape[1], jit_compile=True, warmup_steps=0)
-    original = model.train_step
-    model.train_step = lambda data: (traces.append(1), original(data))[1]  # Python runs at trace
+    for name in ("_regular_train_step", "_hyper_train_step"):  # their Python runs at trace only
+        original = getattr(model, name)
+        setattr(model, name, lambda data, f=original, n=name: (traces.append(n), f(data))[1])
     rss = Rss()
     model.fit(meta_pt_toy.stream(0, x, y, x_ft, y_ft), epochs=12, steps_per_epoch=100, verbose=0,
               callbacks=[rss])
-    assert int(model.meta_step.numpy()) == 1200 and len(traces) == 1
+    assert int(model.meta_step.numpy()) == 1200 and sorted(traces) == ["_hyper_train_step"]
     growth = rss.mib[-1] - rss.mib[2]  # after 900 more hypersteps
     assert growth < 25, rss.mib
 
