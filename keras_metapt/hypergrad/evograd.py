@@ -35,7 +35,8 @@ class EvoGrad:
       noise: "gaussian" or "rademacher".
       seed: int seed of the estimator's own `tf.random.Generator`; each call
         draws fresh noise from it unless a ``seed`` tensor of shape [2] is passed
-        to the call (stateless, reproducible).
+        to the call (stateless: the same draw for the same seed, in float32 and float64
+        alike, within one compilation mode; XLA's random kernels differ from the others).
     """
 
     def __init__(self, num_copies=2, sigma=1e-3, temperature=0.05, noise="gaussian", seed=0):
@@ -65,13 +66,17 @@ class EvoGrad:
         return self.sigma ** 2 * (K - 1) / (K * self.temperature)
 
     def _perturbation(self, leaf, seed):
+        # Drawn in float32 and cast, so one seed gives the same perturbation in every dtype.
+        # TensorFlow's XLA and non-XLA CPU kernels draw different numbers for the same seed (no
+        # algorithm is shared), so a seed reproduces a draw within one compilation mode.
         shape = tf.shape(leaf)
         if self.noise == "gaussian":
-            eps = tf.random.stateless_normal(shape, seed, dtype=leaf.dtype)
+            eps = tf.random.stateless_normal(shape, seed, dtype=tf.float32, alg="philox")
         else:
-            bits = tf.random.stateless_uniform(shape, seed, minval=0, maxval=2, dtype=tf.int32)
-            eps = tf.cast(2 * bits - 1, leaf.dtype)
-        return _tree.cast_scalar(self.sigma, leaf.dtype) * eps
+            bits = tf.random.stateless_uniform(shape, seed, minval=0, maxval=2, dtype=tf.int32,
+                                               alg="philox")
+            eps = 2 * bits - 1
+        return _tree.cast_scalar(self.sigma, leaf.dtype) * tf.cast(eps, leaf.dtype)
 
     def __call__(self, problem, params, hparams, inner_batch, outer_batch, seed=None):
         params, hparams = _p.prepare(params, hparams)
