@@ -24,6 +24,7 @@ setup(
         "numpy>=1.26",
         "scipy>=1.11",
         "matplotlib>=3.8",
+        "rdkit>=2024.3",
     ],
     extras_require={
         "test": ["pytest>=8", "scikit-learn>=1.4", "tensorflow-serving-api>=2.21,<2.22"],
