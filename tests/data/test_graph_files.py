@@ -91,3 +91,16 @@ def test_npz_round_trip_and_corruption(tmp_path):
     np.savez(path, **arrays)
     with pytest.raises(GraphFileError, match="graph 0 has an edge outside its 3 nodes"):
         load_graphs_npz(path)
+
+
+def test_tfds_round_trip_keeps_order_and_missing_labels(tmp_path):
+    from keras_metapt.data.tfds_graphs import read_graph_tfds, write_graph_tfds
+    path = write(tmp_path / "mols.csv", CSV.replace("C1CC,1,1\n", ""))
+    data = read_molecule_csv(path)
+    directory = write_graph_tfds({"train": data}, "toy_mols", str(tmp_path / "tfds"))
+    back = read_graph_tfds(directory, "train", data.task_names)
+    np.testing.assert_array_equal(np.isnan(back.labels), np.isnan(data.labels))
+    np.testing.assert_array_equal(np.nan_to_num(back.labels), np.nan_to_num(data.labels))
+    for a, b in zip(back.graphs, data.graphs):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
