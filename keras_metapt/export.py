@@ -12,7 +12,13 @@ temporary directory that is renamed into place, so a server never sees a half-wr
 version. The ``serving_default`` signature has one named input and named outputs:
 
     inputs:  "<input_name>"  float tensor [batch, ...] as given by ``input_spec``
-             (signals: [batch, time, channels]; tabular features: [batch, features])
+             (signals: [batch, time, channels]; tabular features: [batch, features]);
+             or, for a dict ``input_spec``, one input per key. Graphs (`keras_metapt.nets.GIN`)
+             take the padded disjoint batch of `keras_metapt.data.batch_graphs`:
+             node_features [N, F_n] int32, node_graph [N] int32 (graph id; padding nodes
+             carry the batch size), node_mask [N] float32, edge_index [E, 2] int32 (source,
+             target into the packed nodes), edge_features [E, F_e] int32, edge_mask [E]
+             float32, center [B] int32
     outputs: "<output_name>" the model's output, or one key per output of a dict-valued model
 
 Point a server at it with
@@ -62,7 +68,8 @@ def export_saved_model(model, base_dir, name, input_spec, version=None, input_na
     Args:
       model: a built Keras model or layer (called with training=False).
       input_spec: `tf.TensorSpec` of one input batch, e.g.
-        ``tf.TensorSpec([None, 128], tf.float32)``; its name is set to ``input_name``.
+        ``tf.TensorSpec([None, 128], tf.float32)`` (its name is set to ``input_name``), or a
+        dict of them for a model taking a dict (each key becomes a named input).
       version: an int to force a version number; it must not exist yet. Default: the next.
       input_name, output_name: signature keys (a dict-valued model keeps its own keys).
     Returns the path of the written version directory.
@@ -78,7 +85,10 @@ def export_saved_model(model, base_dir, name, input_spec, version=None, input_na
     if os.path.exists(final):
         raise InputMismatchError(f"{final} exists already; versions are never overwritten "
                                  f"(next free version: {next_version(base_dir, name)})")
-    spec = tf.TensorSpec(input_spec.shape, input_spec.dtype, name=input_name)
+    if isinstance(input_spec, dict):
+        spec = {key: tf.TensorSpec(s.shape, s.dtype, name=key) for key, s in input_spec.items()}
+    else:
+        spec = tf.TensorSpec(input_spec.shape, input_spec.dtype, name=input_name)
 
     def serve(x):
         out = model(x, training=False)

@@ -1,0 +1,344 @@
+r"""Experiment 1: meta-learned PT task weights for a graph network, on real molecules.
+
+Compares, for each seed, three ways to obtain a GIN encoder:
+  (a) no_pt:   random initialisation;
+  (b) uniform: multitask supervised PT with every task weighted 1;
+  (c) meta:    the same PT with per-task weights meta-learned by MetaPretrainer
+               (Raghu et al. 2021: Neumann IFT over PT + K unrolled FT-head steps);
+then fine-tunes each on the FT task in two ways, full fine-tuning and linear evaluation
+(frozen encoder), and reports test AUROC (mean +- std over seeds) and PT throughput.
+
+Default data, embedded (nothing to download; see keras_metapt.data.embedded): PT molecules
+shipped with RDKit with the presence of RDKit's fr_* fragments as PT tasks; FT task:
+CHEMBL2321810 activity (pIC50 >= 7), scaffold split, MetaTrain / MetaVal carved from the FT
+training part. Own data: --pt_csv (SMILES + label columns) and --ft_csv.
+
+    python apps/multitask_pt.py                  # CPU-sized default, a few minutes
+    python apps/multitask_pt.py --full           # paper-sized GIN, all 15k PT molecules (GPU)
+
+Writes <output_dir>/summary.md and summary.json (the AUROC table and timings), per-run results
+under results/ (a rerun skips finished runs: resumable), task_weights_seed<k>.png, and exports
+the meta arm's fine-tuned model and encoder of the last seed as SavedModels under
+<saved_models_dir>/<run_name>_{finetuned,encoder}/<version>/.
+"""
+
+import csv
+import json
+import os
+import time
+
+from absl import app, flags, logging
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras_metapt as km  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras_metapt import export  # noqa: E402
+from keras_metapt.callbacks import MetaCheckpoint, TaskWeightsPlot  # noqa: E402
+from keras_metapt.data import (EDGE_VOCAB_SIZES, NODE_VOCAB_SIZES, batch_graphs,  # noqa: E402
+                               embedded, read_molecule_csv, smiles_to_graph)
+from keras_metapt.hyper import TaskWeights  # noqa: E402
+from keras_metapt.losses import masked_multitask_bce  # noqa: E402
+from keras_metapt.nets import GIN  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("pt_csv", None, "PT molecules: CSV with a SMILES column and 0/1 label columns "
+                    "(empty cell = missing label). Default: the embedded RDKit benchmark.")
+flags.DEFINE_string("ft_csv", None, "FT molecules: CSV with a SMILES column and --ft_label_column. "
+                    "Default: the embedded CHEMBL2321810 task.")
+flags.DEFINE_string("smiles_column", "smiles", "SMILES column name in --pt_csv / --ft_csv.")
+flags.DEFINE_string("ft_label_column", "label", "0/1 label column of --ft_csv.")
+flags.DEFINE_enum("on_error", "raise", ["raise", "skip"], "Invalid SMILES or label in a CSV: "
+                  "stop with an error naming file and row, or skip the row (counted, warned).")
+flags.DEFINE_integer("max_pt_molecules", 3000, "Use at most this many PT molecules (0: all).")
+flags.DEFINE_float("test_fraction", 0.2, "Fraction of FT molecules in the scaffold-split test set.")
+flags.DEFINE_float("meta_val_fraction", 0.5, "Fraction of the FT training part used as MetaVal "
+                   "(the rest is MetaTrain); the final fine-tuning uses the whole training part.")
+flags.DEFINE_integer("split_seed", 0, "Seed of the scaffold split (fixed across --seeds).")
+flags.DEFINE_integer("num_layers", 3, "GIN layers (paper: 5).")
+flags.DEFINE_integer("hidden", 64, "GIN hidden size (paper: 300).")
+flags.DEFINE_float("dropout", 0.2, "GIN dropout.")
+flags.DEFINE_integer("batch_size", 32, "Graphs per batch (every stream).")
+flags.DEFINE_integer("pt_epochs", 3, "PT epochs (the meta arm's first epoch is its warm-up).")
+flags.DEFINE_float("pt_lr", 1e-3, "PT Adam learning rate (also the Neumann alpha).")
+flags.DEFINE_float("hyper_lr", 1e-2, "Adam learning rate of the task-weight logits.")
+flags.DEFINE_integer("hyperstep_every", 10, "N: PT steps between hypersteps.")
+flags.DEFINE_integer("unroll_steps", 1, "K: differentiable FT-head steps per hyperstep.")
+flags.DEFINE_integer("neumann_terms", 1, "i: Neumann terms of the inverse-Hessian product.")
+flags.DEFINE_integer("ft_epochs", 30, "Final fine-tuning epochs (no early stopping on test).")
+flags.DEFINE_float("ft_lr", 1e-3, "Final fine-tuning Adam learning rate.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (model initialisation, data order).")
+flags.DEFINE_list("arms", ["no_pt", "uniform", "meta"], "Arms to run.")
+flags.DEFINE_bool("xla", True, "Compile training steps with XLA (jit_compile).")
+flags.DEFINE_bool("full", False, "Paper-sized preset: 5 layers, hidden 300, all PT molecules, "
+                  "10 PT epochs, 50 FT epochs (meant for a GPU).")
+flags.DEFINE_string("output_dir", "runs/multitask_pt", "Results, plots and checkpoints.")
+flags.DEFINE_string("saved_models_dir", "saved_models", "Where SavedModels are exported.")
+flags.DEFINE_string("run_name", "multitask_pt", "Name prefix of the exported SavedModels.")
+flags.DEFINE_bool("resume", True, "Skip runs whose results exist in --output_dir.")
+flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0 silent, 1 progress bar, 2 per epoch).")
+
+NODE_BUCKETS = tuple(range(256, 1 << 16, 256))
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_data():
+    cache = os.path.join(FLAGS.output_dir, "cache", "pt_fragment_labels.npz")
+    if FLAGS.pt_csv:
+        pt = read_molecule_csv(FLAGS.pt_csv, FLAGS.smiles_column, on_error=FLAGS.on_error)
+        pt_graphs, pt_labels, tasks = pt.graphs, pt.labels, pt.task_names
+        if FLAGS.max_pt_molecules:
+            pt_graphs, pt_labels = pt_graphs[:FLAGS.max_pt_molecules], pt_labels[:FLAGS.max_pt_molecules]
+    else:
+        smiles = embedded.pretraining_smiles(FLAGS.max_pt_molecules or None)
+        pt_labels, tasks = embedded.fragment_labels(smiles, cache=cache)
+        pt_graphs = [smiles_to_graph(s) for s in smiles]
+    if FLAGS.ft_csv:
+        ft = read_molecule_csv(FLAGS.ft_csv, FLAGS.smiles_column, [FLAGS.ft_label_column],
+                               on_error=FLAGS.on_error)
+        ft_graphs, ft_labels = ft.graphs, ft.labels
+        with open(FLAGS.ft_csv, newline="") as f:
+            ft_smiles = [row[FLAGS.smiles_column] for row in csv.DictReader(f)]
+    else:
+        ft_smiles, ft_labels, _ = embedded.finetuning_set()
+        ft_graphs = [smiles_to_graph(s) for s in ft_smiles]
+    if len(ft_smiles) != len(ft_graphs):  # rows skipped in the CSV: split on a random order
+        train_idx = np.random.default_rng(FLAGS.split_seed).permutation(len(ft_graphs))
+        cut = int((1 - FLAGS.test_fraction) * len(ft_graphs))
+        train_idx, test_idx = np.sort(train_idx[:cut]), np.sort(train_idx[cut:])
+    else:
+        train_idx, test_idx = embedded.scaffold_split(ft_smiles, FLAGS.test_fraction, FLAGS.split_seed)
+    return pt_graphs, pt_labels, tasks, ft_graphs, ft_labels, train_idx, test_idx
+
+
+def packed(graphs, labels, order, batch_size, node_bucket=None, edge_bucket=None):
+    """Static-shape batches (exactly batch_size graphs each) in the given order, stacked."""
+    groups = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    if node_bucket is None:
+        node_bucket = max(embedded_bucket(sum(len(graphs[i]["node_features"]) for i in g)) for g in groups)
+        edge_bucket = max(embedded_bucket(sum(len(graphs[i]["edge_index"]) for i in g)) for g in groups)
+    batches = [batch_graphs([graphs[i] for i in g], (node_bucket,), (edge_bucket,)) for g in groups]
+    stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+    return stacked, np.stack([labels[g] for g in groups]).astype(np.float32), node_bucket, edge_bucket
+
+
+def embedded_bucket(count):
+    for size in NODE_BUCKETS:
+        if size >= count:
+            return size
+    raise ValueError(f"a batch with {count} nodes or edges exceeds {NODE_BUCKETS[-1]}")
+
+
+def epochs_dataset(graphs, labels, batch_size, epochs, seed):
+    """One tf.data element per batch for ``epochs`` seeded shuffles; static shapes."""
+    rng = np.random.default_rng(seed)
+    orders = np.concatenate([rng.permutation(len(graphs)) for _ in range(epochs)])
+    x, y, nb, eb = packed(graphs, labels, orders, batch_size)
+    return tf.data.Dataset.from_tensor_slices((x, y)), len(y) // epochs, (nb, eb)
+
+
+# ----------------------------------------------------------------------------- models
+
+class EpochTimer(keras.callbacks.Callback):
+    """Seconds per epoch; throughput is taken from the epochs after the first (which
+    includes tracing and XLA compilation), or from the only epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+    def examples_per_second(self, steps):
+        timed = self.seconds[1:] or self.seconds
+        return len(timed) * steps * FLAGS.batch_size / sum(timed)
+
+
+def make_encoder(seed):
+    keras.utils.set_random_seed(seed)
+    return GIN(NODE_VOCAB_SIZES, EDGE_VOCAB_SIZES, num_graphs=FLAGS.batch_size,
+               num_layers=FLAGS.num_layers, hidden=FLAGS.hidden, dropout=FLAGS.dropout)
+
+
+def build_on(model, dataset):
+    x, _ = next(iter(dataset))
+    model(x)
+    return model
+
+
+class Head(keras.Model):
+    """encoder -> Dense(outputs); the encoder can be frozen (linear evaluation)."""
+
+    def __init__(self, encoder, outputs, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = encoder
+        self.dense = keras.layers.Dense(outputs)
+
+    def call(self, x, training=False):
+        return self.dense(self.encoder(x, training=training))
+
+
+def bce(y, logits):
+    return masked_multitask_bce(y, logits)
+
+
+def pretrain_uniform(encoder, pt_ds, steps, tasks):
+    model = Head(encoder, len(tasks))
+    build_on(model, pt_ds)
+    model.compile(keras.optimizers.Adam(FLAGS.pt_lr), loss=bce, jit_compile=FLAGS.xla)
+    timer = EpochTimer()
+    model.fit(pt_ds, epochs=FLAGS.pt_epochs, steps_per_epoch=steps, verbose=FLAGS.verbose,
+              callbacks=[timer])
+    return timer.examples_per_second(steps)
+
+
+def pretrain_meta(encoder, pt_ds, steps, tasks, ft_train, seed):
+    """MetaPretrainer with TaskWeights; returns (PT examples/s, learned weights, model)."""
+    pt_head = keras.Sequential([keras.Input((FLAGS.hidden,)), keras.layers.Dense(len(tasks))])
+    ft_head = keras.Sequential([keras.Input((FLAGS.hidden,)), keras.layers.Dense(1)])
+    build_on(encoder, pt_ds)
+    weights = TaskWeights(len(tasks), task_names=tasks)
+    model = km.MetaPretrainer(encoder, pt_head, ft_head, weights,
+                              pt_loss=lambda y, p, w: masked_multitask_bce(y, p, w), ft_loss=bce,
+                              hyperstep_every=FLAGS.hyperstep_every,
+                              unroll_steps=FLAGS.unroll_steps, neumann_terms=FLAGS.neumann_terms)
+    model.compile(keras.optimizers.Adam(FLAGS.pt_lr), keras.optimizers.Adam(FLAGS.ft_lr),
+                  keras.optimizers.Adam(FLAGS.hyper_lr), jit_compile=FLAGS.xla)
+    meta_train, meta_val = ft_train
+    stream = km.meta_dataset(pt_ds, meta_train, meta_val, FLAGS.unroll_steps)
+    run_dir = os.path.join(FLAGS.output_dir, f"meta_seed{seed}")
+    timer = EpochTimer()
+    callbacks = [MetaCheckpoint(os.path.join(run_dir, "ckpt")), timer,
+                 TaskWeightsPlot(os.path.join(FLAGS.output_dir, f"task_weights_seed{seed}.png"))]
+    model.fit(stream, epochs=FLAGS.pt_epochs, steps_per_epoch=steps, callbacks=callbacks,
+              verbose=FLAGS.verbose)
+    return timer.examples_per_second(steps), weights.task_weights(), model
+
+
+def finetune(encoder_weights, ft_train_ds, ft_steps, test, seed, linear):
+    """Fresh encoder with the given weights + fresh head; returns test AUROC."""
+    from sklearn.metrics import roc_auc_score
+    encoder = make_encoder(seed + 1000)
+    model = Head(encoder, 1)
+    build_on(model, ft_train_ds)
+    if encoder_weights is not None:
+        encoder.set_weights(encoder_weights)
+    encoder.trainable = not linear
+    model.compile(keras.optimizers.Adam(FLAGS.ft_lr), loss=bce, jit_compile=FLAGS.xla)
+    model.fit(ft_train_ds, epochs=FLAGS.ft_epochs, steps_per_epoch=ft_steps, verbose=0)
+    x_test, y_test, n_test = test
+    scores = np.concatenate([model.predict_on_batch({k: v[i] for k, v in x_test.items()})[:, 0]
+                             for i in range(len(y_test))])[:n_test]
+    return float(roc_auc_score(y_test.reshape(-1)[:n_test], scores)), model
+
+
+# ----------------------------------------------------------------------------- main
+
+def test_batches(graphs, labels, idx):
+    """Test molecules in batches of batch_size, the last one padded with copies (scored, dropped)."""
+    pad = (-len(idx)) % FLAGS.batch_size
+    order = np.concatenate([idx, np.repeat(idx[:1], pad)])
+    x, y, _, _ = packed(graphs, labels, order, FLAGS.batch_size)
+    return x, y, len(idx)
+
+
+def run_seed(seed, data, results_dir):
+    pt_graphs, pt_labels, tasks, ft_graphs, ft_labels, train_idx, test_idx = data
+    rng = np.random.default_rng(seed)
+    train_shuffled = rng.permutation(train_idx)
+    n_val = int(FLAGS.meta_val_fraction * len(train_shuffled))
+    meta_val_idx, meta_train_idx = train_shuffled[:n_val], train_shuffled[n_val:]
+    pt_ds, pt_steps, _ = epochs_dataset(pt_graphs, pt_labels, FLAGS.batch_size, FLAGS.pt_epochs, seed)
+    ft_sets = {}
+    for name, idx in (("train", train_idx), ("meta_train", meta_train_idx), ("meta_val", meta_val_idx)):
+        sub_graphs = [ft_graphs[i] for i in idx]
+        epochs = FLAGS.ft_epochs if name == "train" else 1
+        ft_sets[name] = epochs_dataset(sub_graphs, ft_labels[idx], FLAGS.batch_size, epochs, seed)
+    test = test_batches(ft_graphs, ft_labels, test_idx)
+    for arm in FLAGS.arms:
+        path = os.path.join(results_dir, f"{arm}_seed{seed}.json")
+        if FLAGS.resume and os.path.exists(path):
+            print(f"seed {seed} {arm}: done earlier ({path})")
+            continue
+        print(f"seed {seed} {arm}: pre-training" if arm != "no_pt" else f"seed {seed} {arm}")
+        encoder = make_encoder(seed)
+        record = {"arm": arm, "seed": seed}
+        if arm == "uniform":
+            record["pt_examples_per_second"] = pretrain_uniform(encoder, pt_ds, pt_steps, tasks)
+        elif arm == "meta":
+            record["pt_examples_per_second"], weights, _ = pretrain_meta(
+                encoder, pt_ds, pt_steps, tasks, (ft_sets["meta_train"][0], ft_sets["meta_val"][0]), seed)
+            record["task_weights"] = {t: float(w) for t, w in zip(tasks, weights)}
+        else:
+            build_on(encoder, pt_ds)
+        encoder_weights = encoder.get_weights()
+        for mode in ("full", "linear"):
+            auroc, ft_model = finetune(encoder_weights, ft_sets["train"][0], ft_sets["train"][1],
+                                       test, seed, linear=(mode == "linear"))
+            record[f"test_auroc_{mode}"] = auroc
+            print(f"  {mode} fine-tuning: test AUROC {auroc:.4f}")
+            if arm == "meta" and mode == "full" and seed == int(FLAGS.seeds[-1]):
+                spec = {k: tf.TensorSpec(v.shape[1:], tf.as_dtype(v.dtype)) for k, v in test[0].items()}
+                record["saved_models"] = {
+                    "finetuned": export.export_saved_model(ft_model, FLAGS.saved_models_dir,
+                                                           f"{FLAGS.run_name}_finetuned", spec),
+                    "encoder": export.export_saved_model(ft_model.encoder, FLAGS.saved_models_dir,
+                                                         f"{FLAGS.run_name}_encoder", spec,
+                                                         output_name="features")}
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+def summarise(results_dir):
+    records = [json.load(open(os.path.join(results_dir, f))) for f in sorted(os.listdir(results_dir))]
+    lines = ["| arm | full FT test AUROC | linear eval test AUROC | PT examples/s | seeds |",
+             "|---|---:|---:|---:|---:|"]
+    summary = {}
+    for arm in ("no_pt", "uniform", "meta"):
+        rows = [r for r in records if r["arm"] == arm]
+        if not rows:
+            continue
+        full = np.array([r["test_auroc_full"] for r in rows])
+        lin = np.array([r["test_auroc_linear"] for r in rows])
+        eps = [r["pt_examples_per_second"] for r in rows if "pt_examples_per_second" in r]
+        summary[arm] = {"full_mean": full.mean(), "full_std": full.std(), "linear_mean": lin.mean(),
+                        "linear_std": lin.std(), "seeds": len(rows),
+                        "pt_examples_per_second": float(np.mean(eps)) if eps else None}
+        lines.append(f"| {arm} | {full.mean():.4f} +- {full.std():.4f} | {lin.mean():.4f} +- "
+                     f"{lin.std():.4f} | {np.mean(eps):.0f} | {len(rows)} |" if eps else
+                     f"| {arm} | {full.mean():.4f} +- {full.std():.4f} | {lin.mean():.4f} +- "
+                     f"{lin.std():.4f} | - | {len(rows)} |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(FLAGS.output_dir, "summary.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(FLAGS.output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return table, summary
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    if FLAGS.full:
+        FLAGS.num_layers, FLAGS.hidden, FLAGS.max_pt_molecules = 5, 300, 0
+        FLAGS.pt_epochs, FLAGS.ft_epochs = 10, 50
+    results_dir = os.path.join(FLAGS.output_dir, "results")
+    os.makedirs(results_dir, exist_ok=True)
+    data = load_data()
+    print(f"PT: {len(data[0])} molecules, {len(data[2])} tasks; FT: {len(data[3])} molecules "
+          f"({len(data[5])} train, {len(data[6])} test, scaffold split)")
+    for seed in FLAGS.seeds:
+        run_seed(int(seed), data, results_dir)
+    table, _ = summarise(results_dir)
+    print("\n" + table)
+
+
+if __name__ == "__main__":
+    app.run(main)
