@@ -143,8 +143,8 @@ def epochs_dataset(graphs, labels, batch_size, epochs, seed):
 # ----------------------------------------------------------------------------- models
 
 class EpochTimer(keras.callbacks.Callback):
-    """Seconds per epoch; throughput is taken from the epochs after the first (which
-    includes tracing and XLA compilation), or from the only epoch."""
+    """Seconds per epoch. Throughput skips the epochs that include tracing and XLA compilation:
+    the first (uniform), or the warm-up epoch and the first epoch with hypersteps (meta)."""
 
     def __init__(self):
         super().__init__()
@@ -156,8 +156,8 @@ class EpochTimer(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self.seconds.append(time.perf_counter() - self._start)
 
-    def examples_per_second(self, steps):
-        timed = self.seconds[1:] or self.seconds
+    def examples_per_second(self, steps, skip=1):
+        timed = self.seconds[skip:] or self.seconds[-1:]
         return len(timed) * steps * FLAGS.batch_size / sum(timed)
 
 
@@ -195,8 +195,8 @@ def pretrain_uniform(encoder, pt_ds, steps, tasks):
     model.compile(keras.optimizers.Adam(FLAGS.pt_lr), loss=bce, jit_compile=FLAGS.xla)
     timer = EpochTimer()
     model.fit(pt_ds, epochs=FLAGS.pt_epochs, steps_per_epoch=steps, verbose=FLAGS.verbose,
-              callbacks=[timer])
-    return timer.examples_per_second(steps)
+              callbacks=[timer], shuffle=False)
+    return timer.examples_per_second(steps, skip=1), timer.seconds
 
 
 def pretrain_meta(encoder, pt_ds, steps, tasks, ft_train, seed):
@@ -219,7 +219,8 @@ def pretrain_meta(encoder, pt_ds, steps, tasks, ft_train, seed):
                  TaskWeightsPlot(os.path.join(FLAGS.output_dir, f"task_weights_seed{seed}.png"))]
     model.fit(stream, epochs=FLAGS.pt_epochs, steps_per_epoch=steps, callbacks=callbacks,
               verbose=FLAGS.verbose)
-    return timer.examples_per_second(steps), weights.task_weights(), model
+    return (timer.examples_per_second(steps, skip=2), timer.seconds, weights.task_weights(),
+            model)
 
 
 def finetune(encoder_weights, ft_train_ds, ft_steps, test, seed, linear):
@@ -232,7 +233,7 @@ def finetune(encoder_weights, ft_train_ds, ft_steps, test, seed, linear):
         encoder.set_weights(encoder_weights)
     encoder.trainable = not linear
     model.compile(keras.optimizers.Adam(FLAGS.ft_lr), loss=bce, jit_compile=FLAGS.xla)
-    model.fit(ft_train_ds, epochs=FLAGS.ft_epochs, steps_per_epoch=ft_steps, verbose=0)
+    model.fit(ft_train_ds, epochs=FLAGS.ft_epochs, steps_per_epoch=ft_steps, verbose=0, shuffle=False)
     x_test, y_test, n_test = test
     scores = np.concatenate([model.predict_on_batch({k: v[i] for k, v in x_test.items()})[:, 0]
                              for i in range(len(y_test))])[:n_test]
@@ -271,9 +272,10 @@ def run_seed(seed, data, results_dir):
         encoder = make_encoder(seed)
         record = {"arm": arm, "seed": seed}
         if arm == "uniform":
-            record["pt_examples_per_second"] = pretrain_uniform(encoder, pt_ds, pt_steps, tasks)
+            record["pt_examples_per_second"], record["pt_epoch_seconds"] = pretrain_uniform(
+                encoder, pt_ds, pt_steps, tasks)
         elif arm == "meta":
-            record["pt_examples_per_second"], weights, _ = pretrain_meta(
+            record["pt_examples_per_second"], record["pt_epoch_seconds"], weights, _ = pretrain_meta(
                 encoder, pt_ds, pt_steps, tasks, (ft_sets["meta_train"][0], ft_sets["meta_val"][0]), seed)
             record["task_weights"] = {t: float(w) for t, w in zip(tasks, weights)}
         else:
