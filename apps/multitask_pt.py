@@ -11,7 +11,8 @@ then fine-tunes each on the FT task in two ways, full fine-tuning and linear eva
 Default data, embedded (nothing to download; see keras_metapt.data.embedded): PT molecules
 shipped with RDKit with the presence of RDKit's fr_* fragments as PT tasks; FT task:
 CHEMBL2321810 activity (pIC50 >= 7), scaffold split, MetaTrain / MetaVal carved from the FT
-training part. Own data: --pt_csv (SMILES + label columns) and --ft_csv.
+training part. Own data: --pt_csv (SMILES + label columns) or --pt_tfds (a graph TFDS
+dataset), and --ft_csv.
 
     python apps/multitask_pt.py                  # CPU-sized default, a few minutes
     python apps/multitask_pt.py --full           # paper-sized GIN, all 15k PT molecules (GPU)
@@ -46,6 +47,9 @@ from keras_metapt.nets import GIN  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("pt_csv", None, "PT molecules: CSV with a SMILES column and 0/1 label columns "
                     "(empty cell = missing label). Default: the embedded RDKit benchmark.")
+flags.DEFINE_string("pt_tfds", None, "PT molecules as a graph TFDS dataset directory (written by "
+                    "keras_metapt.data.tfds_graphs.write_graph_tfds), instead of --pt_csv.")
+flags.DEFINE_string("pt_tfds_split", "train", "Split of --pt_tfds to pre-train on.")
 flags.DEFINE_string("ft_csv", None, "FT molecules: CSV with a SMILES column and --ft_label_column. "
                     "Default: the embedded CHEMBL2321810 task.")
 flags.DEFINE_string("smiles_column", "smiles", "SMILES column name in --pt_csv / --ft_csv.")
@@ -87,8 +91,14 @@ NODE_BUCKETS = tuple(range(256, 1 << 16, 256))
 
 def load_data():
     cache = os.path.join(FLAGS.output_dir, "cache", "pt_fragment_labels.npz")
-    if FLAGS.pt_csv:
-        pt = read_molecule_csv(FLAGS.pt_csv, FLAGS.smiles_column, on_error=FLAGS.on_error)
+    if FLAGS.pt_csv and FLAGS.pt_tfds:
+        raise app.UsageError("give --pt_csv or --pt_tfds, not both")
+    if FLAGS.pt_csv or FLAGS.pt_tfds:
+        if FLAGS.pt_tfds:
+            from keras_metapt.data.tfds_graphs import read_graph_tfds
+            pt = read_graph_tfds(FLAGS.pt_tfds, FLAGS.pt_tfds_split)
+        else:
+            pt = read_molecule_csv(FLAGS.pt_csv, FLAGS.smiles_column, on_error=FLAGS.on_error)
         pt_graphs, pt_labels, tasks = pt.graphs, pt.labels, pt.task_names
         if FLAGS.max_pt_molecules:
             pt_graphs, pt_labels = pt_graphs[:FLAGS.max_pt_molecules], pt_labels[:FLAGS.max_pt_molecules]

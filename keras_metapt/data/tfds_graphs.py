@@ -5,9 +5,11 @@
 under ``<data_dir>/<name>/<version>/``; `read_graph_tfds` loads a split back (any TFDS tool can
 read the directory with ``tfds.builder_from_directory``). Features per example:
 node_features [n, F_n] int32, edge_index [e, 2] int32, edge_features [e, F_e] int32,
-labels [T] float32 (NaN = missing), index (the row in the source, to keep its order).
+labels [T] float32 (NaN = missing), index (the row in the source, to keep its order); the task
+names are kept in ``task_names.json`` beside the dataset.
 """
 
+import json
 import os
 
 import numpy as np
@@ -46,7 +48,10 @@ def write_graph_tfds(splits, name, data_dir, version="1.0.0"):
     tfds.dataset_builders.store_as_tfds_dataset(
         name=name, version=version, features=features, data_dir=data_dir,
         split_datasets={split: examples(ds) for split, ds in splits.items()})
-    return os.path.join(data_dir, name, version)
+    directory = os.path.join(data_dir, name, version)
+    with open(os.path.join(directory, "task_names.json"), "w") as f:
+        json.dump(list(first.task_names), f)
+    return directory
 
 
 def read_graph_tfds(directory, split, task_names=None):
@@ -57,5 +62,9 @@ def read_graph_tfds(directory, split, task_names=None):
                   key=lambda ex: int(ex["index"]))
     graphs = [{k: ex[k] for k in ("node_features", "edge_index", "edge_features")} for ex in rows]
     labels = np.stack([ex["labels"] for ex in rows]).astype(np.float32)
+    stored = os.path.join(directory, "task_names.json")
+    if task_names is None and os.path.exists(stored):
+        with open(stored) as f:
+            task_names = json.load(f)
     names = task_names or [f"task_{i}" for i in range(labels.shape[1])]
     return GraphDataset(graphs, labels, list(names), 0, f"{directory}:{split}")

@@ -56,3 +56,16 @@ def test_help_explains_flags():
     for flag in ("--pt_csv", "--ft_csv", "--hyperstep_every", "--unroll_steps", "--neumann_terms",
                  "--seeds", "--[no]full", "--output_dir", "--[no]resume", "--on_error"):
         assert flag in proc.stdout
+
+
+def test_app_pretrains_from_a_graph_tfds_directory(tmp_path):
+    # PT data: 64 RDKit-shipped molecules with two fragment tasks, stored as a TFDS dataset.
+    from keras_metapt.data import GraphDataset, embedded, smiles_to_graph
+    from keras_metapt.data.tfds_graphs import write_graph_tfds
+    smiles = embedded.pretraining_smiles(64)
+    labels, tasks = embedded.fragment_labels(smiles)
+    data = GraphDataset([smiles_to_graph(s) for s in smiles], labels[:, :2], tasks[:2])
+    directory = write_graph_tfds({"train": data}, "pt_mols", str(tmp_path / "tfds"))
+    run(tmp_path, f"--pt_tfds={directory}", "--arms=meta")
+    record = json.load(open(tmp_path / "run" / "results" / "meta_seed0.json"))
+    assert sorted(record["task_weights"]) == sorted(tasks[:2])
