@@ -26,7 +26,6 @@ the meta arm's fine-tuned model and encoder of the last seed as SavedModels unde
 import csv
 import json
 import os
-import time
 
 from absl import app, flags, logging
 
@@ -37,7 +36,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras_metapt import export  # noqa: E402
-from keras_metapt.callbacks import MetaCheckpoint, TaskWeightsPlot  # noqa: E402
+from keras_metapt.callbacks import EpochTimer, MetaCheckpoint, TaskWeightsPlot  # noqa: E402
 from keras_metapt.data import (EDGE_VOCAB_SIZES, NODE_VOCAB_SIZES, batch_graphs,  # noqa: E402
                                embedded, read_molecule_csv, smiles_to_graph)
 from keras_metapt.hyper import TaskWeights  # noqa: E402
@@ -152,25 +151,6 @@ def epochs_dataset(graphs, labels, batch_size, epochs, seed):
 
 # ----------------------------------------------------------------------------- models
 
-class EpochTimer(keras.callbacks.Callback):
-    """Seconds per epoch. Throughput skips the epochs that include tracing and XLA compilation:
-    the first (uniform), or the warm-up epoch and the first epoch with hypersteps (meta)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seconds = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
-
-    def examples_per_second(self, steps, skip=1):
-        timed = self.seconds[skip:] or self.seconds[-1:]
-        return len(timed) * steps * FLAGS.batch_size / sum(timed)
-
-
 def make_encoder(seed):
     keras.utils.set_random_seed(seed)
     return GIN(NODE_VOCAB_SIZES, EDGE_VOCAB_SIZES, num_graphs=FLAGS.batch_size,
@@ -206,7 +186,8 @@ def pretrain_uniform(encoder, pt_ds, steps, tasks):
     timer = EpochTimer()
     model.fit(pt_ds, epochs=FLAGS.pt_epochs, steps_per_epoch=steps, verbose=FLAGS.verbose,
               callbacks=[timer], shuffle=False)
-    return timer.examples_per_second(steps, skip=1), timer.seconds
+    # the first epoch traces and compiles
+    return timer.examples_per_second(steps, FLAGS.batch_size, skip=1), timer.seconds
 
 
 def pretrain_meta(encoder, pt_ds, steps, tasks, ft_train, seed):
@@ -229,8 +210,9 @@ def pretrain_meta(encoder, pt_ds, steps, tasks, ft_train, seed):
                  TaskWeightsPlot(os.path.join(FLAGS.output_dir, f"task_weights_seed{seed}.png"))]
     model.fit(stream, epochs=FLAGS.pt_epochs, steps_per_epoch=steps, callbacks=callbacks,
               verbose=FLAGS.verbose)
-    return (timer.examples_per_second(steps, skip=2), timer.seconds, weights.task_weights(),
-            model)
+    # epoch 1 is the warm-up, epoch 2 compiles the hyperstep
+    return (timer.examples_per_second(steps, FLAGS.batch_size, skip=2), timer.seconds,
+            weights.task_weights(), model)
 
 
 def finetune(encoder_weights, ft_train_ds, ft_steps, test, seed, linear):

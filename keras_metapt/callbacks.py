@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import keras
 import numpy as np
@@ -10,7 +11,7 @@ import tensorflow as tf
 from keras_metapt.errors import InputMismatchError, NonFiniteHypergradientError
 
 __all__ = ["MetaCheckpoint", "StopOnNonFiniteHypergradient", "MetaParameterSummaries",
-           "TaskWeightsPlot"]
+           "TaskWeightsPlot", "EpochTimer"]
 
 
 class MetaCheckpoint(keras.callbacks.Callback):
@@ -196,3 +197,25 @@ class TaskWeightsPlot(keras.callbacks.Callback):
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         fig.savefig(self.path, dpi=110)
         plt.close(fig)
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Wall-clock seconds of every epoch (``seconds``), and throughput that leaves out the
+    epochs which trace and compile: ``examples_per_second(steps, batch_size, skip)`` averages
+    over the epochs after the first ``skip`` (for a MetaPretrainer with a one-epoch warm-up the
+    first hyperstep compiles in epoch 2, so skip=2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+        self._start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+    def examples_per_second(self, steps, batch_size, skip=1):
+        timed = self.seconds[skip:] or self.seconds[-1:]
+        return len(timed) * steps * batch_size / sum(timed)

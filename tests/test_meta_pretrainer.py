@@ -18,7 +18,7 @@ import tensorflow as tf
 from sklearn.metrics import roc_auc_score
 
 import keras_metapt as km
-from keras_metapt.callbacks import MetaCheckpoint, MetaParameterSummaries, TaskWeightsPlot
+from keras_metapt.callbacks import MetaParameterSummaries, TaskWeightsPlot
 from keras_metapt.hyper import TaskWeights
 from keras_metapt.losses import masked_multitask_bce
 from tests import meta_pt_toy

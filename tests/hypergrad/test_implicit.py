@@ -9,7 +9,7 @@ import pytest
 
 import keras_metapt as km
 from keras_metapt import references
-from tests.conftest import Ridge, compiled, rel_err
+from tests.conftest import compiled, rel_err
 
 
 def solve(ridge, estimator, log_lam, mode="eager", dtype=np.float64):
