@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras_metapt import export  # noqa: E402
 from keras_metapt.callbacks import EpochTimer, MetaCheckpoint, TaskWeightsPlot  # noqa: E402
-from keras_metapt.data import (EDGE_VOCAB_SIZES, NODE_VOCAB_SIZES, batch_graphs,  # noqa: E402
+from keras_metapt.data import (EDGE_VOCAB_SIZES, NODE_VOCAB_SIZES, batch_graphs, bucket_size,  # noqa: E402
                                embedded, read_molecule_csv, smiles_to_graph)
 from keras_metapt.hyper import TaskWeights  # noqa: E402
 from keras_metapt.losses import masked_multitask_bce  # noqa: E402
@@ -127,18 +127,11 @@ def packed(graphs, labels, order, batch_size, node_bucket=None, edge_bucket=None
     """Static-shape batches (exactly batch_size graphs each) in the given order, stacked."""
     groups = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
     if node_bucket is None:
-        node_bucket = max(embedded_bucket(sum(len(graphs[i]["node_features"]) for i in g)) for g in groups)
-        edge_bucket = max(embedded_bucket(sum(len(graphs[i]["edge_index"]) for i in g)) for g in groups)
+        node_bucket = max(bucket_size(sum(len(graphs[i]["node_features"]) for i in g), NODE_BUCKETS) for g in groups)
+        edge_bucket = max(bucket_size(sum(len(graphs[i]["edge_index"]) for i in g), NODE_BUCKETS) for g in groups)
     batches = [batch_graphs([graphs[i] for i in g], (node_bucket,), (edge_bucket,)) for g in groups]
     stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
     return stacked, np.stack([labels[g] for g in groups]).astype(np.float32), node_bucket, edge_bucket
-
-
-def embedded_bucket(count):
-    for size in NODE_BUCKETS:
-        if size >= count:
-            return size
-    raise ValueError(f"a batch with {count} nodes or edges exceeds {NODE_BUCKETS[-1]}")
 
 
 def epochs_dataset(graphs, labels, batch_size, epochs, seed):
