@@ -61,13 +61,15 @@ def mixed_vjp(loss_fn, params, hparams, vector, unconnected_gradients=tf.Unconne
     return outer.gradient(dot, hparams, unconnected_gradients=unconnected_gradients)
 
 
-def neumann_inverse_hvp(hvp_fn, vector, alpha, num_terms):
+def neumann_inverse_hvp(hvp_fn, vector, alpha, num_terms, unroll=False):
     """H^-1 v ~ alpha * sum_{j=0..num_terms} (I - alpha H)^j v.
 
     The series converges to H^-1 v when H is symmetric positive definite and
     alpha * lambda_max(H) < 2; the error after i terms shrinks like
     max_k |1 - alpha lambda_k|^(i+1). ``num_terms`` (i) is the number of HVPs;
     i = 0 gives alpha * v. Cost: i HVPs. Memory: 3 nests shaped like v.
+    ``unroll=True`` traces the i terms in Python instead of a `tf.while_loop` (needed when
+    ``hvp_fn`` all-reduces across replicas; the graph then grows with i).
     """
     num_terms = int(num_terms)
     if num_terms < 0:
@@ -79,13 +81,18 @@ def neumann_inverse_hvp(hvp_fn, vector, alpha, num_terms):
         term = _tree.tree_sub(term, _tree.tree_scale(hvp_fn(term), alpha))
         return j + 1, term, _tree.tree_add(total, term)
 
-    _, _, total = tf.while_loop(
-        lambda j, term, total: j < num_terms, body, (tf.constant(0), vector, vector),
-        maximum_iterations=num_terms)
+    if unroll:
+        term = total = vector
+        for j in range(num_terms):
+            _, term, total = body(j, term, total)
+    else:
+        _, _, total = tf.while_loop(
+            lambda j, term, total: j < num_terms, body, (tf.constant(0), vector, vector),
+            maximum_iterations=num_terms)
     return _tree.tree_scale(total, alpha)
 
 
-def conjugate_gradient(hvp_fn, b, max_iterations=10, tolerance=1e-10, x0=None):
+def conjugate_gradient(hvp_fn, b, max_iterations=10, tolerance=1e-10, x0=None, unroll=False):
     """Solves H x = b by conjugate gradient (H symmetric positive definite).
 
     Stops after ``max_iterations`` HVPs, when ||r|| <= tolerance * ||b||, or when a
@@ -95,12 +102,15 @@ def conjugate_gradient(hvp_fn, b, max_iterations=10, tolerance=1e-10, x0=None):
     Exact after at most dim(theta) iterations in exact arithmetic for SPD H.
     A non-finite right-hand side gives a non-finite result (never silent zeros).
     Cost: one HVP per iteration. Memory: 4 nests shaped like b. Returns x.
+    ``unroll=True`` traces ``max_iterations`` iterations in Python (for an all-reducing
+    ``hvp_fn``); stopped iterations are masked, so it always runs max_iterations HVPs.
     """
-    x, _ = conjugate_gradient_with_info(hvp_fn, b, max_iterations, tolerance, x0)
+    x, _ = conjugate_gradient_with_info(hvp_fn, b, max_iterations, tolerance, x0, unroll)
     return x
 
 
-def conjugate_gradient_with_info(hvp_fn, b, max_iterations=10, tolerance=1e-10, x0=None):
+def conjugate_gradient_with_info(hvp_fn, b, max_iterations=10, tolerance=1e-10, x0=None,
+                                 unroll=False):
     """`conjugate_gradient`, also returning the number of HVPs it ran (int32 scalar)."""
     max_iterations = int(max_iterations)
     if max_iterations < 0:
@@ -136,8 +146,15 @@ def conjugate_gradient_with_info(hvp_fn, b, max_iterations=10, tolerance=1e-10, 
         p = _tree.tree_axpy(beta, p, r)
         return k + 1, x, r, p, rs_new, stopped
 
-    k, x, _, _, _, _ = tf.while_loop(cond, body, (tf.constant(0), x, r, p, rs, tf.constant(False)),
-                                     maximum_iterations=max_iterations)
+    state = (tf.constant(0), x, r, p, rs, tf.constant(False))
+    if unroll:
+        for _ in range(max_iterations):
+            active = cond(*state)
+            new = body(*state)
+            state = tf.nest.map_structure(lambda n, o: tf.where(active, n, o), new, state)
+        k, x = state[0], state[1]
+    else:
+        k, x, _, _, _, _ = tf.while_loop(cond, body, state, maximum_iterations=max_iterations)
     return x, k
 
 

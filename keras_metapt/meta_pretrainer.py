@@ -12,7 +12,8 @@ The training loop of Raghu et al. (2021), one PT batch per step:
   4. other steps: an FT-head step on detached features of a MetaTrain batch.
 
 Data: one element per step from `meta_dataset(pt, meta_train, meta_val, unroll_steps)`, a dict
-with keys "pt", "pt_fresh", "meta_train" (K stacked batches) and "meta_val".
+with keys "pt", "pt_fresh", "meta_train" (K batches stacked along axis 1, so that the leading
+axis stays the example axis that tf.distribute shards) and "meta_val".
 
 BatchNorm and Dropout: the PT step runs with training=True (it updates BatchNorm statistics);
 the FT-head steps and the hyperstep run with ``hyperstep_training`` (default False: inference
@@ -23,7 +24,7 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from keras_metapt import optim
+from keras_metapt import distribute, optim
 from keras_metapt.callbacks import MetaCheckpoint, StopOnNonFiniteHypergradient
 from keras_metapt.errors import InputMismatchError
 from keras_metapt.hypergrad.problem import StepBatches
@@ -40,7 +41,8 @@ def meta_dataset(pt, meta_train, meta_val, unroll_steps=1):
     Each input is a *batched* `tf.data.Dataset` of (x, y) or x; each is repeated forever, so
     pass ``steps_per_epoch`` to fit. "pt_fresh" is the PT stream one batch ahead (a fresh PT
     batch for the implicit stage); "meta_train" stacks ``unroll_steps`` consecutive MetaTrain
-    batches, so its batches need a static size (``batch(..., drop_remainder=True)``).
+    batches along axis 1 (shape [batch, K, ...]: the example axis stays first, where
+    tf.distribute splits a global batch across replicas),     batches, so its batches need a static size (``batch(..., drop_remainder=True)``).
     Deterministic inputs (seeded shuffles) give a deterministic stream, which is what exact
     resumption relies on.
     """
@@ -56,9 +58,23 @@ def meta_dataset(pt, meta_train, meta_val, unroll_steps=1):
     return tf.data.Dataset.zip({
         "pt": pt.repeat(),
         "pt_fresh": pt.repeat().skip(1),
-        "meta_train": meta_train.repeat().batch(unroll_steps, drop_remainder=True),
+        "meta_train": meta_train.repeat().batch(unroll_steps, drop_remainder=True)
+        .map(_steps_to_axis_1),
         "meta_val": meta_val.repeat(),
     }).prefetch(tf.data.AUTOTUNE)
+
+
+def _steps_to_axis_1(*element):
+    def swap(t):
+        return tf.transpose(t, [1, 0] + list(range(2, t.shape.rank)))
+    element = element[0] if len(element) == 1 else element
+    return tf.nest.map_structure(swap, element)
+
+
+def _steps_first(meta_train):
+    """[batch, K, ...] -> [K, batch, ...] (the layout `StepBatches` indexes)."""
+    return tf.nest.map_structure(
+        lambda t: tf.transpose(t, [1, 0] + list(range(2, t.shape.rank))), meta_train)
 
 
 def _split(batch):
@@ -156,6 +172,7 @@ class MetaPretrainer(keras.Model):
         self.built = True  # every part was required to be built above
         self._host_step = None  # host-side mirror of meta_step for choosing the step function
         self._host_warmup = None
+        self._replicas = 1
 
     # ----------------------------------------------------------------- Keras plumbing
 
@@ -183,9 +200,17 @@ class MetaPretrainer(keras.Model):
         if alpha is None:
             alpha = _initial_learning_rate(self.optimizer)
         unroll_opt = self.ft_unroll_optimizer or optim.sgd(_initial_learning_rate(self.ft_optimizer))
+        self._replicas = self.distribute_strategy.num_replicas_in_sync
+        if self._replicas > 1 and self.steps_per_execution != 1:
+            raise ValueError(
+                f"steps_per_execution={self.steps_per_execution} is not supported with "
+                f"{self._replicas} replicas (the in-graph step choice would put all-reduces "
+                "inside tf.cond); use steps_per_execution=1")
         self._estimator = PTFT(unroll_opt, unroll_steps=self.unroll_steps, solver=self.solver,
                                num_terms=self.neumann_terms, alpha=alpha,
-                               max_iterations=self.cg_iterations, check_finite=False)
+                               max_iterations=self.cg_iterations, check_finite=False,
+                               gradient_reduction=distribute.replica_sum if self._replicas > 1
+                               else None)
 
     @property
     def pt_variables(self):
@@ -257,15 +282,22 @@ class MetaPretrainer(keras.Model):
                 meta_out = self.meta_layer.stateless_call(phi, meta_state, x)[0]
             preds = self.pt_head.stateless_call(theta_h, head_state, features(theta_e, x),
                                                 training=training)[0]
-            return self.pt_loss_fn(y, preds, meta_out)
+            return self._replica_share(self.pt_loss_fn(y, preds, meta_out), x)
 
         def ft_loss(theta_e, psi, batch):
             x, y = _split(batch)
             preds = self.ft_head.stateless_call(psi, ft_state, features(theta_e, x),
                                                 training=training)[0]
-            return self.ft_loss_fn(y, preds)
+            return self._replica_share(self.ft_loss_fn(y, preds), x)
 
         return PretrainFinetuneProblem(pt_loss, ft_loss)
+
+    def _replica_share(self, loss, x):
+        """The loss as this replica's share of the global-batch mean (the loss itself with
+        one replica): summed over replicas it is the mean over the global batch."""
+        if self._replicas == 1:
+            return loss
+        return loss * distribute.shard_fraction(x, loss.dtype)
 
     # ----------------------------------------------------------------- steps
 
@@ -279,16 +311,18 @@ class MetaPretrainer(keras.Model):
                 meta_out = self.meta_layer(x)
             preds = self.pt_head(self.encoder(x, training=True), training=True)
             loss = self.pt_loss_fn(y, preds, meta_out)
-        grads = tape.gradient(loss, self.pt_variables)
+            share = self._replica_share(loss, x)  # Keras optimizers sum gradients over replicas
+        grads = tape.gradient(share, self.pt_variables)
         self.optimizer.apply(grads, self.pt_variables)
         self.pt_loss_tracker.update_state(loss)
 
     def _ft_head_step(self, meta_train):
-        x, y = _split(tf.nest.map_structure(lambda t: t[0], meta_train))
+        x, y = _split(tf.nest.map_structure(lambda t: t[:, 0], meta_train))
         features = tf.stop_gradient(self.encoder(x, training=self.hyperstep_training))
         with tf.GradientTape() as tape:
             loss = self.ft_loss_fn(y, self.ft_head(features, training=self.hyperstep_training))
-        grads = tape.gradient(loss, self.ft_head.trainable_variables)
+            share = self._replica_share(loss, x)
+        grads = tape.gradient(share, self.ft_head.trainable_variables)
         self.ft_optimizer.apply(grads, self.ft_head.trainable_variables)
         self.ft_train_loss_tracker.update_state(loss)
         return tf.constant(0, tf.int32)
@@ -301,7 +335,7 @@ class MetaPretrainer(keras.Model):
         phi, meta_state = self._values(self.meta_layer)
         problem = self._problem(enc_state, head_state, ft_state, meta_state)
         return self._estimator(problem, (theta_e, theta_h, psi), phi, data["pt_fresh"],
-                               (StepBatches(data["meta_train"]), data["meta_val"]))
+                               (StepBatches(_steps_first(data["meta_train"])), data["meta_val"]))
 
     def _hyperstep(self, data):
         result = self.hypergradient(data)
@@ -316,7 +350,10 @@ class MetaPretrainer(keras.Model):
         def skip():  # never a silent update: counted, and fit stops with an error
             return tf.constant(1, tf.int32)
 
-        nonfinite = tf.cond(result.is_finite, apply, skip)
+        if self._replicas == 1:
+            nonfinite = tf.cond(result.is_finite, apply, skip)
+        else:
+            nonfinite = self._apply_hypergradient_across_replicas(result)
         self.nonfinite_tracker.update_state(tf.cast(nonfinite, tf.float32))
         self.hypersteps_tracker.update_state(1.0)
         self.ft_val_loss_tracker.update_state(result.outer_loss)
@@ -328,6 +365,35 @@ class MetaPretrainer(keras.Model):
                            ("min", tf.reduce_min(flat_phi)), ("max", tf.reduce_max(flat_phi))):
             self.phi_stats[key].update_state(value)
         return nonfinite
+
+    def _apply_hypergradient_across_replicas(self, result):
+        """The hyperstep's update with several replicas.
+
+        The hypergradient and psi_K are already identical on every replica (reduced in the
+        estimator), and so is ``is_finite``. Keras optimizers sum gradients over replicas, so
+        each replica passes its 1/R share. Optimizer updates may not sit in a tf.cond in a
+        replica context, so the finite/non-finite choice is made in the cross-replica context.
+        """
+        phi_vars = self.meta_layer.trainable_variables
+        psi_vars = self.ft_head.trainable_variables
+        scale = 1.0 / self._replicas
+
+        def update(grads, psi_k):
+            self.hyper_optimizer.apply([g * tf.cast(scale, g.dtype) for g in grads], phi_vars)
+            for var, value in zip(psi_vars, psi_k):
+                var.assign(value)
+
+        def cross_replica(strategy, grads, psi_k, finite):
+            finite = strategy.experimental_local_results(finite)[0]
+
+            def apply():
+                strategy.extended.call_for_each_replica(update, args=(grads, psi_k))
+                return tf.constant(0, tf.int32)
+
+            return tf.cond(finite, apply, lambda: tf.constant(1, tf.int32))
+
+        return tf.distribute.get_replica_context().merge_call(
+            cross_replica, args=(list(result.hypergrad), list(result.params[2]), result.is_finite))
 
     @staticmethod
     def _check_element(data):

@@ -134,13 +134,19 @@ def outer_loss_value(problem, params, hparams, batch):
     return _checks.check_scalar(problem.outer_loss(params, hparams, batch), "outer_loss")
 
 
-def inner_step(problem, optimizer, params, opt_state, hparams, inner_batch, step, num_steps):
-    """One differentiable optimizer step on the inner loss at step index ``step``."""
+def inner_step(problem, optimizer, params, opt_state, hparams, inner_batch, step, num_steps,
+               reduce=None):
+    """One differentiable optimizer step on the inner loss at step index ``step``.
+
+    ``reduce`` (e.g. `distribute.replica_sum`) is applied to the gradients before the update.
+    """
     batch = batch_at(inner_batch, step)
     with tf.GradientTape() as tape:
         tape.watch(tf.nest.flatten(params))
         loss = inner_loss_value(problem, params, hparams, batch)
     grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    if reduce is not None:
+        grads = reduce(grads)
     overrides = {}
     if problem.inner_optimizer_hparams is not None:
         overrides = problem.inner_optimizer_hparams(hparams, step, num_steps)
@@ -148,9 +154,18 @@ def inner_step(problem, optimizer, params, opt_state, hparams, inner_batch, step
 
 
 def run_inner_steps(problem, optimizer, params, opt_state, hparams, inner_batch, start, stop,
-                    num_steps):
-    """Steps ``start`` .. ``stop``-1 in a `tf.while_loop` (differentiable)."""
+                    num_steps, reduce=None):
+    """Steps ``start`` .. ``stop``-1 in a `tf.while_loop` (differentiable).
+
+    With a gradient ``reduce`` (a cross-replica sum) the steps are traced in Python instead,
+    since strategies forbid all-reduces inside loops.
+    """
     if stop <= start:
+        return params, opt_state
+    if reduce is not None:
+        for t in range(start, stop):
+            params, opt_state = inner_step(problem, optimizer, params, opt_state, hparams,
+                                           inner_batch, t, num_steps, reduce)
         return params, opt_state
 
     def body(t, params, opt_state):

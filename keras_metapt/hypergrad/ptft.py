@@ -44,6 +44,10 @@ class PretrainFinetuneProblem:
     ft_loss: Callable[[Any, Any, Any], tf.Tensor]
 
 
+def _identity(tree):
+    return tree
+
+
 class PTFT:
     """PT/FT hypergradient estimator (implicit over PT, unrolled over K FT-head steps).
 
@@ -60,13 +64,18 @@ class PTFT:
       num_terms: Neumann terms i (HVPs); default 1.
       alpha: Neumann step; the PT learning rate in Raghu et al.
       max_iterations, tolerance: CG stopping rule.
+      gradient_reduction: None (one device) or a nest -> nest sum over replicas
+        (`keras_metapt.distribute.replica_sum`). With it, the losses must be the replica's
+        share of the global-batch mean (`distribute.shard_fraction`); every FT gradient, g_FT,
+        HVP and the mixed VJP is reduced, so the result equals the single-device one on the
+        global batches, on every replica; the loops are then traced in Python.
       check_finite: raise NonFiniteHypergradientError on NaN/Inf (eagerly; in a graph through
         check_numerics). False only reports it in ``is_finite``, for callers that skip the
         update themselves (MetaPretrainer does, then stops fit with that error).
     """
 
     def __init__(self, ft_optimizer, unroll_steps=1, solver="neumann", num_terms=1, alpha=1e-3,
-                 max_iterations=10, tolerance=1e-10, check_finite=True):
+                 max_iterations=10, tolerance=1e-10, check_finite=True, gradient_reduction=None):
         if int(unroll_steps) < 1:
             raise ValueError(f"unroll_steps must be >= 1, got {unroll_steps}")
         if solver not in ("neumann", "cg"):
@@ -81,6 +90,7 @@ class PTFT:
         self.max_iterations = int(max_iterations)
         self.tolerance = tolerance
         self.check_finite = bool(check_finite)
+        self.gradient_reduction = gradient_reduction
 
     def __call__(self, problem, params, hparams, inner_batch, outer_batch, opt_state=None):
         theta_e, theta_h, psi = params
@@ -90,6 +100,10 @@ class PTFT:
         psi, _ = _p.prepare(psi, hparams)
         theta_e, theta_h = theta_p
         K = self.unroll_steps
+        reduce = self.gradient_reduction
+        unroll = reduce is not None
+        if reduce is None:
+            reduce = _identity
         if isinstance(meta_train, _p.StepBatches):
             length = meta_train.length()
             if length is not None and length < K:
@@ -104,10 +118,12 @@ class PTFT:
         with tf.GradientTape() as tape:
             tape.watch(tf.nest.flatten(theta_e))
             psi_k, opt_state_k = _p.run_inner_steps(ft_inner, self.ft_optimizer, psi, opt_state,
-                                                    theta_e, meta_train, 0, K, K)
+                                                    theta_e, meta_train, 0, K, K,
+                                                    self.gradient_reduction)
             val_loss = _checks.check_scalar(problem.ft_loss(theta_e, psi_k, meta_val), "ft_loss")
-        g_ft = tape.gradient(val_loss, theta_e,
-                             unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        g_ft = reduce(tape.gradient(val_loss, theta_e,
+                                    unconnected_gradients=tf.UnconnectedGradients.ZERO))
+        val_loss = reduce(val_loss)
 
         # b. PT stage: v ~ H^-1 [g_FT; 0] over theta_P, then - d <grad L_PT, v> / d phi.
         def pt_of(tp, phi):
@@ -116,13 +132,14 @@ class PTFT:
         rhs = (g_ft, _tree.tree_zeros_like(theta_h))
 
         def hvp_fn(v):
-            return linalg.hvp(lambda tp: pt_of(tp, hparams), theta_p, v)
+            return reduce(linalg.hvp(lambda tp: pt_of(tp, hparams), theta_p, v))
 
         if self.solver == "neumann":
-            v = linalg.neumann_inverse_hvp(hvp_fn, rhs, self.alpha, self.num_terms)
+            v = linalg.neumann_inverse_hvp(hvp_fn, rhs, self.alpha, self.num_terms, unroll)
         else:
-            v = linalg.conjugate_gradient(hvp_fn, rhs, self.max_iterations, self.tolerance)
-        mixed = linalg.mixed_vjp(pt_of, theta_p, hparams, v)
+            v = linalg.conjugate_gradient(hvp_fn, rhs, self.max_iterations, self.tolerance,
+                                          unroll=unroll)
+        mixed = reduce(linalg.mixed_vjp(pt_of, theta_p, hparams, v))
         indirect = _tree.tree_map(lambda m: None if m is None else -m, mixed)
         no_direct_term = tf.nest.map_structure(lambda _: None, hparams)
         return _p.finish(hparams, no_direct_term, indirect, val_loss, (theta_e, theta_h, _tree.tree_stop_gradient(psi_k)),

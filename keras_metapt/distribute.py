@@ -1,0 +1,84 @@
+"""Strategy selection and the cross-replica reductions of data-parallel meta-training.
+
+Data parallelism over R replicas: each replica holds a shard of every batch (n_r of the global
+N examples). A loss that is a mean over its batch is computed on each replica as
+(n_r / N) * mean over the shard (`shard_fraction`), so the *sum* over replicas is the mean over
+the global batch, also for unequal shards. Every gradient-like quantity (gradients, HVPs,
+mixed VJPs) is then summed over replicas with `replica_sum`, which makes it identical on every
+replica and equal to the single-device value on the global batch.
+
+`replica_sum` is an all-reduce whose gradient is again an all-reduce, so differentiating
+through a sum (an unrolled step on reduced gradients) stays exact. Strategies forbid
+all-reduces inside `tf.while_loop`, so estimators given a reduction trace their loops in
+Python (the loop lengths are static and small: K FT steps, i Neumann terms, CG iterations).
+"""
+
+import os
+
+import tensorflow as tf
+
+__all__ = ["STRATEGIES", "get_strategy", "num_replicas", "replica_sum", "shard_fraction"]
+
+STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
+
+
+def get_strategy(name="default", tpu_address=None):
+    """A `tf.distribute.Strategy` by name.
+
+    default: the current (default, single-device) strategy. mirrored: `MirroredStrategy` over
+    all local GPUs (or the CPU). multiworker: `MultiWorkerMirroredStrategy`, configured by the
+    TF_CONFIG environment variable (one process per worker, the same command on each).
+    tpu: `TPUStrategy` on the TPU at ``tpu_address`` ("" or None: the local TPU VM).
+    """
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        if "TF_CONFIG" not in os.environ:
+            raise ValueError("--strategy=multiworker needs the TF_CONFIG environment variable "
+                             "(cluster and task of this worker); see README 'Scaling out'")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address or "")
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+
+
+def num_replicas():
+    """Replicas in sync in the current context (1 outside any strategy)."""
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None:  # cross-replica context
+        return tf.distribute.get_strategy().num_replicas_in_sync
+    return ctx.num_replicas_in_sync
+
+
+def replica_sum(tree):
+    """Sum of a nest over the replicas in sync; None leaves stay None.
+
+    The identity with one replica. In a replica context with several, one batched
+    all-reduce (its gradient is an all-reduce too). Must not run inside tf.while_loop/tf.cond.
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return tree
+    flat = tf.nest.flatten(tree)
+    present = [i for i, leaf in enumerate(flat) if leaf is not None]
+    if not present:
+        return tree
+    reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [flat[i] for i in present])
+    out = list(flat)
+    for i, value in zip(present, reduced):
+        out[i] = value
+    return tf.nest.pack_sequence_as(tree, out)
+
+
+def shard_fraction(batch, dtype=tf.float32):
+    """n_r / N: this replica's share of the global batch (leading dimension of the batch's
+    first leaf); 1.0 with one replica."""
+    if num_replicas() == 1:
+        return tf.constant(1.0, dtype)
+    local = tf.cast(tf.shape(tf.nest.flatten(batch)[0])[0], dtype)
+    return local / replica_sum(local)
