@@ -26,8 +26,8 @@ if keras.backend.backend() != "tensorflow":
     raise ImportError(
         f"Keras was already imported with the {keras.backend.backend()!r} backend. {_BACKEND_HELP}")
 
-from keras_metapt import (callbacks, errors, export, functional, hyper, hypergrad,  # noqa: E402
-                          linalg, losses, optim)
+from keras_metapt import (callbacks, distribute, errors, export, functional, hyper,  # noqa: E402
+                          hypergrad, linalg, losses, optim)
 from keras_metapt.errors import (HypergradientError, InputMismatchError,  # noqa: E402
                                  NonFiniteHypergradientError, UnconnectedHyperparameterError)
 from keras_metapt.meta_pretrainer import MetaPretrainer, meta_dataset  # noqa: E402
@@ -38,7 +38,7 @@ from keras_metapt.hypergrad import (PTFT, BilevelProblem, EvoGrad, Forward,  # n
 __all__ = [
     "__version__",
     # modules
-    "callbacks", "errors", "export", "functional", "hyper", "hypergrad", "linalg", "losses", "optim",
+    "callbacks", "distribute", "errors", "export", "functional", "hyper", "hypergrad", "linalg", "losses", "optim",
     # meta-pre-training inside model.fit()
     "MetaPretrainer", "meta_dataset",
     # the calling convention and the estimators

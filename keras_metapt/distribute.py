@@ -17,7 +17,7 @@ import os
 
 import tensorflow as tf
 
-__all__ = ["STRATEGIES", "get_strategy", "num_replicas", "replica_sum", "shard_fraction"]
+__all__ = ["STRATEGIES", "get_strategy", "is_multi_worker", "num_replicas", "replica_sum", "shard_fraction"]
 
 STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
 
@@ -45,6 +45,12 @@ def get_strategy(name="default", tpu_address=None):
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+
+
+def is_multi_worker(strategy):
+    """True for a `MultiWorkerMirroredStrategy` spanning several workers."""
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode())  # noqa: SLF001 (no public API)
 
 
 def num_replicas():

@@ -173,6 +173,7 @@ class MetaPretrainer(keras.Model):
         self._host_step = None  # host-side mirror of meta_step for choosing the step function
         self._host_warmup = None
         self._replicas = 1
+        self._multi_worker = False
 
     # ----------------------------------------------------------------- Keras plumbing
 
@@ -201,6 +202,7 @@ class MetaPretrainer(keras.Model):
             alpha = _initial_learning_rate(self.optimizer)
         unroll_opt = self.ft_unroll_optimizer or optim.sgd(_initial_learning_rate(self.ft_optimizer))
         self._replicas = self.distribute_strategy.num_replicas_in_sync
+        self._multi_worker = distribute.is_multi_worker(self.distribute_strategy)
         if self._replicas > 1 and self.steps_per_execution != 1:
             raise ValueError(
                 f"steps_per_execution={self.steps_per_execution} is not supported with "
@@ -402,6 +404,14 @@ class MetaPretrainer(keras.Model):
                 "MetaPretrainer expects elements from keras_metapt.meta_dataset(pt, meta_train, "
                 f"meta_val, unroll_steps); got {type(data).__name__}")
 
+    def _step_logs(self):
+        logs = {m.name: m.result() for m in self.metrics}
+        if self._multi_worker:
+            # Keras reduces step outputs over workers with reduce(MEAN, axis=0), which needs
+            # an axis to reduce: give every log a length-1 one.
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
+
     def _is_hyperstep(self, step, warmup):
         return step >= warmup and (step - warmup) % self.hyperstep_every == 0
 
@@ -411,7 +421,7 @@ class MetaPretrainer(keras.Model):
         self._pt_step(data["pt"])
         self._ft_head_step(data["meta_train"])
         self.meta_step.assign_add(1)
-        return {m.name: m.result() for m in self.metrics}
+        return self._step_logs()
 
     def _hyper_train_step(self, data):
         """PT step + hyperstep."""
@@ -419,7 +429,15 @@ class MetaPretrainer(keras.Model):
         self._pt_step(data["pt"])
         self._hyperstep(data)
         self.meta_step.assign_add(1)
-        return {m.name: m.result() for m in self.metrics}
+        return self._step_logs()
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Nothing to build: every part is built in __init__ and the optimizers in compile().
+
+        (Keras' version averages a first data batch over replicas to trace the model; that
+        fails on a dict of batches under MultiWorkerMirroredStrategy and on unequal shards.)
+        """
+        return
 
     def make_train_function(self, force=False):
         """Two compiled steps (regular, hyper) chosen on the host for each batch.
@@ -458,7 +476,7 @@ class MetaPretrainer(keras.Model):
         tf.cond(tf.logical_and(after_warmup, on_schedule),
                 lambda: self._hyperstep(data), lambda: self._ft_head_step(data["meta_train"]))
         self.meta_step.assign_add(1)
-        return {m.name: m.result() for m in self.metrics}
+        return self._step_logs()
 
     def test_step(self, data):
         raise NotImplementedError("evaluate the fine-tuned downstream model instead")
