@@ -10,7 +10,13 @@ and writes OUT_DIR/phi_<task index>.npy;
 
 splits the CPU into 2 logical devices, runs the same fit on the default strategy and under
 `MirroredStrategy` over both devices, and writes OUT_DIR/phi_single.npy and
-OUT_DIR/phi_mirrored.npy.
+OUT_DIR/phi_mirrored.npy;
+
+    python -m tests.distributed_toy estimators OUT_DIR 0
+
+computes every estimator's hypergradient of a float64 weighted ridge problem on one device and
+under `MirroredStrategy` over 2 logical devices (the global batch of 9 split 5 + 4), and
+writes OUT_DIR/estimators.npz (name_single, name_mirrored).
 """
 
 import json
@@ -51,11 +57,91 @@ def build_and_fit(strategy, steps, unroll_steps=1, neumann_terms=1, solver="neum
     return model
 
 
+def _estimator_problem():
+    """Ridge with a learned log-penalty; every loss is the replica share of its global mean."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(9, 4))
+    y = x @ rng.normal(size=4) + 0.3 * rng.normal(size=9)
+    xv = rng.normal(size=(9, 4))
+    yv = xv @ rng.normal(size=4)
+
+    def share(batch):
+        return km.distribute.shard_fraction(batch[0], tf.float64)
+
+    def inner(w, h, batch):
+        xb, yb = batch
+        residual = tf.linalg.matvec(xb, w) - yb
+        return share(batch) * (tf.reduce_mean(residual ** 2) + tf.exp(h[0]) * tf.reduce_sum(w ** 2))
+
+    def outer(w, h, batch):
+        xb, yb = batch
+        return share(batch) * tf.reduce_mean((tf.linalg.matvec(xb, w) - yb) ** 2)
+
+    problem = km.BilevelProblem(inner, outer)
+    w0 = tf.constant(rng.normal(size=4))
+    h0 = [tf.constant(-1.0, tf.float64)]
+    return problem, w0, h0, (x, y), (xv, yv)
+
+
+def estimator_hypergradients(reduce):
+    sgd = optim_sgd()
+    seed = tf.constant([3, 4], tf.int64)
+    return {
+        "unrolled": (km.Unrolled(sgd, 4, gradient_reduction=reduce), {}),
+        "unrolled_truncated": (km.Unrolled(sgd, 4, truncate=1, gradient_reduction=reduce), {}),
+        "implicit_neumann": (km.Implicit("neumann", num_terms=5, alpha=0.1,
+                                         gradient_reduction=reduce), {}),
+        "implicit_cg": (km.Implicit("cg", max_iterations=4, gradient_reduction=reduce), {}),
+        "evograd": (km.EvoGrad(3, sigma=0.1, temperature=0.5, gradient_reduction=reduce),
+                    {"seed": seed}),
+    }
+
+
+def run_estimators(out_dir):
+    problem, w0, h0, inner_batch, outer_batch = _estimator_problem()
+    results = {}
+    for name, (estimator, kwargs) in estimator_hypergradients(None).items():
+        results[f"{name}_single"] = estimator(problem, w0, h0, inner_batch, outer_batch,
+                                              **kwargs).hypergrad[0].numpy()
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    cuts = {0: slice(0, 5), 1: slice(5, 9)}  # unequal shards
+
+    def shard(batch):
+        return strategy.experimental_distribute_values_from_function(
+            lambda ctx: tuple(tf.constant(a[cuts[ctx.replica_id_in_sync_group]]) for a in batch))
+
+    inner_dist, outer_dist = shard(inner_batch), shard(outer_batch)
+    for name, (estimator, kwargs) in estimator_hypergradients(km.distribute.replica_sum).items():
+        @tf.function
+        def step(ib, ob, estimator=estimator, kwargs=kwargs):
+            return strategy.run(lambda i, o: estimator(problem, w0, h0, i, o, **kwargs).hypergrad[0],
+                                args=(ib, ob))
+        per_replica = strategy.experimental_local_results(step(inner_dist, outer_dist))
+        results[f"{name}_mirrored"] = np.stack([v.numpy() for v in per_replica])
+    try:  # forward mode refuses to run on several replicas
+        strategy.run(lambda i, o: km.Forward(optim_sgd(), 2)(problem, w0, h0, i, o).hypergrad,
+                     args=(inner_dist, outer_dist))
+        results["forward_refused"] = np.array(0)
+    except ValueError as error:
+        results["forward_refused"] = np.array(int("Forward runs on one replica" in str(error)))
+    np.savez(os.path.join(out_dir, "estimators.npz"), **results)
+
+
+def optim_sgd():
+    from keras_metapt import optim
+    return optim.sgd(0.1)
+
+
 def main(mode, out_dir, steps, *config):
     if mode == "mirrored":
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     tf.config.experimental.enable_op_determinism()
+    if mode == "estimators":
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        run_estimators(out_dir)
+        return
     if mode == "multiworker":
         model = build_and_fit(km.distribute.get_strategy("multiworker"), steps)
         index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]

@@ -17,7 +17,7 @@ Cost: K inner-loss forwards + 1 outer gradient + 1 backward through the K losses
 
 import tensorflow as tf
 
-from keras_metapt import _tree
+from keras_metapt import _tree, distribute
 from keras_metapt.hypergrad import problem as _p
 
 __all__ = ["EvoGrad"]
@@ -37,9 +37,14 @@ class EvoGrad:
         draws fresh noise from it unless a ``seed`` tensor of shape [2] is passed
         to the call (stateless: the same draw for the same seed, in float32 and float64
         alike, within one compilation mode; XLA's random kernels differ from the others).
+      gradient_reduction: None (one device) or a cross-replica sum
+        (`keras_metapt.distribute.replica_sum`): the copies' losses and the outer gradients
+        are summed over replicas (losses must be replica shares of the global-batch means);
+        pass the same ``seed`` tensor on every replica so the copies agree.
     """
 
-    def __init__(self, num_copies=2, sigma=1e-3, temperature=0.05, noise="gaussian", seed=0):
+    def __init__(self, num_copies=2, sigma=1e-3, temperature=0.05, noise="gaussian", seed=0,
+                 gradient_reduction=None):
         if int(num_copies) < 2:
             raise ValueError(f"num_copies must be >= 2, got {num_copies}")
         if sigma <= 0 or temperature <= 0:
@@ -52,6 +57,7 @@ class EvoGrad:
         self.noise = noise
         self.seed = int(seed)
         self._generator = None
+        self.gradient_reduction = gradient_reduction
 
     def _next_seed(self):
         if self._generator is None:
@@ -83,7 +89,11 @@ class EvoGrad:
         if isinstance(inner_batch, _p.StepBatches):
             raise ValueError("EvoGrad takes one inner batch; got StepBatches")
         params = _tree.tree_stop_gradient(params)
+        reduce = self.gradient_reduction
         if seed is None:
+            if reduce is not None:
+                raise ValueError("with a gradient_reduction, pass the same seed tensor (shape "
+                                 "[2]) on every replica")
             seed = self._next_seed()
         leaves = tf.nest.flatten(params)
         # One independent stateless seed per (copy, leaf).
@@ -98,12 +108,18 @@ class EvoGrad:
             tape.watch(tf.nest.flatten(hparams))
             losses = tf.stack([_p.inner_loss_value(problem, c, hparams, inner_batch)
                                for c in copies])
+            if reduce is not None:
+                losses = reduce(losses)
             weights = tf.nn.softmax(-losses / _tree.cast_scalar(self.temperature, losses.dtype))
             combined = tf.nest.map_structure(
                 lambda *xs: tf.add_n([weights[k] * x for k, x in enumerate(xs)]), *copies)
             outer_loss, g_params, direct = _p.outer_gradients(problem, combined, hparams,
-                                                              outer_batch)
+                                                              outer_batch, reduce)
             surrogate = _tree.tree_vdot(_tree.tree_stop_gradient(g_params), combined)
+            if reduce is not None:  # same surrogate on every replica: each seeds 1/R
+                surrogate = surrogate / tf.cast(distribute.num_replicas(), surrogate.dtype)
         indirect = tape.gradient(surrogate, hparams)
+        if reduce is not None:
+            indirect = reduce(indirect)
         return _p.finish(hparams, direct, indirect, outer_loss,
                          _tree.tree_stop_gradient(combined), None)

@@ -21,7 +21,7 @@ horizons in float32 it can grow large. Run the problem in float64 when that happ
 
 import tensorflow as tf
 
-from keras_metapt import _tree
+from keras_metapt import _tree, distribute
 from keras_metapt.hypergrad import problem as _p
 
 __all__ = ["Forward"]
@@ -49,6 +49,12 @@ class Forward:
         self.max_hparams = int(max_hparams)
 
     def __call__(self, problem, params, hparams, inner_batch, outer_batch, opt_state=None):
+        if distribute.num_replicas() > 1:
+            raise ValueError(
+                "Forward runs on one replica: its tangents are carried through a tf.while_loop, "
+                "where strategies forbid cross-replica sums. Under a tf.distribute strategy use "
+                "Unrolled, Implicit, EvoGrad or PTFT with gradient_reduction="
+                "keras_metapt.distribute.replica_sum")
         params, hparams = _p.prepare(params, hparams, inner_batch, self.num_steps)
         if opt_state is None:
             opt_state = self.optimizer.init(params)

@@ -179,15 +179,18 @@ def run_inner_steps(problem, optimizer, params, opt_state, hparams, inner_batch,
     return params, opt_state
 
 
-def outer_gradients(problem, params, hparams, outer_batch):
+def outer_gradients(problem, params, hparams, outer_batch, reduce=None):
     """(outer loss, d outer/d params, direct d outer/d hparams).
 
     The direct term keeps None where a hyperparameter does not enter the outer loss.
+    ``reduce`` (a cross-replica sum) is applied to all three.
     """
     with tf.GradientTape() as tape:
         tape.watch(tf.nest.flatten(params) + tf.nest.flatten(hparams))
         loss = outer_loss_value(problem, params, hparams, outer_batch)
     g_params, direct = tape.gradient(loss, (params, hparams))
+    if reduce is not None:
+        loss, g_params, direct = reduce((loss, g_params, direct))
     return loss, _tree.zeros_for_none(g_params, params), direct
 
 
