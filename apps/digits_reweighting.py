@@ -13,6 +13,11 @@ validation losses compare like with like.
 Writes <output_dir>/history.csv, summary.json and reweighting.png; checkpoints
 every --checkpoint_every outer steps and resumes from the latest checkpoint when
 run again with the same --output_dir (--noresume starts over).
+
+--strategy=mirrored|multiworker|tpu computes each hypergradient data-parallel: every replica
+holds a contiguous shard of the training and validation sets (and the weight logits of its
+examples), and gradients, HVPs and hypergradients are summed across replicas
+(keras_metapt.distribute); the result equals the one-device hypergradient.
 """
 
 import csv
@@ -49,6 +54,13 @@ flags.DEFINE_string("output_dir", "runs/digits_reweighting", "Where history, plo
                     "checkpoints go.")
 flags.DEFINE_integer("checkpoint_every", 50, "Checkpoint every this many outer steps (0: never).")
 flags.DEFINE_bool("resume", True, "Resume from the latest checkpoint in --output_dir.")
+flags.DEFINE_enum("strategy", "default", list(km.distribute.STRATEGIES),
+                  "tf.distribute strategy of the hypergradient: default (one device), mirrored "
+                  "(all local GPUs), multiworker (TF_CONFIG names the cluster; run the same "
+                  "command on every worker), tpu (--tpu_address).")
+flags.DEFINE_string("tpu_address", None, "TPU name or grpc:// address for --strategy=tpu.")
+flags.DEFINE_list("devices", None, "--strategy=mirrored: the devices to mirror over (e.g. "
+                  "/gpu:0,/gpu:1); default all local GPUs, or the CPU.")
 flags.DEFINE_bool("plot", True, "Write reweighting.png (validation loss curves and the learned "
                   "weights of clean vs corrupted examples).")
 
@@ -89,17 +101,37 @@ def make_problem(model, non_trainable):
     def per_example(params, x, y):
         return keras.losses.sparse_categorical_crossentropy(y, predict(params, x), from_logits=True)
 
-    return km.BilevelProblem(
-        inner_loss=lambda p, h, b: tf.reduce_mean(tf.sigmoid(h[0]) * per_example(p, *b)),
-        outer_loss=lambda p, h, b: tf.reduce_mean(per_example(p, *b))), predict
+    # Batches are (x, y, example index); with several replicas each loss is the replica's
+    # share of the global mean (shard_fraction is 1 on one device).
+    def inner_loss(p, h, b):
+        x, y, index = b
+        weights = tf.sigmoid(tf.gather(h[0], index))
+        return km.distribute.shard_fraction(x) * tf.reduce_mean(weights * per_example(p, x, y))
+
+    def outer_loss(p, h, b):
+        x, y = b[0], b[1]
+        return km.distribute.shard_fraction(x) * tf.reduce_mean(per_example(p, x, y))
+
+    return km.BilevelProblem(inner_loss, outer_loss), predict
 
 
-def make_estimator(name, inner_steps, truncate, inner_lr):
+def make_estimator(name, inner_steps, truncate, inner_lr, reduce=None):
     if name == "unrolled":
-        return km.Unrolled(optim.sgd(inner_lr), num_steps=inner_steps, truncate=truncate)
+        return km.Unrolled(optim.sgd(inner_lr), num_steps=inner_steps, truncate=truncate,
+                           gradient_reduction=reduce)
     if name == "implicit":
-        return km.Implicit("neumann", num_terms=inner_steps, alpha=inner_lr)
-    return km.EvoGrad(num_copies=4, sigma=0.05, temperature=0.05)
+        return km.Implicit("neumann", num_terms=inner_steps, alpha=inner_lr,
+                           gradient_reduction=reduce)
+    return km.EvoGrad(num_copies=4, sigma=0.05, temperature=0.05, gradient_reduction=reduce)
+
+
+def shard_for_replicas(strategy, arrays):
+    """Replica r gets the r-th of R contiguous slices of every array (a DistributedValues)."""
+    def value_fn(ctx):
+        parts = np.array_split(np.arange(len(arrays[0])), ctx.num_replicas_in_sync)
+        rows = parts[ctx.replica_id_in_sync_group]
+        return tuple(tf.constant(a[rows]) for a in arrays)
+    return strategy.experimental_distribute_values_from_function(value_fn)
 
 
 def main(argv):
@@ -110,7 +142,12 @@ def main(argv):
     model = build_model(FLAGS.hidden, FLAGS.seed)
     trainable, non_trainable = functional.model_state(model)
     problem, predict = make_problem(model, non_trainable)
-    estimator = make_estimator(FLAGS.estimator, FLAGS.inner_steps, FLAGS.truncate, FLAGS.inner_lr)
+    strategy = km.distribute.get_strategy(FLAGS.strategy, FLAGS.tpu_address, FLAGS.devices)
+    replicas = strategy.num_replicas_in_sync
+    estimator = make_estimator(FLAGS.estimator, FLAGS.inner_steps, FLAGS.truncate, FLAGS.inner_lr,
+                               km.distribute.replica_sum if replicas > 1 else None)
+    if replicas > 1:
+        print(f"{replicas} replicas ({FLAGS.strategy}): each hypergradient is data-parallel")
     sgd = optim.sgd(FLAGS.inner_lr)
 
     # State: meta-learned run (params, logits), uniform baseline (params), hyper-optimizer.
@@ -132,14 +169,28 @@ def main(argv):
         with open(history_path, "w", newline="") as f:
             csv.writer(f).writerow(["outer_step", "val_loss_meta", "val_loss_uniform"])
 
-    train = (x_tr, y_tr)
+    train = (x_tr, y_tr, np.arange(len(x_tr)))
     val = (x_val, y_val)
 
-    @tf.function(jit_compile=True)
-    def meta_step():
-        result = estimator(problem, [p.read_value() for p in params], [logits.read_value()],
-                           train, val)
-        return result
+    def hypergradient(train_batch, val_batch):
+        # EvoGrad's noise seed: a function of the step, the same on every replica.
+        kwargs = {"seed": tf.stack([tf.constant(FLAGS.seed, tf.int64), step.read_value()])} \
+            if FLAGS.estimator == "evograd" else {}
+        return estimator(problem, [p.read_value() for p in params], [logits.read_value()],
+                         train_batch, val_batch, **kwargs)
+
+    if replicas == 1:
+        meta_step = tf.function(lambda: hypergradient(train, val), jit_compile=True)
+    else:
+        train_shards = shard_for_replicas(strategy, train)
+        val_shards = shard_for_replicas(strategy, val)
+
+        @tf.function  # XLA does not compile across devices
+        def meta_step():
+            per_replica = strategy.run(hypergradient, args=(train_shards, val_shards))
+            # the reduced result is identical on every replica: take the first
+            return tf.nest.map_structure(lambda v: strategy.experimental_local_results(v)[0],
+                                         per_replica)
 
     @tf.function(jit_compile=True)
     def baseline_steps():

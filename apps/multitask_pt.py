@@ -17,6 +17,11 @@ dataset), and --ft_csv.
     python apps/multitask_pt.py                  # CPU-sized default, a few minutes
     python apps/multitask_pt.py --full           # paper-sized GIN, all 15k PT molecules (GPU)
 
+--strategy=mirrored|multiworker|tpu pre-trains (both PT arms) data-parallel: each step takes
+one graph batch of --batch_size graphs per replica (padded disjoint batches cannot be split
+by example, so R consecutive batches are stacked and tf.distribute hands one to each replica);
+fine-tuning and evaluation stay on one device.
+
 Writes <output_dir>/summary.md and summary.json (the AUROC table and timings), per-run results
 under results/ (a rerun skips finished runs: resumable), task_weights_seed<k>.png, and exports
 the meta arm's fine-tuned model and encoder of the last seed as SavedModels under
@@ -81,6 +86,13 @@ flags.DEFINE_string("output_dir", "runs/multitask_pt", "Results, plots and check
 flags.DEFINE_string("saved_models_dir", "saved_models", "Where SavedModels are exported.")
 flags.DEFINE_string("run_name", "multitask_pt", "Name prefix of the exported SavedModels.")
 flags.DEFINE_bool("resume", True, "Skip runs whose results exist in --output_dir.")
+flags.DEFINE_enum("strategy", "default", list(km.distribute.STRATEGIES),
+                  "tf.distribute strategy of pre-training: default (one device), mirrored (local "
+                  "GPUs, or --devices), multiworker (TF_CONFIG names the cluster; run the same "
+                  "command on every worker), tpu (--tpu_address).")
+flags.DEFINE_list("devices", None, "--strategy=mirrored: devices to mirror over (e.g. "
+                  "/gpu:0,/gpu:1); default all local GPUs, or the CPU.")
+flags.DEFINE_string("tpu_address", None, "TPU name or grpc:// address for --strategy=tpu.")
 flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0 silent, 1 progress bar, 2 per epoch).")
 
 NODE_BUCKETS = tuple(range(256, 1 << 16, 256))
@@ -134,6 +146,29 @@ def packed(graphs, labels, order, batch_size, node_bucket=None, edge_bucket=None
     return stacked, np.stack([labels[g] for g in groups]).astype(np.float32), node_bucket, edge_bucket
 
 
+def per_replica(dataset, replicas):
+    """R consecutive graph batches stacked on a new leading axis (tf.distribute gives one to
+    each replica); unchanged for one replica."""
+    return dataset if replicas == 1 else dataset.batch(replicas, drop_remainder=True)
+
+
+def unstack_replica_axis(tree, replicas):
+    """Inside a replica: drop the length-1 replica axis that `per_replica` added."""
+    return tree if replicas == 1 else tf.nest.map_structure(lambda t: t[0], tree)
+
+
+class ReplicaBatch(keras.Model):
+    """Wraps a model that takes one graph batch so that it takes a `per_replica` element."""
+
+    def __init__(self, inner, replicas, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = inner
+        self.replicas = replicas
+
+    def call(self, x, training=False):
+        return self.inner(unstack_replica_axis(x, self.replicas), training=training)
+
+
 def epochs_dataset(graphs, labels, batch_size, epochs, seed):
     """One tf.data element per batch for ``epochs`` seeded shuffles; static shapes."""
     rng = np.random.default_rng(seed)
@@ -167,36 +202,71 @@ class Head(keras.Model):
     def call(self, x, training=False):
         return self.dense(self.encoder(x, training=training))
 
+    build_batch = None  # a local (x, y) element to build from under a multi-replica strategy
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Under a strategy Keras builds from a first batch averaged over replicas, which turns
+        # the integer node/edge indices of graph batches into floats; use a local batch.
+        if self.build_batch is not None:
+            with self.distribute_strategy.scope():
+                return self._symbolic_build(data_batch=self.build_batch)
+        return super()._maybe_symbolic_build(iterator, data_batch)
+
 
 def bce(y, logits):
     return masked_multitask_bce(y, logits)
 
 
-def pretrain_uniform(encoder, pt_ds, steps, tasks):
-    model = Head(encoder, len(tasks))
-    build_on(model, pt_ds)
-    model.compile(keras.optimizers.Adam(FLAGS.pt_lr), loss=bce, jit_compile=FLAGS.xla)
+def replica_losses(replicas):
+    """PT and FT losses of `per_replica` elements (labels carry the replica axis too)."""
+    def pt_loss(y, p, w=None):
+        return masked_multitask_bce(unstack_replica_axis(y, replicas), p, w)
+
+    def ft_loss(y, p):
+        return masked_multitask_bce(unstack_replica_axis(y, replicas), p)
+    return pt_loss, ft_loss
+
+
+def pretrain_uniform(encoder, pt_ds, steps, tasks, strategy):
+    replicas = strategy.num_replicas_in_sync
+    with strategy.scope():
+        model = Head(ReplicaBatch(encoder, replicas), len(tasks))
+        if replicas > 1:
+            model.build_batch = tf.nest.map_structure(lambda t: t[None], next(iter(pt_ds)))
+        model.compile(keras.optimizers.Adam(FLAGS.pt_lr), loss=replica_losses(replicas)[0],
+                      jit_compile=FLAGS.xla and replicas == 1)
     timer = EpochTimer()
-    model.fit(pt_ds, epochs=FLAGS.pt_epochs, steps_per_epoch=steps, verbose=FLAGS.verbose,
-              callbacks=[timer], shuffle=False)
+    steps //= replicas
+    model.fit(per_replica(pt_ds, replicas), epochs=FLAGS.pt_epochs, steps_per_epoch=steps,
+              verbose=FLAGS.verbose, callbacks=[timer], shuffle=False)
     # the first epoch traces and compiles
-    return timer.examples_per_second(steps, FLAGS.batch_size, skip=1), timer.seconds
+    return (timer.examples_per_second(steps, FLAGS.batch_size * replicas, skip=1),
+            timer.seconds)
 
 
-def pretrain_meta(encoder, pt_ds, steps, tasks, ft_train, seed):
+def pretrain_meta(encoder, pt_ds, steps, tasks, ft_train, seed, strategy):
     """MetaPretrainer with TaskWeights; returns (PT examples/s, learned weights, model)."""
-    pt_head = keras.Sequential([keras.Input((FLAGS.hidden,)), keras.layers.Dense(len(tasks))])
-    ft_head = keras.Sequential([keras.Input((FLAGS.hidden,)), keras.layers.Dense(1)])
-    build_on(encoder, pt_ds)
-    weights = TaskWeights(len(tasks), task_names=tasks)
-    model = km.MetaPretrainer(encoder, pt_head, ft_head, weights,
-                              pt_loss=lambda y, p, w: masked_multitask_bce(y, p, w), ft_loss=bce,
-                              hyperstep_every=FLAGS.hyperstep_every,
-                              unroll_steps=FLAGS.unroll_steps, neumann_terms=FLAGS.neumann_terms)
-    model.compile(keras.optimizers.Adam(FLAGS.pt_lr), keras.optimizers.Adam(FLAGS.ft_lr),
-                  keras.optimizers.Adam(FLAGS.hyper_lr), jit_compile=FLAGS.xla)
+    replicas = strategy.num_replicas_in_sync
+    pt_loss, ft_loss = replica_losses(replicas)
+    with strategy.scope():
+        pt_head = keras.Sequential([keras.Input((FLAGS.hidden,)), keras.layers.Dense(len(tasks))])
+        ft_head = keras.Sequential([keras.Input((FLAGS.hidden,)), keras.layers.Dense(1)])
+        weights = TaskWeights(len(tasks), task_names=tasks)
+        wrapped = ReplicaBatch(encoder, replicas)
+        x, _ = next(iter(per_replica(pt_ds, replicas)))
+        wrapped(x if replicas == 1 else tf.nest.map_structure(lambda t: t[:1], x))  # builds
+        model = km.MetaPretrainer(wrapped, pt_head, ft_head, weights,
+                                  pt_loss=pt_loss, ft_loss=ft_loss,
+                                  hyperstep_every=FLAGS.hyperstep_every,
+                                  unroll_steps=FLAGS.unroll_steps,
+                                  neumann_terms=FLAGS.neumann_terms)
+        model.compile(keras.optimizers.Adam(FLAGS.pt_lr), keras.optimizers.Adam(FLAGS.ft_lr),
+                      keras.optimizers.Adam(FLAGS.hyper_lr),
+                      jit_compile=FLAGS.xla and replicas == 1)
     meta_train, meta_val = ft_train
-    stream = km.meta_dataset(pt_ds, meta_train, meta_val, FLAGS.unroll_steps)
+    stream = km.meta_dataset(*(per_replica(ds, replicas) for ds in (pt_ds, meta_train, meta_val)),
+                             FLAGS.unroll_steps)
+    steps //= replicas
     run_dir = os.path.join(FLAGS.output_dir, f"meta_seed{seed}")
     timer = EpochTimer()
     callbacks = [MetaCheckpoint(os.path.join(run_dir, "ckpt")), timer,
@@ -204,7 +274,7 @@ def pretrain_meta(encoder, pt_ds, steps, tasks, ft_train, seed):
     model.fit(stream, epochs=FLAGS.pt_epochs, steps_per_epoch=steps, callbacks=callbacks,
               verbose=FLAGS.verbose)
     # epoch 1 is the warm-up, epoch 2 compiles the hyperstep
-    return (timer.examples_per_second(steps, FLAGS.batch_size, skip=2), timer.seconds,
+    return (timer.examples_per_second(steps, FLAGS.batch_size * replicas, skip=2), timer.seconds,
             weights.task_weights(), model)
 
 
@@ -235,7 +305,7 @@ def test_batches(graphs, labels, idx):
     return x, y, len(idx)
 
 
-def run_seed(seed, data, results_dir):
+def run_seed(seed, data, results_dir, strategy):
     pt_graphs, pt_labels, tasks, ft_graphs, ft_labels, train_idx, test_idx = data
     rng = np.random.default_rng(seed)
     train_shuffled = rng.permutation(train_idx)
@@ -254,14 +324,18 @@ def run_seed(seed, data, results_dir):
             print(f"seed {seed} {arm}: done earlier ({path})")
             continue
         print(f"seed {seed} {arm}: pre-training" if arm != "no_pt" else f"seed {seed} {arm}")
-        encoder = make_encoder(seed)
-        record = {"arm": arm, "seed": seed}
+        with strategy.scope():  # the encoder's variables are created on its first call
+            encoder = make_encoder(seed)
+            if arm != "no_pt":
+                build_on(encoder, pt_ds)
+        record = {"arm": arm, "seed": seed, "replicas": strategy.num_replicas_in_sync}
         if arm == "uniform":
             record["pt_examples_per_second"], record["pt_epoch_seconds"] = pretrain_uniform(
-                encoder, pt_ds, pt_steps, tasks)
+                encoder, pt_ds, pt_steps, tasks, strategy)
         elif arm == "meta":
             record["pt_examples_per_second"], record["pt_epoch_seconds"], weights, _ = pretrain_meta(
-                encoder, pt_ds, pt_steps, tasks, (ft_sets["meta_train"][0], ft_sets["meta_val"][0]), seed)
+                encoder, pt_ds, pt_steps, tasks, (ft_sets["meta_train"][0], ft_sets["meta_val"][0]),
+                seed, strategy)
             record["task_weights"] = {t: float(w) for t, w in zip(tasks, weights)}
         else:
             build_on(encoder, pt_ds)
@@ -318,11 +392,15 @@ def main(argv):
         FLAGS.pt_epochs, FLAGS.ft_epochs = 10, 50
     results_dir = os.path.join(FLAGS.output_dir, "results")
     os.makedirs(results_dir, exist_ok=True)
+    strategy = km.distribute.get_strategy(FLAGS.strategy, FLAGS.tpu_address, FLAGS.devices)
+    if strategy.num_replicas_in_sync > 1:
+        print(f"Pre-training on {strategy.num_replicas_in_sync} replicas ({FLAGS.strategy}); "
+              f"global batch {strategy.num_replicas_in_sync} x {FLAGS.batch_size} graphs")
     data = load_data()
     print(f"PT: {len(data[0])} molecules, {len(data[2])} tasks; FT: {len(data[3])} molecules "
           f"({len(data[5])} train, {len(data[6])} test, scaffold split)")
     for seed in FLAGS.seeds:
-        run_seed(int(seed), data, results_dir)
+        run_seed(int(seed), data, results_dir, strategy)
     table, _ = summarise(results_dir)
     print("\n" + table)
 

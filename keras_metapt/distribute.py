@@ -22,18 +22,18 @@ __all__ = ["STRATEGIES", "get_strategy", "is_multi_worker", "num_replicas", "rep
 STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
 
 
-def get_strategy(name="default", tpu_address=None):
+def get_strategy(name="default", tpu_address=None, devices=None):
     """A `tf.distribute.Strategy` by name.
 
     default: the current (default, single-device) strategy. mirrored: `MirroredStrategy` over
-    all local GPUs (or the CPU). multiworker: `MultiWorkerMirroredStrategy`, configured by the
+    ``devices`` (e.g. ["/gpu:0", "/gpu:1"]; default all local GPUs, or the CPU). multiworker: `MultiWorkerMirroredStrategy`, configured by the
     TF_CONFIG environment variable (one process per worker, the same command on each).
     tpu: `TPUStrategy` on the TPU at ``tpu_address`` ("" or None: the local TPU VM).
     """
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
+        return tf.distribute.MirroredStrategy(list(devices) if devices else None)
     if name == "multiworker":
         if "TF_CONFIG" not in os.environ:
             raise ValueError("--strategy=multiworker needs the TF_CONFIG environment variable "
@@ -74,7 +74,9 @@ def replica_sum(tree):
     present = [i for i, leaf in enumerate(flat) if leaf is not None]
     if not present:
         return tree
-    reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [flat[i] for i in present])
+    # Sparse gradients (embedding lookups) are summed dense: the solvers add and dot them.
+    dense = [tf.convert_to_tensor(flat[i]) for i in present]
+    reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, dense)
     out = list(flat)
     for i, value in zip(present, reduced):
         out[i] = value

@@ -74,7 +74,7 @@ def _steps_to_axis_1(*element):
 def _steps_first(meta_train):
     """[batch, K, ...] -> [K, batch, ...] (the layout `StepBatches` indexes)."""
     return tf.nest.map_structure(
-        lambda t: tf.transpose(t, [1, 0] + list(range(2, t.shape.rank))), meta_train)
+        lambda t: tf.transpose(t, [1, 0] + list(range(2, len(t.shape)))), meta_train)
 
 
 def _split(batch):

@@ -54,7 +54,8 @@ def tiny_data(unroll_steps):
     return {
         "pt": (rng.normal(size=(10, 3)), y_pt),
         "pt_fresh": (rng.normal(size=(10, 3)), y_pt[::-1].copy()),
-        "meta_train": (rng.normal(size=(unroll_steps, 6, 3)), rng.normal(size=(unroll_steps, 6, 1))),
+        # meta_dataset's layout: [batch, K, ...]
+        "meta_train": (rng.normal(size=(6, unroll_steps, 3)), rng.normal(size=(6, unroll_steps, 1))),
         "meta_val": (rng.normal(size=(7, 3)), rng.normal(size=(7, 1))),
     }
 
@@ -69,7 +70,7 @@ def independent_hypergradient(model, data, unroll_steps, neumann_terms, alpha):
     with tf.GradientTape() as tape:  # g_FT through the FT unroll, written out
         psi = [kernel, bias]
         for k in range(unroll_steps):
-            x, y = data["meta_train"][0][k], data["meta_train"][1][k]
+            x, y = data["meta_train"][0][:, k], data["meta_train"][1][:, k]
             feats = model.encoder(x, training=False)
             with tf.GradientTape() as inner:
                 inner.watch(psi)
