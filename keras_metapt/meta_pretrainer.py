@@ -356,8 +356,10 @@ class MetaPretrainer(keras.Model):
             nonfinite = tf.cond(result.is_finite, apply, skip)
         else:
             nonfinite = self._apply_hypergradient_across_replicas(result)
-        self.nonfinite_tracker.update_state(tf.cast(nonfinite, tf.float32))
-        self.hypersteps_tracker.update_state(1.0)
+        # Sum metrics add up over replicas: each replica counts its 1/R share of a hyperstep.
+        share = 1.0 / self._replicas
+        self.nonfinite_tracker.update_state(tf.cast(nonfinite, tf.float32) * share)
+        self.hypersteps_tracker.update_state(share)
         self.ft_val_loss_tracker.update_state(result.outer_loss)
         norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in result.hypergrad]))
         self.hypergrad_norm_tracker.update_state(tf.where(result.is_finite, norm, 0.0))

@@ -16,7 +16,12 @@ OUT_DIR/phi_mirrored.npy;
 
 computes every estimator's hypergradient of a float64 weighted ridge problem on one device and
 under `MirroredStrategy` over 2 logical devices (the global batch of 9 split 5 + 4), and
-writes OUT_DIR/estimators.npz (name_single, name_mirrored).
+writes OUT_DIR/estimators.npz (name_single, name_mirrored);
+
+    python -m tests.distributed_toy nonfinite OUT_DIR 0
+
+fits with a NaN-poisoned FT loss under `MirroredStrategy` over 2 logical devices and writes
+OUT_DIR/nonfinite.npz (phi, the error message).
 """
 
 import json
@@ -141,6 +146,22 @@ def main(mode, out_dir, steps, *config):
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         run_estimators(out_dir)
+        return
+    if mode == "nonfinite":  # a poisoned FT loss under MirroredStrategy: fit must stop, phi kept
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        x, y, x_ft, y_ft, _ = toy.synthetic_tasks(0)
+        with strategy.scope():
+            model = toy.build(0, y.shape[1], warmup_steps=1, hyperstep_every=1)
+        model.ft_loss_fn = lambda y_true, p: tf.reduce_mean(p) * np.nan
+        try:
+            model.fit(stream(x, y, x_ft, y_ft), epochs=1, steps_per_epoch=4, verbose=0)
+            outcome = "no error"
+        except km.NonFiniteHypergradientError as error:
+            outcome = str(error)
+        np.savez(os.path.join(out_dir, "nonfinite.npz"), phi=model.meta_parameters()[0],
+                 outcome=np.array(outcome))
         return
     if mode == "multiworker":
         model = build_and_fit(km.distribute.get_strategy("multiworker"), steps)

@@ -134,3 +134,14 @@ def test_every_estimator_on_two_devices_gives_the_single_device_hypergradient(tm
         for replica_value in results[f"{name}_mirrored"]:  # identical on both replicas
             np.testing.assert_allclose(replica_value, single, rtol=1e-10, err_msg=name)
     assert int(results["forward_refused"]) == 1
+
+
+def test_non_finite_hypergradient_on_two_devices_stops_fit_and_keeps_phi(tmp_path):
+    """A NaN FT loss under MirroredStrategy (2 logical devices), warm-up 1, 4 steps: the 3
+    hypersteps are skipped in the cross-replica context (phi stays at its initial 0), each is
+    counted once (not once per replica), and fit stops with NonFiniteHypergradientError."""
+    proc = _run(["nonfinite", str(tmp_path), "0"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = np.load(tmp_path / "nonfinite.npz")
+    np.testing.assert_array_equal(result["phi"], 0.0)
+    assert str(result["outcome"]).startswith("3 hyperstep(s) produced a non-finite hypergradient")
