@@ -1,5 +1,8 @@
-"""Networks: encoders for the experiments."""
+"""Networks: encoders and heads for the experiments."""
 
+from keras_metapt.nets.cnn2d import small_cnn2d
 from keras_metapt.nets.gin import GIN
+from keras_metapt.nets.heads import linear_head, projection_head
+from keras_metapt.nets.resnet1d import resnet1d18
 
-__all__ = ["GIN"]
+__all__ = ["GIN", "resnet1d18", "small_cnn2d", "projection_head", "linear_head"]

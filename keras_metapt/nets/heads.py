@@ -1,0 +1,17 @@
+"""Heads on encoder features: the SimCLR projection head and a linear classifier."""
+
+import keras
+
+__all__ = ["projection_head", "linear_head"]
+
+
+def projection_head(input_dim=256, hidden=256, output_dim=128, name="projection_head"):
+    """SimCLR projection g: features -> Dense(hidden) + ReLU -> Dense(output_dim) (built)."""
+    return keras.Sequential([keras.Input((input_dim,)),
+                             keras.layers.Dense(hidden, activation="relu"),
+                             keras.layers.Dense(output_dim)], name=name)
+
+
+def linear_head(input_dim, outputs, name="linear_head"):
+    """Dense(outputs) logits on features (built)."""
+    return keras.Sequential([keras.Input((input_dim,)), keras.layers.Dense(outputs)], name=name)
