@@ -49,6 +49,7 @@ def test_bad_idx_files_are_named(tmp_path):
     bad.write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05\x01\x02")  # says 5 labels, holds 2
     with pytest.raises(ImageFileError, match="train-labels-idx1-ubyte.*5"):
         read_idx(str(bad))
+    write_fashion_like(str(tmp_path))
     os.remove(tmp_path / "t10k-images-idx3-ubyte.gz")
     with pytest.raises(ImageFileError, match="t10k-images-idx3-ubyte"):
         load_idx_dataset(str(tmp_path))
