@@ -27,7 +27,7 @@ if keras.backend.backend() != "tensorflow":
         f"Keras was already imported with the {keras.backend.backend()!r} backend. {_BACKEND_HELP}")
 
 from keras_metapt import (callbacks, distribute, errors, export, functional, hyper,  # noqa: E402
-                          hypergrad, linalg, losses, optim)
+                          hypergrad, linalg, losses, optim, simclr)
 from keras_metapt.errors import (HypergradientError, InputMismatchError,  # noqa: E402
                                  NonFiniteHypergradientError, UnconnectedHyperparameterError)
 from keras_metapt.meta_pretrainer import MetaPretrainer, meta_dataset  # noqa: E402
@@ -38,7 +38,8 @@ from keras_metapt.hypergrad import (PTFT, BilevelProblem, EvoGrad, Forward,  # n
 __all__ = [
     "__version__",
     # modules
-    "callbacks", "distribute", "errors", "export", "functional", "hyper", "hypergrad", "linalg", "losses", "optim",
+    "callbacks", "distribute", "errors", "export", "functional", "hyper", "hypergrad", "linalg",
+    "losses", "optim", "simclr",
     # meta-pre-training inside model.fit()
     "MetaPretrainer", "meta_dataset",
     # the calling convention and the estimators
