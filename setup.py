@@ -25,6 +25,7 @@ setup(
         "scipy>=1.11",
         "matplotlib>=3.8",
         "rdkit>=2024.3",
+        "wfdb>=4.1",
     ],
     extras_require={
         "test": ["pytest>=8", "scikit-learn>=1.4", "tensorflow-serving-api>=2.21,<2.22"],
