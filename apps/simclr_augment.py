@@ -188,7 +188,7 @@ def pretrain_simclr(encoder, data, seed, strategy):
     steps = len(data["pt"]) // FLAGS.batch_size
     timer = EpochTimer()
     model.fit(batched(data["pt"], FLAGS.batch_size, seed).repeat(), epochs=FLAGS.pt_epochs,
-              steps_per_epoch=steps, verbose=FLAGS.verbose, callbacks=[timer])
+              steps_per_epoch=steps, verbose=FLAGS.verbose, callbacks=[timer], shuffle=False)
     # the first epoch traces and compiles
     return timer.examples_per_second(steps, FLAGS.batch_size, skip=1), timer.seconds
 
@@ -252,7 +252,7 @@ def finetune(encoder_weights, data, seed, linear):
     model = keras.Model(inputs, head(encoder(inputs, training=False)), name="finetuned")
     model.compile(keras.optimizers.Adam(FLAGS.ft_lr), loss=ft_loss_fn(data["multilabel"]))
     model.fit(batched((x_lab, y_lab), min(FLAGS.ft_batch_size, len(x_lab)), seed),
-              epochs=FLAGS.ft_epochs, verbose=0)
+              epochs=FLAGS.ft_epochs, verbose=0, shuffle=False)
     auroc, scored = test_auroc(model, data["test"], data["multilabel"], len(data["classes"]))
     return auroc, scored, model, encoder
 
