@@ -241,7 +241,8 @@ def test_auroc(model, test, multilabel, num_classes):
 
 def finetune(encoder_weights, data, seed, linear):
     """A fresh encoder with the given weights and a fresh linear head, trained on all
-    labelled examples; returns (test AUROC, classes scored, model)."""
+    labelled examples; returns (test AUROC, classes scored, model, encoder). BatchNorm stays
+    in inference mode (its statistics come from PT): stable with a few hundred labels."""
     x_lab, y_lab = data["labelled"]
     encoder = make_encoder(x_lab.shape[1:], seed + 1000)
     if encoder_weights is not None:
