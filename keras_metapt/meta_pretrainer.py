@@ -64,17 +64,16 @@ def meta_dataset(pt, meta_train, meta_val, unroll_steps=1):
     }).prefetch(tf.data.AUTOTUNE)
 
 
-def _steps_to_axis_1(*element):
-    def swap(t):
-        return tf.transpose(t, [1, 0] + list(range(2, t.shape.rank)))
-    element = element[0] if len(element) == 1 else element
-    return tf.nest.map_structure(swap, element)
-
-
-def _steps_first(meta_train):
-    """[batch, K, ...] -> [K, batch, ...] (the layout `StepBatches` indexes)."""
+def _swap_first_axes(tree):
+    """[a, b, ...] -> [b, a, ...] for every leaf: between the [K, batch, ...] of batching K
+    MetaTrain batches, the [batch, K, ...] of the stream, and the [K, batch, ...] that
+    `StepBatches` indexes."""
     return tf.nest.map_structure(
-        lambda t: tf.transpose(t, [1, 0] + list(range(2, len(t.shape)))), meta_train)
+        lambda t: tf.transpose(t, [1, 0] + list(range(2, len(t.shape)))), tree)
+
+
+def _steps_to_axis_1(*element):
+    return _swap_first_axes(element[0] if len(element) == 1 else element)
 
 
 def _split(batch):
@@ -337,7 +336,7 @@ class MetaPretrainer(keras.Model):
         phi, meta_state = self._values(self.meta_layer)
         problem = self._problem(enc_state, head_state, ft_state, meta_state)
         return self._estimator(problem, (theta_e, theta_h, psi), phi, data["pt_fresh"],
-                               (StepBatches(_steps_first(data["meta_train"])), data["meta_val"]))
+                               (StepBatches(_swap_first_axes(data["meta_train"])), data["meta_val"]))
 
     def _hyperstep(self, data):
         result = self.hypergradient(data)

@@ -131,11 +131,13 @@ def _smooth_axis(values, kernel, axis):
 class _WarpBase(LearnedAugmentation):
     """Shared parts: the magnitude network, the global scale and the grid settings."""
 
-    def __init__(self, grid_size, squaring_steps, initial_scale, smoothing_sigma, seed, **kwargs):
+    def __init__(self, grid_size, squaring_steps, initial_scale, smoothing_sigma, filters, seed,
+                 **kwargs):
         super().__init__(seed=seed, **kwargs)
         if int(grid_size) < 3:
             raise ValueError(f"grid_size must be >= 3, got {grid_size}")
         self.grid_size = int(grid_size)
+        self.filters = tuple(int(f) for f in filters)
         self.squaring_steps = int(squaring_steps)
         self.initial_scale = float(initial_scale)
         self.smoothing_sigma = None if smoothing_sigma is None else float(smoothing_sigma)
@@ -149,7 +151,15 @@ class _WarpBase(LearnedAugmentation):
         radius = max(1, min(int(np.ceil(2.5 * sigma)), samples - 1))
         return _gaussian_kernel(max(sigma, 1e-3), radius)
 
-    def _build_scale(self):
+    def _magnitude_layers(self):
+        """The strided convolutions and the global pooling of the magnitude network."""
+        raise NotImplementedError
+
+    def build(self, input_shape):
+        self.magnitude_net = keras.Sequential(
+            self._magnitude_layers() + [keras.layers.Dense(1, dtype=self.dtype_policy)],
+            name="magnitude_net")
+        self.magnitude_net.build(input_shape)
         self.scale = self.add_weight(shape=(), initializer=keras.initializers.Constant(
             self.initial_scale), name="scale")
 
@@ -175,19 +185,13 @@ class LearnedTimeWarp(_WarpBase):
 
     def __init__(self, grid_size=16, squaring_steps=6, initial_scale=0.05, smoothing_sigma=None,
                  filters=(8, 16), seed=None, **kwargs):
-        super().__init__(grid_size, squaring_steps, initial_scale, smoothing_sigma, seed, **kwargs)
-        self.filters = tuple(int(f) for f in filters)
+        super().__init__(grid_size, squaring_steps, initial_scale, smoothing_sigma, filters, seed,
+                         **kwargs)
 
-    def build(self, input_shape):
-        layers = []
-        for f in self.filters:
-            layers += [keras.layers.Conv1D(f, 9, strides=4, padding="same", activation="relu",
-                                           dtype=self.dtype_policy)]
-        self.magnitude_net = keras.Sequential(
-            layers + [keras.layers.GlobalAveragePooling1D(dtype=self.dtype_policy),
-                      keras.layers.Dense(1, dtype=self.dtype_policy)], name="magnitude_net")
-        self.magnitude_net.build(input_shape)
-        self._build_scale()
+    def _magnitude_layers(self):
+        return [keras.layers.Conv1D(f, 9, strides=4, padding="same", activation="relu",
+                                    dtype=self.dtype_policy) for f in self.filters] + [
+            keras.layers.GlobalAveragePooling1D(dtype=self.dtype_policy)]
 
     def noise_shape(self, input_shape):
         return tf.stack([input_shape[0], self.grid_size])
@@ -225,19 +229,13 @@ class LearnedSpatialWarp(_WarpBase):
 
     def __init__(self, grid_size=5, squaring_steps=6, initial_scale=0.05, smoothing_sigma=None,
                  filters=(8, 16), seed=None, **kwargs):
-        super().__init__(grid_size, squaring_steps, initial_scale, smoothing_sigma, seed, **kwargs)
-        self.filters = tuple(int(f) for f in filters)
+        super().__init__(grid_size, squaring_steps, initial_scale, smoothing_sigma, filters, seed,
+                         **kwargs)
 
-    def build(self, input_shape):
-        layers = []
-        for f in self.filters:
-            layers += [keras.layers.Conv2D(f, 3, strides=2, padding="same", activation="relu",
-                                           dtype=self.dtype_policy)]
-        self.magnitude_net = keras.Sequential(
-            layers + [keras.layers.GlobalAveragePooling2D(dtype=self.dtype_policy),
-                      keras.layers.Dense(1, dtype=self.dtype_policy)], name="magnitude_net")
-        self.magnitude_net.build(input_shape)
-        self._build_scale()
+    def _magnitude_layers(self):
+        return [keras.layers.Conv2D(f, 3, strides=2, padding="same", activation="relu",
+                                    dtype=self.dtype_policy) for f in self.filters] + [
+            keras.layers.GlobalAveragePooling2D(dtype=self.dtype_policy)]
 
     def noise_shape(self, input_shape):
         return tf.stack([input_shape[0], self.grid_size, self.grid_size, 2])
