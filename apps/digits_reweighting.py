@@ -54,13 +54,7 @@ flags.DEFINE_string("output_dir", "runs/digits_reweighting", "Where history, plo
                     "checkpoints go.")
 flags.DEFINE_integer("checkpoint_every", 50, "Checkpoint every this many outer steps (0: never).")
 flags.DEFINE_bool("resume", True, "Resume from the latest checkpoint in --output_dir.")
-flags.DEFINE_enum("strategy", "default", list(km.distribute.STRATEGIES),
-                  "tf.distribute strategy of the hypergradient: default (one device), mirrored "
-                  "(all local GPUs), multiworker (TF_CONFIG names the cluster; run the same "
-                  "command on every worker), tpu (--tpu_address).")
-flags.DEFINE_string("tpu_address", None, "TPU name or grpc:// address for --strategy=tpu.")
-flags.DEFINE_list("devices", None, "--strategy=mirrored: the devices to mirror over (e.g. "
-                  "/gpu:0,/gpu:1); default all local GPUs, or the CPU.")
+km.distribute.define_strategy_flags("each hypergradient")
 flags.DEFINE_bool("plot", True, "Write reweighting.png (validation loss curves and the learned "
                   "weights of clean vs corrupted examples).")
 
@@ -142,7 +136,7 @@ def main(argv):
     model = build_model(FLAGS.hidden, FLAGS.seed)
     trainable, non_trainable = functional.model_state(model)
     problem, predict = make_problem(model, non_trainable)
-    strategy = km.distribute.get_strategy(FLAGS.strategy, FLAGS.tpu_address, FLAGS.devices)
+    strategy = km.distribute.strategy_from_flags()
     replicas = strategy.num_replicas_in_sync
     estimator = make_estimator(FLAGS.estimator, FLAGS.inner_steps, FLAGS.truncate, FLAGS.inner_lr,
                                km.distribute.replica_sum if replicas > 1 else None)

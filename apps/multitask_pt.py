@@ -86,13 +86,7 @@ flags.DEFINE_string("output_dir", "runs/multitask_pt", "Results, plots and check
 flags.DEFINE_string("saved_models_dir", "saved_models", "Where SavedModels are exported.")
 flags.DEFINE_string("run_name", "multitask_pt", "Name prefix of the exported SavedModels.")
 flags.DEFINE_bool("resume", True, "Skip runs whose results exist in --output_dir.")
-flags.DEFINE_enum("strategy", "default", list(km.distribute.STRATEGIES),
-                  "tf.distribute strategy of pre-training: default (one device), mirrored (local "
-                  "GPUs, or --devices), multiworker (TF_CONFIG names the cluster; run the same "
-                  "command on every worker), tpu (--tpu_address).")
-flags.DEFINE_list("devices", None, "--strategy=mirrored: devices to mirror over (e.g. "
-                  "/gpu:0,/gpu:1); default all local GPUs, or the CPU.")
-flags.DEFINE_string("tpu_address", None, "TPU name or grpc:// address for --strategy=tpu.")
+km.distribute.define_strategy_flags("pre-training")
 flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0 silent, 1 progress bar, 2 per epoch).")
 
 NODE_BUCKETS = tuple(range(256, 1 << 16, 256))
@@ -392,7 +386,7 @@ def main(argv):
         FLAGS.pt_epochs, FLAGS.ft_epochs = 10, 50
     results_dir = os.path.join(FLAGS.output_dir, "results")
     os.makedirs(results_dir, exist_ok=True)
-    strategy = km.distribute.get_strategy(FLAGS.strategy, FLAGS.tpu_address, FLAGS.devices)
+    strategy = km.distribute.strategy_from_flags()
     if strategy.num_replicas_in_sync > 1:
         print(f"Pre-training on {strategy.num_replicas_in_sync} replicas ({FLAGS.strategy}); "
               f"global batch {strategy.num_replicas_in_sync} x {FLAGS.batch_size} graphs")

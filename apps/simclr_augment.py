@@ -86,12 +86,8 @@ flags.DEFINE_float("warp_scale", 0.05, "Initial global scale of the learned warp
 flags.DEFINE_integer("ft_epochs", 30, "Epochs of linear evaluation and of full fine-tuning.")
 flags.DEFINE_float("ft_lr", 1e-3, "Fine-tuning Adam learning rate.")
 flags.DEFINE_bool("xla", False, "Compile PT steps with XLA (jit_compile).")
-flags.DEFINE_enum("strategy", "default", list(km.distribute.STRATEGIES),
-                  "tf.distribute strategy of pre-training: default (one device), mirrored (local "
-                  "GPUs, or --devices), multiworker (TF_CONFIG; the same command on every "
-                  "worker), tpu (--tpu_address). Each replica contrasts its own shard.")
-flags.DEFINE_list("devices", None, "--strategy=mirrored: devices to mirror over.")
-flags.DEFINE_string("tpu_address", None, "TPU name or grpc:// address for --strategy=tpu.")
+km.distribute.define_strategy_flags(
+    "pre-training (each replica contrasts its own shard)")
 flags.DEFINE_string("output_dir", "runs/simclr_augment", "Results, plots and checkpoints.")
 flags.DEFINE_string("saved_models_dir", "saved_models", "Where SavedModels are exported.")
 flags.DEFINE_string("run_name", None, "Name prefix of the exports (default simclr_<modality>).")
@@ -377,7 +373,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     results_dir = os.path.join(FLAGS.output_dir, "results")
     os.makedirs(results_dir, exist_ok=True)
-    strategy = km.distribute.get_strategy(FLAGS.strategy, FLAGS.tpu_address, FLAGS.devices)
+    strategy = km.distribute.strategy_from_flags()
     data = load_data()
     print(f"{FLAGS.modality}: {len(data['pt'])} PT examples {data['pt'].shape[1:]}, "
           f"{len(data['labelled'][0])} labelled, {len(data['test'][0])} test, "

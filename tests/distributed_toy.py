@@ -35,6 +35,7 @@ import tensorflow as tf  # noqa: E402
 
 import keras_metapt as km  # noqa: E402
 from tests import meta_pt_toy as toy  # noqa: E402
+from tests.two_cpus import split_cpu_in_two  # noqa: E402
 
 WARMUP = 3
 
@@ -138,18 +139,13 @@ def optim_sgd():
 
 
 def main(mode, out_dir, steps, *config):
-    if mode == "mirrored":
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    if mode in ("mirrored", "estimators", "nonfinite"):
+        split_cpu_in_two()
     tf.config.experimental.enable_op_determinism()
     if mode == "estimators":
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         run_estimators(out_dir)
         return
     if mode == "nonfinite":  # a poisoned FT loss under MirroredStrategy: fit must stop, phi kept
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         x, y, x_ft, y_ft, _ = toy.synthetic_tasks(0)
         with strategy.scope():

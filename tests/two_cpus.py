@@ -9,8 +9,14 @@ import sys
 
 import tensorflow as tf
 
-if __name__ == "__main__":
+
+def split_cpu_in_two():
+    """Two logical CPU devices (/cpu:0, /cpu:1); call before TensorFlow initialises devices."""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+
+if __name__ == "__main__":
+    split_cpu_in_two()
     sys.argv = sys.argv[1:]
     runpy.run_path(sys.argv[0], run_name="__main__")
