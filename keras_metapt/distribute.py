@@ -17,7 +17,8 @@ import os
 
 import tensorflow as tf
 
-__all__ = ["STRATEGIES", "get_strategy", "define_strategy_flags", "strategy_from_flags", "is_multi_worker", "num_replicas", "replica_sum", "shard_fraction"]
+__all__ = ["STRATEGIES", "get_strategy", "define_strategy_flags", "strategy_from_flags",
+           "is_multi_worker", "num_replicas", "replica_sum", "shard_fraction"]
 
 STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
 

@@ -293,11 +293,10 @@ class MetaPretrainer(keras.Model):
 
         return PretrainFinetuneProblem(pt_loss, ft_loss)
 
-    def _replica_share(self, loss, x):
-        """The loss as this replica's share of the global-batch mean (the loss itself with
-        one replica): summed over replicas it is the mean over the global batch."""
-        if self._replicas == 1:
-            return loss
+    @staticmethod
+    def _replica_share(loss, x):
+        """The loss as this replica's share of the global-batch mean (times 1 with one
+        replica): summed over replicas it is the mean over the global batch."""
         return loss * distribute.shard_fraction(x, loss.dtype)
 
     # ----------------------------------------------------------------- steps
