@@ -38,7 +38,8 @@ import keras_metapt as km  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from keras_metapt import functional, linalg, optim, references  # noqa: E402
+from keras_metapt import functional, linalg, optim  # noqa: E402
+from tests import references  # noqa: E402
 from keras_metapt.hyper import piecewise_constant  # noqa: E402
 
 FLAGS = flags.FLAGS

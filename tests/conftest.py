@@ -11,8 +11,6 @@ import tensorflow as tf  # noqa: E402
 
 import keras_metapt as km  # noqa: E402
 
-SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-
 
 def compiled(fn, mode):
     """fn as run in a given mode: 'eager', 'graph' (tf.function) or 'xla'."""

@@ -1,4 +1,4 @@
-"""A tiny PTB-XL-layout folder written from the real PTB record s0010_re in ../shared/data/wfdb.
+"""A tiny PTB-XL-layout folder written from the real PTB record s0010_re in tests/fixtures/wfdb.
 
 s0010_re holds 15 leads at 1000 Hz (38.4 s); its first 12 are the standard leads. Windows of
 10 s (every 2 s) are averaged down to 100 Hz (blocks of 10 samples -> 1000 samples) and written
@@ -11,8 +11,8 @@ import os
 
 import numpy as np
 
-SHARED_WFDB = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "..", "shared", "data", "wfdb")
+FIXTURE_WFDB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "fixtures", "wfdb")
 
 # (statement, diagnostic, diagnostic_class): real PTB-XL statements; SR is a rhythm statement
 STATEMENTS = [("NORM", "1.0", "NORM"), ("IMI", "1.0", "MI"), ("NDT", "1.0", "STTC"),
@@ -23,7 +23,7 @@ CODES = ["{'NORM': 100.0, 'SR': 0.0}", "{'IMI': 80.0, 'SR': 0.0}", "{'NDT': 100.
 
 def windows(count=14):
     import wfdb
-    signal, fields = wfdb.rdsamp(os.path.join(SHARED_WFDB, "s0010_re"))
+    signal, fields = wfdb.rdsamp(os.path.join(FIXTURE_WFDB, "s0010_re"))
     assert fields["fs"] == 1000 and signal.shape[1] == 15
     leads = signal[:, :12]
     starts = range(0, len(leads) - 10000 + 1, 2000)

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 import keras_metapt as km
-from keras_metapt import references
+from tests import references
 from keras_metapt.hyper import piecewise_constant
 from tests.conftest import central_differences
 

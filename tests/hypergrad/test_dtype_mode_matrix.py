@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 
 import keras_metapt as km
-from keras_metapt import optim, references
+from keras_metapt import optim
+from tests import references
 from tests.conftest import Ridge, compiled, rel_err
 from tests.hypergrad.quadratic import Quadratic
 

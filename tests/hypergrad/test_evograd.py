@@ -1,7 +1,7 @@
 """EvoGrad on its 1-D toy: train (x-1)^2 + lambda x^2, val (x-0.5)^2.
 
 References: the true hypergradient (lambda-1)/(lambda+1)^3
-(keras_metapt.references.evograd_toy_hypergradient) for the sign, and the one-step
+(tests.references.evograd_toy_hypergradient) for the sign, and the one-step
 SGD hypergradient at learning rate eta = sigma^2 (K-1) / (K tau), written out below,
 for the mean in the small-sigma regime.
 """
@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import keras_metapt as km
-from keras_metapt import references
+from tests import references
 
 
 def toy_problem():

@@ -1,6 +1,6 @@
 """Implicit (IFT) hypergradients on ridge regression.
 
-Reference: keras_metapt.references.ridge_hypergradient, the closed-form
+Reference: tests.references.ridge_hypergradient, the closed-form
 d L_val(w*(lambda)) / d log(lambda) in float64 NumPy.
 """
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import keras_metapt as km
-from keras_metapt import references
+from tests import references
 from tests.conftest import compiled, rel_err
 
 

@@ -1,7 +1,7 @@
 """Unrolled (reverse-mode) hypergradients on gradient descent over a quadratic.
 
 Reference: central finite differences (float64) of the closed-form iterate w_T
-(keras_metapt.references.quadratic_gd_iterate); for truncation, of the K-step formula
+(tests.references.quadratic_gd_iterate); for truncation, of the K-step formula
 with w_{T-K} held fixed.
 """
 
