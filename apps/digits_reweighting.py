@@ -21,18 +21,23 @@ examples), and gradients, HVPs and hypergradients are summed across replicas
 """
 
 import csv
-import json
+import dataclasses
 import os
 import sys
+from typing import Optional
 
 from absl import app, flags, logging
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script: make `apps` importable
+    sys.path.insert(0, ROOT)
 
 import keras_metapt as km  # noqa: E402  (sets the Keras backend first)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from apps import runner  # noqa: E402
 from keras_metapt import functional, optim  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -48,15 +53,41 @@ flags.DEFINE_float("hyper_lr", 0.1, "Adam learning rate on the weight logits.")
 flags.DEFINE_float("label_noise", 0.4, "Fraction of training labels replaced by a random class.")
 flags.DEFINE_integer("num_train", 1000, "Training examples (the rest: 300 validation, test).")
 flags.DEFINE_integer("hidden", 64, "Hidden units of the MLP 64-hidden-10.")
-flags.DEFINE_integer("seed", 0, "Seed for the split, the label noise and the initialisation.")
+flags.DEFINE_integer("seed", 0, "Seed for the split, the label noise and the initialisation; "
+                     "it fixes the run (bit-identical on CPU).")
 flags.DEFINE_integer("log_every", 10, "Print a line every this many outer steps.")
 flags.DEFINE_string("output_dir", "runs/digits_reweighting", "Where history, plot and "
                     "checkpoints go.")
 flags.DEFINE_integer("checkpoint_every", 50, "Checkpoint every this many outer steps (0: never).")
-flags.DEFINE_bool("resume", True, "Resume from the latest checkpoint in --output_dir.")
-km.distribute.define_strategy_flags("each hypergradient")
+flags.DEFINE_bool("resume", True, "Resume from the latest checkpoint in --output_dir (when it "
+                  "was made with the same settings; --outer_steps may grow).")
+runner.define_strategy_flags("each hypergradient")
+flags.adopt_module_key_flags(runner)
 flags.DEFINE_bool("plot", True, "Write reweighting.png (validation loss curves and the learned "
                   "weights of clean vs corrupted examples).")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config(runner.Config):
+    """The flags of this app (see --helpshort)."""
+
+    estimator: str
+    outer_steps: int
+    inner_steps: int
+    truncate: Optional[int]
+    inner_lr: float
+    hyper_lr: float
+    label_noise: float
+    num_train: int
+    hidden: int
+    seed: int
+    log_every: int
+    checkpoint_every: int
+    plot: bool
+
+    # a resumed run may go on to more outer steps
+    NOT_IN_RESULTS = runner.Config.NOT_IN_RESULTS + ("outer_steps", "log_every",
+                                                     "checkpoint_every", "plot")
 
 
 def load_noisy_digits(num_train, noise, seed):
@@ -78,8 +109,8 @@ def load_noisy_digits(num_train, noise, seed):
     return (x[train], y_train), (x[val], y[val]), (x[test], y[test]), corrupted
 
 
-def build_model(hidden, seed):
-    keras.utils.set_random_seed(seed)
+def build_model(hidden):
+    """The MLP; its initialisation comes from the seed set by `runner.seed_everything`."""
     return keras.Sequential([keras.Input((64,)), keras.layers.Dense(hidden, activation="relu"),
                              keras.layers.Dense(10)], name="digits_mlp")
 
@@ -93,7 +124,10 @@ def make_problem(model, non_trainable):
         return functional.stateless_apply(model, params, non_trainable, x)[0]
 
     def per_example(params, x, y):
-        return keras.losses.sparse_categorical_crossentropy(y, predict(params, x), from_logits=True)
+        # Sparse softmax cross-entropy as log-softmax and a one-hot select: under op
+        # determinism TensorFlow's sparse kernel becomes a gather whose gradient inside the
+        # unrolled loop XLA cannot compile; these plain ops compile and are deterministic.
+        return -tf.reduce_sum(tf.one_hot(y, 10) * tf.nn.log_softmax(predict(params, x)), axis=-1)
 
     # Batches are (x, y, example index); with several replicas each loss is the replica's
     # share of the global mean (shard_fraction is 1 on one device).
@@ -114,7 +148,7 @@ def make_estimator(name, inner_steps, truncate, inner_lr, reduce=None):
         return km.Unrolled(optim.sgd(inner_lr), num_steps=inner_steps, truncate=truncate,
                            gradient_reduction=reduce)
     if name == "implicit":
-        return km.Implicit("neumann", num_terms=inner_steps, alpha=inner_lr,
+        return km.Implicit(km.linalg.neumann(inner_steps, alpha=inner_lr),
                            gradient_reduction=reduce)
     return km.EvoGrad(num_copies=4, sigma=0.05, temperature=0.05, gradient_reduction=reduce)
 
@@ -131,32 +165,36 @@ def shard_for_replicas(strategy, arrays):
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    config = Config.from_flags(FLAGS)
+    runner.seed_everything(config.seed)
     (x_tr, y_tr), (x_val, y_val), (x_te, y_te), corrupted = load_noisy_digits(
-        FLAGS.num_train, FLAGS.label_noise, FLAGS.seed)
-    model = build_model(FLAGS.hidden, FLAGS.seed)
+        config.num_train, config.label_noise, config.seed)
+    model = build_model(config.hidden)
     trainable, non_trainable = functional.model_state(model)
     problem, predict = make_problem(model, non_trainable)
-    strategy = km.distribute.strategy_from_flags()
+    strategy = config.strategy_object()
     replicas = strategy.num_replicas_in_sync
-    estimator = make_estimator(FLAGS.estimator, FLAGS.inner_steps, FLAGS.truncate, FLAGS.inner_lr,
-                               km.distribute.replica_sum if replicas > 1 else None)
+    estimator = make_estimator(config.estimator, config.inner_steps, config.truncate,
+                               config.inner_lr, km.distribute.replica_sum if replicas > 1 else None)
     if replicas > 1:
-        print(f"{replicas} replicas ({FLAGS.strategy}): each hypergradient is data-parallel")
-    sgd = optim.sgd(FLAGS.inner_lr)
+        print(f"{replicas} replicas ({config.strategy}): each hypergradient is data-parallel")
+    sgd = optim.sgd(config.inner_lr)
 
     # State: meta-learned run (params, logits), uniform baseline (params), hyper-optimizer.
     params = [tf.Variable(t) for t in trainable]
     baseline = [tf.Variable(t) for t in trainable]
-    logits = tf.Variable(tf.zeros([FLAGS.num_train]), name="example_weight_logits")
-    hyper_opt = keras.optimizers.Adam(FLAGS.hyper_lr)
+    logits = tf.Variable(tf.zeros([config.num_train]), name="example_weight_logits")
+    hyper_opt = keras.optimizers.Adam(config.hyper_lr)
     hyper_opt.build([logits])
     step = tf.Variable(0, dtype=tf.int64)
     ckpt = tf.train.Checkpoint(params=params, baseline=baseline, logits=logits, step=step,
                                hyper_opt=hyper_opt)
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    manager = tf.train.CheckpointManager(ckpt, os.path.join(FLAGS.output_dir, "ckpt"), 2)
-    history_path = os.path.join(FLAGS.output_dir, "history.csv")
-    if FLAGS.resume and manager.latest_checkpoint:
+    os.makedirs(config.output_dir, exist_ok=True)
+    ckpt_dir = os.path.join(config.output_dir, "ckpt")
+    resumable = runner.claim_directory(ckpt_dir, config)
+    manager = tf.train.CheckpointManager(ckpt, ckpt_dir, 2)
+    history_path = os.path.join(config.output_dir, "history.csv")
+    if resumable and manager.latest_checkpoint:
         ckpt.restore(manager.latest_checkpoint)
         print(f"Resumed from {manager.latest_checkpoint} at outer step {int(step.numpy())}")
     else:
@@ -167,11 +205,11 @@ def main(argv):
     val = (x_val, y_val)
 
     def hypergradient(train_batch, val_batch):
-        # EvoGrad's noise seed: a function of the step, the same on every replica.
-        kwargs = {"seed": tf.stack([tf.constant(FLAGS.seed, tf.int64), step.read_value()])} \
-            if FLAGS.estimator == "evograd" else {}
+        # EvoGrad's noise seed: a function of the step, the same on every replica (the other
+        # estimators ignore it).
+        seed = tf.stack([tf.constant(config.seed, tf.int64), step.read_value()])
         return estimator(problem, [p.read_value() for p in params], [logits.read_value()],
-                         train_batch, val_batch, **kwargs)
+                         train_batch, val_batch, seed=seed)
 
     if replicas == 1:
         meta_step = tf.function(lambda: hypergradient(train, val), jit_compile=True)
@@ -190,7 +228,7 @@ def main(argv):
     def baseline_steps():
         state = [p.read_value() for p in baseline]
         uniform = [tf.zeros_like(logits)]
-        for _ in range(FLAGS.inner_steps):
+        for _ in range(config.inner_steps):
             with tf.GradientTape() as tape:
                 tape.watch(state)
                 loss = problem.inner_loss(state, uniform, train)
@@ -200,7 +238,7 @@ def main(argv):
     def inner_sgd_steps():
         """EvoGrad and IFT do not move the parameters: train them with the current weights."""
         state = [p.read_value() for p in params]
-        for _ in range(FLAGS.inner_steps):
+        for _ in range(config.inner_steps):
             with tf.GradientTape() as tape:
                 tape.watch(state)
                 loss = problem.inner_loss(state, [logits.read_value()], train)
@@ -208,15 +246,15 @@ def main(argv):
         return state
 
     inner_sgd_steps = tf.function(inner_sgd_steps, jit_compile=True)
-    progbar = keras.utils.Progbar(FLAGS.outer_steps, unit_name="outer step")
+    progbar = keras.utils.Progbar(config.outer_steps, unit_name="outer step")
     progbar.update(int(step.numpy()))
     print(f"{'step':>6} {'val loss (meta-learned weights)':>32} {'val loss (uniform weights)':>28}")
     with open(history_path, "a", newline="") as f:
         writer = csv.writer(f)
-        while int(step.numpy()) < FLAGS.outer_steps:
+        while int(step.numpy()) < config.outer_steps:
             result = km.ensure_finite(meta_step())
             hyper_opt.apply_gradients([(result.hypergrad[0], logits)])
-            if FLAGS.estimator == "unrolled":
+            if config.estimator == "unrolled":
                 new_params = result.params
             else:
                 new_params = inner_sgd_steps()
@@ -229,23 +267,22 @@ def main(argv):
             s = int(step.numpy())
             meta_val = float(problem.outer_loss([p.read_value() for p in params], None, val))
             writer.writerow([s, f"{meta_val:.5f}", f"{float(base_val):.5f}"])
-            if s % FLAGS.log_every == 0 or s == FLAGS.outer_steps:
+            if s % config.log_every == 0 or s == config.outer_steps:
                 f.flush()
                 sys.stdout.write("\n")
                 print(f"{s:>6} {meta_val:>32.4f} {float(base_val):>28.4f}")
             progbar.update(s)
-            if FLAGS.checkpoint_every and s % FLAGS.checkpoint_every == 0:
+            if config.checkpoint_every and s % config.checkpoint_every == 0:
                 f.flush()
                 manager.save(checkpoint_number=s)
 
     summary = summarise(problem, predict, params, baseline, logits, (x_te, y_te), val,
                         corrupted)
-    with open(os.path.join(FLAGS.output_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    runner.write_json(os.path.join(config.output_dir, "summary.json"), summary)
     print("\n" + "\n".join(f"{k}: {v}" for k, v in summary.items()))
-    if FLAGS.plot:
+    if config.plot:
         plot(history_path, tf.sigmoid(logits).numpy(), corrupted,
-             os.path.join(FLAGS.output_dir, "reweighting.png"))
+             os.path.join(config.output_dir, "reweighting.png"))
 
 
 def summarise(problem, predict, params, baseline, logits, test, val, corrupted):

@@ -29,18 +29,23 @@ the meta arm's fine-tuned model and encoder of the last seed as SavedModels unde
 """
 
 import csv
-import json
+import dataclasses
 import os
+import sys
+from typing import Optional
 
 from absl import app, flags, logging
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script: make `apps` importable
+    sys.path.insert(0, ROOT)
 
 import keras_metapt as km  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from keras_metapt import export  # noqa: E402
+from apps import runner  # noqa: E402
 from keras_metapt.callbacks import EpochTimer, MetaCheckpoint, TaskWeightsPlot  # noqa: E402
 from keras_metapt.data import (EDGE_VOCAB_SIZES, NODE_VOCAB_SIZES, batch_graphs, bucket_size,  # noqa: E402
                                embedded, read_molecule_csv, smiles_to_graph)
@@ -49,6 +54,7 @@ from keras_metapt.losses import masked_multitask_bce  # noqa: E402
 from keras_metapt.nets import GIN  # noqa: E402
 
 FLAGS = flags.FLAGS
+ARMS = ("no_pt", "uniform", "meta")
 flags.DEFINE_string("pt_csv", None, "PT molecules: CSV with a SMILES column and 0/1 label columns "
                     "(empty cell = missing label). Default: the embedded RDKit benchmark.")
 flags.DEFINE_string("pt_tfds", None, "PT molecules as a graph TFDS dataset directory (written by "
@@ -77,55 +83,108 @@ flags.DEFINE_integer("unroll_steps", 1, "K: differentiable FT-head steps per hyp
 flags.DEFINE_integer("neumann_terms", 1, "i: Neumann terms of the inverse-Hessian product.")
 flags.DEFINE_integer("ft_epochs", 30, "Final fine-tuning epochs (no early stopping on test).")
 flags.DEFINE_float("ft_lr", 1e-3, "Final fine-tuning Adam learning rate.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (model initialisation, data order).")
-flags.DEFINE_list("arms", ["no_pt", "uniform", "meta"], "Arms to run.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (model initialisation, data order); a seed "
+                  "fixes a run (bit-identical on CPU).")
+flags.DEFINE_list("arms", list(ARMS), "Arms to run, out of " + ", ".join(ARMS) + ".")
+flags.DEFINE_enum("baseline", "uniform", list(ARMS), "Arm that summary.md/json compare every "
+                  "other arm with (mean paired per-seed difference, 95% t interval).")
 flags.DEFINE_bool("xla", True, "Compile training steps with XLA (jit_compile).")
 flags.DEFINE_bool("full", False, "Paper-sized preset: 5 layers, hidden 300, all PT molecules, "
                   "10 PT epochs, 50 FT epochs (meant for a GPU).")
 flags.DEFINE_string("output_dir", "runs/multitask_pt", "Results, plots and checkpoints.")
 flags.DEFINE_string("saved_models_dir", "saved_models", "Where SavedModels are exported.")
 flags.DEFINE_string("run_name", "multitask_pt", "Name prefix of the exported SavedModels.")
-flags.DEFINE_bool("resume", True, "Skip runs whose results exist in --output_dir.")
-km.distribute.define_strategy_flags("pre-training")
+flags.DEFINE_bool("resume", True, "Skip runs whose results exist in --output_dir and were made "
+                  "with the same settings (others run again).")
+runner.define_strategy_flags("pre-training")
+flags.adopt_module_key_flags(runner)
 flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0 silent, 1 progress bar, 2 per epoch).")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config(runner.GridConfig):
+    """The flags of this app (see --helpshort), with the --full preset applied."""
+
+    pt_csv: Optional[str]
+    pt_tfds: Optional[str]
+    pt_tfds_split: str
+    ft_csv: Optional[str]
+    smiles_column: str
+    ft_label_column: str
+    on_error: str
+    max_pt_molecules: int
+    test_fraction: float
+    meta_val_fraction: float
+    split_seed: int
+    num_layers: int
+    hidden: int
+    dropout: float
+    batch_size: int
+    pt_epochs: int
+    pt_lr: float
+    hyper_lr: float
+    hyperstep_every: int
+    unroll_steps: int
+    neumann_terms: int
+    ft_epochs: int
+    ft_lr: float
+    xla: bool
+    full: bool
+    saved_models_dir: str
+    run_name: str
+    verbose: int
+
+    ARMS = ARMS
+    NOT_IN_RESULTS = runner.GridConfig.NOT_IN_RESULTS + ("saved_models_dir", "run_name", "verbose")
+
+    @classmethod
+    def from_flags(cls, flag_values=FLAGS):
+        config = super().from_flags(flag_values)
+        if config.full:
+            config = dataclasses.replace(config, num_layers=5, hidden=300, max_pt_molecules=0,
+                                         pt_epochs=10, ft_epochs=50)
+        return config
+
 
 NODE_BUCKETS = tuple(range(256, 1 << 16, 256))
 
 
 # ----------------------------------------------------------------------------- data
 
-def load_data():
-    cache = os.path.join(FLAGS.output_dir, "cache", "pt_fragment_labels.npz")
-    if FLAGS.pt_csv and FLAGS.pt_tfds:
+def load_data(config):
+    cache = os.path.join(config.output_dir, "cache", "pt_fragment_labels.npz")
+    if config.pt_csv and config.pt_tfds:
         raise app.UsageError("give --pt_csv or --pt_tfds, not both")
-    if FLAGS.pt_csv or FLAGS.pt_tfds:
-        if FLAGS.pt_tfds:
+    if config.pt_csv or config.pt_tfds:
+        if config.pt_tfds:
             from keras_metapt.data.tfds_graphs import read_graph_tfds
-            pt = read_graph_tfds(FLAGS.pt_tfds, FLAGS.pt_tfds_split)
+            pt = read_graph_tfds(config.pt_tfds, config.pt_tfds_split)
         else:
-            pt = read_molecule_csv(FLAGS.pt_csv, FLAGS.smiles_column, on_error=FLAGS.on_error)
+            pt = read_molecule_csv(config.pt_csv, config.smiles_column, on_error=config.on_error)
         pt_graphs, pt_labels, tasks = pt.graphs, pt.labels, pt.task_names
-        if FLAGS.max_pt_molecules:
-            pt_graphs, pt_labels = pt_graphs[:FLAGS.max_pt_molecules], pt_labels[:FLAGS.max_pt_molecules]
+        if config.max_pt_molecules:
+            pt_graphs = pt_graphs[:config.max_pt_molecules]
+            pt_labels = pt_labels[:config.max_pt_molecules]
     else:
-        smiles = embedded.pretraining_smiles(FLAGS.max_pt_molecules or None)
+        smiles = embedded.pretraining_smiles(config.max_pt_molecules or None)
         pt_labels, tasks = embedded.fragment_labels(smiles, cache=cache)
         pt_graphs = [smiles_to_graph(s) for s in smiles]
-    if FLAGS.ft_csv:
-        ft = read_molecule_csv(FLAGS.ft_csv, FLAGS.smiles_column, [FLAGS.ft_label_column],
-                               on_error=FLAGS.on_error)
+    if config.ft_csv:
+        ft = read_molecule_csv(config.ft_csv, config.smiles_column, [config.ft_label_column],
+                               on_error=config.on_error)
         ft_graphs, ft_labels = ft.graphs, ft.labels
-        with open(FLAGS.ft_csv, newline="") as f:
-            ft_smiles = [row[FLAGS.smiles_column] for row in csv.DictReader(f)]
+        with open(config.ft_csv, newline="") as f:
+            ft_smiles = [row[config.smiles_column] for row in csv.DictReader(f)]
     else:
         ft_smiles, ft_labels, _ = embedded.finetuning_set()
         ft_graphs = [smiles_to_graph(s) for s in ft_smiles]
     if len(ft_smiles) != len(ft_graphs):  # rows skipped in the CSV: split on a random order
-        train_idx = np.random.default_rng(FLAGS.split_seed).permutation(len(ft_graphs))
-        cut = int((1 - FLAGS.test_fraction) * len(ft_graphs))
+        train_idx = np.random.default_rng(config.split_seed).permutation(len(ft_graphs))
+        cut = int((1 - config.test_fraction) * len(ft_graphs))
         train_idx, test_idx = np.sort(train_idx[:cut]), np.sort(train_idx[cut:])
     else:
-        train_idx, test_idx = embedded.scaffold_split(ft_smiles, FLAGS.test_fraction, FLAGS.split_seed)
+        train_idx, test_idx = embedded.scaffold_split(ft_smiles, config.test_fraction,
+                                                      config.split_seed)
     return pt_graphs, pt_labels, tasks, ft_graphs, ft_labels, train_idx, test_idx
 
 
@@ -171,12 +230,37 @@ def epochs_dataset(graphs, labels, batch_size, epochs, seed):
     return tf.data.Dataset.from_tensor_slices((x, y)), len(y) // epochs, (nb, eb)
 
 
+def test_batches(graphs, labels, idx, batch_size):
+    """Test molecules in batches of batch_size, the last one padded with copies (scored, dropped)."""
+    pad = (-len(idx)) % batch_size
+    order = np.concatenate([idx, np.repeat(idx[:1], pad)])
+    x, y, _, _ = packed(graphs, labels, order, batch_size)
+    return x, y, len(idx)
+
+
+def prepare_seed(config, data, seed):
+    """What the arms of a seed share: the seeded PT and FT batch orders and the test batches."""
+    pt_graphs, pt_labels, tasks, ft_graphs, ft_labels, train_idx, test_idx = data
+    train_shuffled = np.random.default_rng(seed).permutation(train_idx)
+    n_val = int(config.meta_val_fraction * len(train_shuffled))
+    meta_val_idx, meta_train_idx = train_shuffled[:n_val], train_shuffled[n_val:]
+    pt_ds, pt_steps, _ = epochs_dataset(pt_graphs, pt_labels, config.batch_size, config.pt_epochs,
+                                        seed)
+    ft_sets = {}
+    for name, idx in (("train", train_idx), ("meta_train", meta_train_idx), ("meta_val", meta_val_idx)):
+        epochs = config.ft_epochs if name == "train" else 1
+        ft_sets[name] = epochs_dataset([ft_graphs[i] for i in idx], ft_labels[idx],
+                                       config.batch_size, epochs, seed)
+    return {"pt": (pt_ds, pt_steps), "ft": ft_sets,
+            "test": test_batches(ft_graphs, ft_labels, test_idx, config.batch_size)}
+
+
 # ----------------------------------------------------------------------------- models
 
-def make_encoder(seed):
-    keras.utils.set_random_seed(seed)
-    return GIN(NODE_VOCAB_SIZES, EDGE_VOCAB_SIZES, num_graphs=FLAGS.batch_size,
-               num_layers=FLAGS.num_layers, hidden=FLAGS.hidden, dropout=FLAGS.dropout)
+def make_encoder(config):
+    """A GIN; its initialisation comes from the seed the runner set."""
+    return GIN(NODE_VOCAB_SIZES, EDGE_VOCAB_SIZES, num_graphs=config.batch_size,
+               num_layers=config.num_layers, hidden=config.hidden, dropout=config.dropout)
 
 
 def build_on(model, dataset):
@@ -221,181 +305,125 @@ def replica_losses(replicas):
     return pt_loss, ft_loss
 
 
-def pretrain_uniform(encoder, pt_ds, steps, tasks, strategy):
+def pretrain_uniform(config, encoder, pt_ds, steps, tasks, strategy):
     replicas = strategy.num_replicas_in_sync
     with strategy.scope():
         model = Head(ReplicaBatch(encoder, replicas), len(tasks))
         if replicas > 1:
             model.build_batch = tf.nest.map_structure(lambda t: t[None], next(iter(pt_ds)))
-        model.compile(keras.optimizers.Adam(FLAGS.pt_lr), loss=replica_losses(replicas)[0],
-                      jit_compile=FLAGS.xla and replicas == 1)
+        model.compile(keras.optimizers.Adam(config.pt_lr), loss=replica_losses(replicas)[0],
+                      jit_compile=config.xla and replicas == 1)
     timer = EpochTimer()
     steps //= replicas
-    model.fit(per_replica(pt_ds, replicas), epochs=FLAGS.pt_epochs, steps_per_epoch=steps,
-              verbose=FLAGS.verbose, callbacks=[timer], shuffle=False)
+    model.fit(per_replica(pt_ds, replicas), epochs=config.pt_epochs, steps_per_epoch=steps,
+              verbose=config.verbose, callbacks=[timer], shuffle=False)
     # the first epoch traces and compiles
-    return (timer.examples_per_second(steps, FLAGS.batch_size * replicas, skip=1),
-            timer.seconds)
+    return {"pt_examples_per_second": timer.examples_per_second(
+                steps, config.batch_size * replicas, skip=1),
+            "pt_epoch_seconds": timer.seconds}
 
 
-def pretrain_meta(encoder, pt_ds, steps, tasks, ft_train, seed, strategy):
-    """MetaPretrainer with TaskWeights; returns (PT examples/s, learned weights, model)."""
+def pretrain_meta(config, encoder, pt_ds, steps, tasks, ft_train, seed, strategy):
+    """MetaPretrainer with TaskWeights; returns the record fields (throughput, weights)."""
     replicas = strategy.num_replicas_in_sync
     pt_loss, ft_loss = replica_losses(replicas)
     with strategy.scope():
-        pt_head = keras.Sequential([keras.Input((FLAGS.hidden,)), keras.layers.Dense(len(tasks))])
-        ft_head = keras.Sequential([keras.Input((FLAGS.hidden,)), keras.layers.Dense(1)])
+        pt_head = keras.Sequential([keras.Input((config.hidden,)), keras.layers.Dense(len(tasks))])
+        ft_head = keras.Sequential([keras.Input((config.hidden,)), keras.layers.Dense(1)])
         weights = TaskWeights(len(tasks), task_names=tasks)
         wrapped = ReplicaBatch(encoder, replicas)
         x, _ = next(iter(per_replica(pt_ds, replicas)))
         wrapped(x if replicas == 1 else tf.nest.map_structure(lambda t: t[:1], x))  # builds
+        # alpha=None: the Neumann step is the PT optimizer's learning rate at each hyperstep
         model = km.MetaPretrainer(wrapped, pt_head, ft_head, weights,
                                   pt_loss=pt_loss, ft_loss=ft_loss,
-                                  hyperstep_every=FLAGS.hyperstep_every,
-                                  unroll_steps=FLAGS.unroll_steps,
-                                  neumann_terms=FLAGS.neumann_terms)
-        model.compile(keras.optimizers.Adam(FLAGS.pt_lr), keras.optimizers.Adam(FLAGS.ft_lr),
-                      keras.optimizers.Adam(FLAGS.hyper_lr),
-                      jit_compile=FLAGS.xla and replicas == 1)
+                                  hyperstep_every=config.hyperstep_every,
+                                  unroll_steps=config.unroll_steps,
+                                  solve=km.linalg.neumann(config.neumann_terms))
+        model.compile(keras.optimizers.Adam(config.pt_lr), keras.optimizers.Adam(config.ft_lr),
+                      keras.optimizers.Adam(config.hyper_lr),
+                      jit_compile=config.xla and replicas == 1)
     meta_train, meta_val = ft_train
     stream = km.meta_dataset(*(per_replica(ds, replicas) for ds in (pt_ds, meta_train, meta_val)),
-                             FLAGS.unroll_steps)
+                             config.unroll_steps)
     steps //= replicas
-    run_dir = os.path.join(FLAGS.output_dir, f"meta_seed{seed}")
+    run_dir = runner.run_directory(config, "meta", seed)
     timer = EpochTimer()
     callbacks = [MetaCheckpoint(os.path.join(run_dir, "ckpt")), timer,
-                 TaskWeightsPlot(os.path.join(FLAGS.output_dir, f"task_weights_seed{seed}.png"))]
-    model.fit(stream, epochs=FLAGS.pt_epochs, steps_per_epoch=steps, callbacks=callbacks,
-              verbose=FLAGS.verbose)
+                 TaskWeightsPlot(os.path.join(config.output_dir, f"task_weights_seed{seed}.png"))]
+    model.fit(stream, epochs=config.pt_epochs, steps_per_epoch=steps, callbacks=callbacks,
+              verbose=config.verbose)
     # epoch 1 is the warm-up, epoch 2 compiles the hyperstep
-    return (timer.examples_per_second(steps, FLAGS.batch_size * replicas, skip=2), timer.seconds,
-            weights.task_weights(), model)
+    return {"pt_examples_per_second": timer.examples_per_second(
+                steps, config.batch_size * replicas, skip=2),
+            "pt_epoch_seconds": timer.seconds,
+            "task_weights": {t: float(w) for t, w in zip(tasks, weights.task_weights())}}
 
 
-def finetune(encoder_weights, ft_train_ds, ft_steps, test, seed, linear):
-    """Fresh encoder with the given weights + fresh head; returns test AUROC."""
+def finetune(config, encoder_weights, ft_train, test, linear):
+    """Fresh encoder with the given weights + fresh head, trained on the FT training part."""
     from sklearn.metrics import roc_auc_score
-    encoder = make_encoder(seed + 1000)
+    ft_train_ds, ft_steps = ft_train[:2]
+    encoder = make_encoder(config)
     model = Head(encoder, 1)
     build_on(model, ft_train_ds)
-    if encoder_weights is not None:
-        encoder.set_weights(encoder_weights)
+    encoder.set_weights(encoder_weights)
     encoder.trainable = not linear
-    model.compile(keras.optimizers.Adam(FLAGS.ft_lr), loss=bce, jit_compile=FLAGS.xla)
-    model.fit(ft_train_ds, epochs=FLAGS.ft_epochs, steps_per_epoch=ft_steps, verbose=0, shuffle=False)
+    model.compile(keras.optimizers.Adam(config.ft_lr), loss=bce, jit_compile=config.xla)
+    model.fit(ft_train_ds, epochs=config.ft_epochs, steps_per_epoch=ft_steps, verbose=0,
+              shuffle=False)
     x_test, y_test, n_test = test
     scores = np.concatenate([model.predict_on_batch({k: v[i] for k, v in x_test.items()})[:, 0]
                              for i in range(len(y_test))])[:n_test]
-    return float(roc_auc_score(y_test.reshape(-1)[:n_test], scores)), model
+    auroc = float(roc_auc_score(y_test.reshape(-1)[:n_test], scores))
+    return runner.FineTuned(auroc, model, model.encoder)
 
 
 # ----------------------------------------------------------------------------- main
 
-def test_batches(graphs, labels, idx):
-    """Test molecules in batches of batch_size, the last one padded with copies (scored, dropped)."""
-    pad = (-len(idx)) % FLAGS.batch_size
-    order = np.concatenate([idx, np.repeat(idx[:1], pad)])
-    x, y, _, _ = packed(graphs, labels, order, FLAGS.batch_size)
-    return x, y, len(idx)
-
-
-def run_seed(seed, data, results_dir, strategy):
-    pt_graphs, pt_labels, tasks, ft_graphs, ft_labels, train_idx, test_idx = data
-    rng = np.random.default_rng(seed)
-    train_shuffled = rng.permutation(train_idx)
-    n_val = int(FLAGS.meta_val_fraction * len(train_shuffled))
-    meta_val_idx, meta_train_idx = train_shuffled[:n_val], train_shuffled[n_val:]
-    pt_ds, pt_steps, _ = epochs_dataset(pt_graphs, pt_labels, FLAGS.batch_size, FLAGS.pt_epochs, seed)
-    ft_sets = {}
-    for name, idx in (("train", train_idx), ("meta_train", meta_train_idx), ("meta_val", meta_val_idx)):
-        sub_graphs = [ft_graphs[i] for i in idx]
-        epochs = FLAGS.ft_epochs if name == "train" else 1
-        ft_sets[name] = epochs_dataset(sub_graphs, ft_labels[idx], FLAGS.batch_size, epochs, seed)
-    test = test_batches(ft_graphs, ft_labels, test_idx)
-    for arm in FLAGS.arms:
-        path = os.path.join(results_dir, f"{arm}_seed{seed}.json")
-        if FLAGS.resume and os.path.exists(path):
-            print(f"seed {seed} {arm}: done earlier ({path})")
-            continue
-        print(f"seed {seed} {arm}: pre-training" if arm != "no_pt" else f"seed {seed} {arm}")
-        with strategy.scope():  # the encoder's variables are created on its first call
-            encoder = make_encoder(seed)
-            if arm != "no_pt":
-                build_on(encoder, pt_ds)
-        record = {"arm": arm, "seed": seed, "replicas": strategy.num_replicas_in_sync}
-        if arm == "uniform":
-            record["pt_examples_per_second"], record["pt_epoch_seconds"] = pretrain_uniform(
-                encoder, pt_ds, pt_steps, tasks, strategy)
-        elif arm == "meta":
-            record["pt_examples_per_second"], record["pt_epoch_seconds"], weights, _ = pretrain_meta(
-                encoder, pt_ds, pt_steps, tasks, (ft_sets["meta_train"][0], ft_sets["meta_val"][0]),
-                seed, strategy)
-            record["task_weights"] = {t: float(w) for t, w in zip(tasks, weights)}
-        else:
+def run_arm(config, data, strategy, arm, seed, shared):
+    """One arm of one seed: the encoder (no PT, uniform PT or meta-PT), then both fine-tunings."""
+    tasks = data[2]
+    pt_ds, pt_steps = shared["pt"]
+    with strategy.scope():  # the encoder's variables are created on its first call
+        encoder = make_encoder(config)
+        if arm != "no_pt":
             build_on(encoder, pt_ds)
-        encoder_weights = encoder.get_weights()
-        for mode in ("full", "linear"):
-            auroc, ft_model = finetune(encoder_weights, ft_sets["train"][0], ft_sets["train"][1],
-                                       test, seed, linear=(mode == "linear"))
-            record[f"test_auroc_{mode}"] = auroc
-            print(f"  {mode} fine-tuning: test AUROC {auroc:.4f}")
-            if arm == "meta" and mode == "full" and seed == int(FLAGS.seeds[-1]):
-                spec = {k: tf.TensorSpec(v.shape[1:], tf.as_dtype(v.dtype)) for k, v in test[0].items()}
-                record["saved_models"] = {
-                    "finetuned": export.export_saved_model(ft_model, FLAGS.saved_models_dir,
-                                                           f"{FLAGS.run_name}_finetuned", spec),
-                    "encoder": export.export_saved_model(ft_model.encoder, FLAGS.saved_models_dir,
-                                                         f"{FLAGS.run_name}_encoder", spec,
-                                                         output_name="features")}
-        with open(path, "w") as f:
-            json.dump(record, f, indent=1)
-
-
-def summarise(results_dir):
-    records = [json.load(open(os.path.join(results_dir, f))) for f in sorted(os.listdir(results_dir))]
-    lines = ["| arm | full FT test AUROC | linear eval test AUROC | PT examples/s | seeds |",
-             "|---|---:|---:|---:|---:|"]
-    summary = {}
-    for arm in ("no_pt", "uniform", "meta"):
-        rows = [r for r in records if r["arm"] == arm]
-        if not rows:
-            continue
-        full = np.array([r["test_auroc_full"] for r in rows])
-        lin = np.array([r["test_auroc_linear"] for r in rows])
-        eps = [r["pt_examples_per_second"] for r in rows if "pt_examples_per_second" in r]
-        summary[arm] = {"full_mean": full.mean(), "full_std": full.std(), "linear_mean": lin.mean(),
-                        "linear_std": lin.std(), "seeds": len(rows),
-                        "pt_examples_per_second": float(np.mean(eps)) if eps else None}
-        lines.append(f"| {arm} | {full.mean():.4f} +- {full.std():.4f} | {lin.mean():.4f} +- "
-                     f"{lin.std():.4f} | {np.mean(eps):.0f} | {len(rows)} |" if eps else
-                     f"| {arm} | {full.mean():.4f} +- {full.std():.4f} | {lin.mean():.4f} +- "
-                     f"{lin.std():.4f} | - | {len(rows)} |")
-    table = "\n".join(lines) + "\n"
-    with open(os.path.join(FLAGS.output_dir, "summary.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(FLAGS.output_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    return table, summary
+    record = {"replicas": strategy.num_replicas_in_sync}
+    if arm == "uniform":
+        record.update(pretrain_uniform(config, encoder, pt_ds, pt_steps, tasks, strategy))
+    elif arm == "meta":
+        ft_train = (shared["ft"]["meta_train"][0], shared["ft"]["meta_val"][0])
+        record.update(pretrain_meta(config, encoder, pt_ds, pt_steps, tasks, ft_train, seed,
+                                    strategy))
+    else:
+        build_on(encoder, pt_ds)
+    weights = encoder.get_weights()
+    tuned = runner.fine_tune(record, seed, ("full", "linear"), lambda linear: finetune(
+        config, weights, shared["ft"]["train"], shared["test"], linear))
+    if arm == "meta" and seed == config.last_seed:
+        x_test = shared["test"][0]
+        spec = {k: tf.TensorSpec(v.shape[1:], tf.as_dtype(v.dtype)) for k, v in x_test.items()}
+        record["saved_models"] = runner.export_finetuned(tuned["full"], config.saved_models_dir,
+                                                         config.run_name, spec)
+    return record
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    if FLAGS.full:
-        FLAGS.num_layers, FLAGS.hidden, FLAGS.max_pt_molecules = 5, 300, 0
-        FLAGS.pt_epochs, FLAGS.ft_epochs = 10, 50
-    results_dir = os.path.join(FLAGS.output_dir, "results")
-    os.makedirs(results_dir, exist_ok=True)
-    strategy = km.distribute.strategy_from_flags()
+    config = Config.from_flags(FLAGS)
+    strategy = config.strategy_object()
     if strategy.num_replicas_in_sync > 1:
-        print(f"Pre-training on {strategy.num_replicas_in_sync} replicas ({FLAGS.strategy}); "
-              f"global batch {strategy.num_replicas_in_sync} x {FLAGS.batch_size} graphs")
-    data = load_data()
+        print(f"Pre-training on {strategy.num_replicas_in_sync} replicas ({config.strategy}); "
+              f"global batch {strategy.num_replicas_in_sync} x {config.batch_size} graphs")
+    data = load_data(config)
     print(f"PT: {len(data[0])} molecules, {len(data[2])} tasks; FT: {len(data[3])} molecules "
           f"({len(data[5])} train, {len(data[6])} test, scaffold split)")
-    for seed in FLAGS.seeds:
-        run_seed(int(seed), data, results_dir, strategy)
-    table, _ = summarise(results_dir)
+    records = runner.run_grid(
+        config, lambda arm, seed, shared: run_arm(config, data, strategy, arm, seed, shared),
+        prepare=lambda seed: prepare_seed(config, data, seed))
+    table, _ = runner.summarise(records, config, ("full", "linear"))
     print("\n" + table)
 
 

@@ -29,17 +29,23 @@ model of the last seed as SavedModels under <saved_models_dir>/<run_name>_{encod
 <version>/, with the learned augmentation's weights in <run_name>_meta_parameters.json/.npz.
 """
 
-import json
+import dataclasses
 import os
+import sys
+from typing import Optional
 
 from absl import app, flags, logging
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script: make `apps` importable
+    sys.path.insert(0, ROOT)
 
 import keras_metapt as km  # noqa: E402  (sets the Keras backend first)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from apps import runner  # noqa: E402
 from keras_metapt import export  # noqa: E402
 from keras_metapt.callbacks import EpochTimer, MetaCheckpoint  # noqa: E402
 from keras_metapt.data import images as image_data  # noqa: E402
@@ -49,6 +55,7 @@ from keras_metapt.losses import masked_multitask_bce  # noqa: E402
 from keras_metapt.nets import linear_head, projection_head, resnet1d18, small_cnn2d  # noqa: E402
 
 FLAGS = flags.FLAGS
+ARMS = ("no_pt", "simclr", "meta")
 flags.DEFINE_enum("modality", "image", ["ecg", "image"], "ecg: PTB-XL and ResNet1D-18; image: "
                   "Fashion-MNIST (or an image folder) and a small CNN.")
 flags.DEFINE_string("ptbxl_dir", None, "ECG: PTB-XL folder (ptbxl_database.csv, "
@@ -70,8 +77,11 @@ flags.DEFINE_float("meta_val_fraction", 0.5, "Fraction of the labelled examples 
 flags.DEFINE_integer("num_test", 2000, "Test examples (0: all).")
 flags.DEFINE_integer("split_seed", 0, "Seed of the PT subset and of the labelled subset (fixed "
                      "across --seeds).")
-flags.DEFINE_list("arms", ["no_pt", "simclr", "meta"], "Arms to run.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (initialisation, augmentation noise, order).")
+flags.DEFINE_list("arms", list(ARMS), "Arms to run, out of " + ", ".join(ARMS) + ".")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (initialisation, augmentation noise, order); "
+                  "a seed fixes a run (bit-identical on CPU).")
+flags.DEFINE_enum("baseline", "simclr", list(ARMS), "Arm that summary.md/json compare every "
+                  "other arm with (mean paired per-seed difference, 95% t interval).")
 flags.DEFINE_integer("batch_size", 128, "PT batch size (each example gives 2 views).")
 flags.DEFINE_integer("ft_batch_size", 32, "MetaTrain / MetaVal / fine-tuning batch size.")
 flags.DEFINE_integer("pt_epochs", 5, "PT epochs (the meta arm's first epoch is its warm-up).")
@@ -86,75 +96,119 @@ flags.DEFINE_float("warp_scale", 0.05, "Initial global scale of the learned warp
 flags.DEFINE_integer("ft_epochs", 30, "Epochs of linear evaluation and of full fine-tuning.")
 flags.DEFINE_float("ft_lr", 1e-3, "Fine-tuning Adam learning rate.")
 flags.DEFINE_bool("xla", False, "Compile PT steps with XLA (jit_compile).")
-km.distribute.define_strategy_flags(
-    "pre-training (each replica contrasts its own shard)")
+runner.define_strategy_flags("pre-training (each replica contrasts its own shard)")
+flags.adopt_module_key_flags(runner)
 flags.DEFINE_string("output_dir", "runs/simclr_augment", "Results, plots and checkpoints.")
 flags.DEFINE_string("saved_models_dir", "saved_models", "Where SavedModels are exported.")
 flags.DEFINE_string("run_name", None, "Name prefix of the exports (default simclr_<modality>).")
-flags.DEFINE_bool("resume", True, "Skip runs whose results exist in --output_dir.")
+flags.DEFINE_bool("resume", True, "Skip runs whose results exist in --output_dir and were made "
+                  "with the same settings (others run again).")
 flags.DEFINE_integer("verbose", 1, "Keras fit verbosity (0 silent, 1 progress bar, 2 per epoch).")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config(runner.GridConfig):
+    """The flags of this app (see --helpshort); run_name defaults to simclr_<modality>."""
+
+    modality: str
+    ptbxl_dir: Optional[str]
+    tfds_data_dir: Optional[str]
+    ptbxl_config: str
+    images_dir: str
+    image_folder: Optional[str]
+    num_pt: int
+    num_labelled: int
+    label_fraction: float
+    meta_val_fraction: float
+    num_test: int
+    split_seed: int
+    batch_size: int
+    ft_batch_size: int
+    pt_epochs: int
+    pt_lr: float
+    temperature: float
+    hyper_lr: float
+    hyperstep_every: int
+    unroll_steps: int
+    neumann_terms: int
+    warp_scale: float
+    ft_epochs: int
+    ft_lr: float
+    xla: bool
+    saved_models_dir: str
+    run_name: Optional[str]
+    verbose: int
+
+    ARMS = ARMS
+    NOT_IN_RESULTS = runner.GridConfig.NOT_IN_RESULTS + (
+        "saved_models_dir", "run_name", "verbose", "tfds_data_dir")
+
+    @classmethod
+    def from_flags(cls, flag_values=FLAGS):
+        config = super().from_flags(flag_values)
+        return dataclasses.replace(config, run_name=config.run_name or f"simclr_{config.modality}")
 
 
 # ----------------------------------------------------------------------------- data
 
-def load_data():
+def load_data(config):
     """dict: pt (x), labelled (x, y), test (x, y), num_classes, multilabel, class names."""
-    rng = np.random.default_rng(FLAGS.split_seed)
-    if FLAGS.modality == "ecg":
-        if not FLAGS.ptbxl_dir:
+    rng = np.random.default_rng(config.split_seed)
+    if config.modality == "ecg":
+        if not config.ptbxl_dir:
             raise app.UsageError("--modality=ecg needs --ptbxl_dir (the PTB-XL folder)")
         from keras_metapt.data.ptbxl import SUPERCLASSES, build_ptbxl, ptbxl_arrays
-        builder = build_ptbxl(FLAGS.ptbxl_dir,
-                              FLAGS.tfds_data_dir or os.path.join(FLAGS.output_dir, "tfds"),
-                              FLAGS.ptbxl_config)
+        builder = build_ptbxl(config.ptbxl_dir,
+                              config.tfds_data_dir or os.path.join(config.output_dir, "tfds"),
+                              config.ptbxl_config)
         x, y, _ = ptbxl_arrays(builder, "train")
         x_test, y_test, _ = ptbxl_arrays(builder, "test")
         order = rng.permutation(len(x))
-        labelled = order[:FLAGS.num_labelled]
+        labelled = order[:config.num_labelled]
         classes, multilabel = SUPERCLASSES, True
     else:
-        if FLAGS.image_folder:
-            x_all, y_all, classes = image_data.load_image_folder(FLAGS.image_folder)
+        if config.image_folder:
+            x_all, y_all, classes = image_data.load_image_folder(config.image_folder)
             order = rng.permutation(len(x_all))
             cut = int(0.8 * len(order))
             x, y = x_all[order[:cut]], y_all[order[:cut]]
             x_test, y_test = x_all[order[cut:]], y_all[order[cut:]]
         else:
-            (x, y), (x_test, y_test) = image_data.load_idx_dataset(FLAGS.images_dir)
+            (x, y), (x_test, y_test) = image_data.load_idx_dataset(config.images_dir)
             classes = image_data.FASHION_MNIST_CLASSES
-        labelled = image_data.labelled_subset(len(x), fraction=FLAGS.label_fraction,
-                                              seed=FLAGS.split_seed)
+        labelled = image_data.labelled_subset(len(x), fraction=config.label_fraction,
+                                              seed=config.split_seed)
         multilabel = False
     pt_pool = rng.permutation(len(x))
-    if FLAGS.num_pt:
-        pt_pool = pt_pool[:FLAGS.num_pt]
-    if FLAGS.num_test:
-        x_test, y_test = x_test[:FLAGS.num_test], y_test[:FLAGS.num_test]
-    if len(labelled) < 2 * FLAGS.ft_batch_size:
+    if config.num_pt:
+        pt_pool = pt_pool[:config.num_pt]
+    if config.num_test:
+        x_test, y_test = x_test[:config.num_test], y_test[:config.num_test]
+    if len(labelled) < 2 * config.ft_batch_size:
         raise app.UsageError(f"{len(labelled)} labelled examples; need at least "
-                             f"2 x --ft_batch_size={FLAGS.ft_batch_size}")
-    if len(pt_pool) < FLAGS.batch_size:
-        raise app.UsageError(f"{len(pt_pool)} PT examples < --batch_size={FLAGS.batch_size}")
+                             f"2 x --ft_batch_size={config.ft_batch_size}")
+    if len(pt_pool) < config.batch_size:
+        raise app.UsageError(f"{len(pt_pool)} PT examples < --batch_size={config.batch_size}")
     return {"pt": x[pt_pool], "labelled": (x[labelled], y[labelled]), "test": (x_test, y_test),
             "classes": tuple(classes), "multilabel": multilabel}
 
 
 # ----------------------------------------------------------------------------- models
 
-def make_encoder(shape, seed):
-    keras.utils.set_random_seed(seed)
-    if FLAGS.modality == "ecg":
+def make_encoder(config, shape):
+    """ResNet1D-18 or the small CNN; its initialisation comes from the seed the runner set."""
+    if config.modality == "ecg":
         return resnet1d18(shape)
     return small_cnn2d(shape)
 
 
-def make_views(shape, seed, learned):
-    if FLAGS.modality == "ecg":
+def make_views(config, shape, seed, learned):
+    if config.modality == "ecg":
         fixed = SignalCutoutNoise(seed=seed)
-        warp = LearnedTimeWarp(initial_scale=FLAGS.warp_scale, seed=seed + 1) if learned else None
+        warp = LearnedTimeWarp(initial_scale=config.warp_scale, seed=seed + 1) if learned else None
     else:
         fixed = image_crop_flip(shape[0], shape[1], seed=seed)
-        warp = LearnedSpatialWarp(initial_scale=FLAGS.warp_scale, seed=seed + 1) if learned else None
+        warp = LearnedSpatialWarp(initial_scale=config.warp_scale, seed=seed + 1) if learned else None
     views = TwoViews(fixed, warp)
     views.build((None,) + tuple(shape))
     return views
@@ -175,47 +229,61 @@ def batched(arrays, batch_size, seed=None):
     return ds.batch(batch_size, drop_remainder=True)
 
 
-def pretrain_simclr(encoder, data, seed, strategy):
+def pretrain_simclr(config, encoder, data, seed, strategy):
     with strategy.scope():
         model = km.simclr.SimCLR(encoder, projection_head(encoder.output_shape[-1]),
-                                 make_views(data["pt"].shape[1:], seed, learned=False),
-                                 FLAGS.temperature)
-        model.compile(keras.optimizers.Adam(FLAGS.pt_lr), jit_compile=FLAGS.xla)
-    steps = len(data["pt"]) // FLAGS.batch_size
+                                 make_views(config, data["pt"].shape[1:], seed, learned=False),
+                                 config.temperature)
+        model.compile(keras.optimizers.Adam(config.pt_lr), jit_compile=config.xla)
+    steps = len(data["pt"]) // config.batch_size
     timer = EpochTimer()
-    model.fit(batched(data["pt"], FLAGS.batch_size, seed).repeat(), epochs=FLAGS.pt_epochs,
-              steps_per_epoch=steps, verbose=FLAGS.verbose, callbacks=[timer], shuffle=False)
+    model.fit(batched(data["pt"], config.batch_size, seed).repeat(), epochs=config.pt_epochs,
+              steps_per_epoch=steps, verbose=config.verbose, callbacks=[timer], shuffle=False)
     # the first epoch traces and compiles
-    return timer.examples_per_second(steps, FLAGS.batch_size, skip=1), timer.seconds
+    return {"pt_examples_per_second": timer.examples_per_second(steps, config.batch_size, skip=1),
+            "pt_epoch_seconds": timer.seconds}
 
 
-def pretrain_meta(encoder, data, seed, strategy, run_dir):
+def pretrain_meta(config, encoder, data, seed, strategy):
+    """SimCLR whose views pass through the learned warp, meta-learned by MetaPretrainer;
+    returns (record fields, model)."""
     x_lab, y_lab = data["labelled"]
-    n_val = int(FLAGS.meta_val_fraction * len(x_lab))
+    n_val = int(config.meta_val_fraction * len(x_lab))
     meta_val, meta_train = (x_lab[:n_val], y_lab[:n_val]), (x_lab[n_val:], y_lab[n_val:])
     outputs = len(data["classes"])
     with strategy.scope():
-        views = make_views(data["pt"].shape[1:], seed, learned=True)
+        views = make_views(config, data["pt"].shape[1:], seed, learned=True)
+        # alpha=None: the Neumann step is the PT optimizer's learning rate at each hyperstep
         model = km.simclr.simclr_meta_pretrainer(
             encoder, projection_head(encoder.output_shape[-1]), views,
             linear_head(encoder.output_shape[-1], outputs), ft_loss_fn(data["multilabel"]),
-            temperature=FLAGS.temperature, hyperstep_every=FLAGS.hyperstep_every,
-            unroll_steps=FLAGS.unroll_steps, neumann_terms=FLAGS.neumann_terms)
-        model.compile(keras.optimizers.Adam(FLAGS.pt_lr), keras.optimizers.Adam(FLAGS.ft_lr),
-                      keras.optimizers.Adam(FLAGS.hyper_lr),
-                      jit_compile=FLAGS.xla and strategy.num_replicas_in_sync == 1)
-    ft_batch = FLAGS.ft_batch_size
-    stream = km.meta_dataset(batched(data["pt"], FLAGS.batch_size, seed),
+            temperature=config.temperature, hyperstep_every=config.hyperstep_every,
+            unroll_steps=config.unroll_steps, solve=km.linalg.neumann(config.neumann_terms))
+        model.compile(keras.optimizers.Adam(config.pt_lr), keras.optimizers.Adam(config.ft_lr),
+                      keras.optimizers.Adam(config.hyper_lr),
+                      jit_compile=config.xla and strategy.num_replicas_in_sync == 1)
+    ft_batch = config.ft_batch_size
+    stream = km.meta_dataset(batched(data["pt"], config.batch_size, seed),
                              batched(meta_train, min(ft_batch, len(meta_train[0])), seed),
                              batched(meta_val, min(ft_batch, len(meta_val[0])), seed),
-                             FLAGS.unroll_steps)
-    steps = len(data["pt"]) // FLAGS.batch_size
+                             config.unroll_steps)
+    steps = len(data["pt"]) // config.batch_size
+    run_dir = runner.run_directory(config, "meta", seed)
     timer = EpochTimer()
-    model.fit(stream, epochs=FLAGS.pt_epochs, steps_per_epoch=steps, verbose=FLAGS.verbose,
+    model.fit(stream, epochs=config.pt_epochs, steps_per_epoch=steps, verbose=config.verbose,
               callbacks=[MetaCheckpoint(os.path.join(run_dir, "ckpt")), timer])
     # epoch 1 is the warm-up (no hyperstep), epoch 2 compiles the hyperstep
-    skip = 2 if FLAGS.pt_epochs > 2 else 1
-    return timer.examples_per_second(steps, FLAGS.batch_size, skip=skip), timer.seconds, model
+    skip = 2 if config.pt_epochs > 2 else 1
+    warp = model.meta_layer.learned
+    fields = {"pt_examples_per_second": timer.examples_per_second(steps, config.batch_size,
+                                                                  skip=skip),
+              "pt_epoch_seconds": timer.seconds,
+              "warp_scale": float(warp.scale.numpy()),
+              "mean_warp_magnitude": float(np.mean(
+                  (warp.magnitude(tf.constant(data["pt"][:256])) * warp.scale).numpy())),
+              "warp_png": plot_warp(model.meta_layer, data["pt"], config.modality, os.path.join(
+                  config.output_dir, f"warp_{config.modality}_seed{seed}.png"))}
+    return fields, model
 
 
 def test_auroc(model, test, multilabel, num_classes):
@@ -235,28 +303,28 @@ def test_auroc(model, test, multilabel, num_classes):
     return float(np.mean([roc_auc_score(targets[:, c], scores[:, c]) for c in usable])), len(usable)
 
 
-def finetune(encoder_weights, data, seed, linear):
+def finetune(config, encoder_weights, data, seed, linear):
     """A fresh encoder with the given weights and a fresh linear head, trained on all
-    labelled examples; returns (test AUROC, classes scored, model, encoder). BatchNorm stays
-    in inference mode (its statistics come from PT): stable with a few hundred labels."""
+    labelled examples. BatchNorm stays in inference mode (its statistics come from PT):
+    stable with a few hundred labels."""
     x_lab, y_lab = data["labelled"]
-    encoder = make_encoder(x_lab.shape[1:], seed + 1000)
-    if encoder_weights is not None:
-        encoder.set_weights(encoder_weights)
+    encoder = make_encoder(config, x_lab.shape[1:])
+    encoder.set_weights(encoder_weights)
     encoder.trainable = not linear
     head = linear_head(encoder.output_shape[-1], len(data["classes"]))
     inputs = keras.Input(x_lab.shape[1:])
     model = keras.Model(inputs, head(encoder(inputs, training=False)), name="finetuned")
-    model.compile(keras.optimizers.Adam(FLAGS.ft_lr), loss=ft_loss_fn(data["multilabel"]))
-    model.fit(batched((x_lab, y_lab), min(FLAGS.ft_batch_size, len(x_lab)), seed),
-              epochs=FLAGS.ft_epochs, verbose=0, shuffle=False)
+    model.compile(keras.optimizers.Adam(config.ft_lr), loss=ft_loss_fn(data["multilabel"]))
+    model.fit(batched((x_lab, y_lab), min(config.ft_batch_size, len(x_lab)), seed),
+              epochs=config.ft_epochs, verbose=0, shuffle=False)
     auroc, scored = test_auroc(model, data["test"], data["multilabel"], len(data["classes"]))
-    return auroc, scored, model, encoder
+    return runner.FineTuned(auroc, model, encoder, fields={"classes_scored": scored},
+                            note=f" (macro over {scored} classes)")
 
 
 # ----------------------------------------------------------------------------- outputs
 
-def plot_warp(views, x, path):
+def plot_warp(views, x, modality, path):
     """Inputs before and after the learned warp (the same noise draw for each row)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -266,7 +334,7 @@ def plot_warp(views, x, path):
     noise = tf.random.normal(warp.noise_shape(tf.shape(x)), seed=0)
     warped = warp.transform(x, noise).numpy()
     magnitude = (warp.magnitude(x) * warp.scale).numpy()
-    if FLAGS.modality == "ecg":
+    if modality == "ecg":
         fig, axes = plt.subplots(len(x), 1, figsize=(10, 2.2 * len(x)), squeeze=False)
         for i, ax in enumerate(axes[:, 0]):
             ax.plot(x[i, :1000, 1], lw=0.8, label="before (lead II)")
@@ -291,97 +359,44 @@ def plot_warp(views, x, path):
     return path
 
 
-def summarise(results_dir):
-    records = [json.load(open(os.path.join(results_dir, f)))
-               for f in sorted(os.listdir(results_dir)) if f.endswith(".json")]
-    lines = ["| arm | linear eval test AUROC | full FT test AUROC | PT examples/s | seeds |",
-             "|---|---:|---:|---:|---:|"]
-    summary = {}
-    for arm in ("no_pt", "simclr", "meta"):
-        rows = [r for r in records if r["arm"] == arm]
-        if not rows:
-            continue
-        lin = np.array([r["test_auroc_linear"] for r in rows])
-        full = np.array([r["test_auroc_full"] for r in rows])
-        eps = [r["pt_examples_per_second"] for r in rows if "pt_examples_per_second" in r]
-        summary[arm] = {"linear_mean": lin.mean(), "linear_std": lin.std(),
-                        "full_mean": full.mean(), "full_std": full.std(), "seeds": len(rows),
-                        "pt_examples_per_second": float(np.mean(eps)) if eps else None}
-        speed = f"{np.mean(eps):.0f}" if eps else "-"
-        lines.append(f"| {arm} | {lin.mean():.4f} +- {lin.std():.4f} | {full.mean():.4f} +- "
-                     f"{full.std():.4f} | {speed} | {len(rows)} |")
-    table = "\n".join(lines) + "\n"
-    with open(os.path.join(FLAGS.output_dir, "summary.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(FLAGS.output_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    return table, summary
-
-
-def run_seed(seed, data, results_dir, strategy, last_seed):
-    run_name = FLAGS.run_name or f"simclr_{FLAGS.modality}"
+def run_arm(config, data, strategy, arm, seed):
+    """One arm of one seed: the encoder (no PT, SimCLR or meta-learned augmentation), then
+    linear evaluation and full fine-tuning."""
     shape = data["pt"].shape[1:]
-    for arm in FLAGS.arms:
-        path = os.path.join(results_dir, f"{arm}_seed{seed}.json")
-        if FLAGS.resume and os.path.exists(path):
-            print(f"seed {seed} {arm}: done earlier ({path})")
-            continue
-        print(f"seed {seed} {arm}: " + ("pre-training" if arm != "no_pt" else "no pre-training"))
-        with strategy.scope():
-            encoder = make_encoder(shape, seed)
-        record = {"arm": arm, "seed": seed, "replicas": strategy.num_replicas_in_sync,
-                  "pt_examples": len(data["pt"]), "labelled_examples": len(data["labelled"][0]),
-                  "test_examples": len(data["test"][0])}
-        model = None
-        if arm == "simclr":
-            record["pt_examples_per_second"], record["pt_epoch_seconds"] = pretrain_simclr(
-                encoder, data, seed, strategy)
-        elif arm == "meta":
-            run_dir = os.path.join(FLAGS.output_dir, f"meta_seed{seed}")
-            record["pt_examples_per_second"], record["pt_epoch_seconds"], model = pretrain_meta(
-                encoder, data, seed, strategy, run_dir)
-            warp = model.meta_layer.learned
-            record["warp_scale"] = float(warp.scale.numpy())
-            record["mean_warp_magnitude"] = float(np.mean(
-                (warp.magnitude(tf.constant(data["pt"][:256])) * warp.scale).numpy()))
-            record["warp_png"] = plot_warp(model.meta_layer, data["pt"],
-                                           os.path.join(FLAGS.output_dir,
-                                                        f"warp_{FLAGS.modality}_seed{seed}.png"))
-        weights = encoder.get_weights()
-        for mode in ("linear", "full"):
-            auroc, scored, ft_model, ft_encoder = finetune(weights, data, seed, mode == "linear")
-            record[f"test_auroc_{mode}"] = auroc
-            record[f"classes_scored_{mode}"] = scored
-            print(f"  {mode} evaluation: test AUROC {auroc:.4f} (macro over {scored} classes)")
-            if arm == "meta" and mode == "full" and last_seed:
-                spec = tf.TensorSpec((None,) + tuple(shape), tf.float32)
-                record["saved_models"] = {
-                    "finetuned": export.export_saved_model(ft_model, FLAGS.saved_models_dir,
-                                                           f"{run_name}_finetuned", spec),
-                    "encoder": export.export_saved_model(ft_encoder, FLAGS.saved_models_dir,
-                                                         f"{run_name}_encoder", spec,
-                                                         output_name="features"),
-                    "meta_parameters": export.export_meta_parameters(
-                        model.meta_layer.learned, os.path.join(
-                            FLAGS.saved_models_dir, f"{run_name}_meta_parameters.json"))}
-        with open(path, "w") as f:
-            json.dump(record, f, indent=1)
+    with strategy.scope():
+        encoder = make_encoder(config, shape)
+    record = {"replicas": strategy.num_replicas_in_sync, "pt_examples": len(data["pt"]),
+              "labelled_examples": len(data["labelled"][0]), "test_examples": len(data["test"][0])}
+    model = None
+    if arm == "simclr":
+        record.update(pretrain_simclr(config, encoder, data, seed, strategy))
+    elif arm == "meta":
+        fields, model = pretrain_meta(config, encoder, data, seed, strategy)
+        record.update(fields)
+    weights = encoder.get_weights()
+    tuned = runner.fine_tune(record, seed, ("linear", "full"), lambda linear: finetune(
+        config, weights, data, seed, linear))
+    if arm == "meta" and seed == config.last_seed:
+        spec = tf.TensorSpec((None,) + tuple(shape), tf.float32)
+        record["saved_models"] = {
+            **runner.export_finetuned(tuned["full"], config.saved_models_dir, config.run_name, spec),
+            "meta_parameters": export.export_meta_parameters(model.meta_layer.learned, os.path.join(
+                config.saved_models_dir, f"{config.run_name}_meta_parameters.json"))}
+    return record
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    results_dir = os.path.join(FLAGS.output_dir, "results")
-    os.makedirs(results_dir, exist_ok=True)
-    strategy = km.distribute.strategy_from_flags()
-    data = load_data()
-    print(f"{FLAGS.modality}: {len(data['pt'])} PT examples {data['pt'].shape[1:]}, "
+    config = Config.from_flags(FLAGS)
+    strategy = config.strategy_object()
+    data = load_data(config)
+    print(f"{config.modality}: {len(data['pt'])} PT examples {data['pt'].shape[1:]}, "
           f"{len(data['labelled'][0])} labelled, {len(data['test'][0])} test, "
           f"{len(data['classes'])} classes; {strategy.num_replicas_in_sync} replica(s)")
-    seeds = [int(s) for s in FLAGS.seeds]
-    for seed in seeds:
-        run_seed(seed, data, results_dir, strategy, last_seed=seed == seeds[-1])
-    table, _ = summarise(results_dir)
+    records = runner.run_grid(
+        config, lambda arm, seed, _: run_arm(config, data, strategy, arm, seed))
+    table, _ = runner.summarise(records, config, ("linear", "full"))
     print("\n" + table)
 
 

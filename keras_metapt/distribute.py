@@ -17,8 +17,8 @@ import os
 
 import tensorflow as tf
 
-__all__ = ["STRATEGIES", "get_strategy", "define_strategy_flags", "strategy_from_flags",
-           "is_multi_worker", "num_replicas", "replica_sum", "shard_fraction"]
+__all__ = ["STRATEGIES", "get_strategy", "is_multi_worker", "num_replicas", "replica_sum",
+           "shard_fraction"]
 
 STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
 
@@ -46,32 +46,6 @@ def get_strategy(name="default", tpu_address=None, devices=None):
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
-
-
-def define_strategy_flags(what):
-    """Defines the absl flags --strategy, --devices and --tpu_address of an app; ``what`` says
-    what runs distributed (e.g. "pre-training"). Read them back with `strategy_from_flags`.
-    The flags are registered as the calling module's, so the app's --helpshort lists them."""
-    import sys
-
-    from absl import flags
-    caller = sys._getframe(1).f_globals.get("__name__")  # noqa: SLF001
-    module = {"module_name": sys.argv[0] if caller == "__main__" else caller}  # absl's naming
-    flags.DEFINE_enum("strategy", "default", list(STRATEGIES),
-                      f"tf.distribute strategy of {what}: default (one device), mirrored (local "
-                      "GPUs, or --devices), multiworker (TF_CONFIG names the cluster; run the same "
-                      "command on every worker), tpu (--tpu_address).", **module)
-    flags.DEFINE_list("devices", None, "--strategy=mirrored: devices to mirror over (e.g. "
-                      "/gpu:0,/gpu:1); default all local GPUs, or the CPU.", **module)
-    flags.DEFINE_string("tpu_address", None, "TPU name or grpc:// address for --strategy=tpu.",
-                        **module)
-
-
-def strategy_from_flags():
-    """The strategy named by the flags of `define_strategy_flags`."""
-    from absl import flags
-    values = flags.FLAGS
-    return get_strategy(values.strategy, values.tpu_address, values.devices)
 
 
 def is_multi_worker(strategy):

@@ -1,0 +1,404 @@
+r"""The one runner of the apps: config, strategy flags, seeding, arms x seeds with resume,
+fine-tuning modes, exports and the paired summary.
+
+An app defines its absl flags, a `Config` dataclass whose fields are named like its flags
+(filled once, in ``main``, by ``Config.from_flags(FLAGS)``; nothing else reads FLAGS), and
+the function that runs one (arm, seed). The runner does the rest:
+
+    runner.define_strategy_flags("pre-training")    # --strategy, --devices, --tpu_address
+    flags.adopt_module_key_flags(runner)            # ... listed by the app's --helpshort
+
+    config = Config.from_flags(FLAGS)
+    records = runner.run_grid(config, run_arm, prepare=prepare_seed)
+    table, summary = runner.summarise(records, config, modes=("full", "linear"))
+
+`run_grid` loops seeds x arms. A finished (arm, seed) stores its result as
+``<output_dir>/results/<arm>_seed<k>.json`` together with ``config``: the flags that affect
+results (`Config.results_config`). With ``resume``, a stored result is reused only when its
+config equals the current one; otherwise the run is repeated, and a log line says which
+settings differ. `summarise` writes summary.md and summary.json: per arm the mean +- std
+over seeds of each fine-tuning mode's test AUROC, the per-seed values, and for every arm
+but the baseline the mean paired (same-seed) difference to the baseline with a 95%
+Student-t interval (two seeds or more).
+
+Determinism: a seed fixes a run. `seed_everything(seed)` (Python, NumPy, TensorFlow and
+Keras seeds, and TensorFlow op determinism) runs before every (arm, seed), before a seed's
+shared data are prepared, and before every fine-tuning (seed + FT_SEED_OFFSET, so the
+fine-tuning heads and data order are the same for every arm of a seed: the comparison is
+paired). Nothing carries over from an arm run earlier in the same process, the tf.data
+shuffles and the augmentation layers take explicit seeds, and no result depends on Python's
+hash order. On CPU two runs with the same flags give bit-identical results
+(tests/apps/test_determinism.py).
+
+What can still differ on a GPU: TensorFlow's op determinism makes cuDNN convolutions,
+segment sums (the GIN's message passing, gather gradients) and reductions use deterministic
+kernels, and raises an error for an op that has none. Left open: XLA-compiled steps
+(``--xla``, ``jit_compile``) on GPU, whose fusions and autotuned kernels are not covered by
+op determinism in every TensorFlow release (use --noxla for bit-exact GPU reruns); results
+on a GPU differ from those on a CPU (other kernels, other rounding); and under
+--strategy=mirrored/multiworker/tpu the cross-replica all-reduces (NCCL, collective ops)
+may sum in a varying order. Timings (examples/s, seconds per epoch) are never reproducible.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from typing import Any, Callable, ClassVar, Optional
+
+from absl import app, flags
+
+import keras_metapt as km
+
+__all__ = ["Config", "GridConfig", "FT_MODES", "FT_SEED_OFFSET", "FineTuned",
+           "define_strategy_flags", "seed_everything", "result_path", "config_differences",
+           "run_grid", "run_directory", "claim_directory", "fine_tune", "export_finetuned", "summarise", "summary_table",
+           "paired_table", "load_results", "write_json"]
+
+# label in the log, label in the tables
+FT_MODES = {"full": ("full fine-tuning", "full FT test AUROC"),
+            "linear": ("linear evaluation", "linear eval test AUROC")}
+FT_SEED_OFFSET = 1000  # fine-tuning of seed k runs under seed k + 1000 (the same for every arm)
+RATE_KEY, RATE_LABEL = "pt_examples_per_second", "PT examples/s"
+
+
+# ----------------------------------------------------------------------------- flags, config
+
+def define_strategy_flags(what, flag_values=flags.FLAGS):
+    """Defines --strategy, --devices and --tpu_address (``what`` says what runs distributed,
+    e.g. "pre-training"); `Config.strategy_object()` builds the strategy. The flags belong to this
+    module: an app lists them in its --helpshort with ``flags.adopt_module_key_flags(runner)``.
+    Defining them twice in one process keeps the first definition."""
+    if "strategy" in flag_values:
+        return
+    flags.DEFINE_enum("strategy", "default", list(km.distribute.STRATEGIES),
+                      f"tf.distribute strategy of {what}: default (one device), mirrored (local "
+                      "GPUs, or --devices), multiworker (TF_CONFIG names the cluster; run the same "
+                      "command on every worker), tpu (--tpu_address).", flag_values=flag_values)
+    flags.DEFINE_list("devices", None, "--strategy=mirrored: devices to mirror over (e.g. "
+                      "/gpu:0,/gpu:1); default all local GPUs, or the CPU.", flag_values=flag_values)
+    flags.DEFINE_string("tpu_address", None, "TPU name or grpc:// address for --strategy=tpu.",
+                        flag_values=flag_values)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """An app's experiment config: one field per flag, same name; lists become tuples.
+
+    Subclasses add their fields and name in ``NOT_IN_RESULTS`` the fields that do not change
+    results (where outputs go, verbosity, ...); every other field is part of
+    `results_config`.
+    """
+
+    output_dir: str
+    resume: bool
+    strategy: str
+    devices: Optional[tuple]
+    tpu_address: Optional[str]
+
+    NOT_IN_RESULTS: ClassVar[tuple] = ("output_dir", "resume", "tpu_address")
+
+    @classmethod
+    def from_flags(cls, flag_values=flags.FLAGS):
+        """The config of the parsed flags (call in ``main``)."""
+        values = {}
+        for field in dataclasses.fields(cls):
+            value = flag_values[field.name].value
+            values[field.name] = tuple(value) if isinstance(value, list) else value
+        return cls(**values)
+
+    def results_config(self):
+        """The settings that affect results, as stored with each result (JSON types)."""
+        return json.loads(json.dumps({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                      if f.name not in self.NOT_IN_RESULTS}))
+
+    def strategy_object(self):
+        """The tf.distribute strategy named by --strategy / --devices / --tpu_address."""
+        return km.distribute.get_strategy(self.strategy, self.tpu_address, self.devices)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GridConfig(Config):
+    """A config of arms x seeds. ``ARMS``: the app's arms in table order."""
+
+    arms: tuple
+    seeds: tuple
+    baseline: str
+
+    ARMS: ClassVar[tuple] = ()
+    NOT_IN_RESULTS: ClassVar[tuple] = Config.NOT_IN_RESULTS + ("arms", "seeds", "baseline")
+
+    def __post_init__(self):
+        unknown = [a for a in self.arms if a not in self.ARMS]
+        if unknown or not self.arms or len(set(self.arms)) != len(self.arms):
+            raise app.UsageError(f"--arms={','.join(self.arms)}: give distinct arms out of "
+                                 f"{', '.join(self.ARMS)}")
+        if self.baseline not in self.ARMS:
+            raise app.UsageError(f"--baseline={self.baseline}: one of {', '.join(self.ARMS)}")
+        try:
+            seeds = tuple(int(s) for s in self.seeds)
+        except ValueError:
+            raise app.UsageError(f"--seeds={','.join(map(str, self.seeds))}: integers") from None
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise app.UsageError(f"--seeds={','.join(map(str, seeds))}: distinct integers")
+        object.__setattr__(self, "seeds", seeds)
+
+    @property
+    def last_seed(self):
+        return self.seeds[-1]
+
+
+def seed_everything(seed):
+    """Python, NumPy, TensorFlow and Keras seeds, and TensorFlow op determinism."""
+    import keras
+    import tensorflow as tf
+    keras.utils.set_random_seed(int(seed))
+    tf.config.experimental.enable_op_determinism()
+
+
+# ----------------------------------------------------------------------------- arms x seeds
+
+def log(message):
+    print(message, flush=True)
+
+
+def result_path(results_dir, arm, seed):
+    return os.path.join(results_dir, f"{arm}_seed{seed}.json")
+
+
+def write_json(path, value):
+    """Writes JSON atomically (an interrupted run leaves no half-written result)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def config_differences(stored, wanted):
+    """'name: stored -> wanted' for every setting that differs (None: no stored config)."""
+    if stored is None:
+        return ["no config stored"]
+    keys = sorted(set(stored) | set(wanted))
+    return [f"{k}: {stored.get(k, '(unset)')!r} -> {wanted.get(k, '(unset)')!r}"
+            for k in keys if stored.get(k, "(unset)") != wanted.get(k, "(unset)")]
+
+
+def run_grid(config: GridConfig, run_arm: Callable[[str, int, Any], dict],
+             prepare: Optional[Callable[[int], Any]] = None, results_dir=None):
+    """Runs every (arm, seed) of ``config`` that has no reusable stored result.
+
+    ``prepare(seed) -> context`` (optional) builds what the arms of a seed share (data
+    orders); it runs once per seed, only if an arm of that seed runs. ``run_arm(arm, seed,
+    context) -> dict`` runs one arm; the runner adds arm, seed and config and stores it.
+    Both run right after `seed_everything(seed)`. Returns {(arm, seed): record}.
+    """
+    results_dir = results_dir or os.path.join(config.output_dir, "results")
+    os.makedirs(results_dir, exist_ok=True)
+    wanted = config.results_config()
+    records = {}
+    for seed in config.seeds:
+        prepared, context = False, None
+        for arm in config.arms:
+            path = result_path(results_dir, arm, seed)
+            if config.resume and os.path.exists(path):
+                with open(path) as f:
+                    stored = json.load(f)
+                differences = config_differences(stored.get("config"), wanted)
+                if not differences:
+                    log(f"seed {seed} {arm}: done earlier ({path})")
+                    records[(arm, seed)] = stored
+                    continue
+                log(f"seed {seed} {arm}: the stored result {path} was made with other settings "
+                    f"({'; '.join(differences)}); running it again")
+            if prepare is not None and not prepared:
+                seed_everything(seed)
+                context, prepared = prepare(seed), True
+            log(f"seed {seed} {arm}: running")
+            seed_everything(seed)
+            record = {"arm": arm, "seed": seed, **run_arm(arm, seed, context), "config": wanted}
+            write_json(path, record)
+            records[(arm, seed)] = record
+    return records
+
+
+def run_directory(config, arm, seed):
+    """``<output_dir>/<arm>_seed<k>``, for a run's checkpoints (see `claim_directory`)."""
+    path = os.path.join(config.output_dir, f"{arm}_seed{seed}")
+    claim_directory(path, config)
+    return path
+
+
+def claim_directory(directory, config):
+    """Makes ``directory`` hold the state (checkpoints) of runs with ``config``'s results
+    config. Returns True when what it holds can be resumed (``config.resume`` and the same
+    settings); otherwise empties it (with a log line when it held anything) and returns False."""
+    wanted = config.results_config()
+    stamp = os.path.join(directory, "config.json")
+    if os.path.isdir(directory) and os.listdir(directory):
+        stored = None
+        if os.path.exists(stamp):
+            with open(stamp) as f:
+                stored = json.load(f)
+        differences = config_differences(stored, wanted)
+        if config.resume and not differences:
+            return True
+        log(f"{directory}: " + ("starting over (--noresume)" if config.resume is False else
+                                f"made with other settings ({'; '.join(differences)}); starting over"))
+        shutil.rmtree(directory)
+    os.makedirs(directory, exist_ok=True)
+    write_json(stamp, wanted)
+    return False
+
+
+def load_results(results_dir, arms, seeds):
+    """{(arm, seed): record} of the stored results that exist."""
+    records = {}
+    for seed in seeds:
+        for arm in arms:
+            path = result_path(results_dir, arm, int(seed))
+            if os.path.exists(path):
+                with open(path) as f:
+                    records[(arm, int(seed))] = json.load(f)
+    return records
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+@dataclasses.dataclass
+class FineTuned:
+    """One fine-tuning's outcome: test AUROC, the fine-tuned model and its encoder; ``fields``
+    go into the record with the mode as suffix, ``note`` into the log line."""
+
+    test_auroc: float
+    model: Any
+    encoder: Any
+    fields: dict = dataclasses.field(default_factory=dict)
+    note: str = ""
+
+
+def fine_tune(record, seed, modes, finetune: Callable[..., FineTuned]):
+    """Runs ``finetune(linear=...)`` for each mode of ``modes`` ("full", "linear"), each after
+    `seed_everything(seed + FT_SEED_OFFSET)`; stores test_auroc_<mode> (and the fields) in
+    ``record``. Returns {mode: FineTuned}."""
+    results = {}
+    for mode in modes:
+        seed_everything(seed + FT_SEED_OFFSET)
+        result = finetune(linear=mode == "linear")
+        record[f"test_auroc_{mode}"] = float(result.test_auroc)
+        for key, value in result.fields.items():
+            record[f"{key}_{mode}"] = value
+        log(f"  {FT_MODES[mode][0]}: test AUROC {result.test_auroc:.4f}{result.note}")
+        results[mode] = result
+    return results
+
+
+def export_finetuned(result: FineTuned, saved_models_dir, run_name, input_spec):
+    """SavedModels <run_name>_finetuned and <run_name>_encoder (output "features")."""
+    from keras_metapt import export
+    return {"finetuned": export.export_saved_model(result.model, saved_models_dir,
+                                                   f"{run_name}_finetuned", input_spec),
+            "encoder": export.export_saved_model(result.encoder, saved_models_dir,
+                                                 f"{run_name}_encoder", input_spec,
+                                                 output_name="features")}
+
+
+# ----------------------------------------------------------------------------- summary
+
+def _mean_std(values):
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def paired_difference(values, baseline_values):
+    """Mean of the per-seed differences and its 95% Student-t interval (None below 2 seeds)."""
+    from scipy import stats
+    diffs = [a - b for a, b in zip(values, baseline_values)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    out = {"mean_difference": mean, "ci95": None, "seeds": n}
+    if n >= 2:
+        sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+        half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+        out["ci95"] = [mean - half, mean + half]
+    return out
+
+
+def summarise(records, config: GridConfig, modes, output_dir=None):
+    """summary.md and summary.json in ``output_dir`` (default config.output_dir) from the
+    records of `run_grid`; returns (markdown, summary).
+
+    summary[arm]: <mode>_mean, <mode>_std (over seeds), seeds, pt_examples_per_second (mean,
+    None for an arm without PT), per_seed {seed: {mode: AUROC}}, and for an arm other than
+    the baseline ``paired``: {baseline, <mode>: {mean_difference, ci95 [low, high], seeds}}
+    over the seeds both arms ran.
+    """
+    summary = {}
+    for arm in config.ARMS:
+        rows = sorted((r for (a, _), r in records.items() if a == arm), key=lambda r: r["seed"])
+        if not rows:
+            continue
+        entry = {}
+        for mode in modes:
+            entry[f"{mode}_mean"], entry[f"{mode}_std"] = _mean_std(
+                [r[f"test_auroc_{mode}"] for r in rows])
+        rates = [r[RATE_KEY] for r in rows if RATE_KEY in r]
+        entry["seeds"] = len(rows)
+        entry[RATE_KEY] = sum(rates) / len(rates) if rates else None
+        entry["per_seed"] = {str(r["seed"]): {m: r[f"test_auroc_{m}"] for m in modes} for r in rows}
+        summary[arm] = entry
+    base = config.baseline
+    if base in summary:
+        for arm, entry in summary.items():
+            if arm == base:
+                continue
+            seeds = [s for s in entry["per_seed"] if s in summary[base]["per_seed"]]
+            if seeds:
+                entry["paired"] = {"baseline": base, **{m: paired_difference(
+                    [entry["per_seed"][s][m] for s in seeds],
+                    [summary[base]["per_seed"][s][m] for s in seeds]) for m in modes}}
+    table = summary_table(summary, modes) + paired_table(summary, modes)
+    output_dir = output_dir or config.output_dir
+    with open(os.path.join(output_dir, "summary.md"), "w") as f:
+        f.write(table)
+    write_json(os.path.join(output_dir, "summary.json"), summary)
+    return table, summary
+
+
+def summary_table(summary, modes, names=None, seeds_column=True, rate_column=True):
+    """The markdown table: arm | <mode> mean +- std ... | PT examples/s | seeds."""
+    names = names or {}
+    header = ["arm"] + [FT_MODES[m][1] for m in modes] + [RATE_LABEL] * rate_column \
+        + ["seeds"] * seeds_column
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    for arm, s in summary.items():
+        cells = [names.get(arm, arm)] + [f"{s[f'{m}_mean']:.4f} +- {s[f'{m}_std']:.4f}"
+                                         for m in modes]
+        if rate_column:
+            cells.append(f"{s[RATE_KEY]:.0f}" if s[RATE_KEY] else "-")
+        if seeds_column:
+            cells.append(str(s["seeds"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_table(summary, modes, names=None):
+    """The paired differences to the baseline as markdown ("" when there are none)."""
+    names = names or {}
+    rows = [(arm, s["paired"]) for arm, s in summary.items() if "paired" in s]
+    if not rows:
+        return ""
+    base = rows[0][1]["baseline"]
+
+    def cell(d):
+        if d["ci95"] is None:
+            return f"{d['mean_difference']:+.4f} (1 seed: no interval)"
+        return f"{d['mean_difference']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
+    lines = ["", f"Paired difference to {names.get(base, base)} (same seed: arm - baseline; "
+             "mean over seeds [95% t interval]):", "",
+             "| arm | " + " | ".join(FT_MODES[m][1] for m in modes) + " | seeds |",
+             "|---" + "|---:" * (len(modes) + 1) + "|"]
+    for arm, paired in rows:
+        lines.append(f"| {names.get(arm, arm)} | " + " | ".join(cell(paired[m]) for m in modes)
+                     + f" | {paired[modes[0]]['seeds']} |")
+    return "\n".join(lines) + "\n"
