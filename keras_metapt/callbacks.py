@@ -16,7 +16,10 @@ __all__ = ["MetaCheckpoint", "StopOnNonFiniteHypergradient", "MetaParameterSumma
 
 class MetaCheckpoint(keras.callbacks.Callback):
     """Saves the whole training state at the end of every ``every_n_epochs`` epochs, and
-    restores the latest one when `MetaPretrainer.fit` starts.
+    restores the latest one when `MetaPretrainer.fit` starts (``on_train_begin``, as Keras'
+    `BackupAndRestore` does): fit then starts at the checkpoint's epoch, and the data stream
+    skips the steps already taken (`MetaPretrainer.resume_stream_at`), so the resumed run
+    continues exactly where the checkpoint was made.
 
     State: all model variables (encoder, heads, phi, BatchNorm statistics, RNG seed states),
     the PT, FT and hyper optimizers' variables and the step counter (see
@@ -63,6 +66,14 @@ class MetaCheckpoint(keras.callbacks.Callback):
         print(f"MetaCheckpoint: resumed from {path} (epoch {latest['epoch']}, "
               f"step {latest['step']})")
         return int(latest["epoch"])
+
+    def on_train_begin(self, logs=None):
+        epoch = self.restore(self.model)
+        if epoch is not None:
+            # Keras' fit starts at model._initial_epoch when set (as BackupAndRestore does;
+            # pinned by tests/test_keras_overrides.py).
+            self.model._initial_epoch = epoch
+            self.model.resume_stream_at(epoch * self.params["steps"])
 
     def on_epoch_end(self, epoch, logs=None):
         done = epoch + 1

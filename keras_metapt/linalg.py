@@ -4,13 +4,30 @@ For a scalar loss L(theta) (theta a nest of tensors) and a nest v shaped like th
 
   hvp(L, theta, v)                  = H v,            H = d2L / dtheta2
   mixed_vjp(L, theta, phi, v)       = (d2L / dphi dtheta) v  = d/dphi <dL/dtheta, v>
-  neumann_inverse_hvp(hvp_fn, v)    ~ H^-1 v by a truncated Neumann series
+  neumann_inverse_hvp(hvp_fn, b)    ~ H^-1 b by a truncated Neumann series
   conjugate_gradient(hvp_fn, b)     ~ H^-1 b by CG (H symmetric positive definite)
-  dense_inverse_hvp(L, theta, b)    = H^-1 b exactly, forming H (small problems only)
+  dense_inverse_hvp(hvp_fn, b)      = H^-1 b exactly, forming H (small problems only)
+
+Linear solvers are values with one protocol (as in optax / JAXopt / TorchOpt): configure
+once, pass to an estimator, which calls
+
+    x = solve(hvp_fn, b, *, step_size=None, unroll=False)       # x ~ H^-1 b
+
+``hvp_fn(v) -> H v`` on nests shaped like ``b``. ``step_size`` is the inner optimizer's
+learning rate where the estimator knows it (`neumann(alpha=None)` uses it as alpha; the
+other solvers ignore it); ``unroll=True`` traces the iterations in Python instead of a
+`tf.while_loop` (needed when ``hvp_fn`` all-reduces across replicas).
+
+  neumann(num_terms, alpha=None)        num_terms HVPs            memory: 3 nests like b
+  cg(max_iterations=10, tolerance=1e-10) <= max_iterations HVPs   memory: 4 nests like b
+  dense()                               P HVPs + O(P^3) solve     memory: O(P^2)
 
 All of them work eagerly and inside `tf.function(jit_compile=True)`; the iterative
 solvers use `tf.while_loop`, so the graph does not grow with the number of terms.
 """
+
+import dataclasses
+from typing import Optional
 
 import tensorflow as tf
 
@@ -23,6 +40,12 @@ __all__ = [
     "conjugate_gradient",
     "conjugate_gradient_with_info",
     "dense_inverse_hvp",
+    "neumann",
+    "cg",
+    "dense",
+    "NeumannSolver",
+    "CGSolver",
+    "DenseSolver",
 ]
 
 
@@ -158,29 +181,110 @@ def conjugate_gradient_with_info(hvp_fn, b, max_iterations=10, tolerance=1e-10, 
     return x, k
 
 
-def dense_inverse_hvp(loss_fn, params, vector):
-    """H^-1 v exactly, by forming the P x P Hessian and solving (Cholesky-free LU).
+def dense_inverse_hvp(hvp_fn, vector, unroll=False):
+    """H^-1 v exactly: forms the P x P matrix H column by column (H e_j = hvp_fn(e_j)) and
+    solves with LU.
 
-    For tests and small problems: cost P HVPs (vectorised by `GradientTape.jacobian`)
-    plus O(P^3); memory O(P^2).
+    For tests and small problems: cost P HVPs plus O(P^3); memory O(P^2). ``unroll=True``
+    runs the P HVPs in Python (for an all-reducing ``hvp_fn``; the graph grows with P).
     """
-    flat = tf.nest.flatten(params)
-    sizes = [tf.size(x) for x in flat]
-    shapes = [tf.shape(x) for x in flat]
-    theta = tf.concat([tf.reshape(x, [-1]) for x in flat], axis=0)
+    flat = tf.nest.flatten(vector)
+    sizes = [x.shape.num_elements() for x in flat]  # static: P is a Python int
+    shapes = [x.shape for x in flat]
+    dtype = flat[0].dtype
+    dim = sum(sizes)
 
     def unflatten(vec):
         parts = tf.split(vec, sizes)
         return tf.nest.pack_sequence_as(
-            params, [tf.reshape(part, shape) for part, shape in zip(parts, shapes)])
+            vector, [tf.reshape(part, shape) for part, shape in zip(parts, shapes)])
 
-    with tf.GradientTape() as outer:
-        outer.watch(theta)
-        with tf.GradientTape() as inner:
-            inner.watch(theta)
-            loss = loss_fn(unflatten(theta))
-        grad = inner.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    hessian = outer.jacobian(grad, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    rhs = tf.concat([tf.reshape(x, [-1]) for x in tf.nest.flatten(vector)], axis=0)
-    solution = tf.linalg.solve(hessian, rhs[:, None])[:, 0]
-    return unflatten(solution)
+    def column(j):
+        h_e = hvp_fn(unflatten(tf.one_hot(j, dim, dtype=dtype)))
+        return tf.concat([tf.reshape(x, [-1]) for x in tf.nest.flatten(h_e)], axis=0)
+
+    if unroll:
+        hessian = tf.stack([column(j) for j in range(dim)], axis=1)
+    else:
+        columns = tf.TensorArray(dtype, size=dim, element_shape=[dim])
+        _, columns = tf.while_loop(lambda j, c: j < dim, lambda j, c: (j + 1, c.write(j, column(j))),
+                                   (tf.constant(0), columns), maximum_iterations=dim)
+        hessian = tf.transpose(columns.stack())
+    rhs = tf.concat([tf.reshape(x, [-1]) for x in flat], axis=0)
+    return unflatten(tf.linalg.solve(hessian, rhs[:, None])[:, 0])
+
+
+# ---------------------------------------------------------------------------
+# The solver protocol: solve(hvp_fn, b, *, step_size=None, unroll=False) -> x ~ H^-1 b.
+
+@dataclasses.dataclass(frozen=True)
+class NeumannSolver:
+    """H^-1 b ~ alpha sum_{j=0..num_terms} (I - alpha H)^j b (see `neumann_inverse_hvp`).
+
+    ``alpha=None`` takes the ``step_size`` the estimator passes: the inner (PT) optimizer's
+    learning rate at the time of the call, so it follows a learning-rate schedule.
+    Cost: num_terms HVPs.
+    """
+
+    num_terms: int
+    alpha: Optional[float] = None
+
+    def __post_init__(self):
+        if int(self.num_terms) < 0:
+            raise ValueError(f"neumann: num_terms must be >= 0, got {self.num_terms}")
+        if self.alpha is not None and not float(self.alpha) > 0:
+            raise ValueError(f"neumann: alpha must be > 0 (or None), got {self.alpha}")
+
+    def __call__(self, hvp_fn, b, *, step_size=None, unroll=False):
+        alpha = self.alpha if self.alpha is not None else step_size
+        if alpha is None:
+            raise ValueError(
+                "neumann(alpha=None) uses the inner optimizer's learning rate as alpha, but this "
+                "estimator was given none: pass linalg.neumann(num_terms, alpha=...), or set "
+                "the problem's learning rate (BilevelProblem(inner_learning_rate=...))")
+        return neumann_inverse_hvp(hvp_fn, b, alpha, int(self.num_terms), unroll)
+
+
+@dataclasses.dataclass(frozen=True)
+class CGSolver:
+    """H^-1 b by conjugate gradient (see `conjugate_gradient`). Cost: <= max_iterations HVPs."""
+
+    max_iterations: int = 10
+    tolerance: float = 1e-10
+
+    def __post_init__(self):
+        if int(self.max_iterations) < 0:
+            raise ValueError(f"cg: max_iterations must be >= 0, got {self.max_iterations}")
+        if not float(self.tolerance) >= 0:
+            raise ValueError(f"cg: tolerance must be >= 0, got {self.tolerance}")
+
+    def __call__(self, hvp_fn, b, *, step_size=None, unroll=False):
+        del step_size  # CG needs no step
+        return conjugate_gradient(hvp_fn, b, int(self.max_iterations), self.tolerance,
+                                  unroll=unroll)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseSolver:
+    """H^-1 b exactly by forming H (see `dense_inverse_hvp`). Cost: P HVPs + O(P^3)."""
+
+    def __call__(self, hvp_fn, b, *, step_size=None, unroll=False):
+        del step_size
+        return dense_inverse_hvp(hvp_fn, b, unroll)
+
+
+def neumann(num_terms, alpha=None):
+    """A Neumann-series solver with ``num_terms`` HVPs; ``alpha=None``: the inner optimizer's
+    current learning rate (needs alpha * lambda_max(H) < 2 to converge)."""
+    return NeumannSolver(int(num_terms), alpha)
+
+
+def cg(max_iterations=10, tolerance=1e-10):
+    """A conjugate-gradient solver: at most ``max_iterations`` HVPs, stops at
+    ||r|| <= tolerance ||b|| or at non-positive curvature."""
+    return CGSolver(int(max_iterations), tolerance)
+
+
+def dense():
+    """The exact solver (forms the Hessian): tests and small problems only."""
+    return DenseSolver()

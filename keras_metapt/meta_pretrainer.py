@@ -5,46 +5,49 @@ The training loop of Raghu et al. (2021), one PT batch per step:
   1. every step: one PT optimizer step on L_PT(theta_P, phi);
   2. warm-up (default: the first epoch): an FT-head step on detached encoder features of a
      MetaTrain batch;
-  3. every N steps after warm-up, a hyperstep: K differentiable FT-head steps with the
-     features attached, an implicit (Neumann or CG) solve over the PT Hessian on a fresh PT
-     batch, and one hyper-optimizer step on phi (see `keras_metapt.hypergrad.PTFT`); the FT
-     head takes the K-step value psi_K;
+  3. on the `HyperstepSchedule` (every N steps after warm-up), a hyperstep: the `PTFT`
+     hypergradient (K differentiable FT-head steps with the features attached, an inverse-HVP
+     solve over the PT Hessian on a fresh PT batch, one mixed VJP) and one hyper-optimizer
+     step on phi; the FT head takes the K-step value psi_K;
   4. other steps: an FT-head step on detached features of a MetaTrain batch.
 
-Data: one element per step from `meta_dataset(pt, meta_train, meta_val, unroll_steps)`, a dict
-with keys "pt", "pt_fresh", "meta_train" (K batches stacked along axis 1, so that the leading
-axis stays the example axis that tf.distribute shards) and "meta_val".
+Data: one element per step from `meta_dataset(pt, meta_train, meta_val, unroll_steps)`.
 
 BatchNorm and Dropout: the PT step runs with training=True (it updates BatchNorm statistics);
 the FT-head steps and the hyperstep run with ``hyperstep_training`` (default False: inference
 mode). A hyperstep never updates BatchNorm statistics or any other non-trainable state.
 """
 
-import numpy as np
+import dataclasses
+from typing import Optional
+
 import keras
+import numpy as np
 import tensorflow as tf
 
-from keras_metapt import distribute, optim
-from keras_metapt.callbacks import MetaCheckpoint, StopOnNonFiniteHypergradient
+from keras_metapt import distribute, linalg, optim
+from keras_metapt.callbacks import StopOnNonFiniteHypergradient
 from keras_metapt.errors import InputMismatchError
 from keras_metapt.hypergrad.problem import StepBatches
-from keras_metapt.hypergrad.ptft import PTFT, PretrainFinetuneProblem
+from keras_metapt.hypergrad.ptft import (META_ROLES, PTFT, FinetuneBatches, keras_problem,
+                                         replica_share, split_xy)
 
-__all__ = ["MetaPretrainer", "meta_dataset"]
+__all__ = ["MetaPretrainer", "HyperstepSchedule", "meta_dataset"]
 
-_ROLES = ("loss", "inputs")
+_ELEMENT_KEYS = ("pt", "pt_fresh", "meta_train", "meta_val")
 
 
 def meta_dataset(pt, meta_train, meta_val, unroll_steps=1):
     """Zips batched datasets into the element stream `MetaPretrainer.fit` expects.
 
-    Each input is a *batched* `tf.data.Dataset` of (x, y) or x; each is repeated forever, so
-    pass ``steps_per_epoch`` to fit. "pt_fresh" is the PT stream one batch ahead (a fresh PT
-    batch for the implicit stage); "meta_train" stacks ``unroll_steps`` consecutive MetaTrain
-    batches along axis 1 (shape [batch, K, ...]: the example axis stays first, where
-    tf.distribute splits a global batch across replicas),     batches, so its batches need a static size (``batch(..., drop_remainder=True)``).
-    Deterministic inputs (seeded shuffles) give a deterministic stream, which is what exact
-    resumption relies on.
+    Each input is a *batched* `tf.data.Dataset` of (x, y) or x, with a static batch size
+    (``batch(n, drop_remainder=True)``); each is repeated forever, so pass ``steps_per_epoch``
+    to fit. An element is a dict: "pt" (the PT batch of the step), "pt_fresh" (the PT stream
+    one batch ahead: the fresh PT batch of the implicit stage), "meta_train" (``unroll_steps``
+    consecutive MetaTrain batches stacked along axis 1, shape [batch, K, ...], so that the
+    leading axis stays the example axis that tf.distribute splits across replicas) and
+    "meta_val". Deterministic inputs (seeded shuffles) give a deterministic stream, which is
+    what exact resumption relies on.
     """
     unroll_steps = int(unroll_steps)
     for name, ds in (("pt", pt), ("meta_train", meta_train), ("meta_val", meta_val)):
@@ -76,20 +79,26 @@ def _steps_to_axis_1(*element):
     return _swap_first_axes(element[0] if len(element) == 1 else element)
 
 
-def _split(batch):
-    if isinstance(batch, (tuple, list)):
-        if len(batch) == 2:
-            return batch[0], batch[1]
-        if len(batch) == 1:
-            return batch[0], None
-    return batch, None
+@dataclasses.dataclass(frozen=True)
+class HyperstepSchedule:
+    """Which steps are hypersteps: step >= warmup and (step - warmup) % every == 0.
 
+    ``warmup=None`` means one epoch (resolved by `MetaPretrainer.fit` from steps_per_epoch).
+    `is_hyperstep` works on Python ints (the host-side choice of the compiled step) and on
+    tensors (the in-graph choice under steps_per_execution > 1), with the same expression.
+    """
 
-def _initial_learning_rate(optimizer):
-    lr = optimizer.learning_rate
-    if callable(lr):
-        lr = lr(0)
-    return float(keras.ops.convert_to_numpy(lr))
+    every: int = 10
+    warmup: Optional[int] = None
+
+    def __post_init__(self):
+        if int(self.every) < 1:
+            raise ValueError(f"hyperstep_every must be >= 1, got {self.every}")
+        if self.warmup is not None and int(self.warmup) < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup}")
+
+    def is_hyperstep(self, step, warmup):
+        return (step >= warmup) & ((step - warmup) % self.every == 0)
 
 
 class MetaPretrainer(keras.Model):
@@ -108,28 +117,25 @@ class MetaPretrainer(keras.Model):
         transforms PT inputs before the encoder, e.g. a learned augmentation).
       hyperstep_every: N, steps between hypersteps after warm-up (default 10).
       unroll_steps: K, differentiable FT-head steps per hyperstep (default 1).
-      solver: "neumann" (default) or "cg" for the PT-stage inverse HVP.
-      neumann_terms: i (default 1). neumann_alpha: default the PT learning rate.
-      cg_iterations: CG iterations when solver="cg".
+      solve: the PT-stage inverse-HVP solver, a `keras_metapt.linalg` solver; default
+        ``linalg.neumann(1)`` with alpha = the PT optimizer's learning rate *at each
+        hyperstep* (it follows a schedule).
       warmup_steps: FT-head-only steps before the first hyperstep; default the first epoch.
       ft_unroll_optimizer: differentiable `optim.InnerOptimizer` for the FT unroll; default
         SGD at the FT optimizer's learning rate (fresh state every hyperstep).
       hyperstep_training: the training flag of encoder and heads in FT-head steps and
         hypersteps (BatchNorm/Dropout mode); default False (inference mode).
 
-    Cost per hyperstep: K FT-head gradients through the encoder + 1 backward, i HVPs of the PT
-    loss (or CG iterations), 1 mixed VJP. Memory: O(P).
+    Cost per hyperstep: K FT-head gradients through the encoder + 1 backward, the solver's
+    HVPs of the PT loss, 1 mixed VJP. Memory: O(P + K * P_psi), as `PTFT`.
     """
 
     def __init__(self, encoder, pt_head, ft_head, meta_layer, pt_loss, ft_loss, meta_role="loss",
-                 hyperstep_every=10, unroll_steps=1, solver="neumann", neumann_terms=1,
-                 neumann_alpha=None, cg_iterations=10, warmup_steps=None,
+                 hyperstep_every=10, unroll_steps=1, solve=linalg.neumann(1), warmup_steps=None,
                  ft_unroll_optimizer=None, hyperstep_training=False, **kwargs):
         super().__init__(**kwargs)
-        if meta_role not in _ROLES:
-            raise ValueError(f"meta_role must be one of {_ROLES}, got {meta_role!r}")
-        if int(hyperstep_every) < 1:
-            raise ValueError(f"hyperstep_every must be >= 1, got {hyperstep_every}")
+        if meta_role not in META_ROLES:
+            raise ValueError(f"meta_role must be one of {META_ROLES}, got {meta_role!r}")
         for name, part in (("encoder", encoder), ("pt_head", pt_head), ("ft_head", ft_head),
                            ("meta_layer", meta_layer)):
             if not part.built:
@@ -139,42 +145,25 @@ class MetaPretrainer(keras.Model):
         if not meta_layer.trainable_variables:
             raise InputMismatchError(f"meta_layer {meta_layer.name!r} has no trainable weights "
                                      "(nothing to meta-learn)")
-        self.encoder = encoder
-        self.pt_head = pt_head
-        self.ft_head = ft_head
-        self.meta_layer = meta_layer
-        self.pt_loss_fn = pt_loss
-        self.ft_loss_fn = ft_loss
-        self.meta_role = meta_role
-        self.hyperstep_every = int(hyperstep_every)
+        self.encoder, self.pt_head, self.ft_head, self.meta_layer = (encoder, pt_head, ft_head,
+                                                                     meta_layer)
+        self.pt_loss_fn, self.ft_loss_fn, self.meta_role = pt_loss, ft_loss, meta_role
+        self.schedule = HyperstepSchedule(int(hyperstep_every), warmup_steps)
         self.unroll_steps = int(unroll_steps)
-        self.solver = solver
-        self.neumann_terms = int(neumann_terms)
-        self.neumann_alpha = neumann_alpha
-        self.cg_iterations = int(cg_iterations)
-        self.requested_warmup_steps = warmup_steps
+        self.solve = solve
         self.ft_unroll_optimizer = ft_unroll_optimizer
         self.hyperstep_training = bool(hyperstep_training)
         self.meta_step = keras.Variable(0, dtype="int64", trainable=False, name="meta_step")
-        self.warmup_steps = keras.Variable(0 if warmup_steps is None else int(warmup_steps),
-                                           dtype="int64", trainable=False, name="warmup_steps")
-        self.pt_loss_tracker = keras.metrics.Mean(name="pt_loss")
-        self.ft_train_loss_tracker = keras.metrics.Mean(name="ft_train_loss")
-        self.ft_val_loss_tracker = keras.metrics.Mean(name="ft_val_loss")
-        self.hypergrad_norm_tracker = keras.metrics.Mean(name="hypergrad_norm")
-        self.hypersteps_tracker = keras.metrics.Sum(name="hypersteps")
-        self.nonfinite_tracker = keras.metrics.Sum(name="nonfinite_hypersteps")
-        self.phi_stats = {k: keras.metrics.Mean(name=f"phi_{k}") for k in ("mean", "std", "min", "max")}
-        self.ft_optimizer = None
-        self.hyper_optimizer = None
-        self._estimator = None
+        self.warmup_steps = keras.Variable(warmup_steps or 0, dtype="int64", trainable=False,
+                                           name="warmup_steps")
+        names = ("pt_loss", "ft_train_loss", "ft_val_loss", "hypergrad_norm", "hypersteps",
+                 "nonfinite_hypersteps", "phi_mean", "phi_std", "phi_min", "phi_max")
+        self.trackers = {n: (keras.metrics.Sum if "hypersteps" in n else keras.metrics.Mean)(name=n)
+                         for n in names}
+        self.ft_optimizer = self.hyper_optimizer = self._estimator = None
         self.built = True  # every part was required to be built above
         self._host_step = None  # host-side mirror of meta_step for choosing the step function
-        self._host_warmup = None
-        self._replicas = 1
-        self._multi_worker = False
-
-    # ----------------------------------------------------------------- Keras plumbing
+        self._stream_skip = 0  # elements to discard before the next step (set on resume)
 
     def call(self, inputs, training=False):
         """The downstream model: FT head on encoder features."""
@@ -182,9 +171,11 @@ class MetaPretrainer(keras.Model):
 
     @property
     def metrics(self):
-        return [self.pt_loss_tracker, self.ft_train_loss_tracker, self.ft_val_loss_tracker,
-                self.hypergrad_norm_tracker, self.hypersteps_tracker, self.nonfinite_tracker,
-                *self.phi_stats.values()]
+        return list(self.trackers.values())
+
+    @property
+    def pt_variables(self):
+        return self.encoder.trainable_variables + self.pt_head.trainable_variables
 
     def compile(self, pt_optimizer="adam", ft_optimizer="adam", hyper_optimizer="adam",
                 jit_compile="auto", steps_per_execution=1, **kwargs):
@@ -196,26 +187,18 @@ class MetaPretrainer(keras.Model):
         self.optimizer.build(self.pt_variables)
         self.ft_optimizer.build(self.ft_head.trainable_variables)
         self.hyper_optimizer.build(self.meta_layer.trainable_variables)
-        alpha = self.neumann_alpha
-        if alpha is None:
-            alpha = _initial_learning_rate(self.optimizer)
-        unroll_opt = self.ft_unroll_optimizer or optim.sgd(_initial_learning_rate(self.ft_optimizer))
-        self._replicas = self.distribute_strategy.num_replicas_in_sync
-        self._multi_worker = distribute.is_multi_worker(self.distribute_strategy)
-        if self._replicas > 1 and self.steps_per_execution != 1:
+        ft_lr = self.ft_optimizer.learning_rate
+        unroll_opt = self.ft_unroll_optimizer or optim.sgd(
+            float(keras.ops.convert_to_numpy(ft_lr(0) if callable(ft_lr) else ft_lr)))
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if replicas > 1 and self.steps_per_execution != 1:
             raise ValueError(
                 f"steps_per_execution={self.steps_per_execution} is not supported with "
-                f"{self._replicas} replicas (the in-graph step choice would put all-reduces "
+                f"{replicas} replicas (the in-graph step choice would put all-reduces "
                 "inside tf.cond); use steps_per_execution=1")
-        self._estimator = PTFT(unroll_opt, unroll_steps=self.unroll_steps, solver=self.solver,
-                               num_terms=self.neumann_terms, alpha=alpha,
-                               max_iterations=self.cg_iterations, check_finite=False,
-                               gradient_reduction=distribute.replica_sum if self._replicas > 1
-                               else None)
-
-    @property
-    def pt_variables(self):
-        return self.encoder.trainable_variables + self.pt_head.trainable_variables
+        self._multi_worker = distribute.is_multi_worker(self.distribute_strategy)
+        self._estimator = PTFT(unroll_opt, self.unroll_steps, self.solve, check_finite=False,
+                               gradient_reduction=distribute.replica_sum if replicas > 1 else None)
 
     def state_variables(self):
         """(name, variable) for the whole training state: weights (incl. BatchNorm statistics
@@ -232,251 +215,172 @@ class MetaPretrainer(keras.Model):
                 unique.append((name, v))
         return unique
 
-    def fit(self, x=None, epochs=1, steps_per_epoch=None, callbacks=None, initial_epoch=0,
-            **kwargs):
+    def resume_stream_at(self, steps):
+        """Discard ``steps`` stream elements before the next step (called by `MetaCheckpoint`
+        after a restore, so the stream continues where the checkpointed run stopped)."""
+        self._stream_skip = int(steps)
+
+    def fit(self, x=None, epochs=1, steps_per_epoch=None, callbacks=None, **kwargs):
         """`keras.Model.fit` on a `meta_dataset` stream (steps_per_epoch required).
 
-        With a `keras_metapt.callbacks.MetaCheckpoint` among the callbacks, a run resumes from
-        its latest checkpoint: the whole state is restored and the stream skips the steps
-        already taken, so the resumed run continues exactly where the checkpoint was made.
+        A `keras_metapt.callbacks.MetaCheckpoint` among the callbacks resumes the run from its
+        latest checkpoint (whole state, and the stream at the same element). Adds a
+        `StopOnNonFiniteHypergradient` unless one is given.
         """
         if self._estimator is None:
             raise RuntimeError("compile() the MetaPretrainer before fit()")
         if steps_per_epoch is None:
             raise ValueError("MetaPretrainer.fit needs steps_per_epoch (meta_dataset streams are "
                              "infinite)")
-        if self.requested_warmup_steps is None:
+        if self.schedule.warmup is None:
             self.warmup_steps.assign(int(steps_per_epoch))
         self._host_step = None  # re-read from meta_step (after any restore) at the first step
         callbacks = list(callbacks or [])
-        for cb in callbacks:
-            if isinstance(cb, MetaCheckpoint):
-                restored_epoch = cb.restore(self)
-                if restored_epoch is not None:
-                    initial_epoch = max(initial_epoch, restored_epoch)
-        if initial_epoch and isinstance(x, tf.data.Dataset):
-            x = x.skip(int(initial_epoch) * int(steps_per_epoch))
-        kwargs.setdefault("shuffle", False)  # streams come from meta_dataset, already ordered
         if not any(isinstance(cb, StopOnNonFiniteHypergradient) for cb in callbacks):
             callbacks.append(StopOnNonFiniteHypergradient())
+        kwargs.setdefault("shuffle", False)  # streams come from meta_dataset, already ordered
         return super().fit(x, epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks,
-                           initial_epoch=initial_epoch, **kwargs)
-
-    # ----------------------------------------------------------------- pure losses
-
-    def _values(self, layer):
-        return ([tf.convert_to_tensor(v.value) for v in layer.trainable_variables],
-                [tf.convert_to_tensor(v.value) for v in layer.non_trainable_variables])
-
-    def _problem(self, enc_state, head_state, ft_state, meta_state):
-        training = self.hyperstep_training
-
-        def features(theta_e, x):
-            return self.encoder.stateless_call(theta_e, enc_state, x, training=training)[0]
-
-        def pt_loss(theta_e, theta_h, phi, batch):
-            x, y = _split(batch)
-            meta_out = None
-            if self.meta_role == "inputs":
-                x = self.meta_layer.stateless_call(phi, meta_state, x, training=True)[0]
-            else:
-                meta_out = self.meta_layer.stateless_call(phi, meta_state, x)[0]
-            preds = self.pt_head.stateless_call(theta_h, head_state, features(theta_e, x),
-                                                training=training)[0]
-            return self._replica_share(self.pt_loss_fn(y, preds, meta_out), x)
-
-        def ft_loss(theta_e, psi, batch):
-            x, y = _split(batch)
-            preds = self.ft_head.stateless_call(psi, ft_state, features(theta_e, x),
-                                                training=training)[0]
-            return self._replica_share(self.ft_loss_fn(y, preds), x)
-
-        return PretrainFinetuneProblem(pt_loss, ft_loss)
-
-    @staticmethod
-    def _replica_share(loss, x):
-        """The loss as this replica's share of the global-batch mean (times 1 with one
-        replica): summed over replicas it is the mean over the global batch."""
-        return loss * distribute.shard_fraction(x, loss.dtype)
+                           **kwargs)
 
     # ----------------------------------------------------------------- steps
 
     def _pt_step(self, batch):
-        x, y = _split(batch)
+        x, y = split_xy(batch)
         with tf.GradientTape() as tape:
             meta_out = None
             if self.meta_role == "inputs":
                 x = self.meta_layer(x, training=True)
             else:
                 meta_out = self.meta_layer(x)
-            preds = self.pt_head(self.encoder(x, training=True), training=True)
-            loss = self.pt_loss_fn(y, preds, meta_out)
-            share = self._replica_share(loss, x)  # Keras optimizers sum gradients over replicas
-        grads = tape.gradient(share, self.pt_variables)
-        self.optimizer.apply(grads, self.pt_variables)
-        self.pt_loss_tracker.update_state(loss)
+            loss = self.pt_loss_fn(y, self.pt_head(self.encoder(x, training=True), training=True),
+                                   meta_out)
+            share = replica_share(loss, x)  # Keras optimizers sum gradients over replicas
+        self.optimizer.apply(tape.gradient(share, self.pt_variables), self.pt_variables)
+        self.trackers["pt_loss"].update_state(loss)
 
     def _ft_head_step(self, meta_train):
-        x, y = _split(tf.nest.map_structure(lambda t: t[:, 0], meta_train))
+        x, y = split_xy(tf.nest.map_structure(lambda t: t[:, 0], meta_train))
         features = tf.stop_gradient(self.encoder(x, training=self.hyperstep_training))
+        variables = self.ft_head.trainable_variables
         with tf.GradientTape() as tape:
             loss = self.ft_loss_fn(y, self.ft_head(features, training=self.hyperstep_training))
-            share = self._replica_share(loss, x)
-        grads = tape.gradient(share, self.ft_head.trainable_variables)
-        self.ft_optimizer.apply(grads, self.ft_head.trainable_variables)
-        self.ft_train_loss_tracker.update_state(loss)
+            share = replica_share(loss, x)
+        self.ft_optimizer.apply(tape.gradient(share, variables), variables)
+        self.trackers["ft_train_loss"].update_state(loss)
         return tf.constant(0, tf.int32)
 
     def hypergradient(self, data):
-        """The PT/FT hypergradient for one data element (a `HypergradResult`); updates nothing."""
-        theta_e, enc_state = self._values(self.encoder)
-        theta_h, head_state = self._values(self.pt_head)
-        psi, ft_state = self._values(self.ft_head)
-        phi, meta_state = self._values(self.meta_layer)
-        problem = self._problem(enc_state, head_state, ft_state, meta_state)
-        return self._estimator(problem, (theta_e, theta_h, psi), phi, data["pt_fresh"],
-                               (StepBatches(_swap_first_axes(data["meta_train"])), data["meta_val"]))
+        """The PT/FT hypergradient for one data element (a `HypergradResult`); updates nothing.
+        A Neumann solver without alpha uses the PT optimizer's current learning rate."""
+        problem, params, phi = keras_problem(
+            self.encoder, self.pt_head, self.ft_head, self.meta_layer, self.pt_loss_fn,
+            self.ft_loss_fn, self.meta_role, self.hyperstep_training,
+            pt_learning_rate=self.optimizer.learning_rate)
+        batches = FinetuneBatches(StepBatches(_swap_first_axes(data["meta_train"])),
+                                  data["meta_val"])
+        return self._estimator(problem, params, phi, data["pt_fresh"], batches)
 
     def _hyperstep(self, data):
         result = self.hypergradient(data)
-        phi_vars = self.meta_layer.trainable_variables
+        phi_vars, psi_vars = self.meta_layer.trainable_variables, self.ft_head.trainable_variables
+        replicas = self.distribute_strategy.num_replicas_in_sync
 
-        def apply():
-            self.hyper_optimizer.apply(list(result.hypergrad), phi_vars)
-            for var, value in zip(self.ft_head.trainable_variables, result.params[2]):
-                var.assign(value)
-            return tf.constant(0, tf.int32)
-
-        def skip():  # never a silent update: counted, and fit stops with an error
-            return tf.constant(1, tf.int32)
-
-        if self._replicas == 1:
-            nonfinite = tf.cond(result.is_finite, apply, skip)
-        else:
-            nonfinite = self._apply_hypergradient_across_replicas(result)
-        # Sum metrics add up over replicas: each replica counts its 1/R share of a hyperstep.
-        share = 1.0 / self._replicas
-        self.nonfinite_tracker.update_state(tf.cast(nonfinite, tf.float32) * share)
-        self.hypersteps_tracker.update_state(share)
-        self.ft_val_loss_tracker.update_state(result.outer_loss)
-        norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in result.hypergrad]))
-        self.hypergrad_norm_tracker.update_state(tf.where(result.is_finite, norm, 0.0))
-        # phi changes only here, so its statistics are taken here (not on every step).
-        flat_phi = tf.concat([tf.reshape(v.value, [-1]) for v in phi_vars], 0)
-        for key, value in (("mean", tf.reduce_mean(flat_phi)), ("std", tf.math.reduce_std(flat_phi)),
-                           ("min", tf.reduce_min(flat_phi)), ("max", tf.reduce_max(flat_phi))):
-            self.phi_stats[key].update_state(value)
-        return nonfinite
-
-    def _apply_hypergradient_across_replicas(self, result):
-        """The hyperstep's update with several replicas.
-
-        The hypergradient and psi_K are already identical on every replica (reduced in the
-        estimator), and so is ``is_finite``. Keras optimizers sum gradients over replicas, so
-        each replica passes its 1/R share. Optimizer updates may not sit in a tf.cond in a
-        replica context, so the finite/non-finite choice is made in the cross-replica context.
-        """
-        phi_vars = self.meta_layer.trainable_variables
-        psi_vars = self.ft_head.trainable_variables
-        scale = 1.0 / self._replicas
-
-        def update(grads, psi_k):
-            self.hyper_optimizer.apply([g * tf.cast(scale, g.dtype) for g in grads], phi_vars)
+        def update(grads, psi_k):  # Keras optimizers sum over replicas: each passes 1/R
+            self.hyper_optimizer.apply([g * tf.cast(1.0 / replicas, g.dtype) for g in grads],
+                                       phi_vars)
             for var, value in zip(psi_vars, psi_k):
                 var.assign(value)
 
-        def cross_replica(strategy, grads, psi_k, finite):
-            finite = strategy.experimental_local_results(finite)[0]
-
+        def decide(strategy, grads, psi_k, finite):
+            # Optimizer updates may not sit in a tf.cond in a replica context: the choice is
+            # made here, in the cross-replica context (is_finite is the same on every replica).
             def apply():
                 strategy.extended.call_for_each_replica(update, args=(grads, psi_k))
                 return tf.constant(0, tf.int32)
+            finite = strategy.experimental_local_results(finite)[0]
+            return tf.cond(finite, apply, lambda: tf.constant(1, tf.int32))  # 1: skipped
 
-            return tf.cond(finite, apply, lambda: tf.constant(1, tf.int32))
+        nonfinite = tf.distribute.get_replica_context().merge_call(
+            decide, args=(list(result.hypergrad), list(result.params.ft_head), result.is_finite))
+        share = 1.0 / replicas  # Sum metrics add up over replicas: 1/R of a hyperstep each
+        self.trackers["nonfinite_hypersteps"].update_state(tf.cast(nonfinite, tf.float32) * share)
+        self.trackers["hypersteps"].update_state(share)
+        self.trackers["ft_val_loss"].update_state(result.outer_loss)
+        norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in result.hypergrad]))
+        self.trackers["hypergrad_norm"].update_state(tf.where(result.is_finite, norm, 0.0))
+        flat_phi = tf.concat([tf.reshape(v.value, [-1]) for v in phi_vars], 0)
+        for key, reduce in (("mean", tf.reduce_mean), ("std", tf.math.reduce_std),
+                            ("min", tf.reduce_min), ("max", tf.reduce_max)):
+            self.trackers[f"phi_{key}"].update_state(reduce(flat_phi))
+        return nonfinite
 
-        return tf.distribute.get_replica_context().merge_call(
-            cross_replica, args=(list(result.hypergrad), list(result.params[2]), result.is_finite))
-
-    @staticmethod
-    def _check_element(data):
-        if not isinstance(data, dict) or not {"pt", "pt_fresh", "meta_train", "meta_val"} <= set(data):
+    def _train_step(self, data, hyper):
+        """PT step, then a hyperstep or an FT-head step; ``hyper`` is a Python bool (chosen on
+        the host) or None (chosen in the graph, by the same `HyperstepSchedule`)."""
+        if not isinstance(data, dict) or not set(_ELEMENT_KEYS) <= set(data):
             raise InputMismatchError(
                 "MetaPretrainer expects elements from keras_metapt.meta_dataset(pt, meta_train, "
                 f"meta_val, unroll_steps); got {type(data).__name__}")
-
-    def _step_logs(self):
+        self._pt_step(data["pt"])
+        if hyper is None:
+            tf.cond(self.schedule.is_hyperstep(self.meta_step.value, self.warmup_steps.value),
+                    lambda: self._hyperstep(data), lambda: self._ft_head_step(data["meta_train"]))
+        elif hyper:
+            self._hyperstep(data)
+        else:
+            self._ft_head_step(data["meta_train"])
+        self.meta_step.assign_add(1)
         logs = {m.name: m.result() for m in self.metrics}
         if self._multi_worker:
-            # Keras reduces step outputs over workers with reduce(MEAN, axis=0), which needs
-            # an axis to reduce: give every log a length-1 one.
+            # Keras reduces step outputs over workers with reduce(MEAN, axis=0): give an axis.
             logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
         return logs
 
-    def _is_hyperstep(self, step, warmup):
-        return step >= warmup and (step - warmup) % self.hyperstep_every == 0
-
     def _regular_train_step(self, data):
-        """PT step + FT-head step (a step that is not a hyperstep)."""
-        self._check_element(data)
-        self._pt_step(data["pt"])
-        self._ft_head_step(data["meta_train"])
-        self.meta_step.assign_add(1)
-        return self._step_logs()
+        return self._train_step(data, hyper=False)
 
     def _hyper_train_step(self, data):
-        """PT step + hyperstep."""
-        self._check_element(data)
-        self._pt_step(data["pt"])
-        self._hyperstep(data)
-        self.meta_step.assign_add(1)
-        return self._step_logs()
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        """Nothing to build: every part is built in __init__ and the optimizers in compile().
-
-        (Keras' version averages a first data batch over replicas to trace the model; that
-        fails on a dict of batches under MultiWorkerMirroredStrategy and on unequal shards.)
-        """
-        return
-
-    def make_train_function(self, force=False):
-        """Two compiled steps (regular, hyper) chosen on the host for each batch.
-
-        Choosing on the host keeps the hyperstep out of the regular step's graph (no tf.cond
-        and no idle branch), and keeps optimizer updates out of control flow. With
-        steps_per_execution > 1 several steps run per call, so the choice falls back to a
-        tf.cond inside `train_step`.
-        """
-        if self.train_function is not None and not force:
-            return self.train_function
-        if self.steps_per_execution != 1:
-            return super().make_train_function(force)
-        regular = self._make_function(self._regular_train_step)
-        hyper = self._make_function(self._hyper_train_step)
-
-        def train_function(iterator):
-            if self._host_step is None:  # synced from the (possibly restored) state variables
-                self._host_step = int(self.meta_step.numpy())
-                self._host_warmup = int(self.warmup_steps.numpy())
-            step = self._host_step
-            outputs = (hyper if self._is_hyperstep(step, self._host_warmup) else regular)(iterator)
-            self._host_step = step + 1
-            return outputs
-
-        self.train_function = train_function
-        return train_function
+        return self._train_step(data, hyper=True)
 
     def train_step(self, data):
         """One step with the choice made in the graph (used when steps_per_execution > 1)."""
-        self._check_element(data)
-        self._pt_step(data["pt"])
-        step = self.meta_step.value
-        after_warmup = step >= self.warmup_steps.value
-        on_schedule = tf.equal((step - self.warmup_steps.value) % self.hyperstep_every, 0)
-        tf.cond(tf.logical_and(after_warmup, on_schedule),
-                lambda: self._hyperstep(data), lambda: self._ft_head_step(data["meta_train"]))
-        self.meta_step.assign_add(1)
-        return self._step_logs()
+        return self._train_step(data, hyper=None)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Private Keras override (tested in test_keras_overrides): every part is built in
+        __init__; Keras' version traces a replica-averaged batch, which fails on a dict of
+        batches under MultiWorkerMirroredStrategy and on unequal shards."""
+        return
+
+    def make_train_function(self, force=False):
+        """Two compiled steps (regular, hyper) chosen on the host for each batch, so the
+        hyperstep stays out of the regular step's graph and optimizer updates out of control
+        flow. With steps_per_execution > 1, Keras' function with `train_step` (in-graph choice).
+        Either way, a pending `resume_stream_at` skip is taken before the first step."""
+        if self.train_function is not None and not force:
+            return self.train_function
+        if self.steps_per_execution != 1:
+            super().make_train_function(force)  # sets self.train_function
+            step_fn = self.train_function
+        else:  # `_make_function` is private Keras (tested in test_keras_overrides)
+            regular = self._make_function(self._regular_train_step)
+            hyper = self._make_function(self._hyper_train_step)
+
+            def step_fn(iterator):
+                if self._host_step is None:  # synced from the (possibly restored) state
+                    self._host_step = int(self.meta_step.numpy())
+                step, warmup = self._host_step, int(self.warmup_steps.numpy())
+                self._host_step = step + 1
+                return (hyper if self.schedule.is_hyperstep(step, warmup) else regular)(iterator)
+
+        def train_function(iterator):
+            while self._stream_skip > 0:
+                next(iterator)
+                self._stream_skip -= 1
+            return step_fn(iterator)
+
+        self.train_function = train_function
+        return train_function
 
     def test_step(self, data):
         raise NotImplementedError("evaluate the fine-tuned downstream model instead")

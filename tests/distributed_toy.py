@@ -56,7 +56,9 @@ def build_and_fit(strategy, steps, unroll_steps=1, neumann_terms=1, solver="neum
     x, y, x_ft, y_ft, _ = toy.synthetic_tasks(0)
     with strategy.scope():
         model = toy.build(0, y.shape[1], warmup_steps=WARMUP, hyperstep_every=1)
-        model.unroll_steps, model.neumann_terms, model.solver = unroll_steps, neumann_terms, solver
+        model.unroll_steps = unroll_steps
+        model.solve = (km.linalg.neumann(neumann_terms) if solver == "neumann"
+                       else km.linalg.cg(10))
         model.compile(model.optimizer.__class__(1e-2), model.ft_optimizer.__class__(1e-2),
                       model.hyper_optimizer.__class__(1e-2))
     model.fit(stream(x, y, x_ft, y_ft, unroll_steps, pt_batch, ft_batch), epochs=1, steps_per_epoch=steps, verbose=0)
@@ -95,9 +97,9 @@ def estimator_hypergradients(reduce):
     return {
         "unrolled": (km.Unrolled(sgd, 4, gradient_reduction=reduce), {}),
         "unrolled_truncated": (km.Unrolled(sgd, 4, truncate=1, gradient_reduction=reduce), {}),
-        "implicit_neumann": (km.Implicit("neumann", num_terms=5, alpha=0.1,
+        "implicit_neumann": (km.Implicit(km.linalg.neumann(5, alpha=0.1),
                                          gradient_reduction=reduce), {}),
-        "implicit_cg": (km.Implicit("cg", max_iterations=4, gradient_reduction=reduce), {}),
+        "implicit_cg": (km.Implicit(km.linalg.cg(4), gradient_reduction=reduce), {}),
         "evograd": (km.EvoGrad(3, sigma=0.1, temperature=0.5, gradient_reduction=reduce),
                     {"seed": seed}),
     }

@@ -41,7 +41,7 @@ def tiny_float64_model(unroll_steps, neumann_terms, alpha):
         encoder, pt_head, ft_head, weights,
         pt_loss=lambda y, p, w: masked_multitask_bce(y, p, w),
         ft_loss=lambda y, p: 0.5 * tf.reduce_mean((p - y) ** 2),
-        unroll_steps=unroll_steps, neumann_terms=neumann_terms, neumann_alpha=alpha,
+        unroll_steps=unroll_steps, solve=km.linalg.neumann(neumann_terms, alpha),
         ft_unroll_optimizer=km.optim.sgd(0.2))
     model.compile(jit_compile=False)
     return model

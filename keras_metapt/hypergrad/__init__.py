@@ -1,25 +1,46 @@
-"""Hypergradient estimators, one module each, one calling convention.
+"""How a hypergradient is computed: estimators, one module each, one protocol.
 
-    result = Estimator(...)(problem, params, hparams, inner_batch, outer_batch)
+(What is learned, the layers whose weights are phi, lives in `keras_metapt.hyper`.)
 
-| estimator | cost per call                          | memory            |
-|-----------|----------------------------------------|-------------------|
-| Unrolled  | T gradients + ~2 per differentiated step | O(K * P)        |
-| Forward   | n_phi JVPs per step, T steps           | O(P * n_phi)      |
-| Implicit  | i (Neumann) or CG-iteration HVPs + 1 mixed VJP | O(P)      |
-| EvoGrad   | K forwards + 1 backward, first order   | O(K * P)          |
-| PTFT      | K FT steps + i HVPs + 1 mixed VJP      | O(P + K * P_psi)  |
+The protocol, followed by every estimator (base class `Estimator`):
+
+    estimator = Estimator(<method settings>, *, gradient_reduction=None, check_finite=True)
+    result = estimator(problem, params, hparams, inner_batch, outer_batch, *,
+                       opt_state=None, seed=None)            # -> HypergradResult
+
+- problem: `BilevelProblem(inner_loss, outer_loss, ...)`; PTFT takes a
+  `PretrainFinetuneProblem`, whose ``params`` are `PTFTParams(encoder, pt_head, ft_head)` and
+  whose ``outer_batch`` is `FinetuneBatches(train, val)`; phi is always ``hparams``.
+- inner_batch: one batch, or `StepBatches` (one per inner step) for estimators that step.
+- gradient_reduction: a cross-replica sum (`distribute.replica_sum`) to run data-parallel;
+  `Forward` refuses it (ValueError naming the alternatives).
+- check_finite: raise on a NaN/Inf hypergradient; False only reports ``result.is_finite``.
+- opt_state: inner optimizer state to continue from; returned unchanged where no steps run.
+- seed: shape-[2] int tensor for the stochastic `EvoGrad`; ignored by the others.
+- Implicit solves go through one solver protocol, ``solve(hvp_fn, b, *, step_size, unroll)``
+  (`keras_metapt.linalg.neumann`, `cg`, `dense`), and one IFT helper,
+  `implicit_indirect_term`, shared by `Implicit` and `PTFT`.
+
+| estimator | cost per call                                | memory            |
+|-----------|----------------------------------------------|-------------------|
+| Unrolled  | T gradients + ~2 per differentiated step      | O(K * P)          |
+| Forward   | n_phi JVPs per step, T steps                  | O(P * n_phi)      |
+| Implicit  | 1 outer gradient + solver HVPs + 1 mixed VJP  | O(P)              |
+| EvoGrad   | K forwards + 1 backward, first order          | O(K * P)          |
+| PTFT      | K FT steps + solver HVPs + 1 mixed VJP        | O(P + K * P_psi)  |
 """
 
 from keras_metapt.hypergrad.evograd import EvoGrad
 from keras_metapt.hypergrad.forward import Forward
-from keras_metapt.hypergrad.implicit import Implicit
-from keras_metapt.hypergrad.problem import (BilevelProblem, HypergradResult, StepBatches,
-                                            ensure_finite)
-from keras_metapt.hypergrad.ptft import PTFT, PretrainFinetuneProblem
+from keras_metapt.hypergrad.implicit import Implicit, implicit_indirect_term
+from keras_metapt.hypergrad.problem import (BilevelProblem, Estimator, HypergradResult,
+                                            StepBatches, ensure_finite)
+from keras_metapt.hypergrad.ptft import (PTFT, FinetuneBatches, PretrainFinetuneProblem,
+                                         PTFTParams, keras_problem)
 from keras_metapt.hypergrad.unrolled import Unrolled
 
 __all__ = [
+    "Estimator",
     "BilevelProblem",
     "StepBatches",
     "HypergradResult",
@@ -27,7 +48,11 @@ __all__ = [
     "Unrolled",
     "Forward",
     "Implicit",
+    "implicit_indirect_term",
     "EvoGrad",
     "PretrainFinetuneProblem",
+    "PTFTParams",
+    "FinetuneBatches",
     "PTFT",
+    "keras_problem",
 ]

@@ -25,7 +25,7 @@ __all__ = ["EvoGrad"]
 _NOISES = ("gaussian", "rademacher")
 
 
-class EvoGrad:
+class EvoGrad(_p.Estimator):
     """EvoGrad estimator.
 
     Args:
@@ -41,10 +41,12 @@ class EvoGrad:
         (`keras_metapt.distribute.replica_sum`): the copies' losses and the outer gradients
         are summed over replicas (losses must be replica shares of the global-batch means);
         pass the same ``seed`` tensor on every replica so the copies agree.
+      check_finite: see `Estimator`. ``opt_state`` is returned unchanged (no optimizer steps).
     """
 
-    def __init__(self, num_copies=2, sigma=1e-3, temperature=0.05, noise="gaussian", seed=0,
-                 gradient_reduction=None):
+    def __init__(self, num_copies=2, sigma=1e-3, temperature=0.05, noise="gaussian", seed=0, *,
+                 gradient_reduction=None, check_finite=True):
+        super().__init__(gradient_reduction=gradient_reduction, check_finite=check_finite)
         if int(num_copies) < 2:
             raise ValueError(f"num_copies must be >= 2, got {num_copies}")
         if sigma <= 0 or temperature <= 0:
@@ -57,7 +59,6 @@ class EvoGrad:
         self.noise = noise
         self.seed = int(seed)
         self._generator = None
-        self.gradient_reduction = gradient_reduction
 
     def _next_seed(self):
         if self._generator is None:
@@ -84,7 +85,8 @@ class EvoGrad:
             eps = 2 * bits - 1
         return _tree.cast_scalar(self.sigma, leaf.dtype) * tf.cast(eps, leaf.dtype)
 
-    def __call__(self, problem, params, hparams, inner_batch, outer_batch, seed=None):
+    def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
+                 seed=None):
         params, hparams = _p.prepare(params, hparams)
         if isinstance(inner_batch, _p.StepBatches):
             raise ValueError("EvoGrad takes one inner batch; got StepBatches")
@@ -121,5 +123,5 @@ class EvoGrad:
         indirect = tape.gradient(surrogate, hparams)
         if reduce is not None:
             indirect = reduce(indirect)
-        return _p.finish(hparams, direct, indirect, outer_loss,
-                         _tree.tree_stop_gradient(combined), None)
+        return self._finish(hparams, direct, indirect, outer_loss,
+                            _tree.tree_stop_gradient(combined), opt_state)

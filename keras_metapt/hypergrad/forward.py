@@ -27,11 +27,18 @@ from keras_metapt.hypergrad import problem as _p
 __all__ = ["Forward"]
 
 
+_ONE_REPLICA = (
+    "Forward runs on one replica: its tangents are carried through a tf.while_loop, "
+    "where strategies forbid cross-replica sums. Under a tf.distribute strategy use "
+    "Unrolled, Implicit, EvoGrad or PTFT with gradient_reduction="
+    "keras_metapt.distribute.replica_sum")
+
+
 def _is_float(x):
     return tf.as_dtype(x.dtype).is_floating
 
 
-class Forward:
+class Forward(_p.Estimator):
     """Forward-mode (real-time recurrent) hypergradient estimator.
 
     Args:
@@ -39,22 +46,26 @@ class Forward:
       num_steps: T, the number of inner steps.
       max_hparams: refuse more scalar hyperparameters than this (forward mode
         costs one JVP per scalar per step; use reverse or implicit mode for many).
+      gradient_reduction: must be None: the tangents are carried through a `tf.while_loop`,
+        where strategies forbid cross-replica sums (refused with a ValueError).
+      check_finite: see `Estimator`. ``seed`` is accepted and ignored (deterministic).
     """
 
-    def __init__(self, optimizer, num_steps, max_hparams=4096):
+    def __init__(self, optimizer, num_steps, max_hparams=4096, *, gradient_reduction=None,
+                 check_finite=True):
+        if gradient_reduction is not None:
+            raise ValueError(_ONE_REPLICA)
+        super().__init__(check_finite=check_finite)
         if int(num_steps) < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         self.optimizer = optimizer
         self.num_steps = int(num_steps)
         self.max_hparams = int(max_hparams)
 
-    def __call__(self, problem, params, hparams, inner_batch, outer_batch, opt_state=None):
+    def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
+                 seed=None):
         if distribute.num_replicas() > 1:
-            raise ValueError(
-                "Forward runs on one replica: its tangents are carried through a tf.while_loop, "
-                "where strategies forbid cross-replica sums. Under a tf.distribute strategy use "
-                "Unrolled, Implicit, EvoGrad or PTFT with gradient_reduction="
-                "keras_metapt.distribute.replica_sum")
+            raise ValueError(_ONE_REPLICA)
         params, hparams = _p.prepare(params, hparams, inner_batch, self.num_steps)
         if opt_state is None:
             opt_state = self.optimizer.init(params)
@@ -110,7 +121,7 @@ class Forward:
             hparams, [tf.reshape(part, leaf.shape) for part, leaf in zip(parts, flat_h)])
         indirect = self._mark_unconnected(problem, params, opt_state, hparams, inner_batch,
                                           indirect)
-        return _p.finish(hparams, direct, indirect, outer_loss, params, opt_state)
+        return self._finish(hparams, direct, indirect, outer_loss, params, opt_state)
 
     def _mark_unconnected(self, problem, params, opt_state, hparams, inner_batch, indirect):
         """Sets the indirect term to None for leaves that cannot reach the inner step.

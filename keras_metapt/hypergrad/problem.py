@@ -1,19 +1,14 @@
-"""The one calling convention shared by every hypergradient estimator.
+"""The problem types, the result type and the base class of every estimator.
 
 A bilevel problem is two pure losses of (params, hparams, batch):
 
     inner_loss(theta, phi, batch)  -> scalar   (training / pre-training loss)
     outer_loss(theta, phi, batch)  -> scalar   (validation / fine-tuning loss)
 
-and every estimator is called the same way:
-
-    result = estimator(problem, params, hparams, inner_batch, outer_batch)
-
-returning a `HypergradResult` whose ``hypergrad`` = ``direct`` + ``indirect``:
-the direct term d outer / d phi at fixed theta, and the indirect term through the
-inner problem's dependence of theta on phi. Estimators that run inner optimizer
-steps (unrolled, forward) also accept ``opt_state=`` and return the final
-parameters and optimizer state, so meta-training can continue from them.
+Every estimator follows the protocol of `Estimator` (written out in
+`keras_metapt.hypergrad`'s docstring) and returns a `HypergradResult` whose ``hypergrad``
+= ``direct`` + ``indirect``: the direct term d outer / d phi at fixed theta, and the
+indirect term through the inner problem's dependence of theta on phi.
 """
 
 import dataclasses
@@ -24,7 +19,7 @@ import tensorflow as tf
 from keras_metapt import _checks, _tree
 from keras_metapt.errors import InputMismatchError, NonFiniteHypergradientError
 
-__all__ = ["BilevelProblem", "StepBatches", "HypergradResult", "ensure_finite"]
+__all__ = ["BilevelProblem", "StepBatches", "HypergradResult", "ensure_finite", "Estimator"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +30,15 @@ class BilevelProblem:
     for the inner optimizer at a given step (a scalar int tensor), for example
     ``{"learning_rate": piecewise_constant(hparams["lr"], step, num_steps)}``.
     Used by the estimators that differentiate through optimizer steps.
+
+    ``inner_learning_rate`` (optional, a float or scalar tensor) is the inner optimizer's
+    step size; `Implicit` hands it to its solver, where `linalg.neumann(alpha=None)` uses it.
     """
 
     inner_loss: Callable[[Any, Any, Any], tf.Tensor]
     outer_loss: Callable[[Any, Any, Any], tf.Tensor]
     inner_optimizer_hparams: Optional[Callable[[Any, tf.Tensor, int], dict]] = None
+    inner_learning_rate: Any = None
 
 
 class StepBatches:
@@ -103,6 +102,42 @@ def ensure_finite(result, hparams_names_from=None):
             f"the hypergradient for {', '.join(bad)} is not finite (NaN or Inf); no update "
             "should be applied. Lower the learning rates, check the losses, or use float64.")
     return result
+
+
+class Estimator:
+    """The protocol every hypergradient estimator follows (subclassed by all of them).
+
+    Construction: ``Estimator(<method settings>, *, gradient_reduction=None,
+    check_finite=True)``.
+      gradient_reduction: None (one device) or a nest -> nest cross-replica sum
+        (`keras_metapt.distribute.replica_sum`); the losses must then be replica shares of
+        the global-batch means (`distribute.shard_fraction`). An estimator that cannot work
+        across replicas refuses it with a ValueError naming the alternative.
+      check_finite: raise `NonFiniteHypergradientError` on a NaN/Inf hypergradient (eagerly;
+        in a graph through check_numerics). False only reports it in ``is_finite``.
+
+    Call: ``estimator(problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
+    seed=None) -> HypergradResult``.
+      opt_state: inner optimizer state to continue from (None: a fresh one); estimators that
+        run no optimizer steps return it unchanged.
+      seed: shape-[2] integer tensor for stochastic estimators (the same draw for the same
+        seed); deterministic estimators accept and ignore it.
+    """
+
+    def __init__(self, *, gradient_reduction=None, check_finite=True):
+        if gradient_reduction is not None and not callable(gradient_reduction):
+            raise TypeError("gradient_reduction must be None or a callable nest -> nest (e.g. "
+                            f"keras_metapt.distribute.replica_sum), got {gradient_reduction!r}")
+        self.gradient_reduction = gradient_reduction
+        self.check_finite = bool(check_finite)
+
+    def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
+                 seed=None):
+        raise NotImplementedError
+
+    def _finish(self, hparams, direct, indirect, outer_loss, params, opt_state):
+        return finish(hparams, direct, indirect, outer_loss, params, opt_state,
+                      check_finite=self.check_finite)
 
 
 # ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ One hypergradient:
      with the encoder features attached, then
        g_FT = d L_FT(theta_E, psi_K; MetaVal) / d theta_E         (through the K steps)
   b. PT stage, implicit: v ~ H^-1 [g_FT; 0], H = d2 L_PT / d theta_P2 on a fresh PT batch
-     (Neumann: alpha sum_{j<=i} (I - alpha H)^j, or CG), and
+     (a `keras_metapt.linalg` solver: Neumann alpha sum_{j<=i} (I - alpha H)^j, CG, dense), and
        hypergradient = - d <d L_PT(theta_P, phi) / d theta_P, v> / d phi     (no direct term)
 
 The psi blocks of the Hessian and of d L_PT/d[theta_P, psi] are zero (L_PT does not depend on
@@ -17,19 +17,27 @@ psi), so the solve runs over theta_P only; this is the same quantity as the form
 [theta_P, psi].
 
 Cost: K FT gradients + 1 backward through them (second order in theta_E), plus i HVPs of L_PT
-(or CG iterations) and 1 mixed VJP. Memory: O(P + K * P_psi).
+(or CG iterations) and 1 mixed VJP. Memory: O(P + K * P_psi) (the K unrolled FT-head steps
+keep K copies of psi and their activations; theta_E and theta_H are held once).
+
+`keras_problem` builds the problem, params and phi from Keras parts (encoder, heads, the meta
+layer) for `MetaPretrainer`, or for a loop of your own.
 """
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import tensorflow as tf
 
-from keras_metapt import _checks, _tree, linalg
+from keras_metapt import _checks, _tree, distribute, linalg
 from keras_metapt.errors import InputMismatchError
 from keras_metapt.hypergrad import problem as _p
+from keras_metapt.hypergrad.implicit import check_solver, implicit_indirect_term
 
-__all__ = ["PretrainFinetuneProblem", "PTFT"]
+__all__ = ["PretrainFinetuneProblem", "PTFTParams", "FinetuneBatches", "PTFT", "keras_problem",
+           "META_ROLES"]
+
+META_ROLES = ("loss", "inputs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,61 +46,69 @@ class PretrainFinetuneProblem:
 
     pt_loss(theta_E, theta_H, phi, batch) -> scalar   (pre-training loss, shaped by phi)
     ft_loss(theta_E, psi, batch) -> scalar             (fine-tuning loss of the FT head)
+    pt_learning_rate: the PT optimizer's step size now (a float or scalar tensor), handed to
+      the solver (`linalg.neumann(alpha=None)` uses it as alpha); None if unknown.
     """
 
     pt_loss: Callable[[Any, Any, Any, Any], tf.Tensor]
     ft_loss: Callable[[Any, Any, Any], tf.Tensor]
+    pt_learning_rate: Any = None
+
+
+class PTFTParams(NamedTuple):
+    """The ``params`` of a PT/FT problem: which parameters are PT (encoder, PT head) and FT."""
+
+    encoder: Any   # theta_E: pre-trained, then fine-tuned
+    pt_head: Any   # theta_H: pre-training only
+    ft_head: Any   # psi: the FT head, unrolled K steps per hypergradient
+
+
+class FinetuneBatches(NamedTuple):
+    """The ``outer_batch`` of a PT/FT problem."""
+
+    train: Any     # MetaTrain: one batch for every FT step, or StepBatches with K batches
+    val: Any       # MetaVal: the batch of the outer (FT validation) loss
 
 
 def _identity(tree):
     return tree
 
 
-class PTFT:
+class PTFT(_p.Estimator):
     """PT/FT hypergradient estimator (implicit over PT, unrolled over K FT-head steps).
 
-    Called as ``PTFT(...)(problem, (theta_E, theta_H, psi), phi, pt_batch,
-    (meta_train, meta_val), opt_state=None)``; ``meta_train`` is one batch used for every FT
-    step or `StepBatches` with K batches. Returns a `HypergradResult` whose ``params`` are
-    (theta_E, theta_H, psi_K), ``opt_state`` the FT optimizer state after the K steps, and
-    ``outer_loss`` the MetaVal loss at psi_K.
+    Called as every estimator: ``PTFT(...)(problem, PTFTParams(theta_E, theta_H, psi), phi,
+    pt_batch, FinetuneBatches(meta_train, meta_val), opt_state=None)`` (plain tuples work
+    too). Returns a `HypergradResult` whose ``params`` are (theta_E, theta_H, psi_K),
+    ``opt_state`` the FT optimizer state after the K steps, and ``outer_loss`` the MetaVal
+    loss at psi_K. There is no direct term (L_FT does not depend on phi).
 
     Args:
       ft_optimizer: differentiable `InnerOptimizer` for the FT unroll.
       unroll_steps: K >= 1.
-      solver: "neumann" (default, Raghu et al.) or "cg".
-      num_terms: Neumann terms i (HVPs); default 1.
-      alpha: Neumann step; the PT learning rate in Raghu et al.
-      max_iterations, tolerance: CG stopping rule.
+      solve: a `keras_metapt.linalg` solver for the PT stage; default ``linalg.neumann(1)``
+        (Raghu et al.: one Neumann term, alpha = the PT learning rate, read from
+        ``problem.pt_learning_rate``).
       gradient_reduction: None (one device) or a nest -> nest sum over replicas
         (`keras_metapt.distribute.replica_sum`). With it, the losses must be the replica's
         share of the global-batch mean (`distribute.shard_fraction`); every FT gradient, g_FT,
         HVP and the mixed VJP is reduced, so the result equals the single-device one on the
         global batches, on every replica; the loops are then traced in Python.
-      check_finite: raise NonFiniteHypergradientError on NaN/Inf (eagerly; in a graph through
-        check_numerics). False only reports it in ``is_finite``, for callers that skip the
-        update themselves (MetaPretrainer does, then stops fit with that error).
+      check_finite: see `Estimator` (MetaPretrainer passes False, skips a non-finite update
+        itself, then stops fit with that error). ``seed`` is accepted and ignored.
     """
 
-    def __init__(self, ft_optimizer, unroll_steps=1, solver="neumann", num_terms=1, alpha=1e-3,
-                 max_iterations=10, tolerance=1e-10, check_finite=True, gradient_reduction=None):
+    def __init__(self, ft_optimizer, unroll_steps=1, solve=linalg.neumann(1), *,
+                 gradient_reduction=None, check_finite=True):
+        super().__init__(gradient_reduction=gradient_reduction, check_finite=check_finite)
         if int(unroll_steps) < 1:
             raise ValueError(f"unroll_steps must be >= 1, got {unroll_steps}")
-        if solver not in ("neumann", "cg"):
-            raise ValueError(f"solver must be 'neumann' or 'cg', got {solver!r}")
-        if alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}")
         self.ft_optimizer = ft_optimizer
         self.unroll_steps = int(unroll_steps)
-        self.solver = solver
-        self.num_terms = int(num_terms)
-        self.alpha = alpha
-        self.max_iterations = int(max_iterations)
-        self.tolerance = tolerance
-        self.check_finite = bool(check_finite)
-        self.gradient_reduction = gradient_reduction
+        self.solve = check_solver(solve)
 
-    def __call__(self, problem, params, hparams, inner_batch, outer_batch, opt_state=None):
+    def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
+                 seed=None):
         theta_e, theta_h, psi = params
         meta_train, meta_val = outer_batch
         theta_p = (_tree.to_tensors(theta_e), _tree.to_tensors(theta_h))
@@ -100,10 +116,7 @@ class PTFT:
         psi, _ = _p.prepare(psi, hparams)
         theta_e, theta_h = theta_p
         K = self.unroll_steps
-        reduce = self.gradient_reduction
-        unroll = reduce is not None
-        if reduce is None:
-            reduce = _identity
+        reduce = self.gradient_reduction or _identity
         if isinstance(meta_train, _p.StepBatches):
             length = meta_train.length()
             if length is not None and length < K:
@@ -125,22 +138,78 @@ class PTFT:
                                     unconnected_gradients=tf.UnconnectedGradients.ZERO))
         val_loss = reduce(val_loss)
 
-        # b. PT stage: v ~ H^-1 [g_FT; 0] over theta_P, then - d <grad L_PT, v> / d phi.
+        # b. PT stage: - d <grad L_PT, H^-1 [g_FT; 0]> / d phi over theta_P.
         def pt_of(tp, phi):
             return _checks.check_scalar(problem.pt_loss(tp[0], tp[1], phi, inner_batch), "pt_loss")
 
-        rhs = (g_ft, _tree.tree_zeros_like(theta_h))
-
-        def hvp_fn(v):
-            return reduce(linalg.hvp(lambda tp: pt_of(tp, hparams), theta_p, v))
-
-        if self.solver == "neumann":
-            v = linalg.neumann_inverse_hvp(hvp_fn, rhs, self.alpha, self.num_terms, unroll)
-        else:
-            v = linalg.conjugate_gradient(hvp_fn, rhs, self.max_iterations, self.tolerance,
-                                          unroll=unroll)
-        mixed = reduce(linalg.mixed_vjp(pt_of, theta_p, hparams, v))
-        indirect = _tree.tree_map(lambda m: None if m is None else -m, mixed)
+        indirect = implicit_indirect_term(pt_of, theta_p, hparams,
+                                          (g_ft, _tree.tree_zeros_like(theta_h)), self.solve,
+                                          problem.pt_learning_rate, self.gradient_reduction)
         no_direct_term = tf.nest.map_structure(lambda _: None, hparams)
-        return _p.finish(hparams, no_direct_term, indirect, val_loss, (theta_e, theta_h, _tree.tree_stop_gradient(psi_k)),
-                         _tree.tree_stop_gradient(opt_state_k), check_finite=self.check_finite)
+        return self._finish(hparams, no_direct_term, indirect, val_loss,
+                            PTFTParams(theta_e, theta_h, _tree.tree_stop_gradient(psi_k)),
+                            _tree.tree_stop_gradient(opt_state_k))
+
+
+def split_xy(batch):
+    """(x, y) from a batch that is (x, y), (x,) or x (then y is None)."""
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 2:
+            return batch[0], batch[1]
+        if len(batch) == 1:
+            return batch[0], None
+    return batch, None
+
+
+def replica_share(loss, x):
+    """The loss as this replica's share of the global-batch mean (times 1 with one replica):
+    summed over replicas it is the mean over the global batch."""
+    return loss * distribute.shard_fraction(x, loss.dtype)
+
+
+def _values(layer):
+    return ([tf.convert_to_tensor(v.value) for v in layer.trainable_variables],
+            [tf.convert_to_tensor(v.value) for v in layer.non_trainable_variables])
+
+
+def keras_problem(encoder, pt_head, ft_head, meta_layer, pt_loss, ft_loss, meta_role="loss",
+                  training=False, pt_learning_rate=None):
+    """The PT/FT problem of Keras parts at their current weights: (problem, params, phi).
+
+    ``pt_loss(y_true, y_pred, meta_output) -> scalar`` with ``meta_output`` = meta_layer(x)
+    for ``meta_role="loss"`` (e.g. task weights) and None for ``"inputs"`` (the meta layer
+    transforms the PT inputs, e.g. a learned augmentation); ``ft_loss(y_true, y_pred)``.
+    Batches are (x, y). The losses apply the models statelessly (``training`` is the
+    BatchNorm/Dropout mode; non-trainable state is read now and never updated) and are replica
+    shares of the global-batch mean. ``params`` is `PTFTParams` of trainable values, ``phi``
+    the meta layer's trainable values.
+    """
+    if meta_role not in META_ROLES:
+        raise ValueError(f"meta_role must be one of {META_ROLES}, got {meta_role!r}")
+    theta_e, enc_state = _values(encoder)
+    theta_h, head_state = _values(pt_head)
+    psi, ft_state = _values(ft_head)
+    phi, meta_state = _values(meta_layer)
+
+    def features(theta, x):
+        return encoder.stateless_call(theta, enc_state, x, training=training)[0]
+
+    def pt_of(theta, head, phi_values, batch):
+        x, y = split_xy(batch)
+        meta_out = None
+        if meta_role == "inputs":
+            x = meta_layer.stateless_call(phi_values, meta_state, x, training=True)[0]
+        else:
+            meta_out = meta_layer.stateless_call(phi_values, meta_state, x)[0]
+        preds = pt_head.stateless_call(head, head_state, features(theta, x),
+                                       training=training)[0]
+        return replica_share(pt_loss(y, preds, meta_out), x)
+
+    def ft_of(theta, psi_values, batch):
+        x, y = split_xy(batch)
+        preds = ft_head.stateless_call(psi_values, ft_state, features(theta, x),
+                                       training=training)[0]
+        return replica_share(ft_loss(y, preds), x)
+
+    problem = PretrainFinetuneProblem(pt_of, ft_of, pt_learning_rate)
+    return problem, PTFTParams(theta_e, theta_h, psi), phi

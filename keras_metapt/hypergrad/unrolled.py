@@ -20,7 +20,7 @@ from keras_metapt.hypergrad import problem as _p
 __all__ = ["Unrolled"]
 
 
-class Unrolled:
+class Unrolled(_p.Estimator):
     """Reverse-mode (backprop-through-training) hypergradient estimator.
 
     Args:
@@ -32,9 +32,12 @@ class Unrolled:
         replicas (the losses must be replica shares of the global-batch means), the steps are
         traced in Python, and the backward pass runs through the sums (their adjoint is a
         sum too), giving the single-device hypergradient of the global batches.
+      check_finite: see `Estimator`. ``seed`` is accepted and ignored (deterministic).
     """
 
-    def __init__(self, optimizer, num_steps, truncate=None, gradient_reduction=None):
+    def __init__(self, optimizer, num_steps, truncate=None, *, gradient_reduction=None,
+                 check_finite=True):
+        super().__init__(gradient_reduction=gradient_reduction, check_finite=check_finite)
         if int(num_steps) < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if truncate is not None and not 1 <= int(truncate) <= int(num_steps):
@@ -42,9 +45,9 @@ class Unrolled:
         self.optimizer = optimizer
         self.num_steps = int(num_steps)
         self.truncate = None if truncate is None else int(truncate)
-        self.gradient_reduction = gradient_reduction
 
-    def __call__(self, problem, params, hparams, inner_batch, outer_batch, opt_state=None):
+    def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
+                 seed=None):
         params, hparams = _p.prepare(params, hparams, inner_batch, self.num_steps)
         if opt_state is None:
             opt_state = self.optimizer.init(params)
@@ -77,6 +80,6 @@ class Unrolled:
         indirect = tape.gradient(surrogate, hparams)
         if reduce is not None:
             indirect = reduce(indirect)
-        return _p.finish(hparams, direct, indirect, outer_loss,
+        return self._finish(hparams, direct, indirect, outer_loss,
                          _tree.tree_stop_gradient(final_params),
                          _tree.tree_stop_gradient(final_state))

@@ -41,7 +41,7 @@ def test_implicit(mode, dtype):
     truth, w_star = references.ridge_hypergradient(ridge.x, ridge.y, ridge.x_val, ridge.y_val,
                                                    np.exp(ridge.log_lam))
     inner, outer = ridge.batches(dtype)
-    estimator = km.Implicit("cg", max_iterations=30, tolerance=1e-12)
+    estimator = km.Implicit(km.linalg.cg(30, 1e-12))
     result = compiled(lambda p, h: estimator(ridge.problem(), p, h, inner, outer), mode)(
         [w_star.astype(dtype)], [ridge.log_lam.astype(dtype)])
     assert result.hypergrad[0].dtype == dtype

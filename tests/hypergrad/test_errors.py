@@ -11,7 +11,7 @@ from tests.conftest import Ridge
 ESTIMATORS = {
     "unrolled": lambda: km.Unrolled(optim.sgd(0.1), num_steps=3),
     "forward": lambda: km.Forward(optim.sgd(0.1), num_steps=3),
-    "implicit": lambda: km.Implicit("cg", max_iterations=5),
+    "implicit": lambda: km.Implicit(km.linalg.cg(5)),
     "evograd": lambda: km.EvoGrad(num_copies=2, sigma=0.1, temperature=0.1),
 }
 

@@ -26,7 +26,7 @@ def solve(ridge, estimator, log_lam, mode="eager", dtype=np.float64):
 @pytest.mark.parametrize("per_feature", [True, False])
 def test_ift_matches_ridge_closed_form(solver, mode, per_feature, ridge):
     log_lam = ridge.log_lam if per_feature else np.float64(-0.7)
-    estimator = km.Implicit(solver=solver, max_iterations=50, tolerance=1e-14)
+    estimator = km.Implicit({"cg": km.linalg.cg(50, 1e-14), "exact": km.linalg.dense()}[solver])
     result, truth = solve(ridge, estimator, log_lam, mode)
     assert rel_err(result.hypergrad[0], truth) < 1e-5
     np.testing.assert_array_equal(result.direct[0], 0.0)  # L_val does not depend on lambda
@@ -39,7 +39,7 @@ def test_neumann_error_falls_as_terms_grow(ridge):
     alpha = 1.0 / np.linalg.eigvalsh(h).max()
     errors = []
     for terms in (1, 4, 16, 64, 256):
-        result, truth = solve(ridge, km.Implicit("neumann", num_terms=terms, alpha=alpha),
+        result, truth = solve(ridge, km.Implicit(km.linalg.neumann(terms, alpha)),
                               ridge.log_lam)
         errors.append(rel_err(result.hypergrad[0], truth))
     assert all(b < a for a, b in zip(errors, errors[1:])), errors
@@ -47,7 +47,7 @@ def test_neumann_error_falls_as_terms_grow(ridge):
 
 
 def test_float32_cg_close_to_closed_form(ridge):
-    result, truth = solve(ridge, km.Implicit("cg", max_iterations=50, tolerance=1e-6),
+    result, truth = solve(ridge, km.Implicit(km.linalg.cg(50, 1e-6)),
                           ridge.log_lam, "xla", np.float32)
     assert result.hypergrad[0].dtype == np.float32
     assert rel_err(result.hypergrad[0], truth) < 1e-3

@@ -101,7 +101,7 @@ def independent_hypergradient(K, num_terms, alpha):
 @pytest.mark.parametrize("mode", ["eager", "xla"])
 def test_matches_independent_explicit_hessian_computation(K, num_terms, mode):
     alpha = 0.05
-    estimator = km.PTFT(optim.sgd(FT_LR), unroll_steps=K, num_terms=num_terms, alpha=alpha)
+    estimator = km.PTFT(optim.sgd(FT_LR), unroll_steps=K, solve=km.linalg.neumann(num_terms, alpha))
     result = compiled(lambda params, phi: estimator(PROBLEM, params, phi, (X_PT, Y_PT),
                                                     ((X_MT, Y_MT), (X_MV, Y_MV))), mode)(
         (THETA_E, THETA_H, PSI), [PHI])
@@ -114,7 +114,7 @@ def test_matches_independent_explicit_hessian_computation(K, num_terms, mode):
 def test_meta_train_step_batches_are_used_in_order():
     # Reference: the same unroll with K distinct MetaTrain batches written out by hand.
     batches = (np.stack([X_MT, X_MT[::-1]]), np.stack([Y_MT, -Y_MT]))
-    result = km.PTFT(optim.sgd(FT_LR), unroll_steps=2)(
+    result = km.PTFT(optim.sgd(FT_LR), unroll_steps=2, solve=km.linalg.neumann(1, 1e-3))(
         PROBLEM, (THETA_E, THETA_H, PSI), [PHI], (X_PT, Y_PT),
         (km.StepBatches(batches), (X_MV, Y_MV)))
     psi = [tf.constant(p) for p in PSI]
@@ -188,8 +188,9 @@ def finite_difference_hypergradient(h=1e-5):
 def test_convex_case_matches_finite_differences(solver):
     w_enc, b, q = solve_pt_exactly(PHI_C)
     alpha = 1.0 / np.linalg.eigvalsh(q).max()
-    estimator = km.PTFT(optim.sgd(LR_FT), unroll_steps=K_FT, solver=solver,
-                        num_terms=3000, alpha=alpha, max_iterations=200, tolerance=1e-14)
+    estimator = km.PTFT(optim.sgd(LR_FT), unroll_steps=K_FT,
+                        solve={"cg": km.linalg.cg(200, 1e-14),
+                               "neumann": km.linalg.neumann(3000, alpha)}[solver])
     problem = km.PretrainFinetuneProblem(convex_pt_loss, convex_ft_loss)
     result = compiled(lambda params, phi: estimator(problem, params, phi, (XP, YP),
                                                     ((XT, YT), (XV, YV))), "xla")(
@@ -198,7 +199,7 @@ def test_convex_case_matches_finite_differences(solver):
 
 
 def test_bad_inputs_are_named():
-    estimator = km.PTFT(optim.sgd(FT_LR), unroll_steps=3)
+    estimator = km.PTFT(optim.sgd(FT_LR), unroll_steps=3, solve=km.linalg.neumann(1, 1e-3))
     batches = (np.stack([X_MT, X_MT]), np.stack([Y_MT, Y_MT]))
     with pytest.raises(km.InputMismatchError, match="2 batches for unroll_steps=3"):
         estimator(PROBLEM, (THETA_E, THETA_H, PSI), [PHI], (X_PT, Y_PT),
