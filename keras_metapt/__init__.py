@@ -30,10 +30,11 @@ from keras_metapt import (callbacks, distribute, errors, export, functional, hyp
                           hypergrad, linalg, losses, optim, simclr)
 from keras_metapt.errors import (HypergradientError, InputMismatchError,  # noqa: E402
                                  NonFiniteHypergradientError, UnconnectedHyperparameterError)
-from keras_metapt.meta_pretrainer import MetaPretrainer, meta_dataset  # noqa: E402
+from keras_metapt.meta_pretrainer import (HyperstepSchedule, MetaPretrainer,  # noqa: E402
+                                          meta_dataset)
 from keras_metapt.hypergrad import (PTFT, BilevelProblem, EvoGrad, Forward,  # noqa: E402
                                     HypergradResult, Implicit, PretrainFinetuneProblem,
-                                    StepBatches, Unrolled, ensure_finite)
+                                    PTFTParams, StepBatches, Unrolled, ensure_finite)
 
 __all__ = [
     "__version__",
@@ -41,10 +42,11 @@ __all__ = [
     "callbacks", "distribute", "errors", "export", "functional", "hyper", "hypergrad", "linalg",
     "losses", "optim", "simclr",
     # meta-pre-training inside model.fit()
-    "MetaPretrainer", "meta_dataset",
+    "MetaPretrainer", "HyperstepSchedule", "meta_dataset",
     # the calling convention and the estimators
     "BilevelProblem", "StepBatches", "HypergradResult", "ensure_finite",
-    "Unrolled", "Forward", "Implicit", "EvoGrad", "PretrainFinetuneProblem", "PTFT",
+    "Unrolled", "Forward", "Implicit", "EvoGrad", "PretrainFinetuneProblem", "PTFTParams",
+    "PTFT",
     # errors
     "HypergradientError", "InputMismatchError", "UnconnectedHyperparameterError",
     "NonFiniteHypergradientError",

@@ -258,3 +258,28 @@ def test_non_finite_hypergradient_stops_fit_without_updating_phi(jit_compile):
     with pytest.raises(km.NonFiniteHypergradientError, match="phi was not updated"):
         model.fit(meta_pt_toy.stream(0, x, y, x_ft, y_ft), epochs=1, steps_per_epoch=5, verbose=0)
     np.testing.assert_array_equal(model.meta_parameters()[0], 0.0)
+
+
+def test_default_neumann_alpha_is_the_current_pt_learning_rate_under_a_schedule():
+    # Reference: the explicit float64 computation with alpha = schedule(iterations), the PT
+    # learning rate at the hyperstep (not its initial value 0.1).
+    model = tiny_float64_model(1, 2, alpha=None)
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=1, decay_rate=0.5)
+    model.compile(pt_optimizer=keras.optimizers.SGD(schedule), jit_compile=False)
+    data = tiny_data(1)
+    for iterations in (0, 3):
+        model.optimizer.iterations.assign(iterations)
+        expected, _ = independent_hypergradient(model, data, 1, 2, 0.1 * 0.5 ** iterations)
+        assert rel_err(model.hypergradient(data).hypergrad[0], expected) < 1e-5
+
+
+def test_hyperstep_schedule_on_ints_and_tensors():
+    # Reference: the schedule written out by hand: warm-up 4, then every 3rd step.
+    schedule = km.HyperstepSchedule(every=3, warmup=4)
+    expected = [4, 7, 10, 13]
+    assert [s for s in range(15) if schedule.is_hyperstep(s, 4)] == expected
+    steps = tf.range(15, dtype=tf.int64)
+    mask = schedule.is_hyperstep(steps, tf.constant(4, tf.int64)).numpy()
+    assert np.flatnonzero(mask).tolist() == expected
+    with pytest.raises(ValueError, match="hyperstep_every"):
+        km.HyperstepSchedule(every=0)
