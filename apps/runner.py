@@ -49,8 +49,6 @@ from typing import Any, Callable, ClassVar, Optional
 
 from absl import app, flags
 
-import keras_metapt as km
-
 __all__ = ["Config", "GridConfig", "FT_MODES", "FT_SEED_OFFSET", "FineTuned",
            "define_strategy_flags", "seed_everything", "result_path", "config_differences",
            "run_grid", "run_directory", "claim_directory", "fine_tune", "export_finetuned", "summarise", "summary_table",
@@ -70,9 +68,10 @@ def define_strategy_flags(what, flag_values=flags.FLAGS):
     e.g. "pre-training"); `Config.strategy_object()` builds the strategy. The flags belong to this
     module: an app lists them in its --helpshort with ``flags.adopt_module_key_flags(runner)``.
     Defining them twice in one process keeps the first definition."""
+    from keras_metapt.distribute import STRATEGIES
     if "strategy" in flag_values:
         return
-    flags.DEFINE_enum("strategy", "default", list(km.distribute.STRATEGIES),
+    flags.DEFINE_enum("strategy", "default", list(STRATEGIES),
                       f"tf.distribute strategy of {what}: default (one device), mirrored (local "
                       "GPUs, or --devices), multiworker (TF_CONFIG names the cluster; run the same "
                       "command on every worker), tpu (--tpu_address).", flag_values=flag_values)
@@ -115,7 +114,8 @@ class Config:
 
     def strategy_object(self):
         """The tf.distribute strategy named by --strategy / --devices / --tpu_address."""
-        return km.distribute.get_strategy(self.strategy, self.tpu_address, self.devices)
+        from keras_metapt.distribute import get_strategy
+        return get_strategy(self.strategy, self.tpu_address, self.devices)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -64,6 +64,8 @@ flags.DEFINE_string("memory_child", None, "Internal: run one memory measurement 
 
 # --------------------------------------------------------------------------- reference problem
 
+TIMING_CG = linalg.cg(10, tolerance=0.0)  # the CG solver of the timing table
+
 def reference_problem(hidden, batch, forward_blocks):
     """The MLP problem; returns (problem_for(kind), params, hparams_for(kind), inner, outer)."""
     keras.utils.set_random_seed(0)
@@ -99,8 +101,8 @@ def estimators():
             "weights", km.Unrolled(optim.sgd(0.1), FLAGS.reverse_steps, truncate=1)),
         f"forward T={FLAGS.forward_steps}, lr in {FLAGS.forward_blocks} blocks": (
             "schedule", km.Forward(optim.sgd(0.1), FLAGS.forward_steps)),
-        "implicit Neumann i=10, alpha=0.1": ("weights", km.Implicit("neumann", num_terms=10, alpha=0.1)),
-        "implicit CG 10 iterations": ("weights", km.Implicit("cg", max_iterations=10, tolerance=0.0)),
+        "implicit Neumann i=10, alpha=0.1": ("weights", km.Implicit(linalg.neumann(10, alpha=0.1))),
+        "implicit CG 10 iterations": ("weights", km.Implicit(TIMING_CG)),
         "EvoGrad K=2, sigma=1e-3, tau=0.05": (
             "weights", km.EvoGrad(num_copies=2, sigma=1e-3, temperature=0.05)),
     }
@@ -147,12 +149,12 @@ def timing_table():
             seconds = median_seconds(lambda: fn(params, hparams, inner, outer), FLAGS.repeats)
             row["ms_xla" if xla else "ms_graph"] = 1e3 * seconds
         row["gradients_graph"] = row["ms_graph"] / rows[0]["ms_graph"]
-        if isinstance(est, km.Implicit) and est.solver == "cg":
+        if isinstance(est, km.Implicit) and est.solve == TIMING_CG:
             # CG stops early at non-positive curvature (the MLP's Hessian is indefinite here).
             _, ran = linalg.conjugate_gradient_with_info(
                 lambda v: linalg.hvp(lambda p: problem.inner_loss(p, hparams, inner), params, v),
-                params, est.max_iterations, est.tolerance)
-            row["note"] = f"ran {int(ran)} of {est.max_iterations} CG iterations"
+                params, TIMING_CG.max_iterations, TIMING_CG.tolerance)
+            row["note"] = f"ran {int(ran)} of {TIMING_CG.max_iterations} CG iterations"
         rows.append(row)
         print(f"  timed {name}: {row['ms_graph']:.1f} ms graph, {row['ms_xla']:.1f} ms XLA", flush=True)
     for row in rows:
@@ -197,13 +199,13 @@ def ridge_table():
 
         problem = km.BilevelProblem(inner_loss, outer_loss)
         candidates = {
-            f"CG {FLAGS.cg_iterations} it": km.Implicit("cg", max_iterations=FLAGS.cg_iterations,
-                                                        tolerance=1e-12),
+            f"CG {FLAGS.cg_iterations} it": km.Implicit(linalg.cg(FLAGS.cg_iterations,
+                                                                  tolerance=1e-12)),
             f"Neumann {FLAGS.neumann_terms} terms": km.Implicit(
-                "neumann", num_terms=FLAGS.neumann_terms, alpha=alpha),
+                linalg.neumann(FLAGS.neumann_terms, alpha=alpha)),
         }
         if d <= FLAGS.exact_max_dim:
-            candidates["exact (dense)"] = km.Implicit("exact")
+            candidates["exact (dense)"] = km.Implicit(linalg.dense())
         for name, est in candidates.items():
             # Data are arguments, not captured constants (XLA would constant-fold them).
             fn = tf.function(lambda p, h, b_in, b_out, est=est: est(problem, p, h, b_in, b_out),

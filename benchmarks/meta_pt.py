@@ -105,7 +105,7 @@ def meta_pt(xla, x, y_pt, y_ft):
         encoder, pt_head, ft_head, TaskWeights(FLAGS.pt_tasks),
         pt_loss=lambda y, p, w: masked_multitask_bce(y, p, w), ft_loss=ft_loss,
         hyperstep_every=FLAGS.hyperstep_every, unroll_steps=FLAGS.unroll_steps,
-        neumann_terms=FLAGS.neumann_terms, warmup_steps=0)
+        solve=km.linalg.neumann(FLAGS.neumann_terms), warmup_steps=0)
     model.compile(keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3),
                   keras.optimizers.Adam(1e-3), jit_compile=xla)
 

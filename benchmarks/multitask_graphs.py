@@ -19,6 +19,8 @@ import sys
 
 from absl import app, flags
 
+from apps import runner
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (>= 3 for a mean +- std worth reading).")
 flags.DEFINE_bool("full", False, "Use the app's --full preset.")
@@ -27,6 +29,7 @@ flags.DEFINE_string("output_dir", os.path.join(os.path.dirname(__file__), "resul
                     "Where multitask_graphs.md/.json and the runs go.")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODES = ("full", "linear")  # the app's fine-tuning modes, in its table order
 
 
 def run_app(output_dir, *flags_):
@@ -52,11 +55,8 @@ def main(argv):
     lines = ["## Multitask graph PT benchmark (embedded RDKit molecules)", "",
              f"`python -m benchmarks.multitask_graphs{' --full' if FLAGS.full else ''}`; seeds "
              f"{','.join(FLAGS.seeds)}; test AUROC on the scaffold-split CHEMBL2321810 test set.", "",
-             "| arm | full FT test AUROC | linear eval test AUROC |", "|---|---:|---:|"]
-    for arm in ("no_pt", "uniform", "meta"):
-        r = comparison[arm]
-        lines.append(f"| {arm} | {r['full_mean']:.4f} +- {r['full_std']:.4f} | "
-                     f"{r['linear_mean']:.4f} +- {r['linear_std']:.4f} |")
+             (runner.summary_table(comparison, MODES, seeds_column=False, rate_column=False)
+              + runner.paired_table(comparison, MODES)).rstrip("\n")]
     lines += ["", "| PT throughput (examples/s, CPU) | XLA | no XLA |", "|---|---:|---:|"]
     for arm in ("uniform", "meta"):
         lines.append(f"| {arm} | {throughput['xla'][arm]:.0f} | {throughput['no_xla'][arm]:.0f} |")

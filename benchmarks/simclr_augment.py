@@ -21,6 +21,8 @@ import sys
 
 from absl import app, flags
 
+from apps import runner
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (>= 3 for a mean +- std worth reading).")
 flags.DEFINE_string("images_dir", "/usr/share/datasets/fashion-mnist", "Fashion-MNIST IDX files.")
@@ -35,6 +37,7 @@ flags.DEFINE_string("output_dir", os.path.join(os.path.dirname(__file__), "resul
                     "Where simclr_augment.md/.json and the runs go.")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODES = ("linear", "full")  # the app's fine-tuning modes, in its table order
 
 
 def main(argv):
@@ -53,24 +56,19 @@ def main(argv):
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
-    records = [json.load(open(os.path.join(run_dir, "results", f)))
-               for f in sorted(os.listdir(os.path.join(run_dir, "results")))]
+    records = list(runner.load_results(os.path.join(run_dir, "results"), summary,
+                                       FLAGS.seeds).values())
     meta_eps = summary["meta"]["pt_examples_per_second"]
     simclr_eps = summary["simclr"]["pt_examples_per_second"]
     cost = simclr_eps / meta_eps
+    names = {"no_pt": "(a) no PT", "simclr": "(b) SimCLR, fixed augmentations",
+             "meta": "(c) SimCLR + meta-learned warp"}
     lines = ["## SimCLR with a meta-learned augmentation (Fashion-MNIST)", "",
              f"`python -m benchmarks.simclr_augment{' --quick' if FLAGS.quick else ''}`: "
              + " ".join(sizes) + f"; seeds {', '.join(FLAGS.seeds)}; test AUROC is the macro "
              "average over the 10 classes (one-vs-rest), mean +- std over seeds.", "",
-             "| arm | linear eval test AUROC | full FT test AUROC | PT examples/s |",
-             "|---|---:|---:|---:|"]
-    names = {"no_pt": "(a) no PT", "simclr": "(b) SimCLR, fixed augmentations",
-             "meta": "(c) SimCLR + meta-learned warp"}
-    for arm in ("no_pt", "simclr", "meta"):
-        s = summary[arm]
-        speed = f"{s['pt_examples_per_second']:.0f}" if s["pt_examples_per_second"] else "-"
-        lines.append(f"| {names[arm]} | {s['linear_mean']:.4f} +- {s['linear_std']:.4f} | "
-                     f"{s['full_mean']:.4f} +- {s['full_std']:.4f} | {speed} |")
+             (runner.summary_table(summary, MODES, names, seeds_column=False)
+              + runner.paired_table(summary, MODES, names)).rstrip("\n")]
     scales = [r["warp_scale"] for r in records if r["arm"] == "meta"]
     lines += ["", f"Cost of meta-PT over plain SimCLR: {cost:.2f}x the time per PT example. "
               f"Learned warp scale after PT: {', '.join(f'{s:.4f}' for s in scales)} "
