@@ -18,7 +18,7 @@ import os
 import tensorflow as tf
 
 __all__ = ["STRATEGIES", "get_strategy", "is_multi_worker", "num_replicas", "replica_sum",
-           "shard_fraction"]
+           "shard_fraction", "run_if_finite"]
 
 STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
 
@@ -91,3 +91,21 @@ def shard_fraction(batch, dtype=tf.float32):
         return tf.constant(1.0, dtype)
     local = tf.cast(tf.shape(tf.nest.flatten(batch)[0])[0], dtype)
     return local / replica_sum(local)
+
+
+def run_if_finite(update, args, is_finite):
+    """Runs ``update(*args)`` on every replica if ``is_finite`` (a scalar bool, the same on every
+    replica), else nothing; returns int32 1 when skipped, 0 when run.
+
+    Keras optimizer updates may not sit inside a tf.cond in a replica context, so the choice is
+    made in the cross-replica context (`merge_call`), and the update runs for each replica from
+    there. Works with one replica (the default strategy) too.
+    """
+    def decide(strategy, args, finite):
+        def run():
+            strategy.extended.call_for_each_replica(update, args=args)
+            return tf.constant(0, tf.int32)
+        finite = strategy.experimental_local_results(finite)[0]
+        return tf.cond(finite, run, lambda: tf.constant(1, tf.int32))
+
+    return tf.distribute.get_replica_context().merge_call(decide, args=(args, is_finite))

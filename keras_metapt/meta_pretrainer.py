@@ -28,6 +28,7 @@ import tensorflow as tf
 from keras_metapt import distribute, linalg, optim
 from keras_metapt.callbacks import StopOnNonFiniteHypergradient
 from keras_metapt.errors import InputMismatchError
+from keras_metapt.hypergrad.implicit import check_solver
 from keras_metapt.hypergrad.problem import StepBatches
 from keras_metapt.hypergrad.ptft import (META_ROLES, PTFT, FinetuneBatches, keras_problem,
                                          replica_share, split_xy)
@@ -150,7 +151,7 @@ class MetaPretrainer(keras.Model):
         self.pt_loss_fn, self.ft_loss_fn, self.meta_role = pt_loss, ft_loss, meta_role
         self.schedule = HyperstepSchedule(int(hyperstep_every), warmup_steps)
         self.unroll_steps = int(unroll_steps)
-        self.solve = solve
+        self.solve = check_solver(solve)
         self.ft_unroll_optimizer = ft_unroll_optimizer
         self.hyperstep_training = bool(hyperstep_training)
         self.meta_step = keras.Variable(0, dtype="int64", trainable=False, name="meta_step")
@@ -291,17 +292,10 @@ class MetaPretrainer(keras.Model):
             for var, value in zip(psi_vars, psi_k):
                 var.assign(value)
 
-        def decide(strategy, grads, psi_k, finite):
-            # Optimizer updates may not sit in a tf.cond in a replica context: the choice is
-            # made here, in the cross-replica context (is_finite is the same on every replica).
-            def apply():
-                strategy.extended.call_for_each_replica(update, args=(grads, psi_k))
-                return tf.constant(0, tf.int32)
-            finite = strategy.experimental_local_results(finite)[0]
-            return tf.cond(finite, apply, lambda: tf.constant(1, tf.int32))  # 1: skipped
-
-        nonfinite = tf.distribute.get_replica_context().merge_call(
-            decide, args=(list(result.hypergrad), list(result.params.ft_head), result.is_finite))
+        # Never a silent update: a non-finite hypergradient is skipped, counted, and
+        # StopOnNonFiniteHypergradient stops fit with an error.
+        nonfinite = distribute.run_if_finite(
+            update, (list(result.hypergrad), list(result.params.ft_head)), result.is_finite)
         share = 1.0 / replicas  # Sum metrics add up over replicas: 1/R of a hyperstep each
         self.trackers["nonfinite_hypersteps"].update_state(tf.cast(nonfinite, tf.float32) * share)
         self.trackers["hypersteps"].update_state(share)
