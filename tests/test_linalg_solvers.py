@@ -57,3 +57,19 @@ def test_bad_solver_settings_are_named():
         linalg.neumann(2, alpha=0.0)
     with pytest.raises(ValueError, match="max_iterations"):
         linalg.cg(-2)
+
+
+@pytest.mark.parametrize("unroll", [False, True])
+def test_max_eigenvalue_matches_numpy(unroll):
+    # Reference: numpy.linalg.eigvalsh; a spectrum with a clear gap, so 60 iterations suffice.
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    h = q @ np.diag([5.0, 2.0, 1.0, 0.5, 0.3, 0.1]) @ q.T
+    hvp_fn = lambda v: [tf.linalg.matvec(tf.constant(h), v[0])]  # noqa: E731
+    got = tf.function(lambda: linalg.max_eigenvalue(hvp_fn, [tf.zeros(6, tf.float64)], 60,
+                                                    unroll=unroll))()
+    assert float(got) == pytest.approx(np.linalg.eigvalsh(h).max(), rel=1e-9)
+    indefinite = q @ np.diag([-4.0, 2.0, 1.0, 0.5, 0.3, 0.1]) @ q.T
+    got = linalg.max_eigenvalue(lambda v: [tf.linalg.matvec(tf.constant(indefinite), v[0])],
+                                [tf.zeros(6, tf.float64)], 60)
+    assert float(got) == pytest.approx(-4.0, rel=1e-9)
