@@ -14,6 +14,10 @@ differentiated (reverse mode through a `tf.GradientTape`, forward mode through a
 is how learning-rate, momentum and weight-decay schedules are meta-learned.
 Each optimizer lists the names it accepts in ``opt.hyperparameters``.
 
+`mirror_keras(keras_optimizer, variables)` gives the differentiable twin of a Keras SGD or
+Adam and its current state, so an unroll continues from the live optimizer (as the official
+code of Raghu et al. does for the FT head).
+
 Cost: O(P) time per update; state memory 0 (SGD), P (momentum) or 2P (Adam).
 """
 
@@ -23,7 +27,7 @@ import tensorflow as tf
 
 from keras_metapt._tree import cast_scalar
 
-__all__ = ["InnerOptimizer", "sgd", "adam", "adamw"]
+__all__ = ["InnerOptimizer", "sgd", "adam", "adamw", "mirror_keras"]
 
 
 class InnerOptimizer(NamedTuple):
@@ -152,3 +156,55 @@ def adamw(learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-8, eps_root=1
 def adam(learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-8, eps_root=1e-8):
     """Adam (no weight decay), differentiable to second order; see `adamw`."""
     return adamw(learning_rate, beta_1, beta_2, epsilon, eps_root, weight_decay=0.0)
+
+
+def _current_learning_rate(optimizer):
+    lr = optimizer.learning_rate  # Keras 3: the schedule's value at the current iteration
+    return tf.convert_to_tensor(lr() if callable(lr) else lr)
+
+
+def mirror_keras(optimizer, variables):
+    """(InnerOptimizer, state): the differentiable twin of a Keras optimizer and its current
+    state for ``variables`` (read now, as tensors; the Keras optimizer is not changed).
+
+    Keras `SGD` (momentum, Nesterov; velocity m = mu m - lr g stored, mapped to ours as
+    v = -m / lr) and `Adam`/`AdamW` (moments and step count; weight decay as `adamw`). Keras
+    puts Adam's epsilon outside the bias correction of v (``eps / sqrt(1 - beta_2^t)`` in our
+    form) and has no eps_root, so a twin's step differs from Keras' by O(epsilon). The
+    learning rate is the optimizer's current one (a schedule is evaluated now). Any other
+    optimizer (or AMSGrad, clipping, EMA, gradient accumulation) raises ValueError.
+    Reads the private per-variable slots of Keras 3 optimizers (pinned by
+    tests/test_keras_overrides.py).
+    """
+    import keras
+    name = type(optimizer).__name__
+    unsupported = [flag for flag in ("clipnorm", "global_clipnorm", "clipvalue")
+                   if getattr(optimizer, flag, None)]
+    if getattr(optimizer, "use_ema", False):
+        unsupported.append("use_ema")
+    if getattr(optimizer, "gradient_accumulation_steps", None):
+        unsupported.append("gradient_accumulation_steps")
+    if getattr(optimizer, "amsgrad", False):
+        unsupported.append("amsgrad")
+    if unsupported or not isinstance(optimizer, (keras.optimizers.SGD, keras.optimizers.Adam)):
+        raise ValueError(f"mirror_keras supports Keras SGD and Adam/AdamW without "
+                         f"{', '.join(unsupported) or 'extras'}; got {name}")
+    lr = _current_learning_rate(optimizer)
+    slots = [optimizer._get_variable_index(v) for v in variables]
+    wd = float(optimizer.weight_decay or 0.0)
+    if isinstance(optimizer, keras.optimizers.Adam):
+        twin = adamw(lr, float(optimizer.beta_1), float(optimizer.beta_2),
+                     float(optimizer.epsilon), weight_decay=wd)
+        state = (tf.cast(tf.convert_to_tensor(optimizer.iterations), tf.int32),
+                 [tf.convert_to_tensor(optimizer._momentums[i]) for i in slots],
+                 [tf.convert_to_tensor(optimizer._velocities[i]) for i in slots])
+        return twin, state
+    if wd:
+        raise ValueError("mirror_keras: Keras SGD with weight_decay (decoupled) has no twin here")
+    momentum = float(optimizer.momentum)
+    if momentum == 0.0:
+        return sgd(lr), ()
+    twin = sgd(lr, momentum=momentum, nesterov=bool(optimizer.nesterov))
+    state = [-tf.convert_to_tensor(optimizer.momentums[i]) / tf.cast(lr, variables[j].dtype)
+             for j, i in enumerate(slots)]
+    return twin, state

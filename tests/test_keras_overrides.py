@@ -42,3 +42,16 @@ def test_fit_starts_at_initial_epoch_set_in_on_train_begin():
     x, y = np.zeros((4, 2), np.float32), np.zeros((4, 1), np.float32)
     history = model.fit(x, y, epochs=3, verbose=0, callbacks=[SetInitialEpoch()])
     assert history.epoch == [2], "keras.Model.fit no longer honours _initial_epoch"
+
+
+def test_optimizer_slots_read_by_mirror_keras():
+    # optim.mirror_keras reads Adam's _momentums/_velocities, SGD's momentums and
+    # _get_variable_index (the slot order of Keras 3 optimizers).
+    variables = [keras.Variable(np.zeros(2)), keras.Variable(np.zeros(3))]
+    adam, sgd = keras.optimizers.Adam(), keras.optimizers.SGD(momentum=0.9)
+    adam.build(variables)
+    sgd.build(variables)
+    assert [adam._get_variable_index(v) for v in variables] == [0, 1]
+    assert [tuple(m.shape) for m in adam._momentums] == [(2,), (3,)]
+    assert [tuple(m.shape) for m in adam._velocities] == [(2,), (3,)]
+    assert [tuple(m.shape) for m in sgd.momentums] == [(2,), (3,)]
