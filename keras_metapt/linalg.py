@@ -228,7 +228,7 @@ def max_eigenvalue(hvp_fn, like, num_iterations=20, seed=(0, 0), unroll=False):
     Neumann converges for 0 < alpha < 2 / lambda_max when H is positive definite.
     """
     flat = tf.nest.flatten(like)
-    seeds = tf.random.experimental.stateless_split(tf.constant(seed, tf.int64), len(flat))
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), len(flat))
     start = [tf.cast(tf.random.stateless_normal(x.shape, seeds[i], dtype=tf.float32), x.dtype)
              for i, x in enumerate(flat)]
 

@@ -13,9 +13,16 @@ The training loop of Raghu et al. (2021), one PT batch per step:
 
 Data: one element per step from `meta_dataset(pt, meta_train, meta_val, unroll_steps)`.
 
+The FT unroll of a hyperstep continues from the live FT optimizer by default: a
+differentiable twin of the Keras FT optimizer (`optim.mirror_keras`: Adam with its current
+moments and step count), as in the official code.
+
 BatchNorm and Dropout: the PT step runs with training=True (it updates BatchNorm statistics);
-the FT-head steps and the hyperstep run with ``hyperstep_training`` (default False: inference
-mode). A hyperstep never updates BatchNorm statistics or any other non-trainable state.
+the FT-head steps and the hyperstep run with ``hyperstep_training`` (default True, as the
+official code: batch statistics and dropout in the FT steps, HVPs and the mixed VJP). FT-head
+steps, like the PT step, update BatchNorm moving statistics (PyTorch's train mode does the
+same); a hyperstep never updates BatchNorm statistics or any other non-trainable state (it
+applies the models statelessly).
 """
 
 import dataclasses
@@ -122,10 +129,14 @@ class MetaPretrainer(keras.Model):
         ``linalg.neumann(1)`` with alpha = the PT optimizer's learning rate *at each
         hyperstep* (it follows a schedule).
       warmup_steps: FT-head-only steps before the first hyperstep; default the first epoch.
-      ft_unroll_optimizer: differentiable `optim.InnerOptimizer` for the FT unroll; default
-        SGD at the FT optimizer's learning rate (fresh state every hyperstep).
+      ft_unroll_optimizer: differentiable `optim.InnerOptimizer` for the FT unroll, started
+        from a fresh state every hyperstep; default None: the twin of the Keras FT optimizer
+        continuing from its live state (`optim.mirror_keras`; Keras SGD or Adam/AdamW).
       hyperstep_training: the training flag of encoder and heads in FT-head steps and
-        hypersteps (BatchNorm/Dropout mode); default False (inference mode).
+        hypersteps (BatchNorm/Dropout mode); default True (as the official code).
+      curvature_iterations: if > 0, every hyperstep also estimates lambda_max of the PT
+        Hessian on the fresh PT batch by that many power iterations and logs it as
+        ``pt_lambda_max`` (Neumann needs alpha * lambda_max < 2); costs that many + 1 HVPs.
 
     Cost per hyperstep: K FT-head gradients through the encoder + 1 backward, the solver's
     HVPs of the PT loss, 1 mixed VJP. Memory: O(P + K * P_psi), as `PTFT`.
@@ -133,7 +144,8 @@ class MetaPretrainer(keras.Model):
 
     def __init__(self, encoder, pt_head, ft_head, meta_layer, pt_loss, ft_loss, meta_role="loss",
                  hyperstep_every=10, unroll_steps=1, solve=linalg.neumann(1), warmup_steps=None,
-                 ft_unroll_optimizer=None, hyperstep_training=False, **kwargs):
+                 ft_unroll_optimizer=None, hyperstep_training=True, curvature_iterations=0,
+                 **kwargs):
         super().__init__(**kwargs)
         if meta_role not in META_ROLES:
             raise ValueError(f"meta_role must be one of {META_ROLES}, got {meta_role!r}")
@@ -154,14 +166,17 @@ class MetaPretrainer(keras.Model):
         self.solve = check_solver(solve)
         self.ft_unroll_optimizer = ft_unroll_optimizer
         self.hyperstep_training = bool(hyperstep_training)
+        self.curvature_iterations = int(curvature_iterations)
         self.meta_step = keras.Variable(0, dtype="int64", trainable=False, name="meta_step")
         self.warmup_steps = keras.Variable(warmup_steps or 0, dtype="int64", trainable=False,
                                            name="warmup_steps")
         names = ("pt_loss", "ft_train_loss", "ft_val_loss", "hypergrad_norm", "hypersteps",
                  "nonfinite_hypersteps", "phi_mean", "phi_std", "phi_min", "phi_max")
+        names += ("pt_lambda_max",) if self.curvature_iterations > 0 else ()
         self.trackers = {n: (keras.metrics.Sum if "hypersteps" in n else keras.metrics.Mean)(name=n)
                          for n in names}
-        self.ft_optimizer = self.hyper_optimizer = self._estimator = None
+        self.ft_optimizer = self.hyper_optimizer = self._reduction = None
+        self._compiled = False
         self.built = True  # every part was required to be built above
         self._host_step = None  # host-side mirror of meta_step for choosing the step function
         self._stream_skip = 0  # elements to discard before the next step (set on resume)
@@ -188,9 +203,12 @@ class MetaPretrainer(keras.Model):
         self.optimizer.build(self.pt_variables)
         self.ft_optimizer.build(self.ft_head.trainable_variables)
         self.hyper_optimizer.build(self.meta_layer.trainable_variables)
-        ft_lr = self.ft_optimizer.learning_rate
-        unroll_opt = self.ft_unroll_optimizer or optim.sgd(
-            float(keras.ops.convert_to_numpy(ft_lr(0) if callable(ft_lr) else ft_lr)))
+        if self.ft_unroll_optimizer is None:
+            try:
+                optim.mirror_keras(self.ft_optimizer, self.ft_head.trainable_variables)
+            except ValueError as error:
+                raise ValueError(f"{error}. Pass MetaPretrainer(ft_unroll_optimizer="
+                                 "km.optim.sgd(...)) or use a Keras SGD/Adam FT optimizer") from None
         replicas = self.distribute_strategy.num_replicas_in_sync
         if replicas > 1 and self.steps_per_execution != 1:
             raise ValueError(
@@ -198,8 +216,8 @@ class MetaPretrainer(keras.Model):
                 f"{replicas} replicas (the in-graph step choice would put all-reduces "
                 "inside tf.cond); use steps_per_execution=1")
         self._multi_worker = distribute.is_multi_worker(self.distribute_strategy)
-        self._estimator = PTFT(unroll_opt, self.unroll_steps, self.solve, check_finite=False,
-                               gradient_reduction=distribute.replica_sum if replicas > 1 else None)
+        self._reduction = distribute.replica_sum if replicas > 1 else None
+        self._compiled = True
 
     def state_variables(self):
         """(name, variable) for the whole training state: weights (incl. BatchNorm statistics
@@ -228,7 +246,7 @@ class MetaPretrainer(keras.Model):
         latest checkpoint (whole state, and the stream at the same element). Adds a
         `StopOnNonFiniteHypergradient` unless one is given.
         """
-        if self._estimator is None:
+        if not self._compiled:
             raise RuntimeError("compile() the MetaPretrainer before fit()")
         if steps_per_epoch is None:
             raise ValueError("MetaPretrainer.fit needs steps_per_epoch (meta_dataset streams are "
@@ -279,7 +297,31 @@ class MetaPretrainer(keras.Model):
             pt_learning_rate=self.optimizer.learning_rate)
         batches = FinetuneBatches(StepBatches(_swap_first_axes(data["meta_train"])),
                                   data["meta_val"])
-        return self._estimator(problem, params, phi, data["pt_fresh"], batches)
+        if self.ft_unroll_optimizer is None:  # the live FT optimizer's twin and state
+            unroll_opt, state = optim.mirror_keras(self.ft_optimizer,
+                                                   self.ft_head.trainable_variables)
+        else:
+            unroll_opt, state = self.ft_unroll_optimizer, None
+        estimator = PTFT(unroll_opt, self.unroll_steps, self.solve, check_finite=False,
+                         gradient_reduction=self._reduction)
+        return estimator(problem, params, phi, data["pt_fresh"], batches, opt_state=state)
+
+    def pt_curvature(self, data, num_iterations=20):
+        """lambda_max of the PT Hessian (over encoder and PT head) on ``data["pt_fresh"]``, by
+        power iteration (`linalg.max_eigenvalue`); the start is seeded by the step."""
+        problem, params, phi = keras_problem(
+            self.encoder, self.pt_head, self.ft_head, self.meta_layer, self.pt_loss_fn,
+            self.ft_loss_fn, self.meta_role, self.hyperstep_training)
+        theta_p = (params.encoder, params.pt_head)
+
+        def hvp_fn(v):
+            h_v = linalg.hvp(lambda tp: problem.pt_loss(tp[0], tp[1], phi, data["pt_fresh"]),
+                             theta_p, v)
+            return h_v if self._reduction is None else self._reduction(h_v)
+
+        seed = tf.stack([tf.constant(0, tf.int64), tf.cast(self.meta_step.value, tf.int64)])
+        return linalg.max_eigenvalue(hvp_fn, theta_p, num_iterations, seed,
+                                     unroll=self._reduction is not None)
 
     def _hyperstep(self, data):
         result = self.hypergradient(data)
@@ -300,6 +342,9 @@ class MetaPretrainer(keras.Model):
         self.trackers["nonfinite_hypersteps"].update_state(tf.cast(nonfinite, tf.float32) * share)
         self.trackers["hypersteps"].update_state(share)
         self.trackers["ft_val_loss"].update_state(result.outer_loss)
+        if self.curvature_iterations > 0:
+            self.trackers["pt_lambda_max"].update_state(
+                self.pt_curvature(data, self.curvature_iterations))
         norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in result.hypergrad]))
         self.trackers["hypergrad_norm"].update_state(tf.where(result.is_finite, norm, 0.0))
         flat_phi = tf.concat([tf.reshape(v.value, [-1]) for v in phi_vars], 0)

@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --------------------------------------------------------------------------- the hyperstep
 
 
-def tiny_float64_model(unroll_steps, neumann_terms, alpha):
+def tiny_float64_model(unroll_steps, neumann_terms, alpha, ft_unroll_optimizer="sgd"):
     keras.utils.set_random_seed(3)
     f64 = "float64"  # Inputs too: a float32 keras.Input would cast float64 features down
     encoder = keras.Sequential([keras.Input((3,), dtype=f64), keras.layers.Dense(4, activation="tanh", dtype=f64)])
@@ -42,7 +42,7 @@ def tiny_float64_model(unroll_steps, neumann_terms, alpha):
         pt_loss=lambda y, p, w: masked_multitask_bce(y, p, w),
         ft_loss=lambda y, p: 0.5 * tf.reduce_mean((p - y) ** 2),
         unroll_steps=unroll_steps, solve=km.linalg.neumann(neumann_terms, alpha),
-        ft_unroll_optimizer=km.optim.sgd(0.2))
+        ft_unroll_optimizer=km.optim.sgd(0.2) if ft_unroll_optimizer == "sgd" else None)
     model.compile(jit_compile=False)
     return model
 
@@ -60,7 +60,27 @@ def tiny_data(unroll_steps):
     }
 
 
-def independent_hypergradient(model, data, unroll_steps, neumann_terms, alpha):
+def sgd_unroll_update(psi, grads, k):
+    return [p - 0.2 * g for p, g in zip(psi, grads)]
+
+
+def explicit_pt_hessian(model, data, phi):
+    """The PT Hessian over (encoder, PT head) and the mixed Jacobian, by tf jacobians."""
+    pt_vars = model.encoder.trainable_variables + model.pt_head.trainable_variables
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            x, y = data["pt_fresh"]
+            preds = model.pt_head(model.encoder(x, training=False), training=False)
+            loss = masked_multitask_bce(y, preds, 2.0 * tf.sigmoid(phi))
+        grads = inner.gradient(loss, pt_vars)
+        flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+    size = int(flat.shape[0])
+    hessian = np.concatenate([j.numpy().reshape(size, -1) for j in outer.jacobian(flat, pt_vars)], 1)
+    return hessian, outer.jacobian(flat, phi).numpy()
+
+
+def independent_hypergradient(model, data, unroll_steps, neumann_terms, alpha,
+                              unroll_update=sgd_unroll_update):
     """Explicit-matrix float64 computation, using the Keras layers' variables directly."""
     enc_vars = model.encoder.trainable_variables
     pt_vars = enc_vars + model.pt_head.trainable_variables
@@ -75,21 +95,13 @@ def independent_hypergradient(model, data, unroll_steps, neumann_terms, alpha):
             with tf.GradientTape() as inner:
                 inner.watch(psi)
                 loss = 0.5 * tf.reduce_mean((tf.matmul(feats, psi[0]) + psi[1] - y) ** 2)
-            psi = [p - 0.2 * g for p, g in zip(psi, inner.gradient(loss, psi))]
+            psi = unroll_update(psi, inner.gradient(loss, psi), k)
         x, y = data["meta_val"]
         val = 0.5 * tf.reduce_mean((tf.matmul(model.encoder(x, training=False), psi[0]) + psi[1] - y) ** 2)
     g_e = np.concatenate([g.numpy().ravel() for g in tape.gradient(val, enc_vars)])
 
-    with tf.GradientTape(persistent=True) as outer:
-        with tf.GradientTape() as inner:
-            x, y = data["pt_fresh"]
-            preds = model.pt_head(model.encoder(x, training=False), training=False)
-            loss = masked_multitask_bce(y, preds, 2.0 * tf.sigmoid(phi))
-        grads = inner.gradient(loss, pt_vars)
-        flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
-    size = int(flat.shape[0])
-    hessian = np.concatenate([j.numpy().reshape(size, -1) for j in outer.jacobian(flat, pt_vars)], 1)
-    mixed = outer.jacobian(flat, phi).numpy()
+    hessian, mixed = explicit_pt_hessian(model, data, phi)
+    size = hessian.shape[0]
     rhs = np.concatenate([g_e, np.zeros(size - g_e.size)])
     term, total = rhs.copy(), rhs.copy()
     for _ in range(neumann_terms):
@@ -283,3 +295,51 @@ def test_hyperstep_schedule_on_ints_and_tensors():
     assert np.flatnonzero(mask).tolist() == expected
     with pytest.raises(ValueError, match="hyperstep_every"):
         km.HyperstepSchedule(every=0)
+
+
+def test_default_ft_unroll_continues_the_live_keras_adam():
+    # Reference: the explicit float64 computation with the FT unroll written out as Adam
+    # (m, v, t continued from the Keras FT optimizer's slots after 3 live FT-head steps).
+    model = tiny_float64_model(2, 1, alpha=0.1, ft_unroll_optimizer=None)
+    model.compile(ft_optimizer=keras.optimizers.Adam(0.05), jit_compile=False)
+    data = tiny_data(2)
+    for _ in range(3):
+        model._ft_head_step(data["meta_train"])
+    ft_vars = model.ft_head.trainable_variables
+    opt = model.ft_optimizer
+    m = [tf.constant(opt._momentums[opt._get_variable_index(v)].numpy()) for v in ft_vars]
+    v = [tf.constant(opt._velocities[opt._get_variable_index(v)].numpy()) for v in ft_vars]
+    t0 = int(opt.iterations.numpy())
+    assert t0 == 3
+
+    def adam_update(psi, grads, k):
+        t = t0 + k + 1
+        out = []
+        for i, (p, g) in enumerate(zip(psi, grads)):
+            m[i] = 0.9 * m[i] + 0.1 * g
+            v[i] = 0.999 * v[i] + 0.001 * g * g
+            m_hat, v_hat = m[i] / (1 - 0.9 ** t), v[i] / (1 - 0.999 ** t)
+            out.append(p - 0.05 * m_hat / (tf.sqrt(v_hat + 1e-8) + 1e-7))
+        return out
+
+    result = model.hypergradient(data)
+    expected, psi_k = independent_hypergradient(model, data, 2, 1, 0.1, adam_update)
+    assert rel_err(result.hypergrad[0], expected) < 1e-5
+    for got, ref in zip(result.params[2], psi_k):  # Keras keeps lr=0.05 as a float32 variable
+        np.testing.assert_allclose(got, ref, rtol=1e-7)
+
+
+def test_pt_curvature_is_the_largest_eigenvalue_of_the_pt_hessian():
+    # Reference: numpy.linalg.eigvalsh of the explicit PT Hessian (tf jacobians, float64).
+    model = tiny_float64_model(1, 1, alpha=0.1)
+    data = tiny_data(1)
+    hessian, _ = explicit_pt_hessian(model, data, model.meta_layer.logits)
+    eigenvalues = np.linalg.eigvalsh(0.5 * (hessian + hessian.T))
+    largest = eigenvalues[np.argmax(np.abs(eigenvalues))]
+    assert float(model.pt_curvature(data, 300)) == pytest.approx(largest, rel=1e-4)
+
+
+def test_unsupported_ft_optimizer_is_named_at_compile():
+    model = tiny_float64_model(1, 1, alpha=0.1, ft_unroll_optimizer=None)
+    with pytest.raises(ValueError, match="RMSprop.*ft_unroll_optimizer"):
+        model.compile(ft_optimizer=keras.optimizers.RMSprop(0.01))

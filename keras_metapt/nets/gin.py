@@ -12,6 +12,10 @@ mean over nodes, optionally concatenated with the centre node's embedding (ego-n
 Input: a padded disjoint batch from `keras_metapt.data.graphs.batch_graphs`. Aggregation uses
 `keras.ops.segment_sum` over static shapes, so it compiles with XLA.
 Cost per layer: O(E H + N H^2).
+
+BatchNorm momentum is 0.9 (moving = 0.9 moving + 0.1 batch), PyTorch's default 0.1 as the
+reference implementations use it; Keras' default 0.99 would leave most of the moving
+statistics at their initial 0/1 after a short warm-up.
 """
 
 import keras
@@ -29,11 +33,12 @@ class GIN(keras.Model):
       edge_vocab_sizes: one vocabulary size per categorical edge feature column.
       num_layers, hidden, dropout: sizes (paper: 5, 300, 0.2 or 0.5).
       readout: "mean" or "mean+center".
+      bn_momentum: BatchNorm momentum (Keras convention; 0.9 = PyTorch's 0.1).
       num_graphs: graphs per batch (static, for XLA).
     """
 
     def __init__(self, node_vocab_sizes, edge_vocab_sizes, num_graphs, num_layers=5, hidden=300,
-                 dropout=0.2, readout="mean", **kwargs):
+                 dropout=0.2, readout="mean", bn_momentum=0.9, **kwargs):
         super().__init__(**kwargs)
         if readout not in ("mean", "mean+center"):
             raise ValueError(f"readout must be 'mean' or 'mean+center', got {readout!r}")
@@ -44,6 +49,7 @@ class GIN(keras.Model):
         self.hidden = int(hidden)
         self.dropout_rate = float(dropout)
         self.readout = readout
+        self.bn_momentum = float(bn_momentum)
         self.node_embeddings = [keras.layers.Embedding(v, hidden, name=f"node_embedding_{i}")
                                 for i, v in enumerate(self.node_vocab_sizes)]
         self.edge_embeddings = [[keras.layers.Embedding(v, hidden, name=f"edge_embedding_{l}_{i}")
@@ -54,11 +60,13 @@ class GIN(keras.Model):
                                            initializer=keras.initializers.RandomUniform(-0.05, 0.05))
                            for l in range(num_layers)]
         self.mlps = [keras.Sequential([keras.layers.Dense(2 * hidden),
-                                       keras.layers.BatchNormalization(),
+                                       keras.layers.BatchNormalization(
+                                           momentum=self.bn_momentum),
                                        keras.layers.ReLU(),
                                        keras.layers.Dense(hidden)], name=f"gin_mlp_{l}")
                      for l in range(num_layers)]
-        self.norms = [keras.layers.BatchNormalization(name=f"gin_norm_{l}") for l in range(num_layers)]
+        self.norms = [keras.layers.BatchNormalization(momentum=self.bn_momentum,
+                                                     name=f"gin_norm_{l}") for l in range(num_layers)]
         self.dropout = keras.layers.Dropout(dropout)
 
     def _embed(self, tables, features):
@@ -91,5 +99,6 @@ class GIN(keras.Model):
         config = super().get_config()
         config.update(node_vocab_sizes=self.node_vocab_sizes, edge_vocab_sizes=self.edge_vocab_sizes,
                       num_graphs=self.num_graphs, num_layers=self.num_layers, hidden=self.hidden,
-                      dropout=self.dropout_rate, readout=self.readout)
+                      dropout=self.dropout_rate, readout=self.readout,
+                      bn_momentum=self.bn_momentum)
         return config

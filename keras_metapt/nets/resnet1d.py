@@ -4,26 +4,33 @@ Stem: Conv1D(32, 15, stride 2) + BatchNorm + ReLU + MaxPool(3, stride 2); four s
 BasicBlocks (two Conv1D(kernel 15) + BatchNorm, identity or 1x1-projection shortcut) with
 32/64/128/256 channels, stride 2 at the start of stages 2-4; global average pooling -> 256-d.
 For a 1024 x 12 input: 4.6M weights.
+
+BatchNorm momentum is 0.9 (moving = 0.9 moving + 0.1 batch), PyTorch's default 0.1 as the
+reference implementations use it; Keras' default 0.99 would leave most of the moving
+statistics at their initial 0/1 after a short warm-up.
 """
 
 import keras
 
 __all__ = ["resnet1d18"]
 
+BN_MOMENTUM = 0.9
+
 
 def _basic_block(x, channels, stride, kernel_size, name):
     shortcut = x
     y = keras.layers.Conv1D(channels, kernel_size, strides=stride, padding="same", use_bias=False,
                             name=f"{name}_conv1")(x)
-    y = keras.layers.BatchNormalization(name=f"{name}_bn1")(y)
+    y = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn1")(y)
     y = keras.layers.ReLU(name=f"{name}_relu1")(y)
     y = keras.layers.Conv1D(channels, kernel_size, padding="same", use_bias=False,
                             name=f"{name}_conv2")(y)
-    y = keras.layers.BatchNormalization(name=f"{name}_bn2")(y)
+    y = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn2")(y)
     if stride != 1 or shortcut.shape[-1] != channels:
         shortcut = keras.layers.Conv1D(channels, 1, strides=stride, use_bias=False,
                                        name=f"{name}_proj")(shortcut)
-        shortcut = keras.layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
+        shortcut = keras.layers.BatchNormalization(momentum=BN_MOMENTUM,
+                                                   name=f"{name}_proj_bn")(shortcut)
     return keras.layers.ReLU(name=f"{name}_out")(keras.layers.Add(name=f"{name}_add")([y, shortcut]))
 
 
@@ -33,7 +40,7 @@ def resnet1d18(input_shape=(1024, 12), channels=(32, 64, 128, 256), blocks=(2, 2
     inputs = keras.Input(input_shape, name="signals")
     x = keras.layers.Conv1D(channels[0], kernel_size, strides=2, padding="same", use_bias=False,
                             name="stem_conv")(inputs)
-    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name="stem_bn")(x)
     x = keras.layers.ReLU(name="stem_relu")(x)
     x = keras.layers.MaxPooling1D(3, strides=2, padding="same", name="stem_pool")(x)
     for stage, (width, count) in enumerate(zip(channels, blocks)):
