@@ -343,3 +343,65 @@ def test_unsupported_ft_optimizer_is_named_at_compile():
     model = tiny_float64_model(1, 1, alpha=0.1, ft_unroll_optimizer=None)
     with pytest.raises(ValueError, match="RMSprop.*ft_unroll_optimizer"):
         model.compile(ft_optimizer=keras.optimizers.RMSprop(0.01))
+
+
+def test_inputs_role_hyperstep_matches_explicit_float64_computation():
+    # meta_role="inputs" (SimCLR: TwoViews with a learned time warp as phi). Reference: the
+    # Hessian of the NT-Xent PT loss over (encoder, projection) and its mixed Jacobian with
+    # the warp's weights, formed by tf jacobians through the Keras layers, g_FT through one
+    # SGD step written out, and the Neumann series in NumPy.
+    from keras_metapt.hyper import LearnedTimeWarp, TwoViews
+    from keras_metapt.simclr import simclr_meta_pretrainer
+    keras.utils.set_random_seed(4)
+    f64 = "float64"
+    encoder = keras.Sequential([keras.Input((32, 2), dtype=f64), keras.layers.Flatten(dtype=f64),
+                                keras.layers.Dense(3, activation="tanh", dtype=f64)])
+    projection = keras.Sequential([keras.Input((3,), dtype=f64), keras.layers.Dense(3, dtype=f64)])
+    ft_head = keras.Sequential([keras.Input((3,), dtype=f64), keras.layers.Dense(1, dtype=f64)])
+    views = TwoViews(learned=LearnedTimeWarp(grid_size=6, squaring_steps=3, initial_scale=0.3,
+                                             smoothing_sigma=1.0, filters=(2,), seed=7, dtype=f64))
+    views.build((None, 32, 2))
+    model = simclr_meta_pretrainer(encoder, projection, views, ft_head,
+                                   ft_loss=lambda y, p: 0.5 * tf.reduce_mean((p - y) ** 2),
+                                   solve=km.linalg.neumann(2, alpha=0.05),
+                                   ft_unroll_optimizer=km.optim.sgd(0.2))
+    model.compile(jit_compile=False)
+    rng = np.random.default_rng(6)
+    x_pt = np.cumsum(rng.normal(size=(6, 32, 2)), axis=1) / 4.0
+    data = {"pt": (x_pt,), "pt_fresh": (x_pt,),
+            "meta_train": (rng.normal(size=(5, 1, 32, 2)), rng.normal(size=(5, 1, 1))),
+            "meta_val": (rng.normal(size=(7, 32, 2)), rng.normal(size=(7, 1)))}
+    result = model.hypergradient(data)
+
+    pt_vars = encoder.trainable_variables + projection.trainable_variables
+    phi_vars = views.trainable_variables
+    state = [tf.constant(v.numpy()) for v in views.non_trainable_variables]  # noise seed
+    with tf.GradientTape() as tape:  # g_FT through one SGD step of the FT head
+        kernel, bias = [tf.constant(v.numpy()) for v in ft_head.trainable_variables]
+        x, y = data["meta_train"][0][:, 0], data["meta_train"][1][:, 0]
+        with tf.GradientTape() as inner:
+            inner.watch([kernel, bias])
+            loss = 0.5 * tf.reduce_mean((tf.matmul(encoder(x), kernel) + bias - y) ** 2)
+        kernel, bias = [p - 0.2 * g for p, g in zip([kernel, bias], inner.gradient(loss, [kernel, bias]))]
+        x, y = data["meta_val"]
+        val = 0.5 * tf.reduce_mean((tf.matmul(encoder(x), kernel) + bias - y) ** 2)
+    g_e = np.concatenate([g.numpy().ravel() for g in tape.gradient(val, encoder.trainable_variables)])
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            two = views.stateless_call(phi_vars, state, x_pt, training=True)[0]
+            z = projection(encoder(two))
+            z1, z2 = tf.split(z, 2)
+            loss = km.losses.nt_xent(z1, z2, 0.5)
+        flat = tf.concat([tf.reshape(g, [-1]) for g in inner.gradient(loss, pt_vars)], 0)
+    size = int(flat.shape[0])
+    hessian = np.concatenate([j.numpy().reshape(size, -1) for j in outer.jacobian(flat, pt_vars)], 1)
+    mixed = np.concatenate([j.numpy().reshape(size, -1) for j in outer.jacobian(flat, phi_vars)], 1)
+    rhs = np.concatenate([g_e, np.zeros(size - g_e.size)])
+    term, total = rhs.copy(), rhs.copy()
+    for _ in range(2):
+        term = term - 0.05 * hessian @ term
+        total += term
+    expected = -mixed.T @ (0.05 * total)
+    got = np.concatenate([np.ravel(g) for g in result.hypergrad])
+    assert np.abs(expected).max() > 1e-6  # the warp's weights do receive a hypergradient
+    assert rel_err(got, expected) < 1e-6
