@@ -34,7 +34,7 @@ from keras_metapt.meta_pretrainer import (HyperstepSchedule, MetaPretrainer,  # 
                                           meta_dataset)
 from keras_metapt.hypergrad import (PTFT, BilevelProblem, EvoGrad, Forward,  # noqa: E402
                                     HypergradResult, Implicit, PretrainFinetuneProblem,
-                                    PTFTParams, StepBatches, Unrolled, ensure_finite)
+                                    PTFTParams, SAMA, StepBatches, Unrolled, ensure_finite)
 
 __all__ = [
     "__version__",
@@ -45,7 +45,7 @@ __all__ = [
     "MetaPretrainer", "HyperstepSchedule", "meta_dataset",
     # the calling convention and the estimators
     "BilevelProblem", "StepBatches", "HypergradResult", "ensure_finite",
-    "Unrolled", "Forward", "Implicit", "EvoGrad", "PretrainFinetuneProblem", "PTFTParams",
+    "Unrolled", "Forward", "Implicit", "EvoGrad", "SAMA", "PretrainFinetuneProblem", "PTFTParams",
     "PTFT",
     # errors
     "HypergradientError", "InputMismatchError", "UnconnectedHyperparameterError",

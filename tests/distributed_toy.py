@@ -93,6 +93,10 @@ def _estimator_problem():
 
 def estimator_hypergradients(reduce):
     sgd = optim_sgd()
+    from keras_metapt import optim
+    adam = optim.adam(0.05)
+    adam_state = (tf.constant(3), tf.constant([0.1, -0.2, 0.05, 0.3], tf.float64),
+                  tf.constant([0.02, 0.01, 0.04, 0.03], tf.float64))
     seed = tf.constant([3, 4], tf.int64)
     return {
         "unrolled": (km.Unrolled(sgd, 4, gradient_reduction=reduce), {}),
@@ -102,6 +106,8 @@ def estimator_hypergradients(reduce):
         "implicit_cg": (km.Implicit(km.linalg.cg(4), gradient_reduction=reduce), {}),
         "evograd": (km.EvoGrad(3, sigma=0.1, temperature=0.5, gradient_reduction=reduce),
                     {"seed": seed}),
+        "sama": (km.SAMA(sgd, gradient_reduction=reduce), {}),
+        "sama_adam": (km.SAMA(adam, gradient_reduction=reduce), {"opt_state": adam_state}),
     }
 
 

@@ -126,8 +126,8 @@ def test_every_estimator_on_two_devices_gives_the_single_device_hypergradient(tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = np.load(tmp_path / "estimators.npz")
     names = [k[:-len("_single")] for k in results.files if k.endswith("_single")]
-    assert sorted(names) == ["evograd", "implicit_cg", "implicit_neumann", "unrolled",
-                             "unrolled_truncated"]
+    assert sorted(names) == ["evograd", "implicit_cg", "implicit_neumann", "sama", "sama_adam",
+                             "unrolled", "unrolled_truncated"]
     for name in names:
         single = results[f"{name}_single"]
         assert abs(float(single)) > 1e-3, name

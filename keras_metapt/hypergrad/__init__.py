@@ -17,6 +17,8 @@ The protocol, followed by every estimator (base class `Estimator`):
 - check_finite: raise on a NaN/Inf hypergradient; False only reports ``result.is_finite``.
 - opt_state: inner optimizer state to continue from; returned unchanged where no steps run.
 - seed: shape-[2] int tensor for the stochastic `EvoGrad`; ignored by the others.
+- `SAMA` is the first-order member: no HVP, the optimizer's update Jacobian for H^-1 and a
+  finite-difference mixed product.
 - Implicit solves go through one solver protocol, ``solve(hvp_fn, b, *, step_size, unroll)``
   (`keras_metapt.linalg.neumann`, `cg`, `dense`), and one IFT helper,
   `implicit_indirect_term`, shared by `Implicit` and `PTFT`.
@@ -28,6 +30,7 @@ The protocol, followed by every estimator (base class `Estimator`):
 | Implicit  | 1 outer gradient + solver HVPs + 1 mixed VJP  | O(P)              |
 | EvoGrad   | K forwards + 1 backward, first order          | O(K * P)          |
 | PTFT      | K FT steps + solver HVPs + 1 mixed VJP        | O(P + K * P_psi)  |
+| SAMA      | 1 outer + 2 first-order gradients (+1, +1 JVP) | O(P)             |
 """
 
 from keras_metapt.hypergrad.evograd import EvoGrad
@@ -37,6 +40,7 @@ from keras_metapt.hypergrad.problem import (BilevelProblem, Estimator, Hypergrad
                                             StepBatches, ensure_finite)
 from keras_metapt.hypergrad.ptft import (PTFT, FinetuneBatches, PretrainFinetuneProblem,
                                          PTFTParams, keras_problem)
+from keras_metapt.hypergrad.sama import SAMA, finite_difference_mixed_vjp
 from keras_metapt.hypergrad.unrolled import Unrolled
 
 __all__ = [
@@ -55,4 +59,6 @@ __all__ = [
     "FinetuneBatches",
     "PTFT",
     "keras_problem",
+    "SAMA",
+    "finite_difference_mixed_vjp",
 ]

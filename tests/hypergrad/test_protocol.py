@@ -46,6 +46,7 @@ ESTIMATORS = {
     "forward": (lambda **kw: km.Forward(optim.sgd(0.1), 3, **kw), ridge_case),
     "implicit": (lambda **kw: km.Implicit(km.linalg.cg(5), **kw), ridge_case),
     "evograd": (lambda **kw: km.EvoGrad(3, sigma=0.1, temperature=0.5, **kw), ridge_case),
+    "sama": (lambda **kw: km.SAMA(optim.sgd(0.1), **kw), ridge_case),
     "ptft": (lambda **kw: km.PTFT(optim.sgd(0.1), 2, km.linalg.neumann(2), **kw), ptft_case),
 }
 
@@ -81,7 +82,8 @@ def test_forward_refuses_gradient_reduction_by_name():
 def test_estimators_without_steps_return_opt_state_unchanged():
     problem, params, hparams, inner, outer = ridge_case()
     state = {"marker": tf.constant(7.0)}
-    for estimator in (km.Implicit(km.linalg.cg(3)), km.EvoGrad(2, sigma=0.1, temperature=1.0)):
+    for estimator in (km.Implicit(km.linalg.cg(3)), km.EvoGrad(2, sigma=0.1, temperature=1.0),
+                      km.SAMA()):
         assert estimator(problem, params, hparams, inner, outer, opt_state=state).opt_state is state
 
 

@@ -1,0 +1,104 @@
+"""SAMA-style first-order hypergradients.
+
+References: the ridge closed form (tests.references.ridge_hypergradient) where SAMA's
+approximation is exact (H = I / lr under SGD at rate lr); elsewhere SAMA's own formula
+-M (P g) + direct written out in NumPy for ridge (M = diag(exp(h) w), P = lr I, and for Adam
+the derivative of the Adam step with respect to the gradient, transcribed by hand); the exact
+mixed VJP (linalg.mixed_vjp) for the finite difference's O(eps^2) error.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_metapt as km
+from keras_metapt import linalg, optim
+from keras_metapt.hypergrad import finite_difference_mixed_vjp
+from tests import references
+from tests.conftest import Ridge, rel_err
+
+
+def isotropic_ridge(d=5, n=40, seed=0):
+    """Ridge whose Gram matrix is 2 I, with one scalar log-penalty h: H = (2 + e^h) I."""
+    ridge = Ridge(n=n, d=d, seed=seed)
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(n, d)))
+    ridge.x = q * np.sqrt(2.0 * n)
+    ridge.log_lam = np.array([-0.5])
+    return ridge
+
+
+def test_exact_where_the_optimizer_jacobian_is_the_inverse_hessian():
+    ridge = isotropic_ridge()
+    lam = np.exp(ridge.log_lam[0])
+    truth, w_star = references.ridge_hypergradient(ridge.x, ridge.y, ridge.x_val, ridge.y_val,
+                                                   np.full(5, lam))
+    inner, outer = ridge.batches()
+
+    def problem_inner(p, h, b):  # the same penalty on every feature, one hyperparameter
+        return Ridge.inner(p, [tf.fill([5], h[0][0])], b)
+
+    problem = km.BilevelProblem(problem_inner, Ridge.outer)
+    result = km.SAMA(optim.sgd(1.0 / (2.0 + lam)))(problem, [w_star], [ridge.log_lam], inner, outer)
+    # d/dh with lambda_j = e^h for all j: sum_j d/dlog(lambda_j)
+    assert rel_err(result.hypergrad[0][0], np.sum(truth)) < 1e-8
+
+
+def test_ridge_equals_samas_formula_with_sgd():
+    ridge = Ridge()
+    inner, outer = ridge.batches()
+    w = np.random.default_rng(3).normal(size=6)
+    lr = 0.07
+    result = km.SAMA(optim.sgd(lr))(ridge.problem(), [w], [ridge.log_lam], inner, outer)
+    g_val = ridge.x_val.T @ (ridge.x_val @ w - ridge.y_val) / len(ridge.y_val)
+    expected = -np.exp(ridge.log_lam) * w * (lr * g_val)
+    assert rel_err(result.hypergrad[0], expected) < 1e-9
+
+
+def test_adam_preconditioner_is_the_derivative_of_the_adam_step():
+    ridge = Ridge()
+    inner, outer = ridge.batches()
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=6)
+    count, m_old, v_old = 4, 0.1 * rng.normal(size=6), 0.05 * rng.random(6) + 0.01
+    lr, b1, b2, eps, eps_root = 0.05, 0.9, 0.999, 1e-8, 1e-8
+    state = (tf.constant(count), tf.constant(m_old), tf.constant(v_old))
+    result = km.SAMA(optim.adam(lr, b1, b2, eps, eps_root))(
+        ridge.problem(), [w], [ridge.log_lam], inner, outer, opt_state=state)
+    lam = np.exp(ridge.log_lam)
+    g = ridge.x.T @ (ridge.x @ w - ridge.y) / len(ridge.y) + lam * w   # inner gradient
+    t = count + 1
+    m = b1 * m_old + (1 - b1) * g
+    v = b2 * v_old + (1 - b2) * g * g
+    m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+    s = np.sqrt(v_hat + eps_root)
+    dstep = (1 - b1) / (1 - b1 ** t) / (s + eps) \
+        - m_hat / (s + eps) ** 2 / (2 * s) * (1 - b2) * 2 * g / (1 - b2 ** t)
+    g_val = ridge.x_val.T @ (ridge.x_val @ w - ridge.y_val) / len(ridge.y_val)
+    expected = -lam * w * (lr * dstep * g_val)
+    assert rel_err(result.hypergrad[0], expected) < 1e-7
+
+
+def test_finite_difference_mixed_product_is_second_order_in_eps():
+    def loss(p, h):
+        return tf.reduce_sum(tf.exp(h[0]) * tf.math.log(tf.cosh(p[0])) * p[0] ** 2)
+
+    rng = np.random.default_rng(5)
+    params, hparams = [tf.constant(rng.normal(size=4))], [tf.constant(rng.normal(size=4))]
+    v = [tf.constant(rng.normal(size=4))]
+    exact = linalg.mixed_vjp(loss, params, hparams, v)[0].numpy()
+    errors = [np.abs(finite_difference_mixed_vjp(loss, params, hparams, v, eps)[0].numpy()
+                     - exact).max() for eps in (1e-2, 5e-3)]
+    assert errors[0] < 1e-3
+    assert 3.5 < errors[0] / errors[1] < 4.5  # halving eps divides the error by 4
+
+
+def test_sama_compiles_with_xla_and_refuses_a_bad_radius():
+    ridge = Ridge()
+    inner, outer = ridge.batches()
+    estimator = km.SAMA(optim.sgd(0.1))
+    eager = estimator(ridge.problem(), [np.ones(6)], [ridge.log_lam], inner, outer)
+    xla = tf.function(lambda p, h: estimator(ridge.problem(), p, h, inner, outer),
+                      jit_compile=True)([tf.ones(6, tf.float64)], [tf.constant(ridge.log_lam)])
+    np.testing.assert_allclose(xla.hypergrad[0], eager.hypergrad[0], rtol=1e-9)
+    with pytest.raises(ValueError, match="radius"):
+        km.SAMA(radius=0.0)
