@@ -35,7 +35,7 @@ import tensorflow as tf
 from keras_metapt import distribute, linalg, optim
 from keras_metapt.callbacks import StopOnNonFiniteHypergradient
 from keras_metapt.errors import InputMismatchError
-from keras_metapt.hypergrad.implicit import check_solver
+from keras_metapt.hypergrad.implicit import check_hvp_mode, check_solver
 from keras_metapt.hypergrad.problem import StepBatches
 from keras_metapt.hypergrad.ptft import (META_ROLES, PTFT, FinetuneBatches, keras_problem,
                                          replica_share, split_xy)
@@ -128,6 +128,8 @@ class MetaPretrainer(keras.Model):
       solve: the PT-stage inverse-HVP solver, a `keras_metapt.linalg` solver; default
         ``linalg.neumann(1)`` with alpha = the PT optimizer's learning rate *at each
         hyperstep* (it follows a schedule).
+      hvp_mode: how the solver's HVPs are computed: "reverse_over_reverse" (default) or
+        "forward_over_reverse" (`linalg.hvp`; no second backward pass).
       warmup_steps: FT-head-only steps before the first hyperstep; default the first epoch.
       ft_unroll_optimizer: differentiable `optim.InnerOptimizer` for the FT unroll, started
         from a fresh state every hyperstep; default None: the twin of the Keras FT optimizer
@@ -143,7 +145,8 @@ class MetaPretrainer(keras.Model):
     """
 
     def __init__(self, encoder, pt_head, ft_head, meta_layer, pt_loss, ft_loss, meta_role="loss",
-                 hyperstep_every=10, unroll_steps=1, solve=linalg.neumann(1), warmup_steps=None,
+                 hyperstep_every=10, unroll_steps=1, solve=linalg.neumann(1),
+                 hvp_mode="reverse_over_reverse", warmup_steps=None,
                  ft_unroll_optimizer=None, hyperstep_training=True, curvature_iterations=0,
                  **kwargs):
         super().__init__(**kwargs)
@@ -164,6 +167,7 @@ class MetaPretrainer(keras.Model):
         self.schedule = HyperstepSchedule(int(hyperstep_every), warmup_steps)
         self.unroll_steps = int(unroll_steps)
         self.solve = check_solver(solve)
+        self.hvp_mode = check_hvp_mode(hvp_mode)
         self.ft_unroll_optimizer = ft_unroll_optimizer
         self.hyperstep_training = bool(hyperstep_training)
         self.curvature_iterations = int(curvature_iterations)
@@ -302,7 +306,8 @@ class MetaPretrainer(keras.Model):
                                                    self.ft_head.trainable_variables)
         else:
             unroll_opt, state = self.ft_unroll_optimizer, None
-        estimator = PTFT(unroll_opt, self.unroll_steps, self.solve, check_finite=False,
+        estimator = PTFT(unroll_opt, self.unroll_steps, self.solve, self.hvp_mode,
+                         check_finite=False,
                          gradient_reduction=self._reduction)
         return estimator(problem, params, phi, data["pt_fresh"], batches, opt_state=state)
 
@@ -316,7 +321,7 @@ class MetaPretrainer(keras.Model):
 
         def hvp_fn(v):
             h_v = linalg.hvp(lambda tp: problem.pt_loss(tp[0], tp[1], phi, data["pt_fresh"]),
-                             theta_p, v)
+                             theta_p, v, self.hvp_mode)
             return h_v if self._reduction is None else self._reduction(h_v)
 
         seed = tf.stack([tf.constant(0, tf.int64), tf.cast(self.meta_step.value, tf.int64)])

@@ -73,3 +73,30 @@ def test_max_eigenvalue_matches_numpy(unroll):
     got = linalg.max_eigenvalue(lambda v: [tf.linalg.matvec(tf.constant(indefinite), v[0])],
                                 [tf.zeros(6, tf.float64)], 60)
     assert float(got) == pytest.approx(-4.0, rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+def test_forward_over_reverse_hvp_equals_the_explicit_hessian(mode):
+    # Reference: the explicit Hessian of a non-quadratic loss by tf jacobian (float64).
+    from tests.conftest import compiled
+    rng = np.random.default_rng(2)
+    a = tf.constant(rng.normal(size=(5, 3)))
+
+    def loss(p):
+        return tf.reduce_sum(tf.math.log(tf.cosh(tf.linalg.matvec(a, p[0])))) + tf.reduce_sum(p[1] ** 4)
+
+    params = [tf.constant(rng.normal(size=3)), tf.constant(rng.normal(size=2))]
+    v = [tf.constant(rng.normal(size=3)), tf.constant(rng.normal(size=2))]
+    with tf.GradientTape() as outer:
+        outer.watch(params)
+        with tf.GradientTape() as inner:
+            inner.watch(params)
+            value = loss(params)
+        flat = tf.concat(inner.gradient(value, params), 0)
+    hessian = np.concatenate([j.numpy() for j in outer.jacobian(flat, params)], 1)
+    expected = hessian @ np.concatenate([x.numpy() for x in v])
+    for hvp_mode in linalg.HVP_MODES:
+        got = compiled(lambda p, u: linalg.hvp(loss, p, u, mode=hvp_mode), mode)(params, v)
+        np.testing.assert_allclose(np.concatenate([g.numpy() for g in got]), expected, rtol=1e-10)
+    with pytest.raises(ValueError, match="mode"):
+        linalg.hvp(loss, params, v, mode="forward")

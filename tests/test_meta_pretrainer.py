@@ -405,3 +405,16 @@ def test_inputs_role_hyperstep_matches_explicit_float64_computation():
     got = np.concatenate([np.ravel(g) for g in result.hypergrad])
     assert np.abs(expected).max() > 1e-6  # the warp's weights do receive a hypergradient
     assert rel_err(got, expected) < 1e-6
+
+
+def test_forward_over_reverse_hyperstep_matches_explicit_float64_computation():
+    # Reference: the explicit float64 computation (as for the default reverse-over-reverse mode).
+    model = tiny_float64_model(2, 2, alpha=0.1)
+    model.hvp_mode = "forward_over_reverse"
+    data = tiny_data(2)
+    expected, _ = independent_hypergradient(model, data, 2, 2, 0.1)
+    result = tf.function(model.hypergradient, jit_compile=True)(
+        tf.nest.map_structure(tf.constant, data))
+    assert rel_err(result.hypergrad[0], expected) < 1e-5
+    with pytest.raises(ValueError, match="hvp_mode"):
+        km.PTFT(km.optim.sgd(0.1), hvp_mode="reverse")

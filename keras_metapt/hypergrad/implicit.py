@@ -19,19 +19,20 @@ __all__ = ["Implicit", "implicit_indirect_term"]
 
 
 def implicit_indirect_term(inner_loss, params, hparams, outer_grad, solve, step_size=None,
-                           reduce=None):
+                           reduce=None, hvp_mode="reverse_over_reverse"):
     """The IFT indirect term  - (d2 L_in / dphi dtheta) H^-1 g,  H = d2 L_in / dtheta2.
 
     ``inner_loss(params, hparams) -> scalar``; ``outer_grad`` g is shaped like ``params``;
     ``solve`` is a `keras_metapt.linalg` solver, given ``step_size`` (for
     `linalg.neumann(alpha=None)`). ``reduce`` (a cross-replica sum) is applied to every HVP and
-    to the mixed VJP, and the solver then traces its iterations in Python. Returns a nest
+    to the mixed VJP, and the solver then traces its iterations in Python. ``hvp_mode``:
+    `linalg.hvp`'s mode (reverse-over-reverse or forward-over-reverse). Returns a nest
     shaped like ``hparams`` with None where a leaf does not enter the inner gradient.
     Cost: the solver's HVPs + 1 mixed VJP. Memory: O(P) beyond the solver's.
     """
 
     def hvp_fn(v):
-        h_v = linalg.hvp(lambda p: inner_loss(p, hparams), params, v)
+        h_v = linalg.hvp(lambda p: inner_loss(p, hparams), params, v, hvp_mode)
         return h_v if reduce is None else reduce(h_v)
 
     v = solve(hvp_fn, outer_grad, step_size=step_size, unroll=reduce is not None)
@@ -50,6 +51,12 @@ def check_solver(solve):
     return solve
 
 
+def check_hvp_mode(mode):
+    if mode not in linalg.HVP_MODES:
+        raise ValueError(f"hvp_mode must be one of {linalg.HVP_MODES}, got {mode!r}")
+    return mode
+
+
 class Implicit(_p.Estimator):
     """IFT hypergradient estimator.
 
@@ -62,12 +69,15 @@ class Implicit(_p.Estimator):
         (`keras_metapt.distribute.replica_sum`) applied to the outer gradients, every HVP and
         the mixed VJP; the losses must then be replica shares of the global-batch means
         (`distribute.shard_fraction`), and the solver loops are traced in Python.
+      hvp_mode: "reverse_over_reverse" (default) or "forward_over_reverse" (`linalg.hvp`).
       check_finite: see `Estimator`. ``opt_state`` is returned unchanged; ``seed`` is ignored.
     """
 
-    def __init__(self, solve=linalg.cg(10), *, gradient_reduction=None, check_finite=True):
+    def __init__(self, solve=linalg.cg(10), hvp_mode="reverse_over_reverse", *,
+                 gradient_reduction=None, check_finite=True):
         super().__init__(gradient_reduction=gradient_reduction, check_finite=check_finite)
         self.solve = check_solver(solve)
+        self.hvp_mode = check_hvp_mode(hvp_mode)
 
     def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
                  seed=None):
@@ -82,5 +92,5 @@ class Implicit(_p.Estimator):
             return _p.inner_loss_value(problem, p, h, inner_batch)
 
         indirect = implicit_indirect_term(inner, params, hparams, g_params, self.solve,
-                                          problem.inner_learning_rate, reduce)
+                                          problem.inner_learning_rate, reduce, self.hvp_mode)
         return self._finish(hparams, direct, indirect, outer_loss, params, opt_state)

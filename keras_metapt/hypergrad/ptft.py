@@ -32,7 +32,7 @@ import tensorflow as tf
 from keras_metapt import _checks, _tree, distribute, linalg
 from keras_metapt.errors import InputMismatchError
 from keras_metapt.hypergrad import problem as _p
-from keras_metapt.hypergrad.implicit import check_solver, implicit_indirect_term
+from keras_metapt.hypergrad.implicit import check_hvp_mode, check_solver, implicit_indirect_term
 
 __all__ = ["PretrainFinetuneProblem", "PTFTParams", "FinetuneBatches", "PTFT", "keras_problem",
            "META_ROLES"]
@@ -89,6 +89,7 @@ class PTFT(_p.Estimator):
       solve: a `keras_metapt.linalg` solver for the PT stage; default ``linalg.neumann(1)``
         (Raghu et al.: one Neumann term, alpha = the PT learning rate, read from
         ``problem.pt_learning_rate``).
+      hvp_mode: "reverse_over_reverse" (default) or "forward_over_reverse" (`linalg.hvp`).
       gradient_reduction: None (one device) or a nest -> nest sum over replicas
         (`keras_metapt.distribute.replica_sum`). With it, the losses must be the replica's
         share of the global-batch mean (`distribute.shard_fraction`); every FT gradient, g_FT,
@@ -98,14 +99,15 @@ class PTFT(_p.Estimator):
         itself, then stops fit with that error). ``seed`` is accepted and ignored.
     """
 
-    def __init__(self, ft_optimizer, unroll_steps=1, solve=linalg.neumann(1), *,
-                 gradient_reduction=None, check_finite=True):
+    def __init__(self, ft_optimizer, unroll_steps=1, solve=linalg.neumann(1),
+                 hvp_mode="reverse_over_reverse", *, gradient_reduction=None, check_finite=True):
         super().__init__(gradient_reduction=gradient_reduction, check_finite=check_finite)
         if int(unroll_steps) < 1:
             raise ValueError(f"unroll_steps must be >= 1, got {unroll_steps}")
         self.ft_optimizer = ft_optimizer
         self.unroll_steps = int(unroll_steps)
         self.solve = check_solver(solve)
+        self.hvp_mode = check_hvp_mode(hvp_mode)
 
     def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
                  seed=None):
@@ -144,7 +146,8 @@ class PTFT(_p.Estimator):
 
         indirect = implicit_indirect_term(pt_of, theta_p, hparams,
                                           (g_ft, _tree.tree_zeros_like(theta_h)), self.solve,
-                                          problem.pt_learning_rate, self.gradient_reduction)
+                                          problem.pt_learning_rate, self.gradient_reduction,
+                                          self.hvp_mode)
         no_direct_term = tf.nest.map_structure(lambda _: None, hparams)
         return self._finish(hparams, no_direct_term, indirect, val_loss,
                             PTFTParams(theta_e, theta_h, _tree.tree_stop_gradient(psi_k)),

@@ -51,3 +51,14 @@ def test_float32_cg_close_to_closed_form(ridge):
                           ridge.log_lam, "xla", np.float32)
     assert result.hypergrad[0].dtype == np.float32
     assert rel_err(result.hypergrad[0], truth) < 1e-3
+
+
+def test_forward_over_reverse_hvps_give_the_ridge_closed_form(ridge):
+    # Reference: tests.references.ridge_hypergradient (closed form), with CG on HVPs computed
+    # forward-over-reverse.
+    truth, w_star = references.ridge_hypergradient(ridge.x, ridge.y, ridge.x_val, ridge.y_val,
+                                                   np.exp(ridge.log_lam))
+    inner, outer = ridge.batches()
+    result = km.Implicit(km.linalg.cg(50, 1e-14), hvp_mode="forward_over_reverse")(
+        ridge.problem(), [w_star], [ridge.log_lam], inner, outer)
+    np.testing.assert_allclose(result.hypergrad[0], truth, rtol=1e-8)
