@@ -121,7 +121,7 @@ def main(argv):
                                                      jit_compile=xla)
                      for terms in FLAGS.neumann_terms for mode in MODES}
         timings = {key: [] for key in functions}
-        for _ in range(3):  # rounds, alternating the configurations
+        for _ in range(1 if FLAGS.quick else 3):  # rounds, alternating the configurations
             for key, fn in functions.items():
                 timings[key].append(median_ms(lambda fn=fn: fn(data)))
         for (mode, terms), values in timings.items():
