@@ -6,6 +6,7 @@ forward-over-reverse (mixed mode), with i = 1 and i = 5 Neumann terms.
 
 Configuration: that of benchmarks.meta_pt (MLP encoder 128-256-256-256, PT head -> 500 tasks
 with TaskWeights, FT head -> 10, batch 64, K = 1, Adam, float32, random data, seed 0).
+Flags: those of benchmarks.meta_pt (sizes, --repeats, --quick, --output_dir) and --terms.
 Measured: `MetaPretrainer.hypergradient` on one fixed stream element as a compiled function
 (tf.function, and XLA), median over --repeats calls, the modes alternated over 3 rounds; and
 one plain gradient of the PT loss for scale. On a GPU it also reports the allocator's peak
@@ -16,7 +17,6 @@ Writes benchmarks/results/hvp_modes.{md,json} (or --output_dir).
 
 import json
 import os
-import time
 
 from absl import app, flags
 
@@ -26,36 +26,21 @@ import keras_metapt as km  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from benchmarks import meta_pt  # noqa: E402  (its flags: the reference configuration)
 from keras_metapt.hyper import TaskWeights  # noqa: E402
 from keras_metapt.losses import masked_multitask_bce  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("input_dim", 128, "Input features.")
-flags.DEFINE_list("hidden", ["256", "256", "256"], "Encoder widths (the last is the feature size).")
-flags.DEFINE_integer("pt_tasks", 500, "PT tasks (TaskWeights size).")
-flags.DEFINE_integer("ft_tasks", 10, "FT tasks.")
-flags.DEFINE_integer("batch", 64, "Batch size of every stream.")
-flags.DEFINE_list("neumann_terms", ["1", "5"], "Neumann terms i to measure.")
-flags.DEFINE_integer("repeats", 20, "Calls per timing (median).")
-flags.DEFINE_bool("quick", False, "Tiny sizes: a smoke run, not a measurement.")
-flags.DEFINE_string("output_dir", os.path.join(os.path.dirname(__file__), "results"),
-                    "Where hvp_modes.md and hvp_modes.json are written.")
+flags.DEFINE_list("terms", ["1", "5"], "Neumann terms i to measure.")
 
 MODES = ("reverse_over_reverse", "forward_over_reverse")
 
 
 def build(hvp_mode, terms):
-    keras.utils.set_random_seed(0)
-    hidden = [int(h) for h in FLAGS.hidden]
-    encoder = keras.Sequential([keras.Input((FLAGS.input_dim,))]
-                               + [keras.layers.Dense(h, activation="relu") for h in hidden])
-    pt_head = keras.Sequential([keras.Input((hidden[-1],)), keras.layers.Dense(FLAGS.pt_tasks)])
-    ft_head = keras.Sequential([keras.Input((hidden[-1],)), keras.layers.Dense(FLAGS.ft_tasks)])
+    encoder, pt_head, ft_head = meta_pt.parts()
     model = km.MetaPretrainer(
         encoder, pt_head, ft_head, TaskWeights(FLAGS.pt_tasks),
-        pt_loss=lambda y, p, w: masked_multitask_bce(y, p, w),
-        ft_loss=lambda y, p: tf.reduce_mean(
-            tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=p)),
+        pt_loss=lambda y, p, w: masked_multitask_bce(y, p, w), ft_loss=meta_pt.ft_loss,
         solve=km.linalg.neumann(terms), hvp_mode=hvp_mode, warmup_steps=0)
     model.compile(keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3),
                   keras.optimizers.Adam(1e-3), jit_compile=False)
@@ -76,17 +61,6 @@ def element():
             "pt_fresh": (draw(b, d), labels(b, FLAGS.pt_tasks)),
             "meta_train": (draw(b, 1, d), labels(b, 1, FLAGS.ft_tasks)),
             "meta_val": (draw(b, d), labels(b, FLAGS.ft_tasks))}
-
-
-def median_ms(fn):
-    fn()  # trace / compile
-    times = []
-    for _ in range(FLAGS.repeats):
-        start = time.perf_counter()
-        out = fn()
-        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, out)
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def gpu_peak_mib(fn):
@@ -116,14 +90,14 @@ def main(argv):
                 loss = masked_multitask_bce(y, preds, gradient_model.meta_layer(x))
             return tape.gradient(loss, pt_vars)
 
-        gradient_ms = median_ms(pt_gradient)
+        gradient_ms = meta_pt.function_ms(pt_gradient)
         functions = {(mode, int(terms)): tf.function(build(mode, int(terms)).hypergradient,
                                                      jit_compile=xla)
-                     for terms in FLAGS.neumann_terms for mode in MODES}
+                     for terms in FLAGS.terms for mode in MODES}
         timings = {key: [] for key in functions}
         for _ in range(1 if FLAGS.quick else 3):  # rounds, alternating the configurations
             for key, fn in functions.items():
-                timings[key].append(median_ms(lambda fn=fn: fn(data)))
+                timings[key].append(meta_pt.function_ms(lambda fn=fn: fn(data)))
         for (mode, terms), values in timings.items():
             ms = float(np.median(values))
             rows.append({"compilation": "XLA" if xla else "tf.function", "hvp_mode": mode,

@@ -81,16 +81,9 @@ class Implicit(_p.Estimator):
 
     def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
                  seed=None):
-        params, hparams = _p.prepare(params, hparams)
-        if isinstance(inner_batch, _p.StepBatches):
-            raise ValueError("Implicit takes one inner batch (the Hessian's); got StepBatches")
         reduce = self.gradient_reduction
-        outer_loss, g_params, direct = _p.outer_gradients(problem, params, hparams, outer_batch,
-                                                          reduce)
-
-        def inner(p, h):
-            return _p.inner_loss_value(problem, p, h, inner_batch)
-
+        params, hparams, outer_loss, g_params, direct, inner = _p.at_fixed_point(
+            problem, params, hparams, inner_batch, outer_batch, reduce, "Implicit")
         indirect = implicit_indirect_term(inner, params, hparams, g_params, self.solve,
                                           problem.inner_learning_rate, reduce, self.hvp_mode)
         return self._finish(hparams, direct, indirect, outer_loss, params, opt_state)

@@ -229,6 +229,21 @@ def outer_gradients(problem, params, hparams, outer_batch, reduce=None):
     return loss, _tree.zeros_for_none(g_params, params), direct
 
 
+def at_fixed_point(problem, params, hparams, inner_batch, outer_batch, reduce, estimator):
+    """The shared start of the estimators that work at the given inner point (Implicit, SAMA):
+    validated (params, hparams), the outer loss and gradients (reduced), and the inner loss as
+    a function ``inner(params, hparams)`` of the one inner batch."""
+    params, hparams = prepare(params, hparams)
+    if isinstance(inner_batch, StepBatches):
+        raise ValueError(f"{estimator} takes one inner batch (the Hessian's); got StepBatches")
+    outer_loss, g_params, direct = outer_gradients(problem, params, hparams, outer_batch, reduce)
+
+    def inner(p, h):
+        return inner_loss_value(problem, p, h, inner_batch)
+
+    return params, hparams, outer_loss, g_params, direct, inner
+
+
 def finish(hparams, direct, indirect, outer_loss, params, opt_state, check_finite=True):
     """Checks connection and finiteness, assembles the HypergradResult.
 

@@ -69,16 +69,9 @@ class SAMA(_p.Estimator):
 
     def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
                  seed=None):
-        params, hparams = _p.prepare(params, hparams)
-        if isinstance(inner_batch, _p.StepBatches):
-            raise ValueError("SAMA takes one inner batch; got StepBatches")
         reduce = self.gradient_reduction
-        outer_loss, g_params, direct = _p.outer_gradients(problem, params, hparams, outer_batch,
-                                                          reduce)
-
-        def inner(p, h):
-            return _p.inner_loss_value(problem, p, h, inner_batch)
-
+        params, hparams, outer_loss, g_params, direct, inner = _p.at_fixed_point(
+            problem, params, hparams, inner_batch, outer_batch, reduce, "SAMA")
         v = g_params
         if self.optimizer is not None:
             v = self._preconditioned(inner, params, hparams, g_params, opt_state)
