@@ -12,7 +12,8 @@ validation losses compare like with like.
 
 Writes <output_dir>/history.csv, summary.json and reweighting.png; checkpoints
 every --checkpoint_every outer steps and resumes from the latest checkpoint when
-run again with the same --output_dir (--noresume starts over).
+run again with the same --output_dir and settings (other settings, or --noresume, start
+over). --seed fixes the run (apps/runner.py seeds it and enables op determinism).
 
 --strategy=mirrored|multiworker|tpu computes each hypergradient data-parallel: every replica
 holds a contiguous shard of the training and validation sets (and the weight logits of its
@@ -26,7 +27,7 @@ import os
 import sys
 from typing import Optional
 
-from absl import app, flags, logging
+from absl import app, flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,15 +165,13 @@ def shard_for_replicas(strategy, arrays):
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
-    config = Config.from_flags(FLAGS)
+    config, strategy = runner.setup(Config)
     runner.seed_everything(config.seed)
     (x_tr, y_tr), (x_val, y_val), (x_te, y_te), corrupted = load_noisy_digits(
         config.num_train, config.label_noise, config.seed)
     model = build_model(config.hidden)
     trainable, non_trainable = functional.model_state(model)
     problem, predict = make_problem(model, non_trainable)
-    strategy = config.strategy_object()
     replicas = strategy.num_replicas_in_sync
     estimator = make_estimator(config.estimator, config.inner_steps, config.truncate,
                                config.inner_lr, km.distribute.replica_sum if replicas > 1 else None)

@@ -22,10 +22,12 @@ one graph batch of --batch_size graphs per replica (padded disjoint batches cann
 by example, so R consecutive batches are stacked and tf.distribute hands one to each replica);
 fine-tuning and evaluation stay on one device.
 
-Writes <output_dir>/summary.md and summary.json (the AUROC table and timings), per-run results
-under results/ (a rerun skips finished runs: resumable), task_weights_seed<k>.png, and exports
-the meta arm's fine-tuned model and encoder of the last seed as SavedModels under
-<saved_models_dir>/<run_name>_{finetuned,encoder}/<version>/.
+Writes <output_dir>/summary.md and summary.json (the AUROC table, timings, per-seed AUROCs and
+each arm's mean paired difference to --baseline with a 95% t interval), per-run results under
+results/ (a rerun skips finished runs made with the same settings: resumable),
+task_weights_seed<k>.png, and exports the meta arm's fine-tuned model and encoder of the last
+seed as SavedModels under <saved_models_dir>/<run_name>_{finetuned,encoder}/<version>/.
+The arms x seeds loop, resume, seeding and summary are apps/runner.py's; a seed fixes a run.
 """
 
 import csv
@@ -34,7 +36,7 @@ import os
 import sys
 from typing import Optional
 
-from absl import app, flags, logging
+from absl import app, flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -411,9 +413,7 @@ def run_arm(config, data, strategy, arm, seed, shared):
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
-    config = Config.from_flags(FLAGS)
-    strategy = config.strategy_object()
+    config, strategy = runner.setup(Config)
     if strategy.num_replicas_in_sync > 1:
         print(f"Pre-training on {strategy.num_replicas_in_sync} replicas ({config.strategy}); "
               f"global batch {strategy.num_replicas_in_sync} x {config.batch_size} graphs")

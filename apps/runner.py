@@ -2,15 +2,16 @@ r"""The one runner of the apps: config, strategy flags, seeding, arms x seeds wi
 fine-tuning modes, exports and the paired summary.
 
 An app defines its absl flags, a `Config` dataclass whose fields are named like its flags
-(filled once, in ``main``, by ``Config.from_flags(FLAGS)``; nothing else reads FLAGS), and
-the function that runs one (arm, seed). The runner does the rest:
+(filled once, in ``main``, by ``Config.from_flags``; nothing else reads FLAGS), and the
+function that runs one (arm, seed). The runner does the rest:
 
     runner.define_strategy_flags("pre-training")    # --strategy, --devices, --tpu_address
     flags.adopt_module_key_flags(runner)            # ... listed by the app's --helpshort
 
-    config = Config.from_flags(FLAGS)
-    records = runner.run_grid(config, run_arm, prepare=prepare_seed)
-    table, summary = runner.summarise(records, config, modes=("full", "linear"))
+    def main(argv):
+        config, strategy = runner.setup(Config)     # Config.from_flags(FLAGS), strategy
+        records = runner.run_grid(config, run_arm, prepare=prepare_seed)
+        table, summary = runner.summarise(records, config, modes=("full", "linear"))
 
 `run_grid` loops seeds x arms. A finished (arm, seed) stores its result as
 ``<output_dir>/results/<arm>_seed<k>.json`` together with ``config``: the flags that affect
@@ -27,17 +28,25 @@ shared data are prepared, and before every fine-tuning (seed + FT_SEED_OFFSET, s
 fine-tuning heads and data order are the same for every arm of a seed: the comparison is
 paired). Nothing carries over from an arm run earlier in the same process, the tf.data
 shuffles and the augmentation layers take explicit seeds, and no result depends on Python's
-hash order. On CPU two runs with the same flags give bit-identical results
-(tests/apps/test_determinism.py).
+hash order. On one device `setup` also gives TensorFlow a single inter-op thread: the
+learned-augmentation hyperstep (SimCLR meta arm) otherwise differs in the last bits from run
+to run, as independent ops finish in a varying order (kernels keep their intra-op threads;
+the tiny runs' PT throughput on 2 cores did not change measurably). On CPU two runs with the same flags give
+bit-identical results (tests/apps/test_determinism.py). Op determinism also swaps a few
+kernels for deterministic ones (e.g. sparse softmax cross-entropy becomes a gather, which XLA
+cannot differentiate inside a while loop: apps/digits_reweighting.py writes that loss with
+plain ops). The timing benchmarks seed their data and weights but leave op determinism off,
+so that they time the kernels users run.
 
-What can still differ on a GPU: TensorFlow's op determinism makes cuDNN convolutions,
-segment sums (the GIN's message passing, gather gradients) and reductions use deterministic
-kernels, and raises an error for an op that has none. Left open: XLA-compiled steps
-(``--xla``, ``jit_compile``) on GPU, whose fusions and autotuned kernels are not covered by
-op determinism in every TensorFlow release (use --noxla for bit-exact GPU reruns); results
-on a GPU differ from those on a CPU (other kernels, other rounding); and under
---strategy=mirrored/multiworker/tpu the cross-replica all-reduces (NCCL, collective ops)
-may sum in a varying order. Timings (examples/s, seconds per epoch) are never reproducible.
+What stays nondeterministic on a GPU: op determinism makes cuDNN convolutions, segment sums
+(the GIN's message passing, gather gradients) and reductions use deterministic kernels and
+raises an error for an op that has none, but it is not tested here. Left open: XLA-compiled
+steps (``--xla``, ``jit_compile``), whose GPU fusions and autotuned kernels op determinism
+does not pin in every TensorFlow release (use --noxla for bit-exact GPU reruns); results on a
+GPU differ from those on a CPU (other kernels, other rounding); under
+--strategy=mirrored/multiworker/tpu the cross-replica all-reduces (NCCL, collectives) may sum
+in a varying order, and the inter-op thread count is left alone. Timings (examples/s,
+seconds per epoch) are never reproducible.
 """
 
 import dataclasses
@@ -47,12 +56,13 @@ import os
 import shutil
 from typing import Any, Callable, ClassVar, Optional
 
-from absl import app, flags
+from absl import app, flags, logging
 
 __all__ = ["Config", "GridConfig", "FT_MODES", "FT_SEED_OFFSET", "FineTuned",
-           "define_strategy_flags", "seed_everything", "result_path", "config_differences",
-           "run_grid", "run_directory", "claim_directory", "fine_tune", "export_finetuned", "summarise", "summary_table",
-           "paired_table", "load_results", "write_json"]
+           "define_strategy_flags", "setup", "seed_everything", "result_path",
+           "config_differences", "run_grid", "run_directory", "claim_directory", "load_results",
+           "fine_tune", "export_finetuned", "summarise", "summary_table", "paired_table",
+           "write_json"]
 
 # label in the log, label in the tables
 FT_MODES = {"full": ("full fine-tuning", "full FT test AUROC"),
@@ -65,9 +75,10 @@ RATE_KEY, RATE_LABEL = "pt_examples_per_second", "PT examples/s"
 
 def define_strategy_flags(what, flag_values=flags.FLAGS):
     """Defines --strategy, --devices and --tpu_address (``what`` says what runs distributed,
-    e.g. "pre-training"); `Config.strategy_object()` builds the strategy. The flags belong to this
-    module: an app lists them in its --helpshort with ``flags.adopt_module_key_flags(runner)``.
-    Defining them twice in one process keeps the first definition."""
+    e.g. "pre-training"); `Config.strategy_object()` builds the strategy. The flags belong to
+    this module: an app lists them in its --helpshort with
+    ``flags.adopt_module_key_flags(runner)``. A second call in one process keeps the first
+    definition."""
     from keras_metapt.distribute import STRATEGIES
     if "strategy" in flag_values:
         return
@@ -76,7 +87,8 @@ def define_strategy_flags(what, flag_values=flags.FLAGS):
                       "GPUs, or --devices), multiworker (TF_CONFIG names the cluster; run the same "
                       "command on every worker), tpu (--tpu_address).", flag_values=flag_values)
     flags.DEFINE_list("devices", None, "--strategy=mirrored: devices to mirror over (e.g. "
-                      "/gpu:0,/gpu:1); default all local GPUs, or the CPU.", flag_values=flag_values)
+                      "/gpu:0,/gpu:1); default all local GPUs, or the CPU.",
+                      flag_values=flag_values)
     flags.DEFINE_string("tpu_address", None, "TPU name or grpc:// address for --strategy=tpu.",
                         flag_values=flag_values)
 
@@ -109,7 +121,8 @@ class Config:
 
     def results_config(self):
         """The settings that affect results, as stored with each result (JSON types)."""
-        return json.loads(json.dumps({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+        return json.loads(json.dumps({f.name: getattr(self, f.name)
+                                      for f in dataclasses.fields(self)
                                       if f.name not in self.NOT_IN_RESULTS}))
 
     def strategy_object(self):
@@ -147,6 +160,21 @@ class GridConfig(Config):
     @property
     def last_seed(self):
         return self.seeds[-1]
+
+
+def setup(config_class, flag_values=flags.FLAGS):
+    """The start of an app's ``main``, before TensorFlow runs anything: absl logging at
+    WARNING, the config of the parsed flags, one inter-op thread on one device (see the
+    module docstring), and the strategy the config names. Returns (config, strategy)."""
+    import tensorflow as tf
+    logging.set_verbosity(logging.WARNING)
+    config = config_class.from_flags(flag_values)
+    if config.strategy == "default":
+        # Independent ops then run one after another in a fixed order: a graph whose result
+        # depends on that order (found in the learned-augmentation hyperstep) stays
+        # reproducible. Kernels keep their intra-op threads.
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    return config, config.strategy_object()
 
 
 def seed_everything(seed):
@@ -243,8 +271,9 @@ def claim_directory(directory, config):
         differences = config_differences(stored, wanted)
         if config.resume and not differences:
             return True
-        log(f"{directory}: " + ("starting over (--noresume)" if config.resume is False else
-                                f"made with other settings ({'; '.join(differences)}); starting over"))
+        why = ("--noresume" if not config.resume
+               else f"made with other settings ({'; '.join(differences)})")
+        log(f"{directory}: {why}; starting over")
         shutil.rmtree(directory)
     os.makedirs(directory, exist_ok=True)
     write_json(stamp, wanted)

@@ -22,11 +22,14 @@ Data (nothing is downloaded):
     python apps/simclr_augment.py --modality=image                 # CPU-sized default
     python apps/simclr_augment.py --modality=ecg --ptbxl_dir=/data/ptb-xl --num_pt=0
 
-Writes <output_dir>/summary.md and summary.json, per-run results under results/ (a rerun
-skips finished runs; the meta arm also resumes from its checkpoint), warp_<modality>.png
-(inputs before and after the learned warp), and exports the meta arm's encoder and fine-tuned
-model of the last seed as SavedModels under <saved_models_dir>/<run_name>_{encoder,finetuned}/
-<version>/, with the learned augmentation's weights in <run_name>_meta_parameters.json/.npz.
+Writes <output_dir>/summary.md and summary.json (AUROC table, per-seed AUROCs, each arm's mean
+paired difference to --baseline with a 95% t interval), per-run results under results/ (a
+rerun skips finished runs made with the same settings; the meta arm also resumes from its
+checkpoint), warp_<modality>_seed<k>.png (inputs before and after the learned warp), and
+exports the meta arm's encoder and fine-tuned model of the last seed as SavedModels under
+<saved_models_dir>/<run_name>_{encoder,finetuned}/<version>/, with the learned augmentation's
+weights in <run_name>_meta_parameters.json/.npz. The arms x seeds loop, resume, seeding and
+summary are apps/runner.py's; a seed fixes a run.
 """
 
 import dataclasses
@@ -34,7 +37,7 @@ import os
 import sys
 from typing import Optional
 
-from absl import app, flags, logging
+from absl import app, flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -387,9 +390,7 @@ def run_arm(config, data, strategy, arm, seed):
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
-    config = Config.from_flags(FLAGS)
-    strategy = config.strategy_object()
+    config, strategy = runner.setup(Config)
     data = load_data(config)
     print(f"{config.modality}: {len(data['pt'])} PT examples {data['pt'].shape[1:]}, "
           f"{len(data['labelled'][0])} labelled, {len(data['test'][0])} test, "

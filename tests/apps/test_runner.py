@@ -1,0 +1,163 @@
+"""apps/runner.py: config from flags, resume that checks the stored config, arms that do not
+depend on the arms run before them, and the paired summary.
+
+References: scipy's paired t-test interval (`ttest_rel(...).confidence_interval`) for the
+paired differences; a run of one arm alone for "an earlier arm changes nothing".
+"""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from absl import app, flags
+from scipy import stats
+
+from apps import runner
+
+
+@pytest.fixture(autouse=True)
+def no_global_op_determinism(monkeypatch):
+    """Op determinism cannot be switched off again through the public API and would change
+    kernels for the tests that run after these in the same process; the apps' own runs
+    (subprocesses, tests/apps/test_determinism.py) enable it."""
+    import tensorflow as tf
+    monkeypatch.setattr(tf.config.experimental, "enable_op_determinism", lambda: None)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ToyConfig(runner.GridConfig):
+    lr: float
+    verbose: int = 0
+
+    ARMS = ("base", "other", "third")
+    NOT_IN_RESULTS = runner.GridConfig.NOT_IN_RESULTS + ("verbose",)
+
+
+def toy_config(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path), resume=True, strategy="default", devices=None,
+                  tpu_address=None, arms=("base", "other"), seeds=("0", "1"), baseline="base",
+                  lr=0.1)
+    values.update(overrides)
+    return ToyConfig(**values)
+
+
+def random_arm(arm, seed, context):
+    """Draws from every generator an app uses (TF, Keras initialisers, NumPy)."""
+    import keras
+    import tensorflow as tf
+    layer = keras.layers.Dense(3)
+    layer.build((None, 2))
+    return {"tf": float(tf.random.uniform([])), "np": float(np.random.rand()),
+            "kernel": layer.kernel.numpy().tolist(), "test_auroc_full": 0.5 + 0.1 * seed
+            + (0.05 if arm == "other" else 0.0) + 0.01 * seed ** 2}
+
+
+def test_config_from_flags_and_validation(tmp_path):
+    values = flags.FlagValues()
+    runner.define_strategy_flags("the toy", flag_values=values)
+    runner.define_strategy_flags("the toy", flag_values=values)  # a second call keeps the first
+    assert "tf.distribute strategy of the toy" in values["strategy"].help
+    flags.DEFINE_list("arms", ["base", "other"], "", flag_values=values)
+    flags.DEFINE_list("seeds", ["0", "1"], "", flag_values=values)
+    flags.DEFINE_string("baseline", "base", "", flag_values=values)
+    flags.DEFINE_float("lr", 0.1, "", flag_values=values)
+    flags.DEFINE_integer("verbose", 0, "", flag_values=values)
+    flags.DEFINE_string("output_dir", str(tmp_path), "", flag_values=values)
+    flags.DEFINE_bool("resume", True, "", flag_values=values)
+    values(["prog", "--seeds=3,4", "--lr=0.5", "--devices=/cpu:0"])
+    config = ToyConfig.from_flags(values)
+    assert config.seeds == (3, 4) and config.arms == ("base", "other") and config.lr == 0.5
+    assert config.devices == ("/cpu:0",) and config.last_seed == 4
+    # what is stored with each result: no output paths, no verbosity, no arm or seed lists
+    assert config.results_config() == {"strategy": "default", "devices": ["/cpu:0"], "lr": 0.5}
+    with pytest.raises(app.UsageError, match="arms"):
+        toy_config(tmp_path, arms=("base", "nope"))
+    with pytest.raises(app.UsageError, match="seeds"):
+        toy_config(tmp_path, seeds=("0", "x"))
+
+
+def test_resume_reuses_only_results_made_with_the_same_settings(tmp_path, capsys):
+    calls = []
+
+    def run_arm(arm, seed, context):
+        calls.append((arm, seed, context))
+        return {"test_auroc_full": 0.5}
+
+    def prepare(seed):
+        return f"data of seed {seed}"
+
+    config = toy_config(tmp_path)
+    runner.run_grid(config, run_arm, prepare)
+    assert calls == [("base", 0, "data of seed 0"), ("other", 0, "data of seed 0"),
+                     ("base", 1, "data of seed 1"), ("other", 1, "data of seed 1")]
+    stored = json.load(open(tmp_path / "results" / "other_seed1.json"))
+    assert stored["config"] == config.results_config() and stored["arm"] == "other"
+
+    calls.clear()
+    records = runner.run_grid(toy_config(tmp_path, verbose=2), run_arm, prepare)
+    assert calls == [] and len(records) == 4
+    assert capsys.readouterr().out.count("done earlier") == 4
+
+    calls.clear()
+    runner.run_grid(toy_config(tmp_path, lr=0.2, seeds=("1",)), run_arm, prepare)
+    assert calls == [("base", 1, "data of seed 1"), ("other", 1, "data of seed 1")]
+    out = capsys.readouterr().out
+    assert "made with other settings (lr: 0.1 -> 0.2); running it again" in out
+
+    calls.clear()
+    runner.run_grid(toy_config(tmp_path, lr=0.2, seeds=("1",), resume=False), run_arm, prepare)
+    assert len(calls) == 2
+
+
+def test_an_arm_does_not_depend_on_the_arms_run_before_it(tmp_path):
+    both = runner.run_grid(toy_config(tmp_path / "both"), random_arm)
+    alone = runner.run_grid(toy_config(tmp_path / "alone", arms=("other",)), random_arm)
+    for seed in (0, 1):
+        first, second = both[("other", seed)], alone[("other", seed)]
+        assert {k: first[k] for k in ("tf", "np", "kernel")} == \
+            {k: second[k] for k in ("tf", "np", "kernel")}
+    assert both[("base", 0)]["tf"] == both[("other", 0)]["tf"]  # same seed, same draws
+    assert both[("base", 0)]["tf"] != both[("base", 1)]["tf"]
+
+
+def test_summary_pairs_seeds_with_a_t_interval(tmp_path):
+    config = toy_config(tmp_path, arms=("base", "other", "third"), seeds=("0", "1", "2"))
+    records = runner.run_grid(config, random_arm)
+    table, summary = runner.summarise(records, config, ("full",))
+    base = [records[("base", s)]["test_auroc_full"] for s in (0, 1, 2)]
+    other = [records[("other", s)]["test_auroc_full"] for s in (0, 1, 2)]
+    assert summary["other"]["full_mean"] == pytest.approx(np.mean(other))
+    assert summary["other"]["full_std"] == pytest.approx(np.std(other))
+    assert summary["other"]["per_seed"]["2"] == {"full": other[2]}
+    paired = summary["other"]["paired"]
+    assert paired["baseline"] == "base" and "paired" not in summary["base"]
+    assert paired["full"]["mean_difference"] == pytest.approx(0.05)
+    # a constant difference: a zero-width interval
+    assert paired["full"]["ci95"] == pytest.approx([0.05, 0.05])
+    third = [r + d for r, d in zip(base, (0.01, -0.03, 0.04))]
+    records.update({("third", s): {**records[("third", s)], "test_auroc_full": v}
+                    for s, v in zip((0, 1, 2), third)})
+    _, summary = runner.summarise(records, config, ("full",))
+    reference = stats.ttest_rel(third, base).confidence_interval(0.95)
+    assert summary["third"]["paired"]["full"]["ci95"] == pytest.approx(
+        [reference.low, reference.high])
+    assert json.load(open(tmp_path / "summary.json")) == json.loads(json.dumps(summary))
+    text = (tmp_path / "summary.md").read_text()
+    assert "| arm | full FT test AUROC | PT examples/s | seeds |" in table
+    assert "Paired difference to base" in text and "| third | +0.0067 [" in text
+
+    one_seed = {k: v for k, v in records.items() if k[1] == 0}
+    _, summary = runner.summarise(one_seed, config, ("full",))
+    assert summary["other"]["paired"]["full"]["ci95"] is None
+
+
+def test_claim_directory_empties_state_of_other_settings(tmp_path, capsys):
+    directory = tmp_path / "ckpt"
+    assert not runner.claim_directory(str(directory), toy_config(tmp_path))
+    (directory / "state").write_text("x")
+    assert runner.claim_directory(str(directory), toy_config(tmp_path, verbose=1))
+    assert (directory / "state").exists()
+    assert not runner.claim_directory(str(directory), toy_config(tmp_path, lr=0.3))
+    assert not (directory / "state").exists()
+    assert "lr: 0.1 -> 0.3" in capsys.readouterr().out
