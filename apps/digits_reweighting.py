@@ -89,6 +89,10 @@ class Config(runner.Config):
     # a resumed run may go on to more outer steps
     NOT_IN_RESULTS = runner.Config.NOT_IN_RESULTS + ("outer_steps", "log_every",
                                                      "checkpoint_every", "plot")
+    BOUNDS = {"outer_steps": "[1, inf)", "inner_steps": "[1, inf)", "truncate": "[1, inf)",
+              "inner_lr": "(0, inf)", "hyper_lr": "[0, inf)", "label_noise": "[0, 1]",
+              "num_train": "[10, 1496]", "hidden": "[1, inf)", "seed": "[0, inf)",
+              "log_every": "[1, inf)", "checkpoint_every": "[0, inf)"}
 
 
 def load_noisy_digits(num_train, noise, seed):
@@ -196,6 +200,7 @@ def main(argv):
     if resumable and manager.latest_checkpoint:
         ckpt.restore(manager.latest_checkpoint)
         print(f"Resumed from {manager.latest_checkpoint} at outer step {int(step.numpy())}")
+        truncate_history(history_path, int(step.numpy()))
     else:
         with open(history_path, "w", newline="") as f:
             csv.writer(f).writerow(["outer_step", "val_loss_meta", "val_loss_uniform"])
@@ -304,6 +309,18 @@ def summarise(problem, predict, params, baseline, logits, test, val, corrupted):
         "mean_weight_corrupted": round(float(weights[corrupted].mean()), 4),
         "auroc_weights_vs_clean": round(float(roc_auc_score(~corrupted, weights)), 4),
     }
+
+
+def truncate_history(history_path, last_step):
+    """Drops the history rows after ``last_step`` (written after the checkpoint a resumed run
+    restarts from; the resumed run writes them again). Atomic, like the checkpoints."""
+    with open(history_path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= last_step]
+    tmp = f"{history_path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    os.replace(tmp, history_path)
 
 
 def plot(history_path, weights, corrupted, path):

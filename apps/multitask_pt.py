@@ -30,7 +30,6 @@ seed as SavedModels under <saved_models_dir>/<run_name>_{finetuned,encoder}/<ver
 The arms x seeds loop, resume, seeding and summary are apps/runner.py's; a seed fixes a run.
 """
 
-import csv
 import dataclasses
 import os
 import sys
@@ -51,6 +50,8 @@ from apps import runner  # noqa: E402
 from keras_metapt.callbacks import EpochTimer, MetaCheckpoint, TaskWeightsPlot  # noqa: E402
 from keras_metapt.data import (EDGE_VOCAB_SIZES, NODE_VOCAB_SIZES, batch_graphs, bucket_size,  # noqa: E402
                                embedded, read_molecule_csv, smiles_to_graph)
+from keras_metapt.data.graph_files import GraphFileError  # noqa: E402
+from keras_metapt.data.splits import SplitError, describe_split, scaffold_split  # noqa: E402
 from keras_metapt.hyper import TaskWeights  # noqa: E402
 from keras_metapt.losses import masked_multitask_bce  # noqa: E402
 from keras_metapt.nets import GIN  # noqa: E402
@@ -70,6 +71,9 @@ flags.DEFINE_enum("on_error", "raise", ["raise", "skip"], "Invalid SMILES or lab
                   "stop with an error naming file and row, or skip the row (counted, warned).")
 flags.DEFINE_integer("max_pt_molecules", 3000, "Use at most this many PT molecules (0: all).")
 flags.DEFINE_float("test_fraction", 0.2, "Fraction of FT molecules in the scaffold-split test set.")
+flags.DEFINE_float("split_tolerance", 0.05, "Largest accepted |test share - --test_fraction| of "
+                   "the scaffold split (scaffold groups are indivisible); beyond it the app stops "
+                   "with the group sizes instead of running on a lopsided split.")
 flags.DEFINE_float("meta_val_fraction", 0.5, "Fraction of the FT training part used as MetaVal "
                    "(the rest is MetaTrain); the final fine-tuning uses the whole training part.")
 flags.DEFINE_integer("split_seed", 0, "Seed of the scaffold split (fixed across --seeds).")
@@ -116,6 +120,7 @@ class Config(runner.GridConfig):
     on_error: str
     max_pt_molecules: int
     test_fraction: float
+    split_tolerance: float
     meta_val_fraction: float
     split_seed: int
     num_layers: int
@@ -138,6 +143,14 @@ class Config(runner.GridConfig):
 
     ARMS = ARMS
     NOT_IN_RESULTS = runner.GridConfig.NOT_IN_RESULTS + ("saved_models_dir", "run_name", "verbose")
+    DATA_PATHS = ("pt_csv", "pt_tfds", "ft_csv")
+    BOUNDS = {"max_pt_molecules": "[0, inf)", "test_fraction": "(0, 1)",
+              "split_tolerance": "[0, 1]", "meta_val_fraction": "(0, 1)",
+              "split_seed": "[0, inf)", "num_layers": "[1, inf)", "hidden": "[1, inf)",
+              "dropout": "[0, 1)", "batch_size": "[1, inf)", "pt_epochs": "[1, inf)",
+              "pt_lr": "(0, inf)", "hyper_lr": "[0, inf)", "hyperstep_every": "[1, inf)",
+              "unroll_steps": "[1, inf)", "neumann_terms": "[0, inf)", "ft_epochs": "[1, inf)",
+              "ft_lr": "(0, inf)", "verbose": "[0, 2]"}
 
     @classmethod
     def from_flags(cls, flag_values=FLAGS):
@@ -162,7 +175,8 @@ def load_data(config):
             from keras_metapt.data.tfds_graphs import read_graph_tfds
             pt = read_graph_tfds(config.pt_tfds, config.pt_tfds_split)
         else:
-            pt = read_molecule_csv(config.pt_csv, config.smiles_column, on_error=config.on_error)
+            pt = read_molecule_csv(config.pt_csv, config.smiles_column, on_error=config.on_error,
+                                   binary=True)
         pt_graphs, pt_labels, tasks = pt.graphs, pt.labels, pt.task_names
         if config.max_pt_molecules:
             pt_graphs = pt_graphs[:config.max_pt_molecules]
@@ -172,21 +186,17 @@ def load_data(config):
         pt_labels, tasks = embedded.fragment_labels(smiles, cache=cache)
         pt_graphs = [smiles_to_graph(s) for s in smiles]
     if config.ft_csv:
+        # rows skipped (--on_error=skip) are gone before the split: the split is the same kind
         ft = read_molecule_csv(config.ft_csv, config.smiles_column, [config.ft_label_column],
-                               on_error=config.on_error)
-        ft_graphs, ft_labels = ft.graphs, ft.labels
-        with open(config.ft_csv, newline="") as f:
-            ft_smiles = [row[config.smiles_column] for row in csv.DictReader(f)]
+                               on_error=config.on_error, binary=True, allow_missing=False)
+        ft_smiles, ft_graphs, ft_labels = ft.smiles, ft.graphs, ft.labels
     else:
         ft_smiles, ft_labels, _ = embedded.finetuning_set()
         ft_graphs = [smiles_to_graph(s) for s in ft_smiles]
-    if len(ft_smiles) != len(ft_graphs):  # rows skipped in the CSV: split on a random order
-        train_idx = np.random.default_rng(config.split_seed).permutation(len(ft_graphs))
-        cut = int((1 - config.test_fraction) * len(ft_graphs))
-        train_idx, test_idx = np.sort(train_idx[:cut]), np.sort(train_idx[cut:])
-    else:
-        train_idx, test_idx = embedded.scaffold_split(ft_smiles, config.test_fraction,
-                                                      config.split_seed)
+    train_idx, test_idx = scaffold_split(ft_smiles, config.test_fraction, config.split_seed,
+                                         config.split_tolerance)
+    print(f"FT split (scaffold, seed {config.split_seed}): " + "; ".join(
+        describe_split(ft_labels, {"train": train_idx, "test": test_idx}, ft_smiles)))
     return pt_graphs, pt_labels, tasks, ft_graphs, ft_labels, train_idx, test_idx
 
 
@@ -417,9 +427,12 @@ def main(argv):
     if strategy.num_replicas_in_sync > 1:
         print(f"Pre-training on {strategy.num_replicas_in_sync} replicas ({config.strategy}); "
               f"global batch {strategy.num_replicas_in_sync} x {config.batch_size} graphs")
-    data = load_data(config)
+    try:
+        data = load_data(config)
+    except (GraphFileError, SplitError) as error:
+        sys.exit(f"multitask_pt: {error}")
     print(f"PT: {len(data[0])} molecules, {len(data[2])} tasks; FT: {len(data[3])} molecules "
-          f"({len(data[5])} train, {len(data[6])} test, scaffold split)")
+          f"({len(data[5])} train, {len(data[6])} test)")
     records = runner.run_grid(
         config, lambda arm, seed, shared: run_arm(config, data, strategy, arm, seed, shared),
         prepare=lambda seed: prepare_seed(config, data, seed))

@@ -50,6 +50,7 @@ seconds per epoch) are never reproducible.
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -59,7 +60,7 @@ from typing import Any, Callable, ClassVar, Optional
 from absl import app, flags, logging
 
 __all__ = ["Config", "GridConfig", "FT_MODES", "FT_SEED_OFFSET", "FineTuned",
-           "define_strategy_flags", "setup", "seed_everything", "result_path",
+           "define_strategy_flags", "check_in_interval", "data_digest", "setup", "seed_everything", "result_path",
            "config_differences", "run_grid", "run_directory", "claim_directory", "load_results",
            "fine_tune", "export_finetuned", "summarise", "summary_table", "paired_table",
            "write_json"]
@@ -109,6 +110,15 @@ class Config:
     tpu_address: Optional[str]
 
     NOT_IN_RESULTS: ClassVar[tuple] = ("output_dir", "resume", "tpu_address")
+    # field -> the interval its value must lie in, e.g. "[1, inf)", "(0, 1)", "[0, 1]"; every
+    # numeric field has one (tests/apps/test_validation.py). None passes (an unset option).
+    BOUNDS: ClassVar[dict] = {}
+    # fields naming input files or folders, whose contents are part of `results_config`
+    DATA_PATHS: ClassVar[tuple] = ()
+
+    def __post_init__(self):
+        for name, interval in self.BOUNDS.items():
+            check_in_interval(name, getattr(self, name), interval)
 
     @classmethod
     def from_flags(cls, flag_values=flags.FLAGS):
@@ -120,10 +130,22 @@ class Config:
         return cls(**values)
 
     def results_config(self):
-        """The settings that affect results, as stored with each result (JSON types)."""
-        return json.loads(json.dumps({f.name: getattr(self, f.name)
-                                      for f in dataclasses.fields(self)
-                                      if f.name not in self.NOT_IN_RESULTS}))
+        """The settings that affect results, as stored with each result (JSON types): every
+        field but ``NOT_IN_RESULTS``, and for each field of ``DATA_PATHS`` that names a file
+        or folder, ``<field>_sha256``, the digest of what it holds (`data_digest`), so that
+        other data under the same path is never taken for the same run."""
+        config = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in self.NOT_IN_RESULTS}
+        for name in self.DATA_PATHS:
+            path = getattr(self, name)
+            if path and os.path.exists(path):
+                config[f"{name}_sha256"] = data_digest(path)
+        return json.loads(json.dumps(config))
+
+    def config_sha256(self):
+        """SHA-256 of `results_config` (canonical JSON): the key stored with every result."""
+        return hashlib.sha256(json.dumps(self.results_config(), sort_keys=True).encode()
+                              ).hexdigest()
 
     def strategy_object(self):
         """The tf.distribute strategy named by --strategy / --devices / --tpu_address."""
@@ -143,6 +165,7 @@ class GridConfig(Config):
     NOT_IN_RESULTS: ClassVar[tuple] = Config.NOT_IN_RESULTS + ("arms", "seeds", "baseline")
 
     def __post_init__(self):
+        super().__post_init__()
         unknown = [a for a in self.arms if a not in self.ARMS]
         if unknown or not self.arms or len(set(self.arms)) != len(self.arms):
             raise app.UsageError(f"--arms={','.join(self.arms)}: give distinct arms out of "
@@ -160,6 +183,51 @@ class GridConfig(Config):
     @property
     def last_seed(self):
         return self.seeds[-1]
+
+
+_DIGESTS = {}
+_WHOLE_FILE_LIMIT = 64 << 20  # folders: files up to this size are hashed whole
+
+
+def _file_digest(path):
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
+def data_digest(path):
+    """SHA-256 of a file's bytes; for a folder, of its file list (relative path and size) and
+    the bytes of every file up to 64 MiB (larger files, e.g. a raw signal archive, enter by
+    size only). Cached per (path, size, modification time)."""
+    if os.path.isfile(path):
+        return _file_digest(path)
+    digest = hashlib.sha256()
+    for folder, _, files in sorted(os.walk(path)):
+        for name in sorted(files):
+            full = os.path.join(folder, name)
+            size = os.path.getsize(full)
+            digest.update(f"{os.path.relpath(full, path)}\0{size}\0".encode())
+            if size <= _WHOLE_FILE_LIMIT:
+                digest.update(_file_digest(full).encode())
+    return digest.hexdigest()
+
+
+def check_in_interval(name, value, interval):
+    """Raises app.UsageError naming ``--name`` unless ``value`` lies in ``interval``, written
+    "[low, high]" with "(" / ")" for open ends and "inf" for no bound (None passes)."""
+    if value is None:
+        return
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    inside = ((value > low or (interval[0] == "[" and value == low))
+              and (value < high or (interval[-1] == "]" and value == high)))
+    if not inside or value != value:  # NaN
+        raise app.UsageError(f"--{name}={value}: must lie in {interval}")
 
 
 def setup(config_class, flag_values=flags.FLAGS):
@@ -223,7 +291,7 @@ def run_grid(config: GridConfig, run_arm: Callable[[str, int, Any], dict],
     """
     results_dir = results_dir or os.path.join(config.output_dir, "results")
     os.makedirs(results_dir, exist_ok=True)
-    wanted = config.results_config()
+    wanted, key = config.results_config(), config.config_sha256()
     records = {}
     for seed in config.seeds:
         prepared, context = False, None
@@ -244,7 +312,8 @@ def run_grid(config: GridConfig, run_arm: Callable[[str, int, Any], dict],
                 context, prepared = prepare(seed), True
             log(f"seed {seed} {arm}: running")
             seed_everything(seed)
-            record = {"arm": arm, "seed": seed, **run_arm(arm, seed, context), "config": wanted}
+            record = {"arm": arm, "seed": seed, **run_arm(arm, seed, context), "config": wanted,
+                      "config_sha256": key}
             write_json(path, record)
             records[(arm, seed)] = record
     return records

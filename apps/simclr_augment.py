@@ -145,6 +145,13 @@ class Config(runner.GridConfig):
     ARMS = ARMS
     NOT_IN_RESULTS = runner.GridConfig.NOT_IN_RESULTS + (
         "saved_models_dir", "run_name", "verbose", "tfds_data_dir")
+    BOUNDS = {"num_pt": "[0, inf)", "num_labelled": "[2, inf)", "label_fraction": "(0, 1]",
+              "meta_val_fraction": "(0, 1)", "num_test": "[0, inf)", "split_seed": "[0, inf)",
+              "batch_size": "[2, inf)", "ft_batch_size": "[1, inf)", "pt_epochs": "[1, inf)",
+              "pt_lr": "(0, inf)", "temperature": "(0, inf)", "hyper_lr": "[0, inf)",
+              "hyperstep_every": "[1, inf)", "unroll_steps": "[1, inf)",
+              "neumann_terms": "[0, inf)", "warp_scale": "[0, inf)", "ft_epochs": "[1, inf)",
+              "ft_lr": "(0, inf)", "verbose": "[0, 2]"}
 
     @classmethod
     def from_flags(cls, flag_values=FLAGS):

@@ -26,6 +26,7 @@ applies the models statelessly).
 """
 
 import dataclasses
+import re
 from typing import Optional
 
 import keras
@@ -43,6 +44,8 @@ from keras_metapt.hypergrad.ptft import (META_ROLES, PTFT, FinetuneBatches, kera
 __all__ = ["MetaPretrainer", "HyperstepSchedule", "meta_dataset"]
 
 _ELEMENT_KEYS = ("pt", "pt_fresh", "meta_train", "meta_val")
+# "_<n>" that Keras appends to default names (gin_3, dense_12_kernel_momentum)
+_AUTO_NUMBER = re.compile(r"_\d+(?=_|/|$)")
 
 
 def meta_dataset(pt, meta_train, meta_val, unroll_steps=1):
@@ -224,19 +227,29 @@ class MetaPretrainer(keras.Model):
         self._compiled = True
 
     def state_variables(self):
-        """(name, variable) for the whole training state: weights (incl. BatchNorm statistics
-        and RNG seeds), phi, every optimizer's state, the step counter."""
-        named = [(f"model/{v.path}", v) for v in self.variables]
+        """(key, variable) for the whole training state: weights (incl. BatchNorm statistics
+        and RNG seeds), phi, every optimizer's state, the step counter.
+
+        Keys are stable across processes that build the same model in another order or after
+        other models: ``<group>/<position>/<path without Keras' auto-numbering>``, e.g.
+        ``model/0003/gin/self_loop/kernel`` for ``gin_3/self_loop_0/kernel``. Keras numbers
+        default layer names per process (``gin``, ``gin_1``, ...), so raw paths change when a
+        resumed process builds fewer models first; position and shape identify a variable."""
+        groups = [("model", self.variables)]
         for label, opt in (("pt_optimizer", self.optimizer), ("ft_optimizer", self.ft_optimizer),
                            ("hyper_optimizer", self.hyper_optimizer)):
             if opt is not None:
-                named += [(f"{label}/{i}/{v.path}", v) for i, v in enumerate(opt.variables)]
-        seen, unique = set(), []
-        for name, v in named:
-            if id(v) not in seen:
+                groups.append((label, opt.variables))
+        seen, named = set(), []
+        for label, variables in groups:
+            position = 0
+            for v in variables:
+                if id(v) in seen:
+                    continue
                 seen.add(id(v))
-                unique.append((name, v))
-        return unique
+                named.append((f"{label}/{position:04d}/{_AUTO_NUMBER.sub('', v.path)}", v))
+                position += 1
+        return named
 
     def resume_stream_at(self, steps):
         """Discard ``steps`` stream elements before the next step (called by `MetaCheckpoint`

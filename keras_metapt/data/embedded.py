@@ -6,16 +6,17 @@
   the molecules used are dropped.
 * FT task: measured activities of ``Contrib/FreeWilson/data/CHEMBL2321810_act.csv`` (1,017
   molecules, pIC50), binarised at pIC50 >= 7.0 (IC50 <= 100 nM; 35% active).
-* Split: Bemis-Murcko scaffold split of the FT molecules (seeded order of scaffold groups,
-  largest first as in the MoleculeNet convention when seed is None), into train / test; the
-  MetaTrain / MetaVal sets are carved from the train part, the test part is never used for
-  training or model selection.
+* Split: Bemis-Murcko scaffold split of the FT molecules (`keras_metapt.data.splits`), into
+  train / test; the MetaTrain / MetaVal sets are carved from the train part, the test part is
+  never used for training or model selection.
 """
 
 import csv
 import os
 
 import numpy as np
+
+from keras_metapt.data.splits import scaffold_split  # noqa: F401  (the split the FT task uses)
 
 __all__ = ["ACTIVITY_THRESHOLD", "pretraining_smiles", "fragment_labels", "finetuning_set",
            "scaffold_split"]
@@ -86,22 +87,3 @@ def finetuning_set():
                 activity.append(float(row["Act"]))
     activity = np.array(activity)
     return smiles, (activity >= ACTIVITY_THRESHOLD).astype(np.float32)[:, None], activity
-
-
-def scaffold_split(smiles, test_fraction=0.2, seed=0):
-    """Indices (train, test) with no Bemis-Murcko scaffold in both parts.
-
-    Scaffold groups are ordered by a seeded shuffle and filled into train until it holds
-    1 - test_fraction of the molecules; the rest form the test set.
-    """
-    from rdkit.Chem.Scaffolds import MurckoScaffold
-    groups = {}
-    for i, s in enumerate(smiles):
-        groups.setdefault(MurckoScaffold.MurckoScaffoldSmiles(smiles=s, includeChirality=False), []).append(i)
-    keys = sorted(groups)
-    order = np.random.default_rng(seed).permutation(len(keys))
-    train, target = [], (1 - test_fraction) * len(smiles)
-    test = []
-    for k in order:
-        (train if len(train) + len(groups[keys[k]]) <= target else test).extend(groups[keys[k]])
-    return np.array(sorted(train)), np.array(sorted(test))

@@ -42,6 +42,7 @@ class GraphDataset:
     skipped: int = 0               # rows dropped with on_error="skip"
     source: str = ""
     centers: Optional[np.ndarray] = None
+    smiles: Optional[List[str]] = None     # SMILES of the rows kept (CSV input)
 
 
 def _check_on_error(on_error):
@@ -49,53 +50,92 @@ def _check_on_error(on_error):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
 
 
-def _parse_label(text, where):
+def _parse_label(text, where, binary=False, allow_missing=True):
     text = text.strip()
-    if text == "":
-        return np.nan
     try:
-        return float(text)
+        value = float(text) if text else np.nan
     except ValueError:
         raise GraphFileError(f"{where}: label {text!r} is not a number") from None
+    if np.isnan(value):  # an empty cell, "nan" or "NaN": missing
+        if not allow_missing:
+            raise GraphFileError(f"{where}: the label is missing")
+        return np.nan
+    if np.isinf(value) or (binary and value not in (0.0, 1.0)):
+        raise GraphFileError(f"{where}: label {text!r} is not "
+                             + ("0 or 1 (a binary task)" if binary else "a finite number"))
+    return value
 
 
-def read_molecule_csv(path, smiles_column="smiles", label_columns=None, on_error="raise"):
-    """Molecules and labels from a CSV with a header (MoleculeNet layout).
+def _utf8_lines(path, on_error):
+    """(line number, text) of each line of ``path`` decoded as UTF-8 (a BOM is dropped); a
+    line that is not UTF-8 raises `GraphFileError` naming the file, line and byte, or with
+    ``on_error="skip"`` is left out (counted in the second return value)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    lines, skipped = [], 0
+    for number, line in enumerate(raw.splitlines(keepends=True), start=1):
+        try:
+            lines.append((number, line.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            if on_error == "raise":
+                raise GraphFileError(
+                    f"{path}, line {number}: not UTF-8 (byte 0x{line[e.start]:02x} at column "
+                    f"{e.start + 1}); save the file as UTF-8, or pass on_error='skip' "
+                    "(--on_error=skip) to leave such rows out") from None
+            skipped += 1
+    return lines, skipped
 
-    ``label_columns`` default: every column but the SMILES one. Rows are numbered as in a
-    spreadsheet (the header is row 1).
+
+def read_molecule_csv(path, smiles_column="smiles", label_columns=None, on_error="raise",
+                      binary=False, allow_missing=True):
+    """Molecules and labels from a UTF-8 CSV with a header (MoleculeNet layout).
+
+    ``label_columns`` default: every column but the SMILES one. ``binary``: every label must
+    be 0 or 1 (or empty: missing), as a BCE loss needs; otherwise any finite number.
+    ``allow_missing=False``: an empty cell is an error too (e.g. a task scored on every
+    molecule). Rows are
+    numbered as in a spreadsheet (the header is row 1); an error names file, row and column.
+    ``on_error="skip"`` leaves out rows with an invalid SMILES, label or encoding (counted in
+    ``skipped``, warned); the dataset's ``smiles`` are those of the rows kept.
     """
     _check_on_error(on_error)
     if not os.path.exists(path):
         raise GraphFileError(f"{path}: no such file")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        if smiles_column not in header:
-            raise GraphFileError(f"{path}: no column {smiles_column!r} (columns: {header})")
-        tasks = list(label_columns) if label_columns is not None else [c for c in header if c != smiles_column]
-        missing = [c for c in tasks if c not in header]
-        if missing:
-            raise GraphFileError(f"{path}: no label column(s) {missing}")
-        graphs, labels, skipped = [], [], 0
-        for row_number, row in enumerate(reader, start=2):
-            where = f"{path}, row {row_number}"
-            try:
-                graph = smiles_to_graph(row[smiles_column], where=where)
-                values = [_parse_label(row[c] or "", f"{where}, column {c!r}") for c in tasks]
-            except (InvalidSmilesError, GraphFileError) as e:
-                if on_error == "raise":
-                    raise GraphFileError(str(e)) from None
-                skipped += 1
-                continue
-            graphs.append(graph)
-            labels.append(values)
+    lines, skipped = _utf8_lines(path, on_error)
+    if lines and lines[0][0] != 1:
+        raise GraphFileError(f"{path}, line 1: the header is not UTF-8")
+    reader = csv.DictReader(text for _, text in lines)
+    header = reader.fieldnames or []
+    if smiles_column not in header:
+        raise GraphFileError(f"{path}: no column {smiles_column!r} (columns: {header})")
+    tasks = list(label_columns) if label_columns is not None else [c for c in header if c != smiles_column]
+    missing = [c for c in tasks if c not in header]
+    if missing:
+        raise GraphFileError(f"{path}: no label column(s) {missing}")
+    graphs, labels, smiles = [], [], []
+    for row in reader:
+        where = f"{path}, row {lines[reader.line_num - 1][0]}"
+        try:
+            graph = smiles_to_graph(row[smiles_column], where=where)
+            values = [_parse_label(row[c] or "", f"{where}, column {c!r}", binary,
+                                   allow_missing) for c in tasks]
+        except (InvalidSmilesError, GraphFileError) as e:
+            if on_error == "raise":
+                raise GraphFileError(str(e)) from None
+            skipped += 1
+            continue
+        graphs.append(graph)
+        labels.append(values)
+        smiles.append(row[smiles_column])
     if skipped:
-        warnings.warn(f"{path}: skipped {skipped} row(s) with an invalid SMILES or label")
+        warnings.warn(f"{path}: skipped {skipped} row(s) with an invalid SMILES, label or "
+                      "encoding")
     if not graphs:
         raise GraphFileError(f"{path}: no usable rows")
     return GraphDataset(graphs, np.array(labels, np.float32).reshape(len(graphs), len(tasks)),
-                        tasks, skipped, path)
+                        tasks, skipped, path, smiles=smiles)
 
 
 def _read_ints(path, columns, required=True):

@@ -104,3 +104,34 @@ def test_tfds_round_trip_keeps_order_and_missing_labels(tmp_path):
     for a, b in zip(back.graphs, data.graphs):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_molecule_csv_not_utf8_names_file_and_line_and_skip_keeps_row_numbers(tmp_path):
+    path = tmp_path / "mols.csv"
+    path.write_bytes(b"smiles,active\nCCO,1\nC\xe9C,0\nc1ccccc1,0\nC1CC,1\n")
+    with pytest.raises(GraphFileError, match=r"mols.csv, line 3: not UTF-8 \(byte 0xe9 at column 2\)"):
+        read_molecule_csv(str(path))
+    # skip: the undecodable line and the invalid SMILES go, and the rows kept keep their SMILES
+    with pytest.warns(UserWarning, match="skipped 2 row"):
+        data = read_molecule_csv(str(path), on_error="skip")
+    assert data.smiles == ["CCO", "c1ccccc1"] and data.labels[:, 0].tolist() == [1.0, 0.0]
+    with pytest.raises(GraphFileError, match=r"ok.csv, row 5.*'C1CC'"):
+        read_molecule_csv(write(tmp_path / "ok.csv", "smiles,active\nCCO,1\nCC,0\nCCC,1\nC1CC,1\n"))
+
+
+def test_molecule_csv_utf8_with_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbfsmiles,active\nCCO,1\n")
+    assert read_molecule_csv(str(path)).smiles == ["CCO"]
+
+
+@pytest.mark.parametrize("value", ["2", "3.7", "-1", "inf"])
+def test_binary_labels_refuse_values_other_than_0_and_1(tmp_path, value):
+    path = write(tmp_path / "mols.csv", f"smiles,active\nCCO,1\nCCN,{value}\nCCC,\n")
+    with pytest.raises(GraphFileError, match=rf"row 3, column 'active': label '{value}' is not 0 or 1"):
+        read_molecule_csv(path, binary=True)
+    if value != "inf":  # a regression label may be any finite number
+        assert read_molecule_csv(path).labels[1, 0] == float(value)
+    with pytest.raises(GraphFileError, match=r"row 4, column 'active': the label is missing"):
+        read_molecule_csv(write(tmp_path / "m.csv", "smiles,active\nCCO,1\nCCN,0\nCCC,\n"),
+                          binary=True, allow_missing=False)
