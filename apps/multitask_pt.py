@@ -414,8 +414,7 @@ def run_arm(config, data, strategy, arm, seed, shared):
     tuned = runner.fine_tune(record, seed, ("full", "linear"), lambda linear: finetune(
         config, weights, shared["ft"]["train"], shared["test"], linear))
     if arm == "meta" and seed == config.last_seed:
-        x_test = shared["test"][0]
-        spec = {k: tf.TensorSpec(v.shape[1:], tf.as_dtype(v.dtype)) for k, v in x_test.items()}
+        spec = km.export.GraphRequestSpec(config.batch_size, NODE_VOCAB_SIZES, EDGE_VOCAB_SIZES)
         record["saved_models"] = runner.export_finetuned(tuned["full"], config.saved_models_dir,
                                                          config.run_name, spec)
     return record

@@ -20,7 +20,7 @@ from apps import runner
 def no_global_op_determinism(monkeypatch):
     """Op determinism cannot be switched off again through the public API and would change
     kernels for the tests that run after these in the same process; the apps' own runs
-    (subprocesses, tests/apps/test_determinism.py) enable it."""
+    (subprocesses, tests/faults/test_kill_and_resume.py) enable it."""
     import tensorflow as tf
     monkeypatch.setattr(tf.config.experimental, "enable_op_determinism", lambda: None)
 

@@ -2,9 +2,9 @@
 written here in the real format, ECG from a PTB-XL-layout folder written with wfdb from the
 real PTB record (tests/data/ptbxl_fixture.py).
 
-References: the files, table rows and SavedModels the run must produce; a rerun must skip
-finished runs (resumability); the exported encoder must reproduce the fine-tuned model's
-features on the same inputs.
+References: the files, table rows and SavedModels the run must produce (`check_run`; the
+image run, killed and resumed, is checked in tests/faults/test_kill_and_resume.py); the
+exported encoder must give finite features of the right shape.
 """
 
 import json
@@ -32,15 +32,16 @@ def run(tmp_path, *extra):
     return proc.stdout
 
 
-def check_run(tmp_path, modality, shape):
-    summary = json.load(open(tmp_path / "run" / "summary.json"))
+def check_run(run_dir, shape):
+    """The files, table rows and exports of a finished default run in ``run_dir``."""
+    summary = json.load(open(run_dir / "summary.json"))
     assert set(summary) == {"no_pt", "simclr", "meta"}
     for arm in summary.values():
         assert 0.0 <= arm["linear_mean"] <= 1.0 and 0.0 <= arm["full_mean"] <= 1.0
-    meta = json.load(open(tmp_path / "run" / "results" / "meta_seed0.json"))
+    meta = json.load(open(run_dir / "results" / "meta_seed0.json"))
     assert meta["warp_scale"] != 0.05  # hypersteps moved phi
     assert os.path.getsize(meta["warp_png"]) > 10_000
-    assert "| meta |" in (tmp_path / "run" / "summary.md").read_text()
+    assert "| meta |" in (run_dir / "summary.md").read_text()
     # exported encoder: reload and compare with the fine-tuned model's encoder outputs
     encoder_dir = meta["saved_models"]["encoder"]
     loaded = tf.saved_model.load(encoder_dir)
@@ -51,24 +52,13 @@ def check_run(tmp_path, modality, shape):
     assert any(name.endswith("scale") for name in phi["weights"])
 
 
-def test_image_app_runs_resumes_and_exports(tmp_path):
-    write_fashion_like(str(tmp_path / "idx"), n_train=160, n_test=60)
-    flags = [f"--images_dir={tmp_path / 'idx'}", "--modality=image", "--label_fraction=0.2",
-             "--batch_size=32", "--ft_batch_size=8"]
-    out = run(tmp_path, *flags)
-    assert "160 PT examples" in out
-    check_run(tmp_path, "image", (28, 28, 1))
-    again = run(tmp_path, *flags)
-    assert again.count("done earlier") == 3
-
-
 def test_ecg_app_on_a_ptbxl_layout_folder(tmp_path):
     write_ptbxl_folder(str(tmp_path / "ptbxl"), count=14, folds=[1, 2, 3, 4, 5, 6, 7, 8, 9, 1]
                        + [10] * 4)
     out = run(tmp_path, "--modality=ecg", f"--ptbxl_dir={tmp_path / 'ptbxl'}",
               "--num_labelled=8", "--batch_size=4", "--ft_batch_size=2")
     assert "10 PT examples (1024, 12), 8 labelled, 4 test, 5 classes" in out
-    check_run(tmp_path, "ecg", (1024, 12))
+    check_run(tmp_path / "run", (1024, 12))
 
 
 def test_help_explains_flags():

@@ -1,0 +1,87 @@
+"""Every numeric flag of every app is range-checked before any work starts, with a message
+naming the flag; --seeds must name seeds.
+
+References: the interval each flag's help implies (counts >= 1, fractions inside (0, 1),
+rates > 0), written out here per case; "before any work" = the process exits without
+creating its output directory.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+APPS = ("multitask_pt", "simclr_augment", "digits_reweighting")
+
+# For one app per process: import it, then parse each case's flags and build its Config;
+# prints {case: error message or null} and the numeric fields without bounds.
+PROBE = """
+import dataclasses, json, sys
+from absl import app, flags
+sys.argv = sys.argv[:1]
+import apps.{name} as m
+cases = json.loads(sys.argv_cases)
+out = {{}}
+for case in cases:
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["prog"] + case)
+    try:
+        m.Config.from_flags()
+        out[" ".join(case)] = None
+    except app.UsageError as e:
+        out[" ".join(case)] = str(e)
+import typing
+numeric = (int, float, typing.Optional[int], typing.Optional[float])
+unbounded = [f.name for f in dataclasses.fields(m.Config)
+             if f.type in numeric and f.name not in m.Config.BOUNDS]
+print(json.dumps({{"cases": out, "unbounded": unbounded}}))
+"""
+
+
+def probe(name, cases):
+    code = PROBE.format(name=name).replace("sys.argv_cases", repr(json.dumps(cases)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+BAD = {
+    "multitask_pt": [["--pt_epochs=-1"], ["--batch_size=0"], ["--test_fraction=1.5"],
+                     ["--test_fraction=0"], ["--neumann_terms=-1"], ["--hyperstep_every=0"],
+                     ["--meta_val_fraction=1"], ["--pt_lr=0"], ["--dropout=1"], ["--seeds="],
+                     ["--seeds=0,0"], ["--split_tolerance=-0.1"]],
+    "simclr_augment": [["--pt_epochs=0"], ["--batch_size=1"], ["--label_fraction=0"],
+                       ["--temperature=0"], ["--unroll_steps=0"], ["--seeds="]],
+    "digits_reweighting": [["--outer_steps=-5"], ["--label_noise=2"], ["--log_every=0"],
+                           ["--inner_lr=0"], ["--num_train=1500"], ["--truncate=0"]],
+}
+GOOD = {"multitask_pt": [[], ["--neumann_terms=0", "--hyper_lr=0"]],
+        "simclr_augment": [[], ["--num_pt=0"]],
+        "digits_reweighting": [[], ["--label_noise=0", "--checkpoint_every=0"]]}
+
+
+@pytest.mark.parametrize("name", APPS)
+def test_every_numeric_flag_is_range_checked_with_a_message_naming_it(name):
+    result = probe(name, BAD[name] + GOOD[name])
+    assert result["unbounded"] == []
+    for case in BAD[name]:
+        message = result["cases"][" ".join(case)]
+        flag = case[0].split("=")[0]
+        assert message is not None and message.startswith(flag), (case, message)
+    for case in GOOD[name]:
+        assert result["cases"][" ".join(case)] is None, case
+
+
+def test_a_bad_flag_stops_the_app_before_any_work(tmp_path):
+    out = tmp_path / "never"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "apps", "multitask_pt.py"),
+                           f"--output_dir={out}", "--neumann_terms=-1"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 1
+    assert "--neumann_terms=-1: must lie in [0, inf)" in proc.stderr + proc.stdout
+    assert not out.exists()
