@@ -145,6 +145,7 @@ class Config(runner.GridConfig):
     ARMS = ARMS
     NOT_IN_RESULTS = runner.GridConfig.NOT_IN_RESULTS + (
         "saved_models_dir", "run_name", "verbose", "tfds_data_dir")
+    DATA_PATHS = ("ptbxl_dir", "images_dir", "image_folder")
     BOUNDS = {"num_pt": "[0, inf)", "num_labelled": "[2, inf)", "label_fraction": "(0, 1]",
               "meta_val_fraction": "(0, 1)", "num_test": "[0, inf)", "split_seed": "[0, inf)",
               "batch_size": "[2, inf)", "ft_batch_size": "[1, inf)", "pt_epochs": "[1, inf)",
