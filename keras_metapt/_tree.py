@@ -29,6 +29,19 @@ def leaf_names(structure, prefix):
     return names
 
 
+def leaf_shapes(structure, prefix):
+    """(name, shape tuple) for every leaf that has a shape (numbers count as scalars; other
+    objects are skipped). Names as `leaf_names`."""
+    out = []
+    for name, leaf in zip(leaf_names(structure, prefix), keras.tree.flatten(structure)):
+        shape = getattr(leaf, "shape", None)
+        if shape is None and isinstance(leaf, (int, float)):
+            shape = ()
+        if shape is not None:
+            out.append((name, tuple(shape)))
+    return out
+
+
 def cast_scalar(value, dtype):
     """A scalar in ``dtype``. Python numbers are converted directly (tf.cast of a
     Python float would round it through float32 first)."""

@@ -85,6 +85,7 @@ class EvoGrad(_p.Estimator):
             eps = 2 * bits - 1
         return _tree.cast_scalar(self.sigma, leaf.dtype) * tf.cast(eps, leaf.dtype)
 
+    @_p.names_shape_errors
     def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
                  seed=None):
         params, hparams = _p.prepare(params, hparams)

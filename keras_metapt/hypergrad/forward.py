@@ -62,6 +62,7 @@ class Forward(_p.Estimator):
         self.num_steps = int(num_steps)
         self.max_hparams = int(max_hparams)
 
+    @_p.names_shape_errors
     def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
                  seed=None):
         if distribute.num_replicas() > 1:

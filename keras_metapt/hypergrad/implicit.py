@@ -79,6 +79,7 @@ class Implicit(_p.Estimator):
         self.solve = check_solver(solve)
         self.hvp_mode = check_hvp_mode(hvp_mode)
 
+    @_p.names_shape_errors
     def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
                  seed=None):
         reduce = self.gradient_reduction

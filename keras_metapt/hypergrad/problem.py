@@ -12,6 +12,7 @@ indirect term through the inner problem's dependence of theta on phi.
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import tensorflow as tf
@@ -143,6 +144,27 @@ class Estimator:
 # ---------------------------------------------------------------------------
 # Helpers shared by the estimator modules (not public).
 
+def batch_arrays(batch):
+    """The batch nest with every `StepBatches` replaced by its tensors (for naming leaves)."""
+    return tf.nest.map_structure(lambda x: x.batches if isinstance(x, StepBatches) else x, batch)
+
+
+def names_shape_errors(call):
+    """Decorates an estimator's ``__call__``: a TensorFlow shape error anywhere in the call
+    (one not already named by the loss that raised it) becomes `InputMismatchError` naming the
+    leaves of params, hparams and batches whose shapes TensorFlow reports."""
+
+    @functools.wraps(call)
+    def wrapper(self, problem, params, hparams, inner_batch, outer_batch, **kwargs):
+        named = {"hparams": hparams, "params": params, "inner_batch": batch_arrays(inner_batch),
+                 "outer_batch": batch_arrays(outer_batch)}
+        with _checks.naming_shape_errors(f"{type(self).__name__} (computing the hypergradient)",
+                                         named):
+            return call(self, problem, params, hparams, inner_batch, outer_batch, **kwargs)
+
+    return wrapper
+
+
 def prepare(params, hparams, inner_batch=None, num_steps=None):
     """Validates and converts inputs; returns (params, hparams) as tensor nests."""
     params = _tree.to_tensors(params)
@@ -161,12 +183,24 @@ def batch_at(inner_batch, step):
     return inner_batch.at(step) if isinstance(inner_batch, StepBatches) else inner_batch
 
 
+def loss_value(what, loss_fn, named, *args):
+    """``loss_fn(*args)`` checked to be a scalar; a shape error inside it is re-raised naming
+    ``what`` and the leaves of ``named`` (prefix -> nest) of the shapes TensorFlow reports."""
+    with _checks.naming_shape_errors(what, named):
+        value = loss_fn(*args)
+    return _checks.check_scalar(value, what)
+
+
 def inner_loss_value(problem, params, hparams, batch):
-    return _checks.check_scalar(problem.inner_loss(params, hparams, batch), "inner_loss")
+    return loss_value("inner_loss", problem.inner_loss,
+                      {"hparams": hparams, "params": params, "inner_batch": batch},
+                      params, hparams, batch)
 
 
 def outer_loss_value(problem, params, hparams, batch):
-    return _checks.check_scalar(problem.outer_loss(params, hparams, batch), "outer_loss")
+    return loss_value("outer_loss", problem.outer_loss,
+                      {"hparams": hparams, "params": params, "outer_batch": batch},
+                      params, hparams, batch)
 
 
 def inner_step(problem, optimizer, params, opt_state, hparams, inner_batch, step, num_steps,
@@ -245,7 +279,8 @@ def at_fixed_point(problem, params, hparams, inner_batch, outer_batch, reduce, e
 
 
 def finish(hparams, direct, indirect, outer_loss, params, opt_state, check_finite=True):
-    """Checks connection and finiteness, assembles the HypergradResult.
+    """Checks connection, shapes (each leaf's exactly) and finiteness, assembles the
+    HypergradResult.
 
     With ``check_finite=False`` a non-finite hypergradient is only reported through
     ``is_finite`` (for callers that skip the update themselves).
@@ -257,6 +292,8 @@ def finish(hparams, direct, indirect, outer_loss, params, opt_state, check_finit
         lambda d, i: None if (d is None and i is None) else True, direct, indirect)
     _checks.check_connected(connected, hparams, "hparams",
                             "the outer loss (neither directly nor through the inner problem)")
+    _checks.check_shapes_like(direct, hparams, "hparams", "direct term of the hypergradient")
+    _checks.check_shapes_like(indirect, hparams, "hparams", "indirect term of the hypergradient")
     indirect = _tree.zeros_for_none(indirect, hparams)
     direct = _tree.zeros_for_none(direct, hparams)
     total = _tree.tree_add(direct, indirect)

@@ -29,7 +29,7 @@ from typing import Any, Callable, NamedTuple
 
 import tensorflow as tf
 
-from keras_metapt import _checks, _tree, distribute, linalg
+from keras_metapt import _tree, distribute, linalg
 from keras_metapt.errors import InputMismatchError
 from keras_metapt.hypergrad import problem as _p
 from keras_metapt.hypergrad.implicit import check_hvp_mode, check_solver, implicit_indirect_term
@@ -109,6 +109,7 @@ class PTFT(_p.Estimator):
         self.solve = check_solver(solve)
         self.hvp_mode = check_hvp_mode(hvp_mode)
 
+    @_p.names_shape_errors
     def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
                  seed=None):
         theta_e, theta_h, psi = params
@@ -128,21 +129,29 @@ class PTFT(_p.Estimator):
             opt_state = self.ft_optimizer.init(psi)
 
         # a. FT unroll: an inner problem over psi whose "hyperparameters" are theta_E.
-        ft_inner = _p.BilevelProblem(inner_loss=lambda s, e, b: problem.ft_loss(e, s, b),
-                                     outer_loss=lambda s, e, b: problem.ft_loss(e, s, b))
+        def ft_of(batch_name):
+            def loss(s, e, b):
+                return _p.loss_value("ft_loss", problem.ft_loss, {
+                    "params.encoder": e, "params.ft_head": s, batch_name: b}, e, s, b)
+            return loss
+
+        ft_inner = _p.BilevelProblem(inner_loss=ft_of("outer_batch.train"),
+                                     outer_loss=ft_of("outer_batch.train"))
         with tf.GradientTape() as tape:
             tape.watch(tf.nest.flatten(theta_e))
             psi_k, opt_state_k = _p.run_inner_steps(ft_inner, self.ft_optimizer, psi, opt_state,
                                                     theta_e, meta_train, 0, K, K,
                                                     self.gradient_reduction)
-            val_loss = _checks.check_scalar(problem.ft_loss(theta_e, psi_k, meta_val), "ft_loss")
+            val_loss = ft_of("outer_batch.val")(psi_k, theta_e, meta_val)
         g_ft = reduce(tape.gradient(val_loss, theta_e,
                                     unconnected_gradients=tf.UnconnectedGradients.ZERO))
         val_loss = reduce(val_loss)
 
         # b. PT stage: - d <grad L_PT, H^-1 [g_FT; 0]> / d phi over theta_P.
         def pt_of(tp, phi):
-            return _checks.check_scalar(problem.pt_loss(tp[0], tp[1], phi, inner_batch), "pt_loss")
+            return _p.loss_value("pt_loss", problem.pt_loss, {
+                "hparams": phi, "params.encoder": tp[0], "params.pt_head": tp[1],
+                "inner_batch": inner_batch}, tp[0], tp[1], phi, inner_batch)
 
         indirect = implicit_indirect_term(pt_of, theta_p, hparams,
                                           (g_ft, _tree.tree_zeros_like(theta_h)), self.solve,

@@ -67,6 +67,7 @@ class SAMA(_p.Estimator):
         self.optimizer = optimizer
         self.radius = float(radius)
 
+    @_p.names_shape_errors
     def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
                  seed=None):
         reduce = self.gradient_reduction

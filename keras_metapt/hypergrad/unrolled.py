@@ -46,6 +46,7 @@ class Unrolled(_p.Estimator):
         self.num_steps = int(num_steps)
         self.truncate = None if truncate is None else int(truncate)
 
+    @_p.names_shape_errors
     def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
                  seed=None):
         params, hparams = _p.prepare(params, hparams, inner_batch, self.num_steps)
