@@ -130,7 +130,10 @@ class MetaPretrainer(keras.Model):
       unroll_steps: K, differentiable FT-head steps per hyperstep (default 1).
       solve: the PT-stage inverse-HVP solver, a `keras_metapt.linalg` solver; default
         ``linalg.neumann(1)`` with alpha = the PT optimizer's learning rate *at each
-        hyperstep* (it follows a schedule).
+        hyperstep* (it follows a schedule). ``hypergrad.first_order(radius)``: SAMA's
+        first-order hyperstep instead (no HVP, no mixed VJP: the PT optimizer's update
+        Jacobian for H^-1, a finite-difference mixed product; 1 PT gradient + 2 gradients
+        with respect to phi).
       hvp_mode: how the solver's HVPs are computed: "reverse_over_reverse" (default) or
         "forward_over_reverse" (`linalg.hvp`; no second backward pass).
       warmup_steps: FT-head-only steps before the first hyperstep; default the first epoch.
@@ -216,6 +219,12 @@ class MetaPretrainer(keras.Model):
             except ValueError as error:
                 raise ValueError(f"{error}. Pass MetaPretrainer(ft_unroll_optimizer="
                                  "km.optim.sgd(...)) or use a Keras SGD/Adam FT optimizer") from None
+        if hasattr(self.solve, "with_optimizer"):
+            try:
+                self._pt_optimizer_twin()
+            except ValueError as error:
+                raise ValueError(f"{error}. solve=first_order() preconditions with the PT "
+                                 "optimizer: use a Keras SGD/Adam PT optimizer") from None
         replicas = self.distribute_strategy.num_replicas_in_sync
         if replicas > 1 and self.steps_per_execution != 1:
             raise ValueError(
@@ -319,10 +328,24 @@ class MetaPretrainer(keras.Model):
                                                    self.ft_head.trainable_variables)
         else:
             unroll_opt, state = self.ft_unroll_optimizer, None
-        estimator = PTFT(unroll_opt, self.unroll_steps, self.solve, self.hvp_mode,
+        solve = self.solve
+        if hasattr(solve, "with_optimizer"):  # first order: P = the live PT optimizer's Jacobian
+            solve = solve.with_optimizer(*self._pt_optimizer_twin())
+        estimator = PTFT(unroll_opt, self.unroll_steps, solve, self.hvp_mode,
                          check_finite=False,
                          gradient_reduction=self._reduction)
         return estimator(problem, params, phi, data["pt_fresh"], batches, opt_state=state)
+
+    def _pt_optimizer_twin(self):
+        """The PT optimizer's differentiable twin and live state, the state split like the
+        (encoder, PT head) parameters of `keras_problem`."""
+        twin, state = optim.mirror_keras(self.optimizer, self.pt_variables)
+        n = len(self.encoder.trainable_variables)
+
+        def split(part):
+            return (part[:n], part[n:]) if isinstance(part, list) else part
+        return twin, (tuple(split(p) for p in state) if isinstance(state, tuple)
+                      else split(state))
 
     def pt_curvature(self, data, num_iterations=20):
         """lambda_max of the PT Hessian (over encoder and PT head) on ``data["pt_fresh"]``, by

@@ -29,7 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --------------------------------------------------------------------------- the hyperstep
 
 
-def tiny_float64_model(unroll_steps, neumann_terms, alpha, ft_unroll_optimizer="sgd"):
+def tiny_float64_model(unroll_steps, neumann_terms, alpha, ft_unroll_optimizer="sgd",
+                       solve=None, pt_optimizer="adam"):
     keras.utils.set_random_seed(3)
     f64 = "float64"  # Inputs too: a float32 keras.Input would cast float64 features down
     encoder = keras.Sequential([keras.Input((3,), dtype=f64), keras.layers.Dense(4, activation="tanh", dtype=f64)])
@@ -41,9 +42,9 @@ def tiny_float64_model(unroll_steps, neumann_terms, alpha, ft_unroll_optimizer="
         encoder, pt_head, ft_head, weights,
         pt_loss=lambda y, p, w: masked_multitask_bce(y, p, w),
         ft_loss=lambda y, p: 0.5 * tf.reduce_mean((p - y) ** 2),
-        unroll_steps=unroll_steps, solve=km.linalg.neumann(neumann_terms, alpha),
+        unroll_steps=unroll_steps, solve=solve or km.linalg.neumann(neumann_terms, alpha),
         ft_unroll_optimizer=km.optim.sgd(0.2) if ft_unroll_optimizer == "sgd" else None)
-    model.compile(jit_compile=False)
+    model.compile(pt_optimizer, jit_compile=False)
     return model
 
 
@@ -80,8 +81,9 @@ def explicit_pt_hessian(model, data, phi):
 
 
 def independent_hypergradient(model, data, unroll_steps, neumann_terms, alpha,
-                              unroll_update=sgd_unroll_update):
-    """Explicit-matrix float64 computation, using the Keras layers' variables directly."""
+                              unroll_update=sgd_unroll_update, precondition=None):
+    """Explicit-matrix float64 computation, using the Keras layers' variables directly.
+    ``precondition(rhs)``: instead of the Neumann series, H^-1 rhs ~ precondition(rhs)."""
     enc_vars = model.encoder.trainable_variables
     pt_vars = enc_vars + model.pt_head.trainable_variables
     phi = model.meta_layer.logits
@@ -103,6 +105,8 @@ def independent_hypergradient(model, data, unroll_steps, neumann_terms, alpha,
     hessian, mixed = explicit_pt_hessian(model, data, phi)
     size = hessian.shape[0]
     rhs = np.concatenate([g_e, np.zeros(size - g_e.size)])
+    if precondition is not None:
+        return -mixed.T @ precondition(rhs), psi
     term, total = rhs.copy(), rhs.copy()
     for _ in range(neumann_terms):
         term = term - alpha * hessian @ term
@@ -397,6 +401,8 @@ def test_inputs_role_hyperstep_matches_explicit_float64_computation():
     hessian = np.concatenate([j.numpy().reshape(size, -1) for j in outer.jacobian(flat, pt_vars)], 1)
     mixed = np.concatenate([j.numpy().reshape(size, -1) for j in outer.jacobian(flat, phi_vars)], 1)
     rhs = np.concatenate([g_e, np.zeros(size - g_e.size)])
+    if precondition is not None:
+        return -mixed.T @ precondition(rhs), psi
     term, total = rhs.copy(), rhs.copy()
     for _ in range(2):
         term = term - 0.05 * hessian @ term
@@ -418,3 +424,63 @@ def test_forward_over_reverse_hyperstep_matches_explicit_float64_computation():
     assert rel_err(result.hypergrad[0], expected) < 1e-5
     with pytest.raises(ValueError, match="hvp_mode"):
         km.PTFT(km.optim.sgd(0.1), hvp_mode="reverse")
+
+
+# --------------------------------------------------------------------------- first order
+
+
+def test_first_order_hyperstep_with_sgd_is_one_neumann_term_without_hvp():
+    # Reference: the explicit float64 computation with H^-1 ~ lr I (P of plain SGD) and the
+    # exact mixed Jacobian; the finite difference (eps = 1e-4 / ||v||) is O(eps^2) from it.
+    model = tiny_float64_model(1, 0, None, solve=km.hypergrad.first_order(radius=1e-4),
+                               pt_optimizer=keras.optimizers.SGD(0.1))
+    data = tiny_data(1)
+    expected, _ = independent_hypergradient(model, data, 1, 0, 0.1)
+    result = model.hypergradient(data)
+    assert np.abs(expected).max() > 1e-6
+    assert rel_err(result.hypergrad[0], expected) < 1e-6
+
+
+def test_first_order_hyperstep_preconditions_with_the_live_pt_adam():
+    # Reference: a NumPy transcription of the derivative of one Adam step (the twin's form:
+    # theta - lr m_hat / (sqrt(v_hat + eps_root) + eps)) with respect to the gradient, at the
+    # PT gradient of the fresh batch and at moments accumulated here from the gradients
+    # applied, times [g_FT; 0]; then the exact mixed Jacobian as above.
+    lr, b1, b2, eps, eps_root = 0.05, 0.9, 0.999, 1e-7, 1e-8
+    model = tiny_float64_model(1, 0, None, solve=km.hypergrad.first_order(radius=1e-4),
+                               pt_optimizer=keras.optimizers.Adam(lr, b1, b2, eps))
+    pt_vars = model.encoder.trainable_variables + model.pt_head.trainable_variables
+    rng = np.random.default_rng(0)
+    m = np.zeros(sum(int(np.prod(v.shape)) for v in pt_vars))
+    v = np.zeros_like(m)
+    for _ in range(3):
+        grads = [rng.normal(size=tuple(var.shape)) for var in pt_vars]
+        model.optimizer.apply([tf.constant(g) for g in grads], pt_vars)
+        flat = np.concatenate([g.ravel() for g in grads])
+        m, v = b1 * m + (1 - b1) * flat, b2 * v + (1 - b2) * flat ** 2
+    data = tiny_data(1)
+    with tf.GradientTape() as tape:
+        x, y = data["pt_fresh"]
+        preds = model.pt_head(model.encoder(x, training=True), training=True)
+        loss = masked_multitask_bce(y, preds, 2.0 * tf.sigmoid(model.meta_layer.logits))
+    g = np.concatenate([t.numpy().ravel() for t in tape.gradient(loss, pt_vars)])
+    t = 4  # the step the JVP differentiates
+    m1, v1 = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g ** 2
+    m_hat, v_hat = m1 / (1 - b1 ** t), v1 / (1 - b2 ** t)
+    root = np.sqrt(v_hat + eps_root)
+    jacobian = lr * ((1 - b1) / (1 - b1 ** t) / (root + eps)
+                     - m_hat / (root + eps) ** 2 / (2 * root) * 2 * (1 - b2) * g / (1 - b2 ** t))
+    expected, _ = independent_hypergradient(model, data, 1, 0, None,
+                                            precondition=lambda rhs: jacobian * rhs)
+    result = model.hypergradient(data)
+    assert rel_err(result.hypergrad[0], expected) < 1e-6
+
+
+def test_first_order_hyperstep_learns_to_separate_helpful_tasks():
+    # Ground truth as in test_learned_weights_separate_helpful_tasks (tasks 0-9 help).
+    model, history, helpful = run_toy(0, epochs=12, solve=km.hypergrad.first_order())
+    assert history.history["hypersteps"][-1] == 50
+    assert roc_auc_score(helpful, model.meta_layer.task_weights()) >= 0.9
+    with pytest.raises(ValueError, match="first_order.*PT optimizer"):
+        tiny_float64_model(1, 0, None, solve=km.hypergrad.first_order(),
+                           pt_optimizer=keras.optimizers.RMSprop(0.1))

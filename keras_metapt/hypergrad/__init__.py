@@ -18,7 +18,8 @@ The protocol, followed by every estimator (base class `Estimator`):
 - opt_state: inner optimizer state to continue from; returned unchanged where no steps run.
 - seed: shape-[2] int tensor for the stochastic `EvoGrad`; ignored by the others.
 - `SAMA` is the first-order member: no HVP, the optimizer's update Jacobian for H^-1 and a
-  finite-difference mixed product.
+  finite-difference mixed product; `first_order(radius)` is the same as a ``solve=`` value
+  for `Implicit`, `PTFT` and `MetaPretrainer` (it replaces solve and mixed VJP together).
 - Implicit solves go through one solver protocol, ``solve(hvp_fn, b, *, step_size, unroll)``
   (`keras_metapt.linalg.neumann`, `cg`, `dense`), and one IFT helper,
   `implicit_indirect_term`, shared by `Implicit` and `PTFT`.
@@ -40,7 +41,8 @@ from keras_metapt.hypergrad.problem import (BilevelProblem, Estimator, Hypergrad
                                             StepBatches, ensure_finite)
 from keras_metapt.hypergrad.ptft import (PTFT, FinetuneBatches, PretrainFinetuneProblem,
                                          PTFTParams, keras_problem)
-from keras_metapt.hypergrad.sama import SAMA, finite_difference_mixed_vjp
+from keras_metapt.hypergrad.sama import (SAMA, FirstOrder, finite_difference_mixed_vjp,
+                                         first_order)
 from keras_metapt.hypergrad.unrolled import Unrolled
 
 __all__ = [
@@ -60,5 +62,7 @@ __all__ = [
     "PTFT",
     "keras_problem",
     "SAMA",
+    "FirstOrder",
+    "first_order",
     "finite_difference_mixed_vjp",
 ]

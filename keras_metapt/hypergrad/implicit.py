@@ -24,12 +24,16 @@ def implicit_indirect_term(inner_loss, params, hparams, outer_grad, solve, step_
 
     ``inner_loss(params, hparams) -> scalar``; ``outer_grad`` g is shaped like ``params``;
     ``solve`` is a `keras_metapt.linalg` solver, given ``step_size`` (for
-    `linalg.neumann(alpha=None)`). ``reduce`` (a cross-replica sum) is applied to every HVP and
+    `linalg.neumann(alpha=None)`), or `hypergrad.first_order(...)`, which replaces solve and
+    mixed VJP by first-order passes. ``reduce`` (a cross-replica sum) is applied to every HVP and
     to the mixed VJP, and the solver then traces its iterations in Python. ``hvp_mode``:
     `linalg.hvp`'s mode (reverse-over-reverse or forward-over-reverse). Returns a nest
     shaped like ``hparams`` with None where a leaf does not enter the inner gradient.
     Cost: the solver's HVPs + 1 mixed VJP. Memory: O(P) beyond the solver's.
     """
+
+    if hasattr(solve, "indirect_term"):  # a first-order value (`hypergrad.first_order`)
+        return solve.indirect_term(inner_loss, params, hparams, outer_grad, step_size, reduce)
 
     def hvp_fn(v):
         h_v = linalg.hvp(lambda p: inner_loss(p, hparams), params, v, hvp_mode)
@@ -44,10 +48,13 @@ def implicit_indirect_term(inner_loss, params, hparams, outer_grad, solve, step_
 
 def check_solver(solve):
     """Raises a ValueError naming the accepted values unless ``solve`` is a solver."""
+    if hasattr(solve, "indirect_term"):
+        return solve
     if isinstance(solve, str) or not callable(solve):
         raise ValueError(
             f"solve must be a linear solver such as linalg.neumann(5), linalg.cg(10) or "
-            f"linalg.dense(), got {solve!r} (solver names are not accepted)")
+            f"linalg.dense(), or hypergrad.first_order(), got {solve!r} (solver names are not "
+            "accepted)")
     return solve
 
 

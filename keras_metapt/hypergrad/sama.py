@@ -25,7 +25,8 @@ import tensorflow as tf
 from keras_metapt import _tree
 from keras_metapt.hypergrad import problem as _p
 
-__all__ = ["SAMA", "finite_difference_mixed_vjp"]
+__all__ = ["SAMA", "FirstOrder", "first_order", "first_order_indirect_term",
+           "optimizer_preconditioned", "finite_difference_mixed_vjp"]
 
 
 def finite_difference_mixed_vjp(inner_loss, params, hparams, vector, eps):
@@ -45,6 +46,88 @@ def finite_difference_mixed_vjp(inner_loss, params, hparams, vector, eps):
     return tf.nest.map_structure(
         lambda p, m: None if p is None else (p - m) / (2 * tf.cast(eps, p.dtype)),
         plus, minus, check_types=False)
+
+
+def optimizer_preconditioned(inner_loss, params, hparams, vector, optimizer, opt_state=None,
+                             reduce=None):
+    """P v = -d theta_new / d grad . v: the Jacobian of one step of ``optimizer`` (an
+    `keras_metapt.optim.InnerOptimizer`) with respect to the gradient, at the current inner
+    gradient and ``opt_state`` (None: a fresh state), applied to ``vector`` by one JVP of the
+    elementwise update. SGD: lr v; Adam: its diagonal preconditioner, including the change of
+    the second moment with g (SAMA's adaptive-optimizer correction). Cost: 1 inner gradient +
+    1 JVP of the update."""
+    with tf.GradientTape() as tape:
+        tape.watch(tf.nest.flatten(params))
+        loss = inner_loss(params, hparams)
+    grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    if reduce is not None:
+        grads = reduce(grads)
+    state = optimizer.init(params) if opt_state is None else opt_state
+    grads = tf.nest.map_structure(tf.stop_gradient, grads)
+    flat_g = tf.nest.flatten(grads)
+    with tf.autodiff.ForwardAccumulator(flat_g, tf.nest.flatten(vector)) as acc:
+        new_params, _ = optimizer.update(tf.nest.pack_sequence_as(grads, flat_g), state, params)
+    jvp = acc.jvp(tf.nest.flatten(new_params), tf.UnconnectedGradients.ZERO)
+    return tf.nest.pack_sequence_as(params, [-j for j in jvp])
+
+
+def first_order_indirect_term(inner_loss, params, hparams, outer_grad, radius=1e-2,
+                              optimizer=None, opt_state=None, step_size=None, reduce=None):
+    """SAMA's first-order stand-in for the IFT indirect term  -M H^-1 g:  -M P g.
+
+    P: the inner optimizer's update Jacobian (`optimizer_preconditioned`) when ``optimizer``
+    is given; else ``step_size`` I when given (one Neumann term's H^-1 ~ alpha I); else I.
+    M v by `finite_difference_mixed_vjp` with eps = radius / ||v||. ``reduce`` (a cross-replica
+    sum) is applied to the inner gradient and once to the finite difference. Returns a nest
+    shaped like ``hparams`` (None where a leaf does not enter). Cost: 2 gradients of L_in with
+    respect to phi (+ 1 inner gradient and 1 JVP with an optimizer); memory O(P).
+    """
+    v = outer_grad
+    if optimizer is not None:
+        v = optimizer_preconditioned(inner_loss, params, hparams, v, optimizer, opt_state,
+                                     reduce)
+    elif step_size is not None:
+        v = tf.nest.map_structure(lambda t: tf.cast(step_size, t.dtype) * t, v)
+    norm = tf.sqrt(_tree.tree_vdot(v, v))
+    eps = radius / tf.maximum(norm, tf.constant(1e-15, norm.dtype))
+    mixed = finite_difference_mixed_vjp(inner_loss, params, hparams, v, eps)
+    if reduce is not None:
+        mixed = reduce(mixed)
+    return _tree.tree_map(lambda m: None if m is None else -m, mixed)
+
+
+class FirstOrder:
+    """A ``solve=`` value for `Implicit`, `PTFT` and `MetaPretrainer` that replaces the
+    inverse-Hessian solve *and* the mixed VJP by SAMA's first-order passes
+    (`first_order_indirect_term`): no HVP, no second-order term. Build with `first_order`.
+
+    Without an optimizer, P = step_size I (the PT learning rate in PTFT / MetaPretrainer, as
+    one Neumann term); `with_optimizer(optimizer, opt_state)` makes P that optimizer's update
+    Jacobian (MetaPretrainer binds the twin of its Keras PT optimizer and its live state at
+    every hyperstep).
+    """
+
+    def __init__(self, radius=1e-2, optimizer=None, opt_state=None):
+        if not float(radius) > 0:
+            raise ValueError(f"radius must be > 0, got {radius}")
+        self.radius = float(radius)
+        self.optimizer, self.opt_state = optimizer, opt_state
+
+    def with_optimizer(self, optimizer, opt_state):
+        return FirstOrder(self.radius, optimizer, opt_state)
+
+    def indirect_term(self, inner_loss, params, hparams, outer_grad, step_size=None,
+                      reduce=None):
+        return first_order_indirect_term(inner_loss, params, hparams, outer_grad, self.radius,
+                                         self.optimizer, self.opt_state, step_size, reduce)
+
+    def __repr__(self):
+        return f"first_order(radius={self.radius})"
+
+
+def first_order(radius=1e-2):
+    """SAMA's first-order hyperstep as a ``solve=`` value (see `FirstOrder`)."""
+    return FirstOrder(radius)
 
 
 class SAMA(_p.Estimator):
@@ -73,30 +156,6 @@ class SAMA(_p.Estimator):
         reduce = self.gradient_reduction
         params, hparams, outer_loss, g_params, direct, inner = _p.at_fixed_point(
             problem, params, hparams, inner_batch, outer_batch, reduce, "SAMA")
-        v = g_params
-        if self.optimizer is not None:
-            v = self._preconditioned(inner, params, hparams, g_params, opt_state)
-        norm = tf.sqrt(_tree.tree_vdot(v, v))
-        eps = self.radius / tf.maximum(norm, tf.constant(1e-15, norm.dtype))
-        mixed = finite_difference_mixed_vjp(inner, params, hparams, v, eps)
-        if reduce is not None:
-            mixed = reduce(mixed)
-        indirect = _tree.tree_map(lambda m: None if m is None else -m, mixed)
+        indirect = first_order_indirect_term(inner, params, hparams, g_params, self.radius,
+                                             self.optimizer, opt_state, reduce=reduce)
         return self._finish(hparams, direct, indirect, outer_loss, params, opt_state)
-
-    def _preconditioned(self, inner, params, hparams, vector, opt_state):
-        """P v = -d theta_new / d grad . v at the current inner gradient (one JVP)."""
-        with tf.GradientTape() as tape:
-            tape.watch(tf.nest.flatten(params))
-            loss = inner(params, hparams)
-        grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        if self.gradient_reduction is not None:
-            grads = self.gradient_reduction(grads)
-        state = self.optimizer.init(params) if opt_state is None else opt_state
-        grads = tf.nest.map_structure(tf.stop_gradient, grads)
-        flat_g = tf.nest.flatten(grads)
-        with tf.autodiff.ForwardAccumulator(flat_g, tf.nest.flatten(vector)) as acc:
-            new_params, _ = self.optimizer.update(tf.nest.pack_sequence_as(grads, flat_g), state,
-                                                  params)
-        jvp = acc.jvp(tf.nest.flatten(new_params), tf.UnconnectedGradients.ZERO)
-        return tf.nest.pack_sequence_as(params, [-j for j in jvp])
