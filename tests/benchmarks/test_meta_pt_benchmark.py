@@ -17,9 +17,10 @@ def test_quick_meta_pt_benchmark(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.load(open(tmp_path / "meta_pt.json"))["rows"]
-    assert [r["xla"] for r in rows] == [False, True]
+    assert [(r["xla"], r["hyperstep"]) for r in rows] == [
+        (False, "neumann"), (False, "first_order"), (True, "neumann"), (True, "first_order")]
     for r in rows:
         assert r["plain_pt_step_ms"] > 0 and r["meta_pt_step_ms"] > 0 and r["hyperstep_fn_ms"] > 0
         # the reported ratio is the median of the ratios measured round by round
         assert r["meta_over_plain"] == pytest.approx(np.median(r["meta_over_plain_per_round"]))
-    assert "| XLA |" in (tmp_path / "meta_pt.md").read_text()
+    assert "| XLA | first order (SAMA) |" in (tmp_path / "meta_pt.md").read_text()
