@@ -10,6 +10,19 @@ greedy one-step (T1-T2) hypergradient.
 Cost: T inner gradients forward, plus about 2 gradients per differentiated step
 backward (second-order terms: one HVP and one mixed product per step).
 Memory: O(K * P) for the recorded steps (O(T * P) untruncated).
+
+Two backward passes (``backward=``):
+- "reverse" (default): reverse-over-reverse through the recorded `tf.while_loop`. TensorFlow
+  keeps every intermediate of every recorded step (activations of each inner gradient), so
+  memory is O(K * (P + activations of one inner gradient)).
+- "mixed" (MixFlow-MG style, Kemaev et al. 2025): the forward pass stores only (theta_t, s_t)
+  and the inner gradient g_t of the K recorded steps; the backward loop takes one step at a
+  time: the VJP of the optimizer update with respect to (theta, s, g, phi), then the
+  second-order terms H w and (d2 L / dphi dtheta) w for w = (dU/dg)^T a in one
+  forward-over-reverse pass (a JVP of the (theta, phi)-gradient along w). Both loops run one
+  iteration at a time. Memory: O(K * P) + one step's intermediates; cost about that of
+  "reverse" (a forward-over-reverse pass per step instead of reverse-over-reverse). Same
+  result to float rounding.
 """
 
 import tensorflow as tf
@@ -17,7 +30,9 @@ import tensorflow as tf
 from keras_metapt import _tree, distribute
 from keras_metapt.hypergrad import problem as _p
 
-__all__ = ["Unrolled"]
+__all__ = ["Unrolled", "BACKWARD_MODES"]
+
+BACKWARD_MODES = ("reverse", "mixed")
 
 
 class Unrolled(_p.Estimator):
@@ -32,12 +47,21 @@ class Unrolled(_p.Estimator):
         replicas (the losses must be replica shares of the global-batch means), the steps are
         traced in Python, and the backward pass runs through the sums (their adjoint is a
         sum too), giving the single-device hypergradient of the global batches.
+      backward: "reverse" (reverse-over-reverse through the loop) or "mixed" (per-step
+        rebuild with forward-over-reverse second-order products; less memory, see the module
+        docstring). "mixed" runs on one device (no gradient_reduction).
       check_finite: see `Estimator`. ``seed`` is accepted and ignored (deterministic).
     """
 
-    def __init__(self, optimizer, num_steps, truncate=None, *, gradient_reduction=None,
-                 check_finite=True):
+    def __init__(self, optimizer, num_steps, truncate=None, *, backward="reverse",
+                 gradient_reduction=None, check_finite=True):
         super().__init__(gradient_reduction=gradient_reduction, check_finite=check_finite)
+        if backward not in BACKWARD_MODES:
+            raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}")
+        if backward == "mixed" and gradient_reduction is not None:
+            raise ValueError('backward="mixed" runs on one device; use backward="reverse" with '
+                             "gradient_reduction")
+        self.backward = backward
         if int(num_steps) < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if truncate is not None and not 1 <= int(truncate) <= int(num_steps):
@@ -62,6 +86,9 @@ class Unrolled(_p.Estimator):
                                                inner_batch, 0, T - K, T, reduce)
         params = _tree.tree_stop_gradient(params)
         opt_state = _tree.tree_stop_gradient(opt_state)
+        if self.backward == "mixed":
+            return self._mixed(problem, params, opt_state, hparams, inner_batch, outer_batch,
+                               T - K, T)
 
         with tf.GradientTape() as tape:
             tape.watch(tf.nest.flatten(hparams))
@@ -84,3 +111,104 @@ class Unrolled(_p.Estimator):
         return self._finish(hparams, direct, indirect, outer_loss,
                          _tree.tree_stop_gradient(final_params),
                          _tree.tree_stop_gradient(final_state))
+
+    def _mixed(self, problem, params, opt_state, hparams, inner_batch, outer_batch, start, stop):
+        """Steps start..stop-1 storing only (theta_t, s_t), then the per-step backward loop."""
+        optimizer, T = self.optimizer, self.num_steps
+        p_leaves, s_leaves = tf.nest.flatten(params), tf.nest.flatten(opt_state)
+        # per step: theta_t, s_t and the inner gradient g_t (O(K * P) in all)
+        stored = [tf.TensorArray(x.dtype, size=stop - start, element_shape=x.shape)
+                  for x in p_leaves + s_leaves + p_leaves]
+
+        def forward(t, p, st, arrays):
+            theta = tf.nest.pack_sequence_as(params, p)
+            with tf.GradientTape() as tape:
+                tape.watch(p)
+                loss = _p.inner_loss_value(problem, theta, hparams, _p.batch_at(inner_batch, t))
+            grads = tape.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            arrays = [a.write(t - start, x)
+                      for a, x in zip(arrays, p + st + tf.nest.flatten(grads))]
+            new_p, new_s = optimizer.update(grads, tf.nest.pack_sequence_as(opt_state, st),
+                                            theta, **self._overrides(problem, hparams, t))
+            return t + 1, tf.nest.flatten(new_p), tf.nest.flatten(new_s), arrays
+
+        # parallel_iterations=1 here and below: the executor would otherwise run the
+        # adjoint-independent work of later iterations ahead, holding several steps'
+        # intermediates at once (O(10) steps of activations instead of one)
+        _, p_final, s_final, stored = tf.while_loop(
+            lambda t, *_: t < stop, forward, (tf.constant(start), p_leaves, s_leaves, stored),
+            maximum_iterations=stop - start, parallel_iterations=1)
+        final_params = tf.nest.pack_sequence_as(params, p_final)
+        final_state = tf.nest.pack_sequence_as(opt_state, s_final)
+        outer_loss, g_params, direct = _p.outer_gradients(problem, final_params, hparams,
+                                                          outer_batch)
+        h_leaves = tf.nest.flatten(hparams)
+        floats = [i for i, x in enumerate(s_leaves) if x.dtype.is_floating]
+
+        def backward(t, a_p, a_s, a_h):
+            values = [a.read(t - start) for a in stored]
+            n = len(p_leaves)
+            theta = tf.nest.pack_sequence_as(params, values[:n])
+            state_leaves = values[n:n + len(s_leaves)]
+            grads = tf.nest.pack_sequence_as(params, values[n + len(s_leaves):])
+            batch = _p.batch_at(inner_batch, t)
+            # VJP of the update U(theta, s, g; h(phi)) along (a_p, a_s)
+            watched = tf.nest.flatten(theta) + [state_leaves[i] for i in floats] \
+                + tf.nest.flatten(grads) + h_leaves
+            with tf.GradientTape() as tape:
+                tape.watch(watched)
+                new_p, new_s = optimizer.update(
+                    grads, tf.nest.pack_sequence_as(opt_state, state_leaves), theta,
+                    **self._overrides(problem, hparams, t))
+                targets = tf.nest.flatten(new_p) + [tf.nest.flatten(new_s)[i] for i in floats]
+            cotangents = tape.gradient(targets, watched, output_gradients=list(a_p) + list(a_s),
+                                       unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            n_p, n_s = len(p_leaves), len(floats)
+            d_theta = cotangents[:n_p]
+            d_state = cotangents[n_p:n_p + n_s]
+            w = cotangents[n_p + n_s:2 * n_p + n_s]
+            d_h = cotangents[2 * n_p + n_s:]
+            # forward-over-reverse: H w and (d2 L / dphi dtheta) w in one pass
+            theta_leaves = tf.nest.flatten(theta)
+            with tf.autodiff.ForwardAccumulator(theta_leaves, w) as acc:
+                with tf.GradientTape() as tape:
+                    tape.watch(theta_leaves + h_leaves)
+                    loss = _p.inner_loss_value(problem, tf.nest.pack_sequence_as(params,
+                                                                                 theta_leaves),
+                                               hparams, batch)
+                g_theta, g_h = tape.gradient(loss, (theta_leaves, h_leaves),
+                                             unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            hw = acc.jvp(g_theta, tf.UnconnectedGradients.ZERO)
+            mw = acc.jvp(g_h, tf.UnconnectedGradients.ZERO)
+            return (t - 1, [a + b for a, b in zip(d_theta, hw)], d_state,
+                    [a + b + c for a, b, c in zip(a_h, d_h, mw)])
+
+        a_p = tf.nest.flatten(g_params)
+        a_s = [tf.zeros_like(s_leaves[i]) for i in floats]
+        a_h = [tf.zeros_like(h) for h in h_leaves]
+        _, _, _, a_h = tf.while_loop(lambda t, *_: t >= start, backward,
+                                     (tf.constant(stop - 1), a_p, a_s, a_h),
+                                     maximum_iterations=stop - start, parallel_iterations=1)
+        connected = self._connected(problem, params, hparams, inner_batch, start)
+        indirect = tf.nest.pack_sequence_as(
+            hparams, [a if c else None for a, c in zip(a_h, connected)])
+        return self._finish(hparams, direct, indirect, outer_loss,
+                            _tree.tree_stop_gradient(final_params),
+                            _tree.tree_stop_gradient(final_state))
+
+    def _overrides(self, problem, hparams, step):
+        if problem.inner_optimizer_hparams is None:
+            return {}
+        return problem.inner_optimizer_hparams(hparams, step, self.num_steps)
+
+    def _connected(self, problem, params, hparams, inner_batch, step):
+        """Per hparams leaf: does it enter the inner loss or the optimizer's overrides (else
+        its indirect term is None, as reverse mode reports it)? Traced once per call."""
+        leaves = tf.nest.flatten(hparams)
+        with tf.GradientTape() as tape:
+            tape.watch(leaves)
+            probe = _p.inner_loss_value(problem, params, hparams, _p.batch_at(inner_batch, step))
+            for value in tf.nest.flatten(self._overrides(problem, hparams, step)):
+                if isinstance(value, tf.Tensor) and value.dtype.is_floating:
+                    probe += tf.reduce_sum(tf.cast(value, probe.dtype))
+        return [g is not None for g in tape.gradient(probe, leaves)]

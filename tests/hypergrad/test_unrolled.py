@@ -10,7 +10,7 @@ import pytest
 
 import keras_metapt as km
 from keras_metapt import optim
-from tests.conftest import compiled, rel_err
+from tests.conftest import central_differences, compiled, rel_err
 from tests.hypergrad.quadratic import GAMMA, Quadratic
 
 
@@ -59,3 +59,84 @@ def test_float32_close_to_float64_reference():
     for got, ref in zip(result.hypergrad, fd):
         assert got.dtype == np.float32
         assert rel_err(got, ref) < 1e-4
+
+
+# --------------------------------------------------------------------------- backward="mixed"
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+@pytest.mark.parametrize("per_step_b,truncate", [(False, None), (True, None), (True, 3)])
+def test_mixed_backward_matches_finite_differences(mode, per_step_b, truncate):
+    # Reference: central differences of the closed-form iterate (the K-step formula with
+    # w_{T-K} fixed when truncated), as for the reverse backward above.
+    T = 12
+    quad = Quadratic(num_steps=T, per_step_b=per_step_b)
+    result = run(km.Unrolled(optim.sgd(1.0), num_steps=T, truncate=truncate, backward="mixed"),
+                 quad, mode)
+    if truncate is None:
+        fd = quad.finite_difference(quad.outer_after)
+    else:
+        w_start = quad.iterate(quad.c, quad.lr, T - truncate)
+        fd = quad.finite_difference(
+            lambda c, lr: quad.outer_after(c, lr, start=T - truncate, w_start=w_start))
+    for got, ref in zip(result.hypergrad, fd):
+        assert rel_err(got, ref) < 1e-6
+    np.testing.assert_allclose(result.params[0], quad.iterate(quad.c, quad.lr, T), rtol=1e-12)
+
+
+def small_mlp_problem():
+    """Per-example weighted squared loss of a 3-4-1 tanh MLP; phi: 6 example-weight logits."""
+    import tensorflow as tf
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(6, 3)), rng.normal(size=(6, 1))
+    x_val, y_val = rng.normal(size=(5, 3)), rng.normal(size=(5, 1))
+    params = [rng.normal(size=(3, 4)) * 0.5, np.zeros(4), rng.normal(size=(4, 1)) * 0.5,
+              np.zeros(1)]
+
+    def predict(p, inputs):
+        return tf.matmul(tf.tanh(tf.matmul(inputs, p[0]) + p[1]), p[2]) + p[3]
+
+    def inner(p, h, batch):
+        weights = tf.sigmoid(h[0])
+        return tf.reduce_mean(weights * tf.reduce_sum((predict(p, batch[0]) - batch[1]) ** 2, 1))
+
+    def outer(p, h, batch):
+        return tf.reduce_mean((predict(p, batch[0]) - batch[1]) ** 2)
+
+    return (km.BilevelProblem(inner, outer), params, [rng.normal(size=6)], (x, y),
+            (x_val, y_val))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "momentum"])
+def test_mixed_backward_through_stateful_optimizers_matches_finite_differences(optimizer):
+    # Reference: float64 central differences of the outer loss after T inner steps, each run
+    # eagerly by the optimizer's update (no estimator involved).
+    import tensorflow as tf
+    problem, params, hparams, train, val = small_mlp_problem()
+    opt = optim.adam(0.05) if optimizer == "adam" else optim.sgd(0.1, momentum=0.9)
+    T = 6
+
+    def outer_after(logits):
+        p, state = [tf.constant(v) for v in params], opt.init([tf.constant(v) for v in params])
+        for _ in range(T):
+            with tf.GradientTape() as tape:
+                tape.watch(p)
+                loss = problem.inner_loss(p, [tf.constant(logits)], train)
+            p, state = opt.update(tape.gradient(loss, p), state, p)
+        return float(problem.outer_loss(p, None, val))
+
+    fd = central_differences(outer_after, [hparams[0]], h=1e-6)[0]
+    for backward in ("mixed", "reverse"):
+        result = compiled(lambda p, h: km.Unrolled(opt, num_steps=T, backward=backward)(
+            problem, p, h, train, val), "graph")(params, hparams)
+        assert rel_err(result.hypergrad[0], fd) < 1e-6, backward
+
+
+def test_mixed_backward_keeps_the_unconnected_check_and_refuses_replicas():
+    problem, params, hparams, train, val = small_mlp_problem()
+    with pytest.raises(km.UnconnectedHyperparameterError):
+        km.Unrolled(optim.sgd(0.1), num_steps=2, backward="mixed")(
+            problem, params, hparams + [np.ones(2)], train, val)
+    with pytest.raises(ValueError, match='backward="mixed" runs on one device'):
+        km.Unrolled(optim.sgd(0.1), 2, backward="mixed", gradient_reduction=lambda g: g)
+    with pytest.raises(ValueError, match="backward must be one of"):
+        km.Unrolled(optim.sgd(0.1), 2, backward="forward")
