@@ -33,6 +33,7 @@ import keras_metapt as km  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from benchmarks.memory import first_execution_peak_mib  # noqa: E402
 from keras_metapt import functional, optim  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -83,16 +84,6 @@ def weighted_problem(model, shape, batch):
     return problem, params, [tf.zeros([batch])], inner, outer
 
 
-def _rss_mib():
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                fields[key] = int(value.split()[0]) / 1024
-    return fields
-
-
 def child(spec):
     """One (net, backward, K) measurement in this process, printed as JSON."""
     net, backward, steps = spec.split(":")
@@ -102,18 +93,15 @@ def child(spec):
     inner, outer = tf.nest.map_structure(tf.constant, (inner, outer))
     fn = tf.function(lambda p, h, b_in, b_out: estimator(problem, p, h, b_in, b_out).hypergrad)
     concrete = fn.get_concrete_function(params, hparams, inner, outer)  # traced, not run
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak resident set size (VmHWM) to the current size
-    before = _rss_mib()["VmRSS"]
-    first = concrete(params, hparams, inner, outer)[0].numpy()
-    peak = _rss_mib()["VmHWM"]
+    peak, _, first = first_execution_peak_mib(
+        lambda: concrete(params, hparams, inner, outer)[0].numpy())
     times = []
     for _ in range(FLAGS.repeats):
         start = time.perf_counter()
         concrete(params, hparams, inner, outer)[0].numpy()
         times.append(time.perf_counter() - start)
     print(json.dumps({"net": net, "backward": backward, "K": int(steps),
-                      "peak_mib": peak - before, "ms": 1e3 * float(np.median(times)),
+                      "peak_mib": peak, "ms": 1e3 * float(np.median(times)),
                       "hypergrad_norm": float(np.linalg.norm(first))}))
 
 

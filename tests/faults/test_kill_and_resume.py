@@ -79,35 +79,35 @@ def results(out):
     return records
 
 
-def test_multitask_app_resumes_after_kills_in_each_arm(tmp_path):
+def kill_in_each_arm(tmp_path, app, flags, first_arm, arms):
+    """Reference run and, next to it, a run killed inside the second arm and inside the meta
+    arm, then finished; returns (reference dir, reference log). Checks they agree."""
     ref, cut = tmp_path / "reference", tmp_path / "killed"
-    reference = start(command("multitask_pt.py", ref, MULTITASK_TINY), tmp_path / "ref.log", "1")
-    out = run_with_kills(command("multitask_pt.py", cut, MULTITASK_TINY), tmp_path / "cut.log", [
-        lambda: (cut / "results" / "no_pt_seed0.json").exists(),            # inside uniform
+    reference = start(command(app, ref, flags), tmp_path / "ref.log", "1")
+    out = run_with_kills(command(app, cut, flags), tmp_path / "cut.log", [
+        lambda: (cut / "results" / f"{first_arm}_seed0.json").exists(),     # inside arm 2
         lambda: (cut / "meta_seed0" / "ckpt" / "latest.json").exists(),     # inside meta
     ])
     finish(reference, tmp_path / "ref.log")
     assert out.count("done earlier") == 2 and "MetaCheckpoint: resumed from" in out
-    assert list(results(cut)) == ["meta_seed0.json", "no_pt_seed0.json", "uniform_seed0.json"]
+    assert list(results(cut)) == [f"{arm}_seed0.json" for arm in sorted(arms)]
     assert results(cut) == results(ref)
-    test_multitask_pt.check_run(ref, open(tmp_path / "ref.log").read())
+    return ref, open(tmp_path / "ref.log").read()
+
+
+def test_multitask_app_resumes_after_kills_in_each_arm(tmp_path):
+    ref, log = kill_in_each_arm(tmp_path, "multitask_pt.py", MULTITASK_TINY, "no_pt",
+                                ("no_pt", "uniform", "meta"))
+    test_multitask_pt.check_run(ref, log)
 
 
 def test_simclr_app_resumes_after_kills_in_each_arm(tmp_path):
     write_fashion_like(str(tmp_path / "idx"), n_train=96, n_test=40)
     flags = [*SIMCLR_TINY, f"--images_dir={tmp_path / 'idx'}", "--modality=image",
              "--label_fraction=0.34", "--batch_size=32", "--ft_batch_size=8"]
-    ref, cut = tmp_path / "reference", tmp_path / "killed"
-    reference = start(command("simclr_augment.py", ref, flags), tmp_path / "ref.log", "1")
-    out = run_with_kills(command("simclr_augment.py", cut, flags), tmp_path / "cut.log", [
-        lambda: (cut / "results" / "no_pt_seed0.json").exists(),            # inside simclr
-        lambda: (cut / "meta_seed0" / "ckpt" / "latest.json").exists(),     # inside meta
-    ])
-    finish(reference, tmp_path / "ref.log")
-    assert out.count("done earlier") == 2 and "MetaCheckpoint: resumed from" in out
-    assert list(results(cut)) == ["meta_seed0.json", "no_pt_seed0.json", "simclr_seed0.json"]
-    assert results(cut) == results(ref)
-    assert "96 PT examples" in open(tmp_path / "ref.log").read()
+    ref, log = kill_in_each_arm(tmp_path, "simclr_augment.py", flags, "no_pt",
+                                ("no_pt", "simclr", "meta"))
+    assert "96 PT examples" in log
     test_simclr_augment.check_run(ref, (28, 28, 1))
 
 
