@@ -2,6 +2,7 @@ r"""Hypergradient estimators: accuracy, time (with and without XLA) and memory.
 
     python -m benchmarks.hypergrad                      # full run (about 10 minutes on 2 cores)
     python -m benchmarks.hypergrad --quick              # tiny sizes, a smoke run
+    python -m benchmarks.hypergrad --timing_only        # part 2 only (hypergrad_timing.*)
 
 1. Accuracy: relative error ||g_hat - g|| / ||g|| of the implicit estimators against
    the closed-form ridge hypergradient (float64), per-feature log-penalties, d features.
@@ -10,18 +11,29 @@ r"""Hypergradient estimators: accuracy, time (with and without XLA) and memory.
    lr 0.1, batch 256 of fixed random data (seed 0), hyperparameters = 256 per-example
    loss weights sigmoid(logit), logits 0; reverse T=20; forward T=20 with the learning
    rate shared in 4 blocks (its hyperparameters are those 4 rates); Neumann 10 terms
-   alpha 0.1; CG 10 iterations; EvoGrad K=2 sigma 1e-3 tau 0.05. Each estimator runs in
-   tf.function with and without jit_compile in the same process; the median of
-   --repeats calls after a warm-up call is reported.
+   alpha 0.1; CG at most 10 iterations, stopping at the first direction of non-positive
+   curvature (the default), and CG with a fixed count of 10 iterations (no curvature stop,
+   as libraries without that check run it); each CG row is labelled with the iterations it
+   ran on this problem (same right-hand side and HVP as the estimator); EvoGrad K=2 sigma
+   1e-3 tau 0.05. Each estimator runs in tf.function with and without jit_compile in the
+   same process; the median of --repeats calls after a warm-up call is reported.
 3. Peak memory against the horizon T for reverse and forward mode: each (mode, T) runs
    in a fresh subprocess (TensorFlow keeps freed CPU memory pooled, so only a first
    execution shows its true need). The function is traced first (get_concrete_function,
    not executed), the kernel's peak-RSS counter is reset (/proc/self/clear_refs), and
    the figure is the peak resident memory during the first execution minus the resident
-   memory just before it. It includes a constant first-execution overhead (graph
-   optimisation, kernel set-up: about 35 MiB here) that does not depend on T.
+   memory just before it (`benchmarks.memory.first_execution_peak_mib`). It includes a first-execution overhead (graph optimisation,
+   kernel set-up, allocator pools) that does not depend on T. To separate tensors from that
+   overhead, every (mode, T) runs again in one more subprocess with TensorFlow's CPU
+   allocator switched to its BFC allocator (TF_CPU_ALLOCATOR_USE_BFC=true), which counts
+   bytes (exactly, so one process serves all T): the "tensors" column is the peak of bytes
+   held in tensors during the first execution, above those held before it
+   (--nocount_tensors skips it; --quick too).
 
-Writes benchmarks/results/hypergrad.{md,json,png} (or --output_dir).
+Writes benchmarks/results/hypergrad.{md,json,png} (or --output_dir). --timing_only (or empty
+--ridge_dims and --horizons) skips parts 1 and 3, their tables and the memory plot; with
+--timing_only the files are hypergrad_timing.{md,json,png}, so a timing run does not
+overwrite a full one.
 """
 
 import json
@@ -40,6 +52,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras_metapt import functional, linalg, optim  # noqa: E402
 from tests import references  # noqa: E402
+from benchmarks.memory import first_execution_peak_mib  # noqa: E402
 from keras_metapt.hyper import piecewise_constant  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -55,16 +68,23 @@ flags.DEFINE_integer("forward_steps", 20, "Forward-mode horizon T for the timing
 flags.DEFINE_integer("forward_blocks", 4, "Learning-rate blocks (hyperparameters) in forward mode.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per estimator and compilation mode (median).")
 flags.DEFINE_list("horizons", ["10", "100", "1000"], "Horizons T for the memory table.")
+flags.DEFINE_bool("count_tensors", True, "Also count the bytes held in tensors per (mode, T) "
+                  "(one more subprocess, with the BFC allocator); --quick turns it off.")
 flags.DEFINE_bool("quick", False, "Tiny sizes everywhere: a smoke run, not a measurement.")
+flags.DEFINE_bool("timing_only", False, "Only the timing table (part 2): skips the ridge "
+                  "accuracy and memory sweeps and the memory plot; writes hypergrad_timing.*.")
 flags.DEFINE_string("output_dir", os.path.join(os.path.dirname(__file__), "results"),
                     "Where hypergrad.md, hypergrad.json and hypergrad.png are written.")
-flags.DEFINE_string("memory_child", None, "Internal: run one memory measurement 'mode:T' and "
-                    "print its JSON (used by the subprocesses of part 3).")
+flags.DEFINE_string("memory_child", None, "Internal: run the memory measurements "
+                    "'mode:T[,mode:T...]' and print their JSON (the subprocesses of part 3).")
 
 
 # --------------------------------------------------------------------------- reference problem
 
-TIMING_CG = linalg.cg(10, tolerance=0.0)  # the CG solver of the timing table
+# The CG solvers of the timing table: the default (stops at non-positive curvature) and a
+# fixed count of 10 iterations. tolerance=0: no stop on the residual.
+TIMING_CG = linalg.cg(10, tolerance=0.0)
+TIMING_CG_FIXED = linalg.cg(10, tolerance=0.0, stop_on_negative_curvature=False)
 
 def reference_problem(hidden, batch, forward_blocks):
     """The MLP problem; returns (problem_for(kind), params, hparams_for(kind), inner, outer)."""
@@ -102,7 +122,8 @@ def estimators():
         f"forward T={FLAGS.forward_steps}, lr in {FLAGS.forward_blocks} blocks": (
             "schedule", km.Forward(optim.sgd(0.1), FLAGS.forward_steps)),
         "implicit Neumann i=10, alpha=0.1": ("weights", km.Implicit(linalg.neumann(10, alpha=0.1))),
-        "implicit CG 10 iterations": ("weights", km.Implicit(TIMING_CG)),
+        "implicit CG": ("weights", km.Implicit(TIMING_CG)),
+        "implicit CG, fixed count": ("weights", km.Implicit(TIMING_CG_FIXED)),
         "EvoGrad K=2, sigma=1e-3, tau=0.05": (
             "weights", km.EvoGrad(num_copies=2, sigma=1e-3, temperature=0.05)),
     }
@@ -118,6 +139,20 @@ def median_seconds(fn, repeats):
         tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, out)
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def cg_iterations_run(solver, problem, params, hparams, inner, outer):
+    """The CG iterations (HVPs) ``km.Implicit(solver)`` runs on this problem: the same
+    right-hand side (d outer / d theta) and HVP (reverse-over-reverse, inner loss)."""
+    @tf.function
+    def count(p, h, b_in, b_out):
+        with tf.GradientTape() as tape:
+            tape.watch(p)
+            loss = problem.outer_loss(p, h, b_out)
+        rhs = tape.gradient(loss, p)
+        return solver.solve_with_info(
+            lambda v: linalg.hvp(lambda q: problem.inner_loss(q, h, b_in), p, v), rhs)[1]
+    return int(count(params, hparams, inner, outer))
 
 
 def timing_table():
@@ -143,20 +178,25 @@ def timing_table():
     for name, (kind, est) in estimators().items():
         problem, hparams = (weighted, logits) if kind == "weights" else (schedule, lrs)
         row = {"estimator": name}
+        if isinstance(est, km.Implicit) and isinstance(est.solve, linalg.CGSolver):
+            ran = cg_iterations_run(est.solve, problem, params, hparams, inner, outer)
+            row.update(cg_iterations_run=ran, cg_max_iterations=est.solve.max_iterations,
+                       cg_stop_on_negative_curvature=est.solve.stop_on_negative_curvature)
+            if est.solve.stop_on_negative_curvature:
+                row["estimator"] = (f"implicit CG stopping at curvature <= 0: {ran} of at most "
+                                    f"{est.solve.max_iterations} iterations run")
+            else:
+                row["estimator"] = (f"implicit CG, fixed count: {ran} of "
+                                    f"{est.solve.max_iterations} iterations run")
         for xla in (False, True):
             fn = tf.function(lambda p, h, b_in, b_out, est=est, problem=problem:
                              est(problem, p, h, b_in, b_out), jit_compile=xla)
             seconds = median_seconds(lambda: fn(params, hparams, inner, outer), FLAGS.repeats)
             row["ms_xla" if xla else "ms_graph"] = 1e3 * seconds
         row["gradients_graph"] = row["ms_graph"] / rows[0]["ms_graph"]
-        if isinstance(est, km.Implicit) and est.solve == TIMING_CG:
-            # CG stops early at non-positive curvature (the MLP's Hessian is indefinite here).
-            _, ran = linalg.conjugate_gradient_with_info(
-                lambda v: linalg.hvp(lambda p: problem.inner_loss(p, hparams, inner), params, v),
-                params, TIMING_CG.max_iterations, TIMING_CG.tolerance)
-            row["note"] = f"ran {int(ran)} of {TIMING_CG.max_iterations} CG iterations"
         rows.append(row)
-        print(f"  timed {name}: {row['ms_graph']:.1f} ms graph, {row['ms_xla']:.1f} ms XLA", flush=True)
+        print(f"  timed {row['estimator']}: {row['ms_graph']:.1f} ms graph, "
+              f"{row['ms_xla']:.1f} ms XLA", flush=True)
     for row in rows:
         row["speedup_xla"] = row["ms_graph"] / row["ms_xla"]
     return rows
@@ -227,57 +267,82 @@ def ridge_table():
 
 # --------------------------------------------------------------------------- memory
 
-def _rss_mib():
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                fields[key] = int(value.split()[0]) / 1024
-    return fields
+def _hypergrad_fn(est, problem):
+    return tf.function(lambda p, h, b_in, b_out: est(problem, p, h, b_in, b_out).hypergrad)
 
 
-def memory_child(spec):
-    """Runs inside a subprocess: one (mode, T) measurement, printed as JSON."""
-    mode, horizon = spec.split(":")
-    horizon = int(horizon)
+def memory_child(specs):
+    """Runs inside a subprocess: (mode, T) measurements 'mode:T,...', one JSON line each.
+
+    Resident memory is read for the first spec only (TensorFlow keeps freed CPU memory
+    pooled, so later executions in the same process understate it). Tensor bytes (with
+    TF_CPU_ALLOCATOR_USE_BFC=true) are counted exactly for every spec.
+    """
     hidden = [int(h) for h in FLAGS.hidden]
     weighted, schedule, params, logits, lrs, inner, outer = reference_problem(
         hidden, FLAGS.batch, FLAGS.forward_blocks)
-    if mode == "reverse":
-        est, problem, hparams = km.Unrolled(optim.sgd(0.1), horizon), weighted, logits
-    else:
-        est, problem, hparams = km.Forward(optim.sgd(0.1), horizon), schedule, lrs
     inner, outer = tf.nest.map_structure(tf.constant, (inner, outer))
-    fn = tf.function(lambda p, h, b_in, b_out: est(problem, p, h, b_in, b_out).hypergrad)
-    concrete = fn.get_concrete_function(params, hparams, inner, outer)  # traced, not run
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak resident set size (VmHWM) to the current size
-    before = _rss_mib()["VmRSS"]
-    start = time.perf_counter()
-    concrete(params, hparams, inner, outer)[0].numpy()
-    seconds = time.perf_counter() - start
-    peak = _rss_mib()["VmHWM"]
-    print(json.dumps({"mode": mode, "T": horizon, "peak_mib": peak - before,
-                      "rss_before_mib": before, "seconds": seconds}))
+    counting = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC") == "true"  # tensors are counted
+    for index, spec in enumerate(specs.split(",")):
+        mode, horizon = spec.split(":")
+        horizon = int(horizon)
+        if mode == "reverse":
+            est, problem, hparams = km.Unrolled(optim.sgd(0.1), horizon), weighted, logits
+        else:
+            est, problem, hparams = km.Forward(optim.sgd(0.1), horizon), schedule, lrs
+        concrete = _hypergrad_fn(est, problem).get_concrete_function(
+            params, hparams, inner, outer)  # traced, not run
+        if counting:
+            tf.config.experimental.reset_memory_stats("CPU:0")
+            held_before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        start = time.perf_counter()
+        peak, before, _ = first_execution_peak_mib(
+            lambda: concrete(params, hparams, inner, outer)[0].numpy())
+        seconds = time.perf_counter() - start
+        out = {"mode": mode, "T": horizon, "seconds": seconds,
+               "graph_nodes": len(concrete.graph.as_graph_def().node)}
+        if index == 0:
+            out.update(peak_mib=peak, rss_before_mib=before)
+        if counting:
+            info = tf.config.experimental.get_memory_info("CPU:0")
+            out["tensor_peak_mib"] = (info["peak"] - held_before) / 2 ** 20
+        print(json.dumps(out), flush=True)
+
+
+def _memory_runs(specs, count_tensors):
+    env = dict(os.environ)
+    env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
+    if count_tensors:
+        env["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
+    cmd = [sys.executable, "-m", "benchmarks.hypergrad", f"--memory_child={','.join(specs)}",
+           f"--hidden={','.join(FLAGS.hidden)}", f"--batch={FLAGS.batch}",
+           f"--forward_blocks={FLAGS.forward_blocks}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory run {specs} failed:\n{proc.stderr[-2000:]}")
+    return [json.loads(line) for line in proc.stdout.strip().splitlines()[-len(specs):]]
 
 
 def memory_table():
+    """Resident memory: one fresh process per (mode, T), default allocator. Tensors: one
+    process with the counting (BFC) allocator for all of them."""
+    specs = [f"{mode}:{horizon}" for mode in ("reverse", "forward")
+             for horizon in [int(v) for v in FLAGS.horizons]]
+    if not specs:
+        return []
     rows = []
-    env = dict(os.environ)
-    for mode in ("reverse", "forward"):
-        for horizon in [int(v) for v in FLAGS.horizons]:
-            cmd = [sys.executable, "-m", "benchmarks.hypergrad", f"--memory_child={mode}:{horizon}",
-                   f"--hidden={','.join(FLAGS.hidden)}", f"--batch={FLAGS.batch}",
-                   f"--forward_blocks={FLAGS.forward_blocks}"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            if proc.returncode != 0:
-                raise RuntimeError(f"memory run {mode} T={horizon} failed:\n{proc.stderr[-2000:]}")
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(f"  memory {mode} T={horizon}: peak +{row['peak_mib']:.1f} MiB "
-                  f"({row['seconds']:.1f} s)", flush=True)
+    for spec in specs:
+        row, = _memory_runs([spec], count_tensors=False)
+        rows.append(row)
+        print(f"  memory {spec}: peak +{row['peak_mib']:.1f} MiB resident "
+              f"({row['seconds']:.1f} s)", flush=True)
+    for row, counted in zip(rows, _memory_runs(specs, count_tensors=True)
+                            if FLAGS.count_tensors else []):
+        assert (row["mode"], row["T"]) == (counted["mode"], counted["T"])
+        row["tensor_peak_mib"] = counted["tensor_peak_mib"]
+        print(f"  memory {row['mode']}:{row['T']}: {row['tensor_peak_mib']:.1f} MiB in tensors",
+              flush=True)
     return rows
 
 
@@ -287,13 +352,20 @@ def fmt(value, spec):
     return "n/a" if value is None else format(value, spec)
 
 
+def command_line():
+    return " ".join(["python -m benchmarks.hypergrad"]
+                    + [f for f, on in (("--quick", FLAGS.quick),
+                                       ("--timing_only", FLAGS.timing_only)) if on])
+
+
 def markdown(ridge, timing, memory, elapsed):
     lines = ["## Hypergradient benchmark", "",
-             f"`python -m benchmarks.hypergrad{' --quick' if FLAGS.quick else ''}`; "
-             f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores, {elapsed:.0f} s in all.", "",
-             "### Accuracy on ridge regression (float64, per-feature log-penalties)", "",
-             "| d | estimator | relative error vs closed form | seconds (incl. XLA compile) |",
-             "|---:|---|---:|---:|"]
+             f"`{command_line()}`; "
+             f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores, {elapsed:.0f} s in all."]
+    if ridge:
+        lines += ["", "### Accuracy on ridge regression (float64, per-feature log-penalties)", "",
+                  "| d | estimator | relative error vs closed form | seconds (incl. XLA compile) |",
+                  "|---:|---|---:|---:|"]
     for r in ridge:
         lines.append(f"| {r['d']} | {r['estimator']} | {fmt(r['relative_error'], '.1e')} | "
                      f"{fmt(r['seconds'], '.2f')}{' (' + r['note'] + ')' if r.get('note') else ''} |")
@@ -304,15 +376,25 @@ def markdown(ridge, timing, memory, elapsed):
         note = f" ({r['note']})" if r.get("note") else ""
         lines.append(f"| {r['estimator']}{note} | {r['ms_graph']:.2f} | {r['ms_xla']:.2f} | "
                      f"{r['speedup_xla']:.2f}x | {r.get('gradients_graph', 1.0):.1f} |")
-    lines += ["", "### Peak memory against the horizon T (tf.function, float32)", "",
-              "| mode | T | peak memory of the first execution (MiB) | seconds | vs smallest T |",
-              "|---|---:|---:|---:|---:|"]
+    if memory:
+        lines += ["", "### Peak memory against the horizon T (tf.function, float32)", "",
+                  "Resident: peak resident memory of the first execution above that before it "
+                  "(default allocator). Tensors: peak bytes held in tensors during it (BFC "
+                  "allocator, a separate process).", "",
+                  "| mode | T | resident (MiB) | vs smallest T | tensors (MiB) | vs smallest T "
+                  "| seconds |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
     for mode in ("reverse", "forward"):
         mode_rows = [r for r in memory if r["mode"] == mode]
-        base = mode_rows[0]["peak_mib"] if mode_rows else None
         for r in mode_rows:
-            lines.append(f"| {mode} | {r['T']} | {r['peak_mib']:.1f} | {r['seconds']:.1f} | "
-                         f"{r['peak_mib'] / base:.2f}x |")
+            base = mode_rows[0]
+            tensors, ratio = "n/a", "n/a"
+            if r.get("tensor_peak_mib") is not None:
+                tensors = f"{r['tensor_peak_mib']:.1f}"
+                ratio = f"{r['tensor_peak_mib'] / base['tensor_peak_mib']:.2f}x"
+            lines.append(f"| {mode} | {r['T']} | {r['peak_mib']:.1f} | "
+                         f"{r['peak_mib'] / base['peak_mib']:.2f}x | {tensors} | {ratio} | "
+                         f"{r['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -320,17 +402,24 @@ def plot(timing, memory, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for mode, marker in (("reverse", "o"), ("forward", "s")):
-        rows = [r for r in memory if r["mode"] == mode]
-        ax1.plot([r["T"] for r in rows], [max(r["peak_mib"], 1e-2) for r in rows], marker=marker,
-                 label=f"{mode} mode")
-    ax1.set_xscale("log")
-    ax1.set_yscale("log")
-    ax1.set_xlabel("horizon T (inner steps)")
-    ax1.set_ylabel("peak memory of the first execution (MiB)")
-    ax1.set_title("Memory against horizon")
-    ax1.legend()
+    if memory:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+        for mode, color in (("reverse", "C0"), ("forward", "C1")):
+            rows = [r for r in memory if r["mode"] == mode]
+            horizons = [r["T"] for r in rows]
+            ax1.plot(horizons, [max(r["peak_mib"], 1e-2) for r in rows], marker="o",
+                     color=color, label=f"{mode} mode, resident")
+            if all(r.get("tensor_peak_mib") is not None for r in rows):
+                ax1.plot(horizons, [max(r["tensor_peak_mib"], 1e-2) for r in rows], marker="s",
+                         linestyle="--", color=color, label=f"{mode} mode, tensors")
+        ax1.set_xscale("log")
+        ax1.set_yscale("log")
+        ax1.set_xlabel("horizon T (inner steps)")
+        ax1.set_ylabel("peak memory of the first execution (MiB)")
+        ax1.set_title("Memory against horizon")
+        ax1.legend(fontsize=8)
+    else:
+        fig, ax2 = plt.subplots(1, 1, figsize=(7, 4.5))
     names = [r["estimator"] for r in timing]
     ypos = np.arange(len(names))
     ax2.barh(ypos - 0.2, [r["ms_graph"] for r in timing], 0.4, label="tf.function")
@@ -356,23 +445,28 @@ def main(argv):
         FLAGS.cg_iterations, FLAGS.neumann_terms = 60, 60
         FLAGS.hidden, FLAGS.batch, FLAGS.repeats = ["16"], 16, 1
         FLAGS.reverse_steps, FLAGS.forward_steps, FLAGS.horizons = 4, 4, ["2", "8"]
+        FLAGS.count_tensors = False  # one subprocess less; tests count tensors directly
+    if FLAGS.timing_only:
+        FLAGS.ridge_dims, FLAGS.horizons = [], []
     start = time.perf_counter()
-    print("1/3 ridge accuracy", flush=True)
-    ridge = ridge_table()
+    print("1/3 ridge accuracy" + ("" if FLAGS.ridge_dims else ": skipped"), flush=True)
+    ridge = ridge_table() if FLAGS.ridge_dims else []
     print("2/3 time per hypergradient", flush=True)
     timing = timing_table()
-    print("3/3 memory against horizon", flush=True)
-    memory = memory_table()
+    print("3/3 memory against horizon" + ("" if FLAGS.horizons else ": skipped"), flush=True)
+    memory = memory_table() if FLAGS.horizons else []
     report = markdown(ridge, timing, memory, time.perf_counter() - start)
     print("\n" + report)
+    stem = "hypergrad_timing" if FLAGS.timing_only else "hypergrad"
     os.makedirs(FLAGS.output_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.output_dir, "hypergrad.md"), "w") as f:
+    with open(os.path.join(FLAGS.output_dir, f"{stem}.md"), "w") as f:
         f.write(report)
-    with open(os.path.join(FLAGS.output_dir, "hypergrad.json"), "w") as f:
+    with open(os.path.join(FLAGS.output_dir, f"{stem}.json"), "w") as f:
         json.dump({"ridge": ridge, "timing": timing, "memory": memory,
-                   "tensorflow": tf.__version__, "quick": FLAGS.quick}, f, indent=2)
-    plot(timing, memory, os.path.join(FLAGS.output_dir, "hypergrad.png"))
-    print(f"Wrote {FLAGS.output_dir}/hypergrad.md, hypergrad.json, hypergrad.png")
+                   "tensorflow": tf.__version__, "quick": FLAGS.quick,
+                   "timing_only": FLAGS.timing_only}, f, indent=2)
+    plot(timing, memory, os.path.join(FLAGS.output_dir, f"{stem}.png"))
+    print(f"Wrote {FLAGS.output_dir}/{stem}.md, {stem}.json, {stem}.png")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ other solvers ignore it); ``unroll=True`` traces the iterations in Python instea
 
   neumann(num_terms, alpha=None)        num_terms HVPs            memory: 3 nests like b
   cg(max_iterations=10, tolerance=1e-10) <= max_iterations HVPs   memory: 4 nests like b
+    (stop_on_negative_curvature=False: exactly max_iterations HVPs when tolerance=0)
   dense()                               P HVPs + O(P^3) solve     memory: O(P^2)
 
 All of them work eagerly and inside `tf.function(jit_compile=True)`; the iterative
@@ -137,7 +138,8 @@ def neumann_inverse_hvp(hvp_fn, vector, alpha, num_terms, unroll=False):
     return _tree.tree_scale(total, alpha)
 
 
-def conjugate_gradient(hvp_fn, b, max_iterations=10, tolerance=1e-10, x0=None, unroll=False):
+def conjugate_gradient(hvp_fn, b, max_iterations=10, tolerance=1e-10, x0=None, unroll=False,
+                       stop_on_negative_curvature=True):
     """Solves H x = b by conjugate gradient (H symmetric positive definite).
 
     Stops after ``max_iterations`` HVPs, when ||r|| <= tolerance * ||b||, or when a
@@ -145,18 +147,25 @@ def conjugate_gradient(hvp_fn, b, max_iterations=10, tolerance=1e-10, x0=None, u
     definite there, as for a network's Hessian away from a minimum): the iterate
     reached so far is returned, as in truncated CG, instead of dividing by ~0.
     Exact after at most dim(theta) iterations in exact arithmetic for SPD H.
+    ``stop_on_negative_curvature=False`` takes the plain CG step along every direction,
+    negative curvature included (the fixed-count CG of libraries that do not check
+    curvature; with ``tolerance=0`` it runs exactly ``max_iterations`` HVPs unless the
+    residual vanishes); a direction of exactly zero curvature leaves the iterate unchanged.
+    On SPD H both settings give the same iterates.
     A non-finite right-hand side gives a non-finite result (never silent zeros).
     Cost: one HVP per iteration. Memory: 4 nests shaped like b. Returns x.
     ``unroll=True`` traces ``max_iterations`` iterations in Python (for an all-reducing
     ``hvp_fn``); stopped iterations are masked, so it always runs max_iterations HVPs.
     """
-    x, _ = conjugate_gradient_with_info(hvp_fn, b, max_iterations, tolerance, x0, unroll)
+    x, _ = conjugate_gradient_with_info(hvp_fn, b, max_iterations, tolerance, x0, unroll,
+                                        stop_on_negative_curvature)
     return x
 
 
 def conjugate_gradient_with_info(hvp_fn, b, max_iterations=10, tolerance=1e-10, x0=None,
-                                 unroll=False):
-    """`conjugate_gradient`, also returning the number of HVPs it ran (int32 scalar)."""
+                                 unroll=False, stop_on_negative_curvature=True):
+    """`conjugate_gradient`, also returning the number of CG iterations it ran (int32 scalar;
+    one HVP each; the iteration that meets non-positive curvature counts)."""
     max_iterations = int(max_iterations)
     if max_iterations < 0:
         raise ValueError(f"max_iterations must be >= 0, got {max_iterations}")
@@ -182,8 +191,12 @@ def conjugate_gradient_with_info(hvp_fn, b, max_iterations=10, tolerance=1e-10, 
     def body(k, x, r, p, rs, stopped):
         hp = hvp_fn(p)
         curvature = _tree.tree_vdot(p, hp)
-        stopped = curvature <= zero  # False for NaN: NaN propagates
-        step = tf.where(stopped, zero, rs / tf.where(stopped, tf.ones_like(curvature), curvature))
+        if stop_on_negative_curvature:
+            stopped = curvature <= zero  # False for NaN: NaN propagates
+            skip = stopped
+        else:
+            skip = tf.equal(curvature, zero)  # breakdown: no step along p
+        step = tf.where(skip, zero, rs / tf.where(skip, tf.ones_like(curvature), curvature))
         x = _tree.tree_axpy(step, p, x)
         r = _tree.tree_axpy(-step, hp, r)
         rs_new = tf.where(stopped, rs, _tree.tree_vdot(r, r))
@@ -303,6 +316,7 @@ class CGSolver:
 
     max_iterations: int = 10
     tolerance: float = 1e-10
+    stop_on_negative_curvature: bool = True
 
     def __post_init__(self):
         if int(self.max_iterations) < 0:
@@ -312,8 +326,13 @@ class CGSolver:
 
     def __call__(self, hvp_fn, b, *, step_size=None, unroll=False):
         del step_size  # CG needs no step
-        return conjugate_gradient(hvp_fn, b, int(self.max_iterations), self.tolerance,
-                                  unroll=unroll)
+        return self.solve_with_info(hvp_fn, b, unroll=unroll)[0]
+
+    def solve_with_info(self, hvp_fn, b, *, unroll=False):
+        """(x, iterations run): the solve, and how many CG iterations (HVPs) it took."""
+        return conjugate_gradient_with_info(
+            hvp_fn, b, int(self.max_iterations), self.tolerance, unroll=unroll,
+            stop_on_negative_curvature=bool(self.stop_on_negative_curvature))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,10 +350,13 @@ def neumann(num_terms, alpha=None):
     return NeumannSolver(int(num_terms), alpha)
 
 
-def cg(max_iterations=10, tolerance=1e-10):
+def cg(max_iterations=10, tolerance=1e-10, stop_on_negative_curvature=True):
     """A conjugate-gradient solver: at most ``max_iterations`` HVPs, stops at
-    ||r|| <= tolerance ||b|| or at non-positive curvature."""
-    return CGSolver(int(max_iterations), tolerance)
+    ||r|| <= tolerance ||b|| or at non-positive curvature. With
+    ``stop_on_negative_curvature=False`` (and ``tolerance=0``) it runs a fixed
+    ``max_iterations`` plain CG steps, as libraries that do not check curvature do.
+    ``cg(...).solve_with_info(hvp_fn, b)`` also returns the iterations run."""
+    return CGSolver(int(max_iterations), tolerance, bool(stop_on_negative_curvature))
 
 
 def dense():

@@ -118,3 +118,60 @@ def test_conjugate_gradient_stops_at_negative_curvature():
     x, k = linalg.conjugate_gradient_with_info(lambda v: [tf.linalg.matvec(h2, v[0])],
                                                [tf.constant([1.0, 0.5], tf.float64)], 10)
     assert np.all(np.isfinite(x[0].numpy())) and int(k) == 2
+
+
+def numpy_cg(h, b, iterations):
+    """Plain CG, no curvature check or tolerance: the fixed-count reference."""
+    x, r = np.zeros_like(b), b.copy()
+    p, rs = r.copy(), r @ r
+    for _ in range(iterations):
+        hp = h @ p
+        step = rs / (p @ hp)
+        x, r = x + step * p, r - step * hp
+        rs_new = r @ r
+        p, rs = r + rs_new / rs * p, rs_new
+    return x
+
+
+# Symmetric indefinite, well conditioned: eigenvalues +-1, +-2, +-3 in a random basis.
+_Q = np.linalg.qr(RNG.normal(size=(D, D)))[0]
+INDEFINITE = _Q @ np.diag([1.0, 2.0, 3.0, -1.0, -2.0, -3.0]) @ _Q.T
+
+
+@pytest.mark.parametrize("mode, unroll", [("eager", False), ("eager", True), ("xla", False)])
+def test_fixed_iteration_cg_matches_numpy_cg(mode, unroll):
+    # Reference: numpy_cg above after n iterations (n < D: not yet converged), and
+    # numpy.linalg.solve after D iterations (CG is exact then for a nonsingular symmetric
+    # matrix without breakdown, definite or not). On SPD A both settings agree.
+    def run(h, n, stop):
+        solver = linalg.cg(n, tolerance=0.0, stop_on_negative_curvature=stop)
+        hvp_fn = lambda v: [tf.linalg.matvec(tf.constant(h), v[0])]  # noqa: E731
+        return compiled(lambda b: solver.solve_with_info(hvp_fn, [b], unroll=unroll), mode)(
+            tf.constant(V))
+
+    for n in (1, 3):
+        for stop in (True, False):
+            x, k = run(A, n, stop)
+            assert int(k) == n
+            np.testing.assert_allclose(x[0].numpy(), numpy_cg(A, V, n), rtol=1e-10)
+    x, k = run(INDEFINITE, 4, False)
+    assert int(k) == 4  # every iteration runs on the indefinite matrix
+    np.testing.assert_allclose(x[0].numpy(), numpy_cg(INDEFINITE, V, 4), rtol=1e-8)
+    x, k = run(INDEFINITE, D, False)
+    np.testing.assert_allclose(x[0].numpy(), np.linalg.solve(INDEFINITE, V), rtol=1e-8)
+    _, k_stop = run(INDEFINITE, 4, True)
+    assert int(k_stop) < 4  # the default stops at the first non-positive curvature
+
+
+def test_fixed_iteration_cg_survives_zero_curvature_and_keeps_the_protocol():
+    # H = diag(1, -1), b = (1, 1): every direction has p^T H p = 0 (breakdown); the
+    # fixed-count run takes no step there and stays finite (reference: x = 0).
+    h = tf.constant(np.diag([1.0, -1.0]))
+    hvp_fn = lambda v: [tf.linalg.matvec(h, v[0])]  # noqa: E731
+    solver = linalg.cg(5, tolerance=0.0, stop_on_negative_curvature=False)
+    x, k = solver.solve_with_info(hvp_fn, [tf.constant([1.0, 1.0], tf.float64)])
+    assert int(k) == 5
+    np.testing.assert_array_equal(x[0].numpy(), [0.0, 0.0])
+    # The protocol call is unchanged and returns only x.
+    x = solver(hvp_fn, [tf.constant([1.0, 1.0], tf.float64)], step_size=0.1, unroll=True)
+    np.testing.assert_array_equal(x[0].numpy(), [0.0, 0.0])

@@ -89,3 +89,17 @@ def test_forward_refuses_too_many_hyperparameters():
     with pytest.raises(ValueError, match="one JVP per scalar"):
         km.Forward(optim.sgd(1.0), 4, max_hparams=3)(quad.problem(), params, hparams, inner_batch,
                                                      target)
+
+
+def test_forward_loop_runs_one_step_at_a_time():
+    # Memory stays flat in T only if the executor does not overlap steps: the step loop must be
+    # a single while op (the graph does not grow with T) with parallel_iterations=1.
+    # Reference: the traced graph's While ops and their attributes.
+    quad = Quadratic(num_steps=6)
+    params, hparams, inner_batch, target = quad.inputs()
+    fn = tf.function(lambda p, h: km.Forward(optim.sgd(1.0), 6)(
+        quad.problem(), p, h, inner_batch, target).hypergrad)
+    graph = fn.get_concrete_function(params, hparams).graph
+    loops = [op for op in graph.get_operations() if op.type in ("While", "StatelessWhile")]
+    assert len(loops) == 1
+    assert loops[0].get_attr("parallel_iterations") == 1
