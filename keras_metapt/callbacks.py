@@ -11,7 +11,7 @@ import tensorflow as tf
 from keras_metapt.errors import InputMismatchError, NonFiniteHypergradientError
 
 __all__ = ["MetaCheckpoint", "StopOnNonFiniteHypergradient", "MetaParameterSummaries",
-           "TaskWeightsPlot", "EpochTimer"]
+           "TaskWeightsPlot", "TaskWeightsHistory", "plot_weights_by_group", "EpochTimer"]
 
 
 class MetaCheckpoint(keras.callbacks.Callback):
@@ -170,12 +170,15 @@ class TaskWeightsPlot(keras.callbacks.Callback):
     training and every ``every_n_epochs`` epochs (0: only at the end).
     """
 
-    def __init__(self, path, task_names=None, every_n_epochs=0, max_labels=40):
+    def __init__(self, path, task_names=None, every_n_epochs=0, max_labels=40, groups=None,
+                 is_real=None):
         super().__init__()
         self.path = path
         self.task_names = task_names
         self.every_n_epochs = int(every_n_epochs)
         self.max_labels = int(max_labels)
+        self.groups = None if groups is None else list(groups)
+        self.is_real = None if is_real is None else np.asarray(is_real, bool)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0:
@@ -189,6 +192,9 @@ class TaskWeightsPlot(keras.callbacks.Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         values, label = _task_weights(self.model.meta_layer)
+        if self.groups is not None:
+            return plot_weights_by_group(self.path, values, self.groups, self.is_real,
+                                         f"Learned {label}s by task family{title_suffix}", label)
         names = self.task_names or getattr(self.model.meta_layer, "task_names", None) \
             or [f"task {i}" for i in range(len(values))]
         order = np.argsort(values)[::-1]
@@ -208,6 +214,84 @@ class TaskWeightsPlot(keras.callbacks.Callback):
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         fig.savefig(self.path, dpi=110)
         plt.close(fig)
+
+
+def plot_weights_by_group(path, weights, groups, is_real=None, title="", label="task weight"):
+    """Strip plot of one weight per task, one column per group (e.g. task family); with
+    ``is_real``, real and control (permuted) tasks in two colours. Writes a PNG to ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    weights, groups = np.asarray(weights), list(groups)
+    names = list(dict.fromkeys(groups))
+    rng = np.random.default_rng(0)  # jitter only
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.8 * len(names)), 4.5))
+    kinds = [("tasks", np.ones(len(weights), bool), "tab:blue")] if is_real is None else [
+        ("real tasks", np.asarray(is_real, bool), "tab:blue"),
+        ("permuted (control) tasks", ~np.asarray(is_real, bool), "tab:red")]
+    for kind, mask, colour in kinds:
+        xs, ys = [], []
+        for column, name in enumerate(names):
+            members = mask & (np.array(groups) == name)
+            xs.append(column + rng.uniform(-0.3, 0.3, members.sum()))
+            ys.append(weights[members])
+        ax.scatter(np.concatenate(xs), np.concatenate(ys), s=6, alpha=0.6, color=colour,
+                   label=kind)
+    ax.axhline(1.0 if label == "task weight" else 0.0, color="gray", lw=0.8, ls="--")
+    counts = [groups.count(n) for n in names]
+    ax.set_xticks(range(len(names)), [f"{n}\n({c} tasks)" for n, c in zip(names, counts)])
+    ax.set_ylabel(f"learned {label}")
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class TaskWeightsHistory(keras.callbacks.Callback):
+    """Records the task-weight distribution at the end of every epoch in ``epochs`` (a list of
+    dicts: quantiles 0/10/50/90/100%, mean, share below 0.5 and above 1.5, and with ``is_real``
+    the AUROC of the weights for "task is real") and prints one line per epoch when verbose.
+
+    ``path``: a JSON file the list is written to after every epoch and read back when training
+    begins, so a resumed run (`MetaCheckpoint`) keeps the epochs before the interruption; an
+    epoch run again replaces its entry. Put it before `MetaCheckpoint` in the callbacks.
+    """
+
+    def __init__(self, is_real=None, path=None, verbose=True):
+        super().__init__()
+        self.is_real = None if is_real is None else np.asarray(is_real, bool)
+        self.path = path
+        self.verbose = bool(verbose)
+        self.epochs = []
+
+    def on_train_begin(self, logs=None):
+        if self.path and os.path.exists(self.path):
+            with open(self.path) as f:
+                self.epochs = json.load(f)
+
+    def on_epoch_end(self, epoch, logs=None):
+        from keras_metapt.data.task_controls import weight_auroc
+        values, _ = _task_weights(self.model.meta_layer)
+        q = np.quantile(values, [0.0, 0.1, 0.5, 0.9, 1.0])
+        entry = {"epoch": epoch + 1, "mean": float(values.mean()),
+                 "quantiles": {k: float(v) for k, v in zip(("0", "10", "50", "90", "100"), q)},
+                 "below_0.5": float((values < 0.5).mean()), "above_1.5": float((values > 1.5).mean())}
+        if self.is_real is not None:
+            entry["auroc_real"] = weight_auroc(values, self.is_real)
+        self.epochs = [e for e in self.epochs if e["epoch"] < epoch + 1] + [entry]
+        if self.path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.epochs, f)
+            os.replace(tmp, self.path)
+        if self.verbose:
+            print(f"epoch {epoch + 1}: weights min/10%/median/90%/max "
+                  + "/".join(f"{v:.3f}" for v in q)
+                  + (f", AUROC(real) {entry['auroc_real']:.3f}" if "auroc_real" in entry else ""),
+                  flush=True)
 
 
 class EpochTimer(keras.callbacks.Callback):

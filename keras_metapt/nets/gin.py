@@ -34,7 +34,8 @@ class GIN(keras.Model):
       num_layers, hidden, dropout: sizes (paper: 5, 300, 0.2 or 0.5).
       readout: "mean" or "mean+center".
       bn_momentum: BatchNorm momentum (Keras convention; 0.9 = PyTorch's 0.1).
-      num_graphs: graphs per batch (static, for XLA).
+      num_graphs: graphs per batch (static, for XLA) when a batch has no "center" entry; a
+        batch with one (`batch_graphs` output) may hold any static number of graphs.
     """
 
     def __init__(self, node_vocab_sizes, edge_vocab_sizes, num_graphs, num_layers=5, hidden=300,
@@ -88,9 +89,12 @@ class GIN(keras.Model):
                 h = ops.relu(h)
             h = self.dropout(h, training=training) * node_mask
         graph_ids = batch["node_graph"]
-        sums = ops.segment_sum(h * node_mask, graph_ids, num_segments=self.num_graphs + 1)
-        counts = ops.segment_sum(node_mask, graph_ids, num_segments=self.num_graphs + 1)
-        pooled = sums[: self.num_graphs] / ops.maximum(counts[: self.num_graphs], 1.0)
+        # a batch's graph count is static in its "center" shape; num_graphs when it is not
+        num_graphs = batch["center"].shape[0] if "center" in batch else None
+        num_graphs = self.num_graphs if num_graphs is None else int(num_graphs)
+        sums = ops.segment_sum(h * node_mask, graph_ids, num_segments=num_graphs + 1)
+        counts = ops.segment_sum(node_mask, graph_ids, num_segments=num_graphs + 1)
+        pooled = sums[:num_graphs] / ops.maximum(counts[:num_graphs], 1.0)
         if self.readout == "mean+center":
             pooled = ops.concatenate([pooled, ops.take(h, batch["center"], axis=0)], axis=-1)
         return pooled

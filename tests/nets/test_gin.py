@@ -53,6 +53,17 @@ def test_invariant_to_batch_composition_and_padding():
     np.testing.assert_allclose(first, padded, rtol=1e-5, atol=1e-6)
 
 
+def test_a_batch_may_hold_another_number_of_graphs_than_num_graphs():
+    """Reference: each molecule scored alone (a one-graph batch) by the same model; a batch of
+    5 graphs and one of 1 graph both work on a model built with num_graphs=3."""
+    gin3 = model(3)
+    graphs = [smiles_to_graph(s) for s in SMILES]
+    together = gin3(batch_graphs(graphs), training=False).numpy()
+    assert together.shape == (5, 32)
+    alone = np.concatenate([gin3(batch_graphs([g]), training=False).numpy() for g in graphs])
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+
+
 def test_center_readout_concatenates_the_centre_node():
     gin = model(2, readout="mean+center")
     out = gin(batch_graphs([smiles_to_graph(s) for s in SMILES[:2]], centers=[1, 0]), training=False)
