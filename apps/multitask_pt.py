@@ -9,10 +9,17 @@ then fine-tunes each on the FT task in two ways, full fine-tuning and linear eva
 (frozen encoder), and reports test AUROC (mean +- std over seeds) and PT throughput.
 
 Default data, embedded (nothing to download; see keras_metapt.data.embedded): PT molecules
-shipped with RDKit with the presence of RDKit's fr_* fragments as PT tasks; FT task:
-CHEMBL2321810 activity (pIC50 >= 7), scaffold split, MetaTrain / MetaVal carved from the FT
-training part. Own data: --pt_csv (SMILES + label columns) or --pt_tfds (a graph TFDS
-dataset), and --ft_csv.
+shipped with RDKit plus the FT training molecules, with about 500 PT tasks in three families
+(RDKit fr_* fragments, Morgan bits, descriptors above their median); FT task: CHEMBL2321810
+activity (pIC50 >= 7), scaffold split, MetaTrain / MetaVal carved from the FT training part.
+Own data: --pt_csv (SMILES + label columns) or --pt_tfds (a graph TFDS dataset), and --ft_csv.
+
+Control tasks: --permuted_task_fraction of the PT tasks (default 25%) get their labels permuted
+across molecules, so they are known to be useless; the meta arm reports the AUROC of its learned
+weights for "task is real", the mean weight of real and permuted tasks per family, the weight
+distribution per epoch, and the agreement of hypergradients computed on different batches at
+the end (--agreement_batches). The RDKit wheel ships one measured activity set large enough to
+fine-tune on (CHEMBL2321810), so there is one FT task.
 
     python apps/multitask_pt.py                  # CPU-sized default, a few minutes
     python apps/multitask_pt.py --full           # paper-sized GIN, all 15k PT molecules (GPU)
@@ -25,11 +32,12 @@ fine-tuning and evaluation stay on one device.
 Writes <output_dir>/summary.md and summary.json (the AUROC table, timings, per-seed AUROCs and
 each arm's mean paired difference to --baseline with a 95% t interval), per-run results under
 results/ (a rerun skips finished runs made with the same settings: resumable),
-task_weights_seed<k>.png, and exports the meta arm's fine-tuned model and encoder of the last
+task_weights_seed<k>.png (weights by task family, permuted controls in red), and exports the meta arm's fine-tuned model and encoder of the last
 seed as SavedModels under <saved_models_dir>/<run_name>_{finetuned,encoder}/<version>/.
 The arms x seeds loop, resume, seeding and summary are apps/runner.py's; a seed fixes a run.
 """
 
+import collections
 import dataclasses
 import os
 import sys
@@ -47,17 +55,19 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from apps import runner  # noqa: E402
-from keras_metapt.callbacks import EpochTimer, MetaCheckpoint, TaskWeightsPlot  # noqa: E402
+from keras_metapt.callbacks import (EpochTimer, MetaCheckpoint, TaskWeightsHistory,  # noqa: E402
+                                    TaskWeightsPlot)
 from keras_metapt.data import (EDGE_VOCAB_SIZES, NODE_VOCAB_SIZES, batch_graphs, bucket_size,  # noqa: E402
                                embedded, read_molecule_csv, smiles_to_graph)
 from keras_metapt.data.graph_files import GraphFileError  # noqa: E402
 from keras_metapt.data.splits import SplitError, describe_split, scaffold_split  # noqa: E402
+from keras_metapt.data.task_controls import permute_task_labels, weight_auroc  # noqa: E402
 from keras_metapt.hyper import TaskWeights  # noqa: E402
 from keras_metapt.losses import masked_multitask_bce  # noqa: E402
 from keras_metapt.nets import GIN  # noqa: E402
 
 FLAGS = flags.FLAGS
-ARMS = ("no_pt", "uniform", "meta")
+ARMS = ("no_pt", "uniform", "oracle", "meta")
 flags.DEFINE_string("pt_csv", None, "PT molecules: CSV with a SMILES column and 0/1 label columns "
                     "(empty cell = missing label). Default: the embedded RDKit benchmark.")
 flags.DEFINE_string("pt_tfds", None, "PT molecules as a graph TFDS dataset directory (written by "
@@ -70,6 +80,16 @@ flags.DEFINE_string("ft_label_column", "label", "0/1 label column of --ft_csv.")
 flags.DEFINE_enum("on_error", "raise", ["raise", "skip"], "Invalid SMILES or label in a CSV: "
                   "stop with an error naming file and row, or skip the row (counted, warned).")
 flags.DEFINE_integer("max_pt_molecules", 3000, "Use at most this many PT molecules (0: all).")
+flags.DEFINE_list("task_families", list(embedded.TASK_FAMILIES), "Embedded benchmark: PT task "
+                  "families, out of fragment (RDKit fr_* presence), morgan (radius-2 Morgan bits), "
+                  "descriptor (RDKit descriptor above its median).")
+flags.DEFINE_float("min_task_rate", 0.02, "Embedded benchmark: keep a PT task when its positive "
+                   "rate lies in [rate, 1 - rate].")
+flags.DEFINE_bool("ft_in_pt", True, "Embedded benchmark: the FT training molecules join the PT "
+                  "pool with their PT labels (as the official code; test molecules never do).")
+flags.DEFINE_float("permuted_task_fraction", 0.25, "Share of PT tasks whose labels are permuted "
+                   "across molecules (seeded by --split_seed): control tasks known to be useless. "
+                   "The meta arm reports the AUROC of its learned weights for 'task is real'.")
 flags.DEFINE_float("test_fraction", 0.2, "Fraction of FT molecules in the scaffold-split test set.")
 flags.DEFINE_float("split_tolerance", 0.05, "Largest accepted |test share - --test_fraction| of "
                    "the scaffold split (scaffold groups are indivisible); beyond it the app stops "
@@ -81,20 +101,35 @@ flags.DEFINE_integer("num_layers", 3, "GIN layers (paper: 5).")
 flags.DEFINE_integer("hidden", 64, "GIN hidden size (paper: 300).")
 flags.DEFINE_float("dropout", 0.2, "GIN dropout.")
 flags.DEFINE_integer("batch_size", 32, "Graphs per batch (every stream).")
-flags.DEFINE_integer("pt_epochs", 3, "PT epochs (the meta arm's first epoch is its warm-up).")
+flags.DEFINE_integer("pt_epochs", 4, "PT epochs (the meta arm's first epoch is its warm-up).")
 flags.DEFINE_float("pt_lr", 1e-3, "PT Adam learning rate (also the Neumann alpha).")
-flags.DEFINE_float("hyper_lr", 1e-2, "Adam learning rate of the task-weight logits.")
-flags.DEFINE_integer("hyperstep_every", 10, "N: PT steps between hypersteps.")
+flags.DEFINE_float("hyper_lr", 0.05, "Adam learning rate of the task-weight logits (with the "
+                   "default MetaVal batch and N, weights spread over about [0.3, 1.6] in 4 epochs).")
+flags.DEFINE_integer("hyperstep_every", 2, "N: PT steps between hypersteps.")
 flags.DEFINE_integer("unroll_steps", 1, "K: differentiable FT-head steps per hyperstep.")
 flags.DEFINE_integer("neumann_terms", 1, "i: Neumann terms of the inverse-Hessian product.")
 flags.DEFINE_integer("ft_epochs", 30, "Final fine-tuning epochs (no early stopping on test).")
-flags.DEFINE_float("ft_lr", 1e-3, "Final fine-tuning Adam learning rate.")
+flags.DEFINE_float("ft_lr", 1e-3, "Adam learning rate of full fine-tuning (and of the meta arm's "
+                   "FT head during PT).")
+flags.DEFINE_float("linear_lr", 1e-2, "Adam learning rate of linear evaluation (frozen encoder; a "
+                   "head alone takes a larger rate, as in the official protocol).")
+flags.DEFINE_integer("meta_val_batch_size", 192, "Molecules per MetaVal batch of a hyperstep (0: "
+                     "--batch_size); larger batches give a quieter hypergradient (the mean "
+                     "cosine between hypergradients of different batches rose from -0.05 at 32 "
+                     "to 0.43 at 203 molecules).")
+flags.DEFINE_integer("agreement_batches", 4, "After meta-PT, hypergradients on this many fresh "
+                     "elements (other MetaVal and PT batches) at the final state: their mean "
+                     "pairwise cosine is the reported signal-to-noise check (0: skip).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (model initialisation, data order); a seed "
                   "fixes a run (bit-identical on CPU).")
-flags.DEFINE_list("arms", list(ARMS), "Arms to run, out of " + ", ".join(ARMS) + ".")
+flags.DEFINE_list("arms", ["no_pt", "uniform", "meta"], "Arms to run, out of " + ", ".join(ARMS)
+                  + "; oracle pre-trains on the real tasks only (permuted controls weighted 0): "
+                  "what task weighting could gain at best.")
 flags.DEFINE_enum("baseline", "uniform", list(ARMS), "Arm that summary.md/json compare every "
                   "other arm with (mean paired per-seed difference, 95% t interval).")
-flags.DEFINE_bool("xla", True, "Compile training steps with XLA (jit_compile).")
+flags.DEFINE_bool("xla", False, "Compile training steps with XLA (jit_compile). Keras compiles "
+                  "without XLA while TensorFlow op determinism is on, so --xla turns op "
+                  "determinism off: faster, but a seed no longer pins the run bit for bit.")
 flags.DEFINE_bool("full", False, "Paper-sized preset: 5 layers, hidden 300, all PT molecules, "
                   "10 PT epochs, 50 FT epochs (meant for a GPU).")
 flags.DEFINE_string("output_dir", "runs/multitask_pt", "Results, plots and checkpoints.")
@@ -119,6 +154,10 @@ class Config(runner.GridConfig):
     ft_label_column: str
     on_error: str
     max_pt_molecules: int
+    task_families: tuple
+    min_task_rate: float
+    ft_in_pt: bool
+    permuted_task_fraction: float
     test_fraction: float
     split_tolerance: float
     meta_val_fraction: float
@@ -135,6 +174,9 @@ class Config(runner.GridConfig):
     neumann_terms: int
     ft_epochs: int
     ft_lr: float
+    linear_lr: float
+    meta_val_batch_size: int
+    agreement_batches: int
     xla: bool
     full: bool
     saved_models_dir: str
@@ -150,7 +192,16 @@ class Config(runner.GridConfig):
               "dropout": "[0, 1)", "batch_size": "[1, inf)", "pt_epochs": "[1, inf)",
               "pt_lr": "(0, inf)", "hyper_lr": "[0, inf)", "hyperstep_every": "[1, inf)",
               "unroll_steps": "[1, inf)", "neumann_terms": "[0, inf)", "ft_epochs": "[1, inf)",
-              "ft_lr": "(0, inf)", "verbose": "[0, 2]"}
+              "ft_lr": "(0, inf)", "verbose": "[0, 2]", "min_task_rate": "[0, 0.5)",
+              "permuted_task_fraction": "[0, 1)", "linear_lr": "(0, inf)",
+              "meta_val_batch_size": "[0, inf)", "agreement_batches": "[0, inf)"}
+
+    def __post_init__(self):
+        super().__post_init__()
+        unknown = [f for f in self.task_families if f not in embedded.TASK_FAMILIES]
+        if unknown or not self.task_families:
+            raise app.UsageError(f"--task_families={','.join(self.task_families)}: give some of "
+                                 f"{', '.join(embedded.TASK_FAMILIES)}")
 
     @classmethod
     def from_flags(cls, flag_values=FLAGS):
@@ -162,14 +213,29 @@ class Config(runner.GridConfig):
 
 
 NODE_BUCKETS = tuple(range(256, 1 << 16, 256))
+Data = collections.namedtuple("Data", "pt_graphs pt_labels tasks is_real ft_graphs ft_labels "
+                                      "train_idx test_idx")
 
 
 # ----------------------------------------------------------------------------- data
 
 def load_data(config):
-    cache = os.path.join(config.output_dir, "cache", "pt_fragment_labels.npz")
+    """PT graphs, labels, task names and is_real (False: a permuted control task), FT graphs and
+    labels, and the FT scaffold split."""
     if config.pt_csv and config.pt_tfds:
         raise app.UsageError("give --pt_csv or --pt_tfds, not both")
+    if config.ft_csv:
+        # rows skipped (--on_error=skip) are gone before the split: the split is the same kind
+        ft = read_molecule_csv(config.ft_csv, config.smiles_column, [config.ft_label_column],
+                               on_error=config.on_error, binary=True, allow_missing=False)
+        ft_smiles, ft_graphs, ft_labels = ft.smiles, ft.graphs, ft.labels
+    else:
+        ft_smiles, ft_labels, _ = embedded.finetuning_set()
+        ft_graphs = [smiles_to_graph(s) for s in ft_smiles]
+    train_idx, test_idx = scaffold_split(ft_smiles, config.test_fraction, config.split_seed,
+                                         config.split_tolerance)
+    print(f"FT split (scaffold, seed {config.split_seed}): " + "; ".join(
+        describe_split(ft_labels, {"train": train_idx, "test": test_idx}, ft_smiles)))
     if config.pt_csv or config.pt_tfds:
         if config.pt_tfds:
             from keras_metapt.data.tfds_graphs import read_graph_tfds
@@ -183,21 +249,21 @@ def load_data(config):
             pt_labels = pt_labels[:config.max_pt_molecules]
     else:
         smiles = embedded.pretraining_smiles(config.max_pt_molecules or None)
-        pt_labels, tasks = embedded.fragment_labels(smiles, cache=cache)
+        if config.ft_in_pt:
+            smiles = smiles + [ft_smiles[i] for i in train_idx]
+        cache = os.path.join(config.output_dir, "cache", "pt_task_labels.npz")
+        pt_labels, tasks = embedded.pretraining_tasks(smiles, config.task_families,
+                                                      config.min_task_rate, cache=cache)
         pt_graphs = [smiles_to_graph(s) for s in smiles]
-    if config.ft_csv:
-        # rows skipped (--on_error=skip) are gone before the split: the split is the same kind
-        ft = read_molecule_csv(config.ft_csv, config.smiles_column, [config.ft_label_column],
-                               on_error=config.on_error, binary=True, allow_missing=False)
-        ft_smiles, ft_graphs, ft_labels = ft.smiles, ft.graphs, ft.labels
-    else:
-        ft_smiles, ft_labels, _ = embedded.finetuning_set()
-        ft_graphs = [smiles_to_graph(s) for s in ft_smiles]
-    train_idx, test_idx = scaffold_split(ft_smiles, config.test_fraction, config.split_seed,
-                                         config.split_tolerance)
-    print(f"FT split (scaffold, seed {config.split_seed}): " + "; ".join(
-        describe_split(ft_labels, {"train": train_idx, "test": test_idx}, ft_smiles)))
-    return pt_graphs, pt_labels, tasks, ft_graphs, ft_labels, train_idx, test_idx
+    pt_labels, is_real = permute_task_labels(pt_labels, config.permuted_task_fraction,
+                                             config.split_seed)
+    return Data(pt_graphs, pt_labels, list(tasks), is_real, ft_graphs, ft_labels, train_idx,
+                test_idx)
+
+
+def task_groups(tasks, pt_from_files):
+    """One group name per task for the plot: the embedded family, or "tasks" for own data."""
+    return ["tasks"] * len(tasks) if pt_from_files else [embedded.task_family(t) for t in tasks]
 
 
 def packed(graphs, labels, order, batch_size, node_bucket=None, edge_bucket=None):
@@ -252,7 +318,9 @@ def test_batches(graphs, labels, idx, batch_size):
 
 def prepare_seed(config, data, seed):
     """What the arms of a seed share: the seeded PT and FT batch orders and the test batches."""
-    pt_graphs, pt_labels, tasks, ft_graphs, ft_labels, train_idx, test_idx = data
+    pt_graphs, pt_labels, ft_graphs, ft_labels = (data.pt_graphs, data.pt_labels, data.ft_graphs,
+                                                  data.ft_labels)
+    train_idx, test_idx = data.train_idx, data.test_idx
     train_shuffled = np.random.default_rng(seed).permutation(train_idx)
     n_val = int(config.meta_val_fraction * len(train_shuffled))
     meta_val_idx, meta_train_idx = train_shuffled[:n_val], train_shuffled[n_val:]
@@ -261,8 +329,13 @@ def prepare_seed(config, data, seed):
     ft_sets = {}
     for name, idx in (("train", train_idx), ("meta_train", meta_train_idx), ("meta_val", meta_val_idx)):
         epochs = config.ft_epochs if name == "train" else 1
-        ft_sets[name] = epochs_dataset([ft_graphs[i] for i in idx], ft_labels[idx],
-                                       config.batch_size, epochs, seed)
+        batch = (config.meta_val_batch_size or config.batch_size) if name == "meta_val" \
+            else config.batch_size
+        if batch > len(idx):
+            raise app.UsageError(f"--meta_val_batch_size={batch}: the MetaVal part has only "
+                                 f"{len(idx)} molecules")
+        ft_sets[name] = epochs_dataset([ft_graphs[i] for i in idx], ft_labels[idx], batch,
+                                       epochs, seed)
     return {"pt": (pt_ds, pt_steps), "ft": ft_sets,
             "test": test_batches(ft_graphs, ft_labels, test_idx, config.batch_size)}
 
@@ -317,13 +390,16 @@ def replica_losses(replicas):
     return pt_loss, ft_loss
 
 
-def pretrain_uniform(config, encoder, pt_ds, steps, tasks, strategy):
+def pretrain_fixed(config, encoder, pt_ds, steps, tasks, strategy, task_weights=None):
+    """Multitask PT with fixed task weights (default: all 1)."""
     replicas = strategy.num_replicas_in_sync
+    pt_loss = replica_losses(replicas)[0]
     with strategy.scope():
         model = Head(ReplicaBatch(encoder, replicas), len(tasks))
         if replicas > 1:
             model.build_batch = tf.nest.map_structure(lambda t: t[None], next(iter(pt_ds)))
-        model.compile(keras.optimizers.Adam(config.pt_lr), loss=replica_losses(replicas)[0],
+        model.compile(keras.optimizers.Adam(config.pt_lr),
+                      loss=lambda y, p: pt_loss(y, p, task_weights),
                       jit_compile=config.xla and replicas == 1)
     timer = EpochTimer()
     steps //= replicas
@@ -335,8 +411,10 @@ def pretrain_uniform(config, encoder, pt_ds, steps, tasks, strategy):
             "pt_epoch_seconds": timer.seconds}
 
 
-def pretrain_meta(config, encoder, pt_ds, steps, tasks, ft_train, seed, strategy):
-    """MetaPretrainer with TaskWeights; returns the record fields (throughput, weights)."""
+def pretrain_meta(config, encoder, pt_ds, steps, data, ft_train, seed, strategy):
+    """MetaPretrainer with TaskWeights; returns the record fields (throughput, weights, their
+    AUROC for "task is real", per-epoch distribution, hypergradient agreement)."""
+    tasks = data.tasks
     replicas = strategy.num_replicas_in_sync
     pt_loss, ft_loss = replica_losses(replicas)
     with strategy.scope():
@@ -361,15 +439,48 @@ def pretrain_meta(config, encoder, pt_ds, steps, tasks, ft_train, seed, strategy
     steps //= replicas
     run_dir = runner.run_directory(config, "meta", seed)
     timer = EpochTimer()
-    callbacks = [MetaCheckpoint(os.path.join(run_dir, "ckpt")), timer,
-                 TaskWeightsPlot(os.path.join(config.output_dir, f"task_weights_seed{seed}.png"))]
+    is_real = data.is_real if not data.is_real.all() else None
+    history = TaskWeightsHistory(is_real, os.path.join(run_dir, "task_weight_history.json"),
+                                 verbose=config.verbose > 0)
+    groups = task_groups(tasks, bool(config.pt_csv or config.pt_tfds))
+    callbacks = [history, MetaCheckpoint(os.path.join(run_dir, "ckpt")), timer,
+                 TaskWeightsPlot(os.path.join(config.output_dir, f"task_weights_seed{seed}.png"),
+                                 groups=groups, is_real=is_real)]
     model.fit(stream, epochs=config.pt_epochs, steps_per_epoch=steps, callbacks=callbacks,
               verbose=config.verbose)
-    # epoch 1 is the warm-up, epoch 2 compiles the hyperstep
-    return {"pt_examples_per_second": timer.examples_per_second(
-                steps, config.batch_size * replicas, skip=2),
-            "pt_epoch_seconds": timer.seconds,
-            "task_weights": {t: float(w) for t, w in zip(tasks, weights.task_weights())}}
+    learned = weights.task_weights()
+    record = {
+        # epoch 1 is the warm-up, epoch 2 compiles the hyperstep
+        "pt_examples_per_second": timer.examples_per_second(
+            steps, config.batch_size * replicas, skip=2),
+        "pt_epoch_seconds": timer.seconds,
+        "task_weights": {t: float(w) for t, w in zip(tasks, learned)},
+        "task_weight_history": history.epochs,
+        "permuted_tasks": [t for t, real in zip(tasks, data.is_real) if not real],
+        "task_weight_auroc_real": weight_auroc(learned, data.is_real),
+        "task_weight_moved_auroc_real": weight_auroc(np.abs(learned - 1.0), data.is_real),
+        "mean_task_weight": {f"{g} {kind}": float(learned[mask].mean())
+                             for g in dict.fromkeys(groups)
+                             for kind, mask in (("real", (np.array(groups) == g) & data.is_real),
+                                                ("permuted", (np.array(groups) == g) & ~data.is_real))
+                             if mask.any()}}
+    if config.agreement_batches >= 2 and replicas == 1:  # (computed on one device)
+        record["hypergradient_agreement"] = hypergradient_agreement(
+            model, stream.skip(config.pt_epochs * steps), config.agreement_batches)
+    return record
+
+
+def hypergradient_agreement(model, stream, count):
+    """Hypergradients at the current state on ``count`` stream elements (different MetaVal,
+    MetaTrain and fresh PT batches): mean pairwise cosine similarity, and the share of tasks
+    whose hypergradient has the same sign on every element (1/2^(count-1) for pure noise)."""
+    compute = tf.function(lambda element: model.hypergradient(element).hypergrad[0])
+    grads = np.stack([compute(element).numpy() for element in stream.take(count)])
+    unit = grads / np.maximum(np.linalg.norm(grads, axis=1, keepdims=True), 1e-30)
+    cosines = (unit @ unit.T)[np.triu_indices(count, 1)]
+    signs = np.sign(grads)
+    return {"batches": count, "mean_cosine": float(cosines.mean()),
+            "same_sign_share": float((np.abs(signs.sum(0)) == count).mean())}
 
 
 def finetune(config, encoder_weights, ft_train, test, linear):
@@ -381,7 +492,8 @@ def finetune(config, encoder_weights, ft_train, test, linear):
     build_on(model, ft_train_ds)
     encoder.set_weights(encoder_weights)
     encoder.trainable = not linear
-    model.compile(keras.optimizers.Adam(config.ft_lr), loss=bce, jit_compile=config.xla)
+    model.compile(keras.optimizers.Adam(config.linear_lr if linear else config.ft_lr), loss=bce,
+                  jit_compile=config.xla)
     model.fit(ft_train_ds, epochs=config.ft_epochs, steps_per_epoch=ft_steps, verbose=0,
               shuffle=False)
     x_test, y_test, n_test = test
@@ -395,7 +507,7 @@ def finetune(config, encoder_weights, ft_train, test, linear):
 
 def run_arm(config, data, strategy, arm, seed, shared):
     """One arm of one seed: the encoder (no PT, uniform PT or meta-PT), then both fine-tunings."""
-    tasks = data[2]
+    tasks = data.tasks
     pt_ds, pt_steps = shared["pt"]
     with strategy.scope():  # the encoder's variables are created on its first call
         encoder = make_encoder(config)
@@ -403,10 +515,14 @@ def run_arm(config, data, strategy, arm, seed, shared):
             build_on(encoder, pt_ds)
     record = {"replicas": strategy.num_replicas_in_sync}
     if arm == "uniform":
-        record.update(pretrain_uniform(config, encoder, pt_ds, pt_steps, tasks, strategy))
+        record.update(pretrain_fixed(config, encoder, pt_ds, pt_steps, tasks, strategy))
+    elif arm == "oracle":  # mean weight 1 over the real tasks, 0 on the permuted ones
+        weights = data.is_real.astype(np.float32) * len(tasks) / data.is_real.sum()
+        record.update(pretrain_fixed(config, encoder, pt_ds, pt_steps, tasks, strategy,
+                                     tf.constant(weights)))
     elif arm == "meta":
         ft_train = (shared["ft"]["meta_train"][0], shared["ft"]["meta_val"][0])
-        record.update(pretrain_meta(config, encoder, pt_ds, pt_steps, tasks, ft_train, seed,
+        record.update(pretrain_meta(config, encoder, pt_ds, pt_steps, data, ft_train, seed,
                                     strategy))
     else:
         build_on(encoder, pt_ds)
@@ -430,8 +546,12 @@ def main(argv):
         data = load_data(config)
     except (GraphFileError, SplitError) as error:
         sys.exit(f"multitask_pt: {error}")
-    print(f"PT: {len(data[0])} molecules, {len(data[2])} tasks; FT: {len(data[3])} molecules "
-          f"({len(data[5])} train, {len(data[6])} test)")
+    if "oracle" in config.arms and data.is_real.all():
+        raise app.UsageError("--arms=oracle needs permuted control tasks "
+                             "(--permuted_task_fraction > 0)")
+    print(f"PT: {len(data.pt_graphs)} molecules, {len(data.tasks)} tasks "
+          f"({(~data.is_real).sum()} permuted controls); FT: {len(data.ft_graphs)} molecules "
+          f"({len(data.train_idx)} train, {len(data.test_idx)} test)")
     records = runner.run_grid(
         config, lambda arm, seed, shared: run_arm(config, data, strategy, arm, seed, shared),
         prepare=lambda seed: prepare_seed(config, data, seed))

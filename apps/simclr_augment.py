@@ -98,7 +98,9 @@ flags.DEFINE_float("warp_scale", 0.05, "Initial global scale of the learned warp
                    "of the signal length / image size).")
 flags.DEFINE_integer("ft_epochs", 30, "Epochs of linear evaluation and of full fine-tuning.")
 flags.DEFINE_float("ft_lr", 1e-3, "Fine-tuning Adam learning rate.")
-flags.DEFINE_bool("xla", False, "Compile PT steps with XLA (jit_compile).")
+flags.DEFINE_bool("xla", False, "Compile PT steps with XLA (jit_compile). Keras compiles "
+                  "without XLA while TensorFlow op determinism is on, so --xla turns op "
+                  "determinism off: faster, but a seed no longer pins the run bit for bit.")
 runner.define_strategy_flags("pre-training (each replica contrasts its own shard)")
 flags.adopt_module_key_flags(runner)
 flags.DEFINE_string("output_dir", "runs/simclr_augment", "Results, plots and checkpoints.")

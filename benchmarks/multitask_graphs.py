@@ -1,10 +1,14 @@
 r"""Experiment 1 as a benchmark: (a) no PT, (b) uniform-weight PT, (c) meta-learned task weights.
 
-    python -m benchmarks.multitask_graphs               # CPU-sized default, 3 seeds
+    python -m benchmarks.multitask_graphs               # CPU-sized default, 5 seeds
     python -m benchmarks.multitask_graphs --full        # the app's --full preset (GPU)
 
-Runs apps/multitask_pt.py on the embedded benchmark (RDKit-shipped PT molecules with fr_*
-fragment tasks; CHEMBL2321810 FT task, scaffold split) for --seeds, then the PT arms once more
+Runs apps/multitask_pt.py on the embedded benchmark (RDKit-shipped PT molecules and the FT
+training molecules, with fragment, Morgan-bit and descriptor tasks of which --app_flags'
+--permuted_task_fraction (default 25%) are permuted controls; CHEMBL2321810 FT task, scaffold
+split) for --seeds, arms paired by seed (paired differences with 95% t intervals), and reports
+how well the meta arm's weights find the permuted tasks (AUROC of the weights for "task is
+real", mean weight per family, hypergradient agreement across batches); then the PT arms once more
 with and without XLA for throughput (4 PT epochs; examples/s over the epochs that compile
 nothing: after the first for uniform PT, after warm-up and the first hyperstep epoch for
 meta-PT). Resumable:
@@ -22,7 +26,8 @@ from absl import app, flags
 from apps import runner
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (>= 3 for a mean +- std worth reading).")
+flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds (>= 5 for paired intervals worth "
+                  "reading).")
 flags.DEFINE_bool("full", False, "Use the app's --full preset.")
 flags.DEFINE_list("app_flags", [], "Extra flags passed to apps/multitask_pt.py (e.g. --hidden=128).")
 flags.DEFINE_string("output_dir", os.path.join(os.path.dirname(__file__), "results"),
@@ -41,10 +46,41 @@ def run_app(output_dir, *flags_):
     return json.load(open(os.path.join(output_dir, "summary.json")))
 
 
+def mean_interval(values):
+    """(mean, [low, high]) with the 95% Student-t interval (None below 2 values)."""
+    out = runner.paired_difference(values, [0.0] * len(values))
+    return out["mean_difference"], out["ci95"]
+
+
+def meta_diagnostics(records):
+    """Markdown rows on the meta arm's task weights from its per-seed records."""
+    def cell(values, digits=3):
+        mean, ci = mean_interval(values)
+        return f"{mean:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+    lines = ["| meta arm, over seeds | mean [95% t interval] |", "|---|---:|",
+             f"| AUROC of the learned weights for \"task is real\" | "
+             f"{cell([r['task_weight_auroc_real'] for r in records])} |",
+             f"| AUROC of \\|weight - 1\\| for \"task is real\" (real tasks moved further) | "
+             f"{cell([r['task_weight_moved_auroc_real'] for r in records])} |"]
+    if all("hypergradient_agreement" in r for r in records):
+        for key, label in (("mean_cosine", "hypergradient cosine between batches"),
+                           ("same_sign_share", "share of tasks with one hypergradient sign")):
+            lines.append(f"| {label} | "
+                         f"{cell([r['hypergradient_agreement'][key] for r in records])} |")
+    spread = [r["task_weight_history"][-1]["quantiles"] for r in records]
+    lines.append("| final weights 10% / 50% / 90% quantile (mean) | " + " / ".join(
+        f"{sum(q[k] for q in spread) / len(spread):.3f}" for k in ("10", "50", "90")) + " |")
+    for group in records[0]["mean_task_weight"]:
+        lines.append(f"| mean weight, {group} tasks | "
+                     f"{cell([r['mean_task_weight'][group] for r in records])} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv):
     del argv
     base = os.path.join(FLAGS.output_dir, "multitask_graphs")
-    comparison = run_app(os.path.join(base, "comparison"), f"--seeds={','.join(FLAGS.seeds)}")
+    comparison = run_app(os.path.join(base, "comparison"), f"--seeds={','.join(FLAGS.seeds)}",
+                         "--arms=no_pt,uniform,oracle,meta")
     throughput = {}
     for xla in (True, False):
         summary = run_app(os.path.join(base, f"throughput_{'xla' if xla else 'noxla'}"),
@@ -57,6 +93,9 @@ def main(argv):
              f"{','.join(FLAGS.seeds)}; test AUROC on the scaffold-split CHEMBL2321810 test set.", "",
              (runner.summary_table(comparison, MODES, seeds_column=False, rate_column=False)
               + runner.paired_table(comparison, MODES)).rstrip("\n")]
+    meta_records = [json.load(open(os.path.join(base, "comparison", "results",
+                                                f"meta_seed{seed}.json"))) for seed in FLAGS.seeds]
+    lines += ["", meta_diagnostics(meta_records).rstrip("\n")]
     lines += ["", "| PT throughput (examples/s, CPU) | XLA | no XLA |", "|---|---:|---:|"]
     for arm in ("uniform", "meta"):
         lines.append(f"| {arm} | {throughput['xla'][arm]:.0f} | {throughput['no_xla'][arm]:.0f} |")
@@ -66,6 +105,9 @@ def main(argv):
         f.write(report)
     with open(os.path.join(FLAGS.output_dir, "multitask_graphs.json"), "w") as f:
         json.dump({"comparison": comparison, "throughput": throughput, "seeds": FLAGS.seeds,
+                   "meta_weights": [{k: r[k] for k in ("seed", "task_weight_auroc_real",
+                                                      "mean_task_weight", "task_weight_history")
+                                     if k in r} for r in meta_records],
                    "full": FLAGS.full}, f, indent=1)
 
 

@@ -252,7 +252,9 @@ def plot_weights_by_group(path, weights, groups, is_real=None, title="", label="
 class TaskWeightsHistory(keras.callbacks.Callback):
     """Records the task-weight distribution at the end of every epoch in ``epochs`` (a list of
     dicts: quantiles 0/10/50/90/100%, mean, share below 0.5 and above 1.5, and with ``is_real``
-    the AUROC of the weights for "task is real") and prints one line per epoch when verbose.
+    the AUROC for "task is real" of the weights (``auroc_real``: real tasks weigh more) and of
+    their distance from 1 (``auroc_real_moved``: real tasks moved further)) and prints one line
+    per epoch when verbose.
 
     ``path``: a JSON file the list is written to after every epoch and read back when training
     begins, so a resumed run (`MetaCheckpoint`) keeps the epochs before the interruption; an
@@ -280,6 +282,7 @@ class TaskWeightsHistory(keras.callbacks.Callback):
                  "below_0.5": float((values < 0.5).mean()), "above_1.5": float((values > 1.5).mean())}
         if self.is_real is not None:
             entry["auroc_real"] = weight_auroc(values, self.is_real)
+            entry["auroc_real_moved"] = weight_auroc(np.abs(values - 1.0), self.is_real)
         self.epochs = [e for e in self.epochs if e["epoch"] < epoch + 1] + [entry]
         if self.path:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -290,7 +293,8 @@ class TaskWeightsHistory(keras.callbacks.Callback):
         if self.verbose:
             print(f"epoch {epoch + 1}: weights min/10%/median/90%/max "
                   + "/".join(f"{v:.3f}" for v in q)
-                  + (f", AUROC(real) {entry['auroc_real']:.3f}" if "auroc_real" in entry else ""),
+                  + (f", AUROC(real) of weights {entry['auroc_real']:.3f}, of |weight - 1| "
+                     f"{entry['auroc_real_moved']:.3f}" if "auroc_real" in entry else ""),
                   flush=True)
 
 
