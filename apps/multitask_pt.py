@@ -79,7 +79,8 @@ flags.DEFINE_string("smiles_column", "smiles", "SMILES column name in --pt_csv /
 flags.DEFINE_string("ft_label_column", "label", "0/1 label column of --ft_csv.")
 flags.DEFINE_enum("on_error", "raise", ["raise", "skip"], "Invalid SMILES or label in a CSV: "
                   "stop with an error naming file and row, or skip the row (counted, warned).")
-flags.DEFINE_integer("max_pt_molecules", 3000, "Use at most this many PT molecules (0: all).")
+flags.DEFINE_integer("max_pt_molecules", 3000, "Use at most this many PT molecules (0: all); "
+                     "with --ft_in_pt the FT training molecules come on top.")
 flags.DEFINE_list("task_families", list(embedded.TASK_FAMILIES), "Embedded benchmark: PT task "
                   "families, out of fragment (RDKit fr_* presence), morgan (radius-2 Morgan bits), "
                   "descriptor (RDKit descriptor above its median).")
@@ -87,9 +88,11 @@ flags.DEFINE_float("min_task_rate", 0.02, "Embedded benchmark: keep a PT task wh
                    "rate lies in [rate, 1 - rate].")
 flags.DEFINE_bool("ft_in_pt", True, "Embedded benchmark: the FT training molecules join the PT "
                   "pool with their PT labels (as the official code; test molecules never do).")
-flags.DEFINE_float("permuted_task_fraction", 0.25, "Share of PT tasks whose labels are permuted "
-                   "across molecules (seeded by --split_seed): control tasks known to be useless. "
-                   "The meta arm reports the AUROC of its learned weights for 'task is real'.")
+flags.DEFINE_float("permuted_task_fraction", None, "Share of PT tasks whose labels are permuted "
+                   "across molecules (seeded by --split_seed, the same for every seed): control "
+                   "tasks known to be useless. The meta arm reports the AUROC of its learned "
+                   "weights for 'task is real'. Default: 0.25 on the embedded benchmark, 0 on "
+                   "your own --pt_csv/--pt_tfds data (its labels are never permuted unless asked).")
 flags.DEFINE_float("test_fraction", 0.2, "Fraction of FT molecules in the scaffold-split test set.")
 flags.DEFINE_float("split_tolerance", 0.05, "Largest accepted |test share - --test_fraction| of "
                    "the scaffold split (scaffold groups are indivisible); beyond it the app stops "
@@ -103,8 +106,7 @@ flags.DEFINE_float("dropout", 0.2, "GIN dropout.")
 flags.DEFINE_integer("batch_size", 32, "Graphs per batch (every stream).")
 flags.DEFINE_integer("pt_epochs", 4, "PT epochs (the meta arm's first epoch is its warm-up).")
 flags.DEFINE_float("pt_lr", 1e-3, "PT Adam learning rate (also the Neumann alpha).")
-flags.DEFINE_float("hyper_lr", 0.05, "Adam learning rate of the task-weight logits (with the "
-                   "default MetaVal batch and N, weights spread over about [0.3, 1.6] in 4 epochs).")
+flags.DEFINE_float("hyper_lr", 0.05, "Adam learning rate of the task-weight logits.")
 flags.DEFINE_integer("hyperstep_every", 2, "N: PT steps between hypersteps.")
 flags.DEFINE_integer("unroll_steps", 1, "K: differentiable FT-head steps per hyperstep.")
 flags.DEFINE_integer("neumann_terms", 1, "i: Neumann terms of the inverse-Hessian product.")
@@ -114,17 +116,18 @@ flags.DEFINE_float("ft_lr", 1e-3, "Adam learning rate of full fine-tuning (and o
 flags.DEFINE_float("linear_lr", 1e-2, "Adam learning rate of linear evaluation (frozen encoder; a "
                    "head alone takes a larger rate, as in the official protocol).")
 flags.DEFINE_integer("meta_val_batch_size", 192, "Molecules per MetaVal batch of a hyperstep (0: "
-                     "--batch_size); larger batches give a quieter hypergradient (the mean "
-                     "cosine between hypergradients of different batches rose from -0.05 at 32 "
-                     "to 0.43 at 203 molecules).")
-flags.DEFINE_integer("agreement_batches", 4, "After meta-PT, hypergradients on this many fresh "
-                     "elements (other MetaVal and PT batches) at the final state: their mean "
-                     "pairwise cosine is the reported signal-to-noise check (0: skip).")
+                     "--batch_size); larger batches give a quieter hypergradient (see the "
+                     "meta arm's hypergradient_agreement).")
+flags.DEFINE_integer("agreement_batches", 4, "After meta-PT, hypergradients on this many stream "
+                     "elements after the last step (other MetaVal, MetaTrain and PT batches) at "
+                     "the final state: their mean pairwise cosine, also centred over tasks, is "
+                     "the reported signal-to-noise check (0: skip, else >= 2; on one device "
+                     "only).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (model initialisation, data order); a seed "
                   "fixes a run (bit-identical on CPU).")
 flags.DEFINE_list("arms", ["no_pt", "uniform", "meta"], "Arms to run, out of " + ", ".join(ARMS)
-                  + "; oracle pre-trains on the real tasks only (permuted controls weighted 0): "
-                  "what task weighting could gain at best.")
+                  + "; oracle pre-trains on the real tasks only (the permuted controls, known "
+                  "to be useless, weighted 0).")
 flags.DEFINE_enum("baseline", "uniform", list(ARMS), "Arm that summary.md/json compare every "
                   "other arm with (mean paired per-seed difference, 95% t interval).")
 flags.DEFINE_bool("xla", False, "Compile training steps with XLA (jit_compile). Keras compiles "
@@ -157,7 +160,7 @@ class Config(runner.GridConfig):
     task_families: tuple
     min_task_rate: float
     ft_in_pt: bool
-    permuted_task_fraction: float
+    permuted_task_fraction: Optional[float]
     test_fraction: float
     split_tolerance: float
     meta_val_fraction: float
@@ -192,12 +195,14 @@ class Config(runner.GridConfig):
               "dropout": "[0, 1)", "batch_size": "[1, inf)", "pt_epochs": "[1, inf)",
               "pt_lr": "(0, inf)", "hyper_lr": "[0, inf)", "hyperstep_every": "[1, inf)",
               "unroll_steps": "[1, inf)", "neumann_terms": "[0, inf)", "ft_epochs": "[1, inf)",
-              "ft_lr": "(0, inf)", "verbose": "[0, 2]", "min_task_rate": "[0, 0.5)",
+              "ft_lr": "(0, inf)", "verbose": "[0, 2]", "min_task_rate": "(0, 0.5)",
               "permuted_task_fraction": "[0, 1)", "linear_lr": "(0, inf)",
               "meta_val_batch_size": "[0, inf)", "agreement_batches": "[0, inf)"}
 
     def __post_init__(self):
         super().__post_init__()
+        if self.agreement_batches == 1:
+            raise app.UsageError("--agreement_batches=1: give 0 (skip) or at least 2")
         unknown = [f for f in self.task_families if f not in embedded.TASK_FAMILIES]
         if unknown or not self.task_families:
             raise app.UsageError(f"--task_families={','.join(self.task_families)}: give some of "
@@ -214,7 +219,7 @@ class Config(runner.GridConfig):
 
 NODE_BUCKETS = tuple(range(256, 1 << 16, 256))
 Data = collections.namedtuple("Data", "pt_graphs pt_labels tasks is_real ft_graphs ft_labels "
-                                      "train_idx test_idx")
+                                      "train_idx test_idx pt_smiles")
 
 
 # ----------------------------------------------------------------------------- data
@@ -240,13 +245,16 @@ def load_data(config):
         if config.pt_tfds:
             from keras_metapt.data.tfds_graphs import read_graph_tfds
             pt = read_graph_tfds(config.pt_tfds, config.pt_tfds_split)
+            pt_smiles = None
         else:
             pt = read_molecule_csv(config.pt_csv, config.smiles_column, on_error=config.on_error,
                                    binary=True)
+            pt_smiles = list(pt.smiles)
         pt_graphs, pt_labels, tasks = pt.graphs, pt.labels, pt.task_names
         if config.max_pt_molecules:
             pt_graphs = pt_graphs[:config.max_pt_molecules]
             pt_labels = pt_labels[:config.max_pt_molecules]
+            pt_smiles = pt_smiles and pt_smiles[:config.max_pt_molecules]
     else:
         smiles = embedded.pretraining_smiles(config.max_pt_molecules or None)
         if config.ft_in_pt:
@@ -255,10 +263,13 @@ def load_data(config):
         pt_labels, tasks = embedded.pretraining_tasks(smiles, config.task_families,
                                                       config.min_task_rate, cache=cache)
         pt_graphs = [smiles_to_graph(s) for s in smiles]
-    pt_labels, is_real = permute_task_labels(pt_labels, config.permuted_task_fraction,
-                                             config.split_seed)
+        pt_smiles = smiles
+    fraction = config.permuted_task_fraction
+    if fraction is None:
+        fraction = 0.0 if (config.pt_csv or config.pt_tfds) else 0.25
+    pt_labels, is_real = permute_task_labels(pt_labels, fraction, config.split_seed)
     return Data(pt_graphs, pt_labels, list(tasks), is_real, ft_graphs, ft_labels, train_idx,
-                test_idx)
+                test_idx, pt_smiles)
 
 
 def task_groups(tasks, pt_from_files):
@@ -316,8 +327,12 @@ def test_batches(graphs, labels, idx, batch_size):
     return x, y, len(idx)
 
 
-def prepare_seed(config, data, seed):
-    """What the arms of a seed share: the seeded PT and FT batch orders and the test batches."""
+def prepare_seed(config, data, seed, replicas=1):
+    """What the arms of a seed share: the seeded PT and FT batch orders and the test batches.
+
+    The MetaTrain and MetaVal streams get a fresh seeded shuffle on every pass, as many passes
+    as meta-PT (and the agreement check after it) consumes: every hyperstep sees new batches,
+    whatever the number of batches per pass and N have in common."""
     pt_graphs, pt_labels, ft_graphs, ft_labels = (data.pt_graphs, data.pt_labels, data.ft_graphs,
                                                   data.ft_labels)
     train_idx, test_idx = data.train_idx, data.test_idx
@@ -327,13 +342,20 @@ def prepare_seed(config, data, seed):
     pt_ds, pt_steps, _ = epochs_dataset(pt_graphs, pt_labels, config.batch_size, config.pt_epochs,
                                         seed)
     ft_sets = {}
+    elements = config.pt_epochs * pt_steps + config.agreement_batches + 1  # stream elements
     for name, idx in (("train", train_idx), ("meta_train", meta_train_idx), ("meta_val", meta_val_idx)):
-        epochs = config.ft_epochs if name == "train" else 1
         batch = (config.meta_val_batch_size or config.batch_size) if name == "meta_val" \
             else config.batch_size
-        if batch > len(idx):
-            raise app.UsageError(f"--meta_val_batch_size={batch}: the MetaVal part has only "
-                                 f"{len(idx)} molecules")
+        per_element = replicas * (config.unroll_steps if name == "meta_train" else 1)
+        per_pass = len(idx) // batch
+        if per_pass < per_element:
+            flag = "--meta_val_batch_size" if name == "meta_val" else "--batch_size"
+            raise app.UsageError(
+                f"{flag}={batch}: the {name} part ({len(idx)} molecules) gives {per_pass} "
+                f"batches a pass, fewer than the {per_element} each step takes (replicas x "
+                f"{'K' if name == 'meta_train' else '1'})")
+        epochs = config.ft_epochs if name == "train" else \
+            -(-elements * per_element // per_pass) + 1
         ft_sets[name] = epochs_dataset([ft_graphs[i] for i in idx], ft_labels[idx], batch,
                                        epochs, seed)
     return {"pt": (pt_ds, pt_steps), "ft": ft_sets,
@@ -408,7 +430,7 @@ def pretrain_fixed(config, encoder, pt_ds, steps, tasks, strategy, task_weights=
     # the first epoch traces and compiles
     return {"pt_examples_per_second": timer.examples_per_second(
                 steps, config.batch_size * replicas, skip=1),
-            "pt_epoch_seconds": timer.seconds}
+            "pt_epoch_seconds": timer.seconds, "jit_compile": bool(model.jit_compile)}
 
 
 def pretrain_meta(config, encoder, pt_ds, steps, data, ft_train, seed, strategy):
@@ -456,14 +478,16 @@ def pretrain_meta(config, encoder, pt_ds, steps, data, ft_train, seed, strategy)
         "pt_epoch_seconds": timer.seconds,
         "task_weights": {t: float(w) for t, w in zip(tasks, learned)},
         "task_weight_history": history.epochs,
-        "permuted_tasks": [t for t, real in zip(tasks, data.is_real) if not real],
-        "task_weight_auroc_real": weight_auroc(learned, data.is_real),
-        "task_weight_moved_auroc_real": weight_auroc(np.abs(learned - 1.0), data.is_real),
+        "jit_compile": bool(model.jit_compile),
         "mean_task_weight": {f"{g} {kind}": float(learned[mask].mean())
                              for g in dict.fromkeys(groups)
                              for kind, mask in (("real", (np.array(groups) == g) & data.is_real),
                                                 ("permuted", (np.array(groups) == g) & ~data.is_real))
                              if mask.any()}}
+    if is_real is not None:  # control tasks: how well do the weights find them
+        record.update(permuted_tasks=[t for t, real in zip(tasks, is_real) if not real],
+                      task_weight_auroc_real=weight_auroc(learned, is_real),
+                      task_weight_moved_auroc_real=weight_auroc(np.abs(learned - 1.0), is_real))
     if config.agreement_batches >= 2 and replicas == 1:  # (computed on one device)
         record["hypergradient_agreement"] = hypergradient_agreement(
             model, stream.skip(config.pt_epochs * steps), config.agreement_batches)
@@ -471,15 +495,21 @@ def pretrain_meta(config, encoder, pt_ds, steps, data, ft_train, seed, strategy)
 
 
 def hypergradient_agreement(model, stream, count):
-    """Hypergradients at the current state on ``count`` stream elements (different MetaVal,
-    MetaTrain and fresh PT batches): mean pairwise cosine similarity, and the share of tasks
-    whose hypergradient has the same sign on every element (1/2^(count-1) for pure noise)."""
+    """Hypergradients at the current state on ``count`` stream elements (other MetaVal,
+    MetaTrain and fresh PT batches than each other: the streams reshuffle every pass): mean
+    pairwise cosine similarity, the same after removing each hypergradient's mean over tasks,
+    and the share of tasks whose hypergradient has the same sign on every element (about
+    1/2^(count-1) for pure noise)."""
     compute = tf.function(lambda element: model.hypergradient(element).hypergrad[0])
     grads = np.stack([compute(element).numpy() for element in stream.take(count)])
-    unit = grads / np.maximum(np.linalg.norm(grads, axis=1, keepdims=True), 1e-30)
-    cosines = (unit @ unit.T)[np.triu_indices(count, 1)]
+
+    def mean_cosine(g):
+        unit = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-30)
+        return float((unit @ unit.T)[np.triu_indices(count, 1)].mean())
     signs = np.sign(grads)
-    return {"batches": count, "mean_cosine": float(cosines.mean()),
+    return {"batches": count, "mean_cosine": mean_cosine(grads),
+            # without the component shared by all tasks (raise or lower every weight)
+            "mean_centred_cosine": mean_cosine(grads - grads.mean(axis=1, keepdims=True)),
             "same_sign_share": float((np.abs(signs.sum(0)) == count).mean())}
 
 
@@ -516,7 +546,7 @@ def run_arm(config, data, strategy, arm, seed, shared):
     record = {"replicas": strategy.num_replicas_in_sync}
     if arm == "uniform":
         record.update(pretrain_fixed(config, encoder, pt_ds, pt_steps, tasks, strategy))
-    elif arm == "oracle":  # mean weight 1 over the real tasks, 0 on the permuted ones
+    elif arm == "oracle":  # 0 on the permuted tasks: the loss is the mean over the real ones
         weights = data.is_real.astype(np.float32) * len(tasks) / data.is_real.sum()
         record.update(pretrain_fixed(config, encoder, pt_ds, pt_steps, tasks, strategy,
                                      tf.constant(weights)))
@@ -554,7 +584,7 @@ def main(argv):
           f"({len(data.train_idx)} train, {len(data.test_idx)} test)")
     records = runner.run_grid(
         config, lambda arm, seed, shared: run_arm(config, data, strategy, arm, seed, shared),
-        prepare=lambda seed: prepare_seed(config, data, seed))
+        prepare=lambda seed: prepare_seed(config, data, seed, strategy.num_replicas_in_sync))
     table, _ = runner.summarise(records, config, ("full", "linear"))
     print("\n" + table)
 

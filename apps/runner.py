@@ -239,8 +239,12 @@ def setup(config_class, flag_values=flags.FLAGS):
     logging.set_verbosity(logging.WARNING)
     config = config_class.from_flags(flag_values)
     # Keras refuses jit_compile while op determinism is on (model_supports_jit): an app's
-    # --xla trades the bit-exact reruns for XLA.
-    _OP_DETERMINISM["on"] = not getattr(config, "xla", False)
+    # --xla on one device trades the bit-exact reruns for XLA (the apps compile without XLA
+    # under a multi-replica strategy, which keeps op determinism).
+    _OP_DETERMINISM["on"] = not (getattr(config, "xla", False) and config.strategy == "default")
+    if not _OP_DETERMINISM["on"]:
+        from tensorflow.python.framework import config as tf_config
+        tf_config.disable_op_determinism()  # in case an earlier run in this process enabled it
     if config.strategy == "default":
         # Independent ops then run one after another in a fixed order: a graph whose result
         # depends on that order (found in the learned-augmentation hyperstep) stays

@@ -94,7 +94,8 @@ def pretraining_tasks(smiles, families=TASK_FAMILIES, min_rate=0.02, cache=None)
     key = np.array([",".join(families), repr(float(min_rate))])
     if cache and os.path.exists(cache):
         with np.load(cache, allow_pickle=False) as data:
-            if list(data["smiles"]) == list(smiles) and list(data["key"]) == list(key):
+            if ("key" in data.files and list(data["key"]) == list(key)
+                    and list(data["smiles"]) == list(smiles)):
                 return data["labels"], [str(t) for t in data["tasks"]]
     from rdkit import Chem, RDLogger
     RDLogger.DisableLog("rdApp.*")
@@ -112,7 +113,9 @@ def pretraining_tasks(smiles, families=TASK_FAMILIES, min_rate=0.02, cache=None)
     labels = np.concatenate(columns, axis=1).astype(np.float32)
     if cache:
         os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
-        np.savez(cache, labels=labels, tasks=np.array(tasks), smiles=np.array(smiles), key=key)
+        tmp = cache + ".tmp.npz"  # renamed when complete: a killed run leaves no half file
+        np.savez(tmp, labels=labels, tasks=np.array(tasks), smiles=np.array(smiles), key=key)
+        os.replace(tmp, cache)
     return labels, tasks
 
 

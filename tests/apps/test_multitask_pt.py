@@ -16,7 +16,8 @@ import tensorflow as tf
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--max_pt_molecules=96", "--pt_epochs=2", "--ft_epochs=1", "--hidden=8", "--num_layers=1",
         "--batch_size=16", "--seeds=0", "--noxla", "--verbose=0", "--hyperstep_every=2",
-        "--task_families=fragment,morgan", "--meta_val_batch_size=24", "--agreement_batches=3"]
+        "--task_families=fragment,morgan", "--meta_val_batch_size=24", "--agreement_batches=3",
+        "--noft_in_pt"]
 
 
 def run(tmp_path, *extra):
@@ -38,19 +39,22 @@ def check_run(run_dir, stdout):
     # a quarter of the tasks are permuted controls: the weights' AUROC for "task is real"
     from sklearn.metrics import roc_auc_score
     names = sorted(record["task_weights"])
-    assert "PT: 909 molecules" in stdout  # 96 + the 813 FT training molecules
+    assert "PT: 96 molecules" in stdout
     is_real = [name not in record["permuted_tasks"] for name in names]
     assert sum(is_real) == len(names) - round(0.25 * len(names))
     weights = np.array([record["task_weights"][n] for n in names])
-    assert record["task_weight_auroc_real"] == roc_auc_score(is_real, weights)
-    assert record["task_weight_moved_auroc_real"] == roc_auc_score(is_real, np.abs(weights - 1))
+    assert np.isclose(record["task_weight_auroc_real"], roc_auc_score(is_real, weights),
+                      rtol=0, atol=1e-12)
+    assert np.isclose(record["task_weight_moved_auroc_real"],
+                      roc_auc_score(is_real, np.abs(weights - 1)), rtol=0, atol=1e-12)
     assert [e["epoch"] for e in record["task_weight_history"]] == [1, 2]
     assert record["task_weight_history"][-1]["auroc_real"] == record["task_weight_auroc_real"]
     assert set(record["mean_task_weight"]) == {f"{f} {k}" for f in ("fragment", "morgan")
                                                for k in ("real", "permuted")}
     agreement = record["hypergradient_agreement"]
     assert agreement["batches"] == 3 and -1.0 <= agreement["mean_cosine"] <= 1.0
-    assert len(names) == len(set(names))
+    assert f"PT: 96 molecules, {len(names)} tasks ({len(record['permuted_tasks'])} permuted" in stdout
+    assert record["jit_compile"] is False  # --noxla
     assert (run_dir / "task_weights_seed0.png").stat().st_size > 10_000
     assert "| meta |" in stdout and "FT split (scaffold, seed 0): train: " in stdout
 
@@ -107,11 +111,16 @@ def test_app_pretrains_on_two_mirrored_devices(tmp_path):
 def test_xla_flag_really_compiles_with_xla(tmp_path):
     """Keras drops jit_compile (with a UserWarning) while op determinism is on; --xla must
     leave op determinism off so that the PT and FT steps compile with XLA. Reference: Keras'
-    own warning text, present under --noxla's determinism if jit were requested."""
+    own warning text, present under --noxla's determinism if jit were requested. Also: the
+    FT training molecules join the PT pool (--ft_in_pt, the default)."""
     cmd = [sys.executable, os.path.join(ROOT, "apps", "multitask_pt.py"),
            f"--output_dir={tmp_path / 'run'}", f"--saved_models_dir={tmp_path / 'models'}",
-           *[f for f in TINY if f != "--noxla"], "--xla", "--arms=uniform"]
+           *[f for f in TINY if f not in ("--noxla", "--noft_in_pt")], "--xla",
+           "--arms=uniform,oracle", "--pt_epochs=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "doesn't support `jit_compile=True`" not in proc.stderr
-    assert "| uniform |" in proc.stdout
+    for arm in ("uniform", "oracle"):
+        assert json.load(open(tmp_path / "run" / "results" / f"{arm}_seed0.json"))["jit_compile"]
+    assert "| uniform |" in proc.stdout and "| oracle |" in proc.stdout
+    assert "PT: 909 molecules" in proc.stdout  # 96 + the 813 FT training molecules

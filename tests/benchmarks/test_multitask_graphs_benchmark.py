@@ -12,7 +12,8 @@ from benchmarks.multitask_graphs import meta_diagnostics
 def test_meta_diagnostics_rows_hold_means_and_t_intervals():
     aurocs = [0.61, 0.55, 0.70, 0.64, 0.58]
     records = [{"task_weight_auroc_real": a, "task_weight_moved_auroc_real": 0.8,
-                "hypergradient_agreement": {"mean_cosine": 0.1 * i, "same_sign_share": 0.2},
+                "hypergradient_agreement": {"mean_cosine": 0.1 * i, "same_sign_share": 0.2,
+                                            "mean_centred_cosine": 0.05},
                 "task_weight_history": [{"quantiles": {"10": 0.9, "50": 1.0, "90": 1.1 + i}}],
                 "mean_task_weight": {"morgan real": 1.0 + 0.01 * i, "morgan permuted": 0.99}}
                for i, a in enumerate(aurocs)]

@@ -23,8 +23,9 @@ from absl import flags
 import apps.multitask_pt as m
 flags.FLAGS(["prog"] + json.loads(sys.argv[1]))
 data = m.load_data(m.Config.from_flags())
-print(json.dumps({"train": data[5].tolist(), "test": data[6].tolist(),
-                  "labels": data[4][:, 0].tolist(), "num_pt": len(data[0])}))
+print(json.dumps({"train": data.train_idx.tolist(), "test": data.test_idx.tolist(),
+                  "labels": data.ft_labels[:, 0].tolist(), "num_pt": len(data.pt_graphs),
+                  "pt_smiles": data.pt_smiles, "is_real": data.is_real.tolist()}))
 """
 
 
@@ -58,6 +59,7 @@ def test_skipped_rows_keep_a_scaffold_split_of_the_rows_kept(tmp_path):
     assert not ({scaffold(kept[i]) for i in split["train"]}
                 & {scaffold(kept[i]) for i in split["test"]})
     assert abs(len(split["test"]) / len(kept) - 0.2) <= 0.05 and split["num_pt"] == 60
+    assert all(split["is_real"])  # own PT data: no control tasks unless asked
 
 
 def run_app(tmp_path, *flags):
@@ -76,3 +78,18 @@ def test_non_utf8_and_non_binary_labels_stop_the_app_naming_the_row(tmp_path):
     assert proc.returncode == 1
     assert f"{ft}, row 302, column 'label': label '2' is not 0 or 1" in proc.stderr
     assert not (tmp_path / "out" / "results").exists()
+
+
+def test_the_embedded_pt_pool_adds_the_ft_training_molecules_and_no_test_molecule(tmp_path):
+    """Reference: RDKit's PT molecules (embedded.pretraining_smiles) and the FT split printed
+    by the same run; the test molecules must not reach PT, as task labels or otherwise."""
+    flags = ["--max_pt_molecules=40", "--task_families=fragment", f"--output_dir={tmp_path}"]
+    proc = subprocess.run([sys.executable, "-c", LOAD, json.dumps(flags)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    split = json.loads(proc.stdout.strip().splitlines()[-1])
+    ft_smiles, _, _ = embedded.finetuning_set()
+    assert split["pt_smiles"] == (embedded.pretraining_smiles(40)
+                                  + [ft_smiles[i] for i in split["train"]])
+    assert not {ft_smiles[i] for i in split["test"]} & set(split["pt_smiles"])
+    assert sum(not r for r in split["is_real"]) == round(0.25 * len(split["is_real"]))
