@@ -147,13 +147,25 @@ def test_malformed_request_names_the_input(served, graphs, key, change, message)
         call(served[1], request)
 
 
+class PooledOverGraphs(keras.Model):
+    """One row per *batch* (the mean over its graphs): not a per-graph model."""
+
+    def __init__(self, gin, **kwargs):
+        super().__init__(**kwargs)
+        self.gin = gin
+
+    def call(self, batch, training=False):
+        return keras.ops.mean(self.gin(batch, training=training), axis=0, keepdims=True)
+
+
 def test_export_rejects_a_model_without_one_row_per_graph(tmp_path):
     keras.utils.set_random_seed(0)
     gin = GIN(NODE_VOCAB_SIZES, EDGE_VOCAB_SIZES, num_graphs=2, num_layers=1, hidden=4)
-    gin(batch_graphs([smiles_to_graph("CC")]))
-    wrong = export.GraphRequestSpec(3, NODE_VOCAB_SIZES, EDGE_VOCAB_SIZES)
+    wrong = PooledOverGraphs(gin)
+    wrong(batch_graphs([smiles_to_graph("CC"), smiles_to_graph("CCO")]))
+    spec = export.GraphRequestSpec(3, NODE_VOCAB_SIZES, EDGE_VOCAB_SIZES)
     with pytest.raises(km.InputMismatchError, match="one row per graph"):
-        export.export_graph_model(gin, str(tmp_path), "gin", wrong)
+        export.export_graph_model(wrong, str(tmp_path), "pooled", spec)
 
 
 def test_readme_graph_serving_example(served, monkeypatch):
