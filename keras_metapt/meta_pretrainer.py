@@ -205,14 +205,23 @@ class MetaPretrainer(keras.Model):
 
     def compile(self, pt_optimizer="adam", ft_optimizer="adam", hyper_optimizer="adam",
                 jit_compile="auto", steps_per_execution=1, **kwargs):
-        """Sets the PT (``self.optimizer``), FT-head and hyper optimizers."""
+        """Sets the PT (``self.optimizer``), FT-head and hyper optimizers.
+
+        ``hyper_optimizer``: one optimizer for every phi variable, or parameter groups, a list
+        of ``(optimizer, variables)`` pairs that together hold each trainable variable of the
+        meta layer exactly once (e.g. a slow rate for a per-example network and a fast one
+        for a global strength). ``self.hyper_optimizer`` is then a list of the optimizers.
+        """
         super().compile(optimizer=pt_optimizer, jit_compile=jit_compile,
                         steps_per_execution=steps_per_execution, **kwargs)
         self.ft_optimizer = keras.optimizers.get(ft_optimizer)
-        self.hyper_optimizer = keras.optimizers.get(hyper_optimizer)
+        self._hyper_groups = self._parameter_groups(hyper_optimizer)
+        self.hyper_optimizer = (self._hyper_groups[0][0] if len(self._hyper_groups) == 1
+                                else [opt for opt, _ in self._hyper_groups])
         self.optimizer.build(self.pt_variables)
         self.ft_optimizer.build(self.ft_head.trainable_variables)
-        self.hyper_optimizer.build(self.meta_layer.trainable_variables)
+        for opt, positions in self._hyper_groups:
+            opt.build([self.meta_layer.trainable_variables[i] for i in positions])
         if self.ft_unroll_optimizer is None:
             try:
                 optim.mirror_keras(self.ft_optimizer, self.ft_head.trainable_variables)
@@ -235,6 +244,35 @@ class MetaPretrainer(keras.Model):
         self._reduction = distribute.replica_sum if replicas > 1 else None
         self._compiled = True
 
+    def _parameter_groups(self, hyper_optimizer):
+        """[(optimizer, positions of its variables in meta_layer.trainable_variables)]."""
+        phi = self.meta_layer.trainable_variables
+        if not isinstance(hyper_optimizer, (list, tuple)):
+            return [(keras.optimizers.get(hyper_optimizer), list(range(len(phi))))]
+        where = {id(v): i for i, v in enumerate(phi)}
+        groups, owner = [], {}
+        for k, group in enumerate(hyper_optimizer):
+            if not (isinstance(group, (list, tuple)) and len(group) == 2):
+                raise ValueError(f"hyper_optimizer[{k}] must be an (optimizer, variables) pair, "
+                                 f"got {group!r}")
+            opt, variables = group
+            positions = []
+            for v in variables:
+                if id(v) not in where:
+                    raise ValueError(f"hyper_optimizer[{k}]: {v.path} is not a trainable "
+                                     f"variable of the meta layer {self.meta_layer.name}")
+                if id(v) in owner:
+                    raise ValueError(f"{v.path} is in hyper_optimizer[{owner[id(v)]}] and "
+                                     f"hyper_optimizer[{k}]: give each phi variable one group")
+                owner[id(v)] = k
+                positions.append(where[id(v)])
+            groups.append((keras.optimizers.get(opt), positions))
+        missing = [v.path for v in phi if id(v) not in owner]
+        if missing:
+            raise ValueError(f"hyper_optimizer groups leave out phi variables {missing}: give "
+                             "each one a group")
+        return groups
+
     def state_variables(self):
         """(key, variable) for the whole training state: weights (incl. BatchNorm statistics
         and RNG seeds), phi, every optimizer's state, the step counter.
@@ -245,8 +283,13 @@ class MetaPretrainer(keras.Model):
         default layer names per process (``gin``, ``gin_1``, ...), so raw paths change when a
         resumed process builds fewer models first; position and shape identify a variable."""
         groups = [("model", self.variables)]
-        for label, opt in (("pt_optimizer", self.optimizer), ("ft_optimizer", self.ft_optimizer),
-                           ("hyper_optimizer", self.hyper_optimizer)):
+        optimizers = [("pt_optimizer", self.optimizer), ("ft_optimizer", self.ft_optimizer)]
+        if isinstance(self.hyper_optimizer, list):  # parameter groups: one key prefix each
+            optimizers += [(f"hyper_optimizer_{k}", opt)
+                           for k, opt in enumerate(self.hyper_optimizer)]
+        else:
+            optimizers.append(("hyper_optimizer", self.hyper_optimizer))
+        for label, opt in optimizers:
             if opt is not None:
                 groups.append((label, opt.variables))
         seen, named = set(), []
@@ -370,8 +413,9 @@ class MetaPretrainer(keras.Model):
         replicas = self.distribute_strategy.num_replicas_in_sync
 
         def update(grads, psi_k):  # Keras optimizers sum over replicas: each passes 1/R
-            self.hyper_optimizer.apply([g * tf.cast(1.0 / replicas, g.dtype) for g in grads],
-                                       phi_vars)
+            grads = [g * tf.cast(1.0 / replicas, g.dtype) for g in grads]
+            for opt, positions in self._hyper_groups:
+                opt.apply([grads[i] for i in positions], [phi_vars[i] for i in positions])
             for var, value in zip(psi_vars, psi_k):
                 var.assign(value)
 

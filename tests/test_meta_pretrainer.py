@@ -362,9 +362,11 @@ def test_inputs_role_hyperstep_matches_explicit_float64_computation():
                                 keras.layers.Dense(3, activation="tanh", dtype=f64)])
     projection = keras.Sequential([keras.Input((3,), dtype=f64), keras.layers.Dense(3, dtype=f64)])
     ft_head = keras.Sequential([keras.Input((3,), dtype=f64), keras.layers.Dense(1, dtype=f64)])
-    views = TwoViews(learned=LearnedTimeWarp(grid_size=6, squaring_steps=3, initial_scale=0.3,
+    views = TwoViews(learned=LearnedTimeWarp(grid_size=6, squaring_steps=3, initial_strength=0.3,
                                              smoothing_sigma=1.0, filters=(2,), seed=7, dtype=f64))
     views.build((None, 32, 2))
+    last = views.learned.magnitude_net.layers[-1].kernel  # zero at init: move it, so that the
+    last.assign(np.random.default_rng(3).normal(size=last.shape))  # network gets a hypergradient
     model = simclr_meta_pretrainer(encoder, projection, views, ft_head,
                                    ft_loss=lambda y, p: 0.5 * tf.reduce_mean((p - y) ** 2),
                                    solve=km.linalg.neumann(2, alpha=0.05),
@@ -409,6 +411,57 @@ def test_inputs_role_hyperstep_matches_explicit_float64_computation():
     got = np.concatenate([np.ravel(g) for g in result.hypergrad])
     assert np.abs(expected).max() > 1e-6  # the warp's weights do receive a hypergradient
     assert rel_err(got, expected) < 1e-6
+
+
+def test_hyper_optimizer_parameter_groups_step_each_group_at_its_own_rate():
+    # Reference: with SGD, a hyperstep moves each phi variable by -(its group's rate) x the
+    # hypergradient that model.hypergradient returns for the same state and data (a
+    # hyperstep changes no RNG or BatchNorm state, so both see the same computation).
+    from keras_metapt.hyper import LearnedTimeWarp, TwoViews
+    from keras_metapt.simclr import simclr_meta_pretrainer
+    keras.utils.set_random_seed(4)
+    encoder = keras.Sequential([keras.Input((32, 2)), keras.layers.Flatten(),
+                                keras.layers.Dense(3, activation="tanh")])
+    warp = LearnedTimeWarp(grid_size=6, squaring_steps=3, initial_strength=0.3, filters=(2,), seed=7)
+    views = TwoViews(learned=warp)
+    views.build((None, 32, 2))
+    last = warp.magnitude_net.layers[-1].kernel
+    last.assign(np.random.default_rng(0).normal(size=last.shape))
+    model = simclr_meta_pretrainer(encoder, keras.Sequential([keras.Input((3,)), keras.layers.Dense(3)]),
+                                   views, keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)]),
+                                   ft_loss=lambda y, p: 0.5 * tf.reduce_mean((p - y) ** 2),
+                                   solve=km.linalg.neumann(1, alpha=0.05))
+    net_vars = warp.magnitude_net.trainable_variables
+    with pytest.raises(ValueError, match="leave out phi variables"):
+        model.compile(hyper_optimizer=[(keras.optimizers.SGD(0.1), net_vars)], jit_compile=False)
+    with pytest.raises(ValueError, match="give each phi variable one group"):
+        model.compile(hyper_optimizer=[(keras.optimizers.SGD(0.1), net_vars),
+                                       (keras.optimizers.SGD(3.0), net_vars[:1] + [warp.strength_logit])],
+                      jit_compile=False)
+    with pytest.raises(ValueError, match="not a trainable variable of the meta layer"):
+        model.compile(hyper_optimizer=[(keras.optimizers.SGD(0.1), net_vars + encoder.trainable_variables),
+                                       (keras.optimizers.SGD(3.0), [warp.strength_logit])],
+                      jit_compile=False)
+    model.compile(hyper_optimizer=[(keras.optimizers.SGD(0.1), net_vars),
+                                   (keras.optimizers.SGD(3.0), [warp.strength_logit])],
+                  jit_compile=False)
+    rng = np.random.default_rng(6)
+    x_pt = (np.cumsum(rng.normal(size=(6, 32, 2)), axis=1) / 4.0).astype("float32")
+    data = tf.nest.map_structure(lambda a: tf.constant(a, tf.float32), {
+        "pt": (x_pt,), "pt_fresh": (x_pt,),
+        "meta_train": (rng.normal(size=(5, 1, 32, 2)), rng.normal(size=(5, 1, 1))),
+        "meta_val": (rng.normal(size=(7, 32, 2)), rng.normal(size=(7, 1)))})
+    phi = views.trainable_variables
+    grads = [g.numpy() for g in model.hypergradient(data).hypergrad]
+    before = [v.numpy().copy() for v in phi]
+    model._hyperstep(data)
+    for var, grad, old in zip(phi, grads, before):
+        rate = 3.0 if var is warp.strength_logit else 0.1
+        assert np.abs(grad).max() > 0, var.path
+        np.testing.assert_allclose(var.numpy(), old - rate * grad, rtol=1e-5, atol=1e-7)
+    keys = [key for key, _ in model.state_variables()]
+    assert any(k.startswith("hyper_optimizer_0/") for k in keys)
+    assert any(k.startswith("hyper_optimizer_1/") for k in keys)
 
 
 def test_forward_over_reverse_hyperstep_matches_explicit_float64_computation():

@@ -1,11 +1,11 @@
 """What is meta-learned: Keras layers whose weights are the meta-parameters phi."""
 
 from keras_metapt.hyper.augment import (LearnedAugmentation, LearnedGaussianNoise,
-                                        LearnedSpatialWarp, LearnedTimeWarp, SignalCutoutNoise,
-                                        TwoViews, image_crop_flip)
+                                        LearnedSpatialWarp, LearnedTimeWarp, RandomCropFlip,
+                                        SignalCutoutNoise, TwoViews)
 from keras_metapt.hyper.schedules import piecewise_constant
 from keras_metapt.hyper.task_weights import TaskWeights
 
 __all__ = ["TaskWeights", "LearnedAugmentation", "LearnedGaussianNoise", "LearnedTimeWarp",
-           "LearnedSpatialWarp", "SignalCutoutNoise", "image_crop_flip", "TwoViews",
+           "LearnedSpatialWarp", "SignalCutoutNoise", "RandomCropFlip", "TwoViews",
            "piecewise_constant"]

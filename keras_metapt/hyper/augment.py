@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 __all__ = ["LearnedAugmentation", "LearnedGaussianNoise", "LearnedTimeWarp", "LearnedSpatialWarp",
-           "SignalCutoutNoise", "image_crop_flip", "TwoViews"]
+           "SignalCutoutNoise", "RandomCropFlip", "TwoViews"]
 
 
 class LearnedAugmentation(keras.layers.Layer):
@@ -128,18 +128,37 @@ def _smooth_axis(values, kernel, axis):
     return out[:, :, 0, 0] if flat else out
 
 
-class _WarpBase(LearnedAugmentation):
-    """Shared parts: the magnitude network, the global scale and the grid settings."""
+def _softplus_inverse(value):
+    return float(np.log(np.expm1(value)))
 
-    def __init__(self, grid_size, squaring_steps, initial_scale, smoothing_sigma, filters, seed,
-                 **kwargs):
+
+class _WarpBase(LearnedAugmentation):
+    """Shared parts: the global strength, the per-example magnitude network, the grid settings.
+
+    The amplitude of example i is ``strength * m_i``:
+      strength = softplus(rho) > 0, one learned scalar (``strength_logit``). It has no dead
+        point: the warp's effect is not even in it (an amplitude of either sign would be), and
+        under Adam rho moves by about the learning rate per step, so small strengths change
+        by a factor, not by a fixed amount. Give it its own optimizer group and rate
+        (`MetaPretrainer.compile(hyper_optimizer=[(opt, vars), ...])`).
+      m_i = B softmax_i(CNN(x)) (``per_example=True``): positive, batch mean exactly 1, so the
+        network only redistributes the strength over the examples of a batch; its last layer
+        starts at zero, so every m_i starts at 1. ``per_example=False``: m_i = 1 (no network).
+    """
+
+    def __init__(self, grid_size, squaring_steps, initial_strength, per_example, smoothing_sigma,
+                 filters, seed, **kwargs):
         super().__init__(seed=seed, **kwargs)
         if int(grid_size) < 3:
             raise ValueError(f"grid_size must be >= 3, got {grid_size}")
+        if not float(initial_strength) > 0:
+            raise ValueError(f"initial_strength must be > 0 (the strength is softplus(rho)), got "
+                             f"{initial_strength}; for no warp, leave the layer out")
         self.grid_size = int(grid_size)
         self.filters = tuple(int(f) for f in filters)
         self.squaring_steps = int(squaring_steps)
-        self.initial_scale = float(initial_scale)
+        self.initial_strength = float(initial_strength)
+        self.per_example = bool(per_example)
         self.smoothing_sigma = None if smoothing_sigma is None else float(smoothing_sigma)
 
     def _kernel(self, samples):
@@ -156,37 +175,54 @@ class _WarpBase(LearnedAugmentation):
         raise NotImplementedError
 
     def build(self, input_shape):
-        self.magnitude_net = keras.Sequential(
-            self._magnitude_layers() + [keras.layers.Dense(1, dtype=self.dtype_policy)],
-            name="magnitude_net")
-        self.magnitude_net.build(input_shape)
-        self.scale = self.add_weight(shape=(), initializer=keras.initializers.Constant(
-            self.initial_scale), name="scale")
+        if self.per_example:
+            self.magnitude_net = keras.Sequential(
+                self._magnitude_layers() + [keras.layers.Dense(  # no bias: softmax ignores it
+                    1, use_bias=False, kernel_initializer="zeros", dtype=self.dtype_policy)],
+                name="magnitude_net")
+            self.magnitude_net.build(input_shape)
+        self.strength_logit = self.add_weight(shape=(), initializer=keras.initializers.Constant(
+            _softplus_inverse(self.initial_strength)), name="strength_logit")
+
+    @property
+    def strength(self):
+        """softplus(rho): the global strength (a fraction of the signal length / image size)."""
+        return tf.nn.softplus(self.strength_logit)
 
     def magnitude(self, inputs):
-        """m = 2 sigmoid(CNN(inputs)) in (0, 2), one per example ([batch])."""
-        return 2.0 * tf.sigmoid(self.magnitude_net(inputs)[:, 0])
+        """m [batch]: B softmax(CNN(inputs)) (batch mean 1), or ones without the network."""
+        if not self.per_example:
+            return tf.ones(tf.shape(inputs)[:1], inputs.dtype)
+        logits = self.magnitude_net(inputs)[:, 0]
+        return tf.cast(tf.shape(logits)[0], logits.dtype) * tf.nn.softmax(logits)
+
+    def amplitude(self, inputs):
+        """strength * m_i [batch]: the standard deviation of example i's velocity field."""
+        return self.strength * self.magnitude(inputs)
 
 
 class LearnedTimeWarp(_WarpBase):
     """A stochastic, smooth, invertible time warp with a learned per-example magnitude.
 
     For signals x [batch, time, channels]:
-      m = 2 sigmoid(CNN(x)) per example; v = m * scale * eps, eps ~ N(0, 1) on a coarse grid of
+      v = strength * m * eps (see the amplitude below), eps ~ N(0, 1) on a coarse grid of
       ``grid_size`` points over [0, 1] (zero at both ends, which stay fixed);
       phi = exp(v) by scaling and squaring: d = v / 2^S, then S times d <- d + d o (id + d);
       the displacement is upsampled linearly to every time step, smoothed with a fixed Gaussian
       (odd reflection at the ends, which stay fixed) and x is resampled linearly at
       p(t) = t + D(t).
     Each step preserves monotonicity, so p is a non-decreasing time map (order-preserving);
-    with m * scale = 0 it is exactly the identity. Differentiable in the CNN weights and
-    ``scale`` (phi) through the reparameterised noise. Cost: O(batch * time * channels).
+    with a zero velocity it is exactly the identity. Differentiable in the CNN weights and
+    the strength (phi) through the reparameterised noise. Cost: O(batch * time * channels).
+
+    Amplitude (`_WarpBase`): strength = softplus(rho) > 0, global; m_i = B softmax(CNN(x))_i,
+    per example with batch mean 1 (or 1 with ``per_example=False``).
     """
 
-    def __init__(self, grid_size=16, squaring_steps=6, initial_scale=0.05, smoothing_sigma=None,
-                 filters=(8, 16), seed=None, **kwargs):
-        super().__init__(grid_size, squaring_steps, initial_scale, smoothing_sigma, filters, seed,
-                         **kwargs)
+    def __init__(self, grid_size=16, squaring_steps=6, initial_strength=0.05, per_example=True,
+                 smoothing_sigma=None, filters=(8, 16), seed=None, **kwargs):
+        super().__init__(grid_size, squaring_steps, initial_strength, per_example,
+                         smoothing_sigma, filters, seed, **kwargs)
 
     def _magnitude_layers(self):
         return [keras.layers.Conv1D(f, 9, strides=4, padding="same", activation="relu",
@@ -201,7 +237,7 @@ class LearnedTimeWarp(_WarpBase):
         length = tf.shape(inputs)[1]
         g = self.grid_size
         edges = tf.concat([[0.0], tf.ones([g - 2]), [0.0]], 0)
-        velocity = (self.magnitude(inputs) * self.scale)[:, None] * noise * tf.cast(edges, noise.dtype)
+        velocity = self.amplitude(inputs)[:, None] * noise * tf.cast(edges, noise.dtype)
         # grid-index units: the domain [0, 1] spans g - 1 grid intervals
         disp = velocity * tf.cast(g - 1, noise.dtype) / 2.0 ** self.squaring_steps
         grid = tf.cast(tf.range(g), disp.dtype)[None, :]
@@ -223,14 +259,15 @@ class LearnedTimeWarp(_WarpBase):
 
 class LearnedSpatialWarp(_WarpBase):
     """The 2-D version for images x [batch, height, width, channels]: a velocity field
-    m * scale * eps [grid, grid, 2] (zero on the border), integrated by scaling and squaring,
-    upsampled bilinearly, smoothed with a separable Gaussian, applied by bilinear resampling.
-    Identity at m * scale = 0; a diffeomorphism for small fields (positive Jacobian)."""
+    strength * m * eps [grid, grid, 2] (zero on the border), integrated by scaling and
+    squaring, upsampled bilinearly, smoothed with a separable Gaussian, applied by bilinear
+    resampling. Identity at zero velocity; a diffeomorphism for small fields (positive
+    Jacobian). Amplitude as in `LearnedTimeWarp`."""
 
-    def __init__(self, grid_size=5, squaring_steps=6, initial_scale=0.05, smoothing_sigma=None,
-                 filters=(8, 16), seed=None, **kwargs):
-        super().__init__(grid_size, squaring_steps, initial_scale, smoothing_sigma, filters, seed,
-                         **kwargs)
+    def __init__(self, grid_size=5, squaring_steps=6, initial_strength=0.05, per_example=True,
+                 smoothing_sigma=None, filters=(8, 16), seed=None, **kwargs):
+        super().__init__(grid_size, squaring_steps, initial_strength, per_example,
+                         smoothing_sigma, filters, seed, **kwargs)
 
     def _magnitude_layers(self):
         return [keras.layers.Conv2D(f, 3, strides=2, padding="same", activation="relu",
@@ -245,7 +282,7 @@ class LearnedSpatialWarp(_WarpBase):
         height, width = tf.shape(inputs)[1], tf.shape(inputs)[2]
         g = self.grid_size
         inner = tf.pad(tf.ones([g - 2, g - 2]), [[1, 1], [1, 1]])[None, :, :, None]
-        velocity = (self.magnitude(inputs) * self.scale)[:, None, None, None] * noise
+        velocity = self.amplitude(inputs)[:, None, None, None] * noise
         disp = velocity * tf.cast(inner, noise.dtype) * tf.cast(g - 1, noise.dtype)
         disp = disp / 2.0 ** self.squaring_steps
         gr, gc = tf.meshgrid(tf.range(g), tf.range(g), indexing="ij")
@@ -299,13 +336,39 @@ class SignalCutoutNoise(keras.layers.Layer):
         return inputs * keep + self.noise_std * std * noise
 
 
-def image_crop_flip(height, width, pad=3, seed=None):
-    """Default 2-D augmentation (fixed): pad by ``pad`` pixels, random crop back to
-    height x width, random horizontal flip (Keras 3 preprocessing layers)."""
-    return keras.Sequential([keras.layers.ZeroPadding2D(pad),
-                             keras.layers.RandomCrop(height, width, seed=seed),
-                             keras.layers.RandomFlip("horizontal", seed=seed)],
-                            name="crop_flip")
+class RandomCropFlip(keras.layers.Layer):
+    """Default 2-D augmentation (fixed, no weights), drawn per example: zero-pad by ``pad``
+    pixels and crop back to the input size at an offset (dy, dx) uniform in [0, 2 pad]^2 (a
+    shift by up to ``pad`` pixels, zeros shifted in), then flip horizontally with probability
+    1/2. Offsets and flips are separate draws from the layer's seed generator, so they are
+    independent of each other and across examples (Keras' RandomCrop uses one offset for the
+    whole batch). Identity at inference. Cost: two gathers per batch."""
+
+    def __init__(self, pad=3, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.pad = int(pad)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def crop_flip(self, inputs, offsets, flips):
+        """The deterministic transform: ``offsets`` [batch, 2] int32 in [0, 2 pad], ``flips``
+        [batch] bool."""
+        p = self.pad
+        height, width = tf.shape(inputs)[1], tf.shape(inputs)[2]
+        padded = tf.pad(inputs, [[0, 0], [p, p], [p, p], [0, 0]])
+        rows = tf.range(height)[None, :] + offsets[:, :1]
+        cols = tf.range(width)[None, :] + offsets[:, 1:]
+        cols = tf.where(flips[:, None], cols[:, ::-1], cols)
+        out = tf.gather(padded, rows, axis=1, batch_dims=1)
+        return tf.gather(out, cols, axis=2, batch_dims=1)
+
+    def call(self, inputs, training=False):
+        if not training:
+            return inputs
+        batch = tf.shape(inputs)[:1]
+        offsets = keras.random.randint(tf.concat([batch, [2]], 0), 0, 2 * self.pad + 1,
+                                       seed=self.seed_generator, dtype="int32")
+        flips = keras.random.uniform(batch, seed=self.seed_generator) < 0.5
+        return self.crop_flip(inputs, offsets, flips)
 
 
 class TwoViews(keras.layers.Layer):

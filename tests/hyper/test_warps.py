@@ -1,6 +1,6 @@
 """Learned time and spatial warps, the fixed augmentations and TwoViews.
 
-References: the identity (exact, at zero magnitude); the definition of an order-preserving time
+References: the identity (exact, at zero velocity); the definition of an order-preserving time
 map (non-decreasing p, fixed ends); a positive Jacobian determinant (no folding) in 2-D; the
 chain rule through the reparameterised noise checked by central differences in float64.
 """
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_metapt.hyper import (LearnedSpatialWarp, LearnedTimeWarp, SignalCutoutNoise, TwoViews,
-                                image_crop_flip)
+from keras_metapt.hyper import (LearnedSpatialWarp, LearnedTimeWarp, RandomCropFlip,
+                                SignalCutoutNoise, TwoViews)
 
 
 def _signals(batch=8, length=256, channels=3, seed=0):
@@ -20,20 +20,19 @@ def _signals(batch=8, length=256, channels=3, seed=0):
     return tf.constant(x + 0.1 * rng.normal(size=x.shape), tf.float32)
 
 
-def test_time_warp_is_exactly_the_identity_at_zero_magnitude():
+def test_time_warp_is_exactly_the_identity_at_zero_velocity():
     x = _signals()
     warp = LearnedTimeWarp(seed=0)
     warp.build(x.shape)
-    warp.scale.assign(0.0)
-    noise = tf.random.normal([8, warp.grid_size], seed=1)
-    np.testing.assert_array_equal(warp.transform(x, noise).numpy(), x.numpy())
+    np.testing.assert_array_equal(warp.transform(x, tf.zeros([8, warp.grid_size])).numpy(),
+                                  x.numpy())
     np.testing.assert_array_equal(warp(x, training=False).numpy(), x.numpy())  # inference
 
 
 @pytest.mark.parametrize("scale, strict", [(0.05, True), (0.15, False)])
 def test_time_map_is_monotone_smooth_and_keeps_the_ends(scale, strict):
     x = _signals(batch=32, length=512)
-    warp = LearnedTimeWarp(seed=0, initial_scale=scale)
+    warp = LearnedTimeWarp(seed=0, initial_strength=scale)
     warp.build(x.shape)
     p = warp.time_map(x, tf.random.normal([32, warp.grid_size], seed=2)).numpy()
     slopes = np.diff(p, axis=1)
@@ -43,7 +42,7 @@ def test_time_map_is_monotone_smooth_and_keeps_the_ends(scale, strict):
     np.testing.assert_allclose(p[:, -1], 511.0, atol=1e-3)
     # smooth: the Gaussian rounds off the kinks of the linear upsampling; reference: the same
     # map with (almost) no smoothing
-    rough_warp = LearnedTimeWarp(seed=0, initial_scale=scale, smoothing_sigma=1e-3)
+    rough_warp = LearnedTimeWarp(seed=0, initial_strength=scale, smoothing_sigma=1e-3)
     rough_warp.build(x.shape)
     rough_warp.set_weights(warp.get_weights())
     rough = rough_warp.time_map(x, tf.random.normal([32, warp.grid_size], seed=2)).numpy()
@@ -53,7 +52,7 @@ def test_time_map_is_monotone_smooth_and_keeps_the_ends(scale, strict):
 
 def test_spatial_warp_identity_and_no_folding():
     images = tf.random.normal([8, 28, 28, 1], seed=3)
-    warp = LearnedSpatialWarp(seed=0, initial_scale=0.1)
+    warp = LearnedSpatialWarp(seed=0, initial_strength=0.1)
     warp.build(images.shape)
     noise = tf.random.normal([8, warp.grid_size, warp.grid_size, 2], seed=4)
     rows, cols = (t.numpy() for t in warp.sampling_grid(images, noise))
@@ -62,8 +61,8 @@ def test_spatial_warp_identity_and_no_folding():
     dr_dj, dc_dj = np.diff(rows, axis=2)[:, :-1, :], np.diff(cols, axis=2)[:, :-1, :]
     assert (dr_di * dc_dj - dr_dj * dc_di).min() > 0
     assert max(np.abs(rows - np.arange(28)[None, :, None]).max(), 0) > 0.5  # it does warp
-    warp.scale.assign(0.0)
-    np.testing.assert_array_equal(warp.transform(images, noise).numpy(), images.numpy())
+    np.testing.assert_array_equal(warp.transform(images, tf.zeros_like(noise)).numpy(),
+                                  images.numpy())
 
 
 @pytest.mark.parametrize("layer_cls, shape, noise_shape", [
@@ -76,8 +75,10 @@ def test_gradients_reach_every_phi_and_match_finite_differences(layer_cls, shape
     x = tf.constant(rng.normal(size=shape))
     noise = tf.constant(rng.normal(size=noise_shape))
     weights = tf.constant(rng.normal(size=shape))
-    layer = layer_cls(seed=0, initial_scale=0.1, dtype="float64")
+    layer = layer_cls(seed=0, initial_strength=0.1, dtype="float64")
     layer.build(shape)
+    last = layer.magnitude_net.layers[-1].kernel  # starts at zero (every m_i = 1): move it
+    last.assign(rng.normal(size=last.shape))
 
     def objective():
         return tf.reduce_sum(weights * layer.transform(x, noise))
@@ -88,8 +89,8 @@ def test_gradients_reach_every_phi_and_match_finite_differences(layer_cls, shape
     assert len(grads) == len(layer.trainable_variables) >= 3
     for var, grad in zip(layer.trainable_variables, grads):
         assert grad is not None and np.abs(grad.numpy()).max() > 0, var.path
-    # central differences on the scale and on one weight of the magnitude network
-    for var in (layer.scale, layer.trainable_variables[1]):
+    # central differences on the strength and on one weight of the magnitude network
+    for var in (layer.strength_logit, layer.magnitude_net.trainable_variables[0]):
         flat = var.numpy().reshape(-1)
         grad = tf.reshape(grads[[v.path for v in layer.trainable_variables].index(var.path)], [-1])
         h = 1e-6
@@ -106,6 +107,54 @@ def test_gradients_reach_every_phi_and_match_finite_differences(layer_cls, shape
                                        atol=1e-8)
 
 
+def test_amplitude_is_softplus_strength_times_magnitudes_of_batch_mean_one():
+    # Reference: the definitions strength = softplus(rho), m = B softmax(CNN(x)), in NumPy.
+    images = tf.random.normal([6, 12, 12, 1], seed=7)
+    warp = LearnedSpatialWarp(seed=0, initial_strength=0.07)
+    warp.build(images.shape)
+    np.testing.assert_allclose(warp.strength.numpy(), 0.07, rtol=1e-6)
+    np.testing.assert_allclose(warp.magnitude(images).numpy(), 1.0, rtol=1e-6)  # zero-init
+    last = warp.magnitude_net.layers[-1].kernel
+    last.assign(np.random.default_rng(1).normal(size=last.shape))
+    warp.strength_logit.assign(-1.3)
+    logits = warp.magnitude_net(images).numpy()[:, 0]
+    expected = 6 * np.exp(logits) / np.exp(logits).sum() * np.log1p(np.exp(-1.3))
+    np.testing.assert_allclose(warp.amplitude(images).numpy(), expected, rtol=1e-5)
+    assert np.std(expected) > 0.01
+    np.testing.assert_allclose(warp.magnitude(images).numpy().mean(), 1.0, rtol=1e-6)
+    shared = LearnedTimeWarp(per_example=False, initial_strength=0.2)
+    shared.build((None, 64, 1))
+    assert [v.path.split("/")[-1] for v in shared.trainable_variables] == ["strength_logit"]
+    np.testing.assert_allclose(shared.amplitude(tf.zeros([3, 64, 1])).numpy(), 0.2, rtol=1e-6)
+    with pytest.raises(ValueError, match="initial_strength must be > 0"):
+        LearnedTimeWarp(initial_strength=0.0)
+
+
+def _crop_flip_reference(image, pad, dy, dx, flip):
+    padded = np.pad(image, [(pad, pad), (pad, pad), (0, 0)])
+    out = padded[dy:dy + image.shape[0], dx:dx + image.shape[1]]
+    return out[:, ::-1] if flip else out
+
+
+def test_random_crop_flip_draws_offset_and_flip_per_example_independently():
+    # Reference: NumPy pad + slice + flip for each of the (2 pad + 1)^2 x 2 outcomes; each
+    # output must equal exactly one of them, and with 4096 examples every outcome occurs
+    # (98 equally likely outcomes: a batch-wide crop or a crop tied to the flip would not).
+    pad, size = 3, 8
+    image = (np.arange(size * size, dtype=np.float32).reshape(size, size, 1) + 1.0)
+    layer = RandomCropFlip(pad=pad, seed=4)
+    out = layer(tf.constant(np.repeat(image[None], 4096, 0)), training=True).numpy()
+    outcomes = [(dy, dx, flip) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                for flip in (False, True)]
+    references = np.stack([_crop_flip_reference(image, pad, *o) for o in outcomes])
+    matches = (out[:, None] == references[None]).all(axis=(2, 3, 4))
+    np.testing.assert_array_equal(matches.sum(1), 1)
+    counts = np.bincount(matches.argmax(1), minlength=len(outcomes))
+    assert counts.min() > 0
+    np.testing.assert_array_equal(layer(tf.constant(image[None]), training=False).numpy(),
+                                  image[None])
+
+
 def test_signal_cutout_noise_zeroes_one_window_per_channel_and_scales_noise():
     x = tf.ones([4, 100, 3]) + tf.random.normal([4, 100, 3], stddev=0.5, seed=5)
     layer = SignalCutoutNoise(cutout_fraction=0.2, noise_std=0.0, seed=1)
@@ -120,13 +169,13 @@ def test_signal_cutout_noise_zeroes_one_window_per_channel_and_scales_noise():
 
 def test_two_views_differ_and_carry_only_the_learned_weights():
     images = tf.random.normal([4, 28, 28, 1], seed=6)
-    views = TwoViews(image_crop_flip(28, 28, seed=1), LearnedSpatialWarp(seed=2))
+    views = TwoViews(RandomCropFlip(seed=1), LearnedSpatialWarp(seed=2))
     views.build(images.shape)
     out = views(images, training=True).numpy()
     assert out.shape == (8, 28, 28, 1)
     assert np.abs(out[:4] - out[4:]).max() > 0
     assert {id(v) for v in views.trainable_variables} == {
         id(v) for v in views.learned.trainable_variables}
-    plain = TwoViews(image_crop_flip(28, 28, seed=1))
+    plain = TwoViews(RandomCropFlip(seed=1))
     plain.build(images.shape)
     assert not plain.trainable_variables
