@@ -1,14 +1,21 @@
 r"""Experiment 2: SimCLR pre-training with a meta-learned augmentation (ECG or images).
 
-For each seed, three ways to obtain an encoder:
-  (a) no_pt:  random initialisation;
-  (b) simclr: SimCLR pre-training with the fixed default augmentations (per-channel cutout and
-              Gaussian noise for signals; crop and flip for images);
-  (c) meta:   the same SimCLR, each view also passed through a learned warp (a time warp for
-              signals, a spatial warp for images) whose magnitude network and scale are
-              meta-learned by MetaPretrainer (Raghu et al. 2021) for the downstream task;
+For each seed, ways to obtain an encoder (--arms):
+  (a) no_pt:     random initialisation;
+  (b) simclr:    SimCLR pre-training with the fixed default augmentations (per-channel cutout
+                 and Gaussian noise for signals; per-example crop and flip for images);
+  fixed_<s>:     the same SimCLR, each view also passed through the warp (a time warp for
+                 signals, a spatial warp for images) at the fixed strength s (0.02, 0.05, 0.1,
+                 0.2; every example the same): the sweep that shows which strength is best;
+  (c) meta:      the same SimCLR with the warp meta-learned by MetaPretrainer (Raghu et al.
+                 2021) for the downstream task: a global strength softplus(rho) (starting at
+                 --warp_strength, Adam at --strength_lr) and a per-example magnitude network
+                 (batch mean 1, Adam at the slow --magnitude_lr), two optimizer groups;
 then linear evaluation (frozen encoder) and full fine-tuning on the labelled examples
 (MetaTrain + MetaVal), reporting test AUROC (macro over classes; mean +- std over seeds).
+The meta arm records where its strength ends (``warp_strength``), its trajectory over epochs
+and, with --curvature_iterations, lambda_max of the PT Hessian (Neumann needs
+alpha * lambda_max < 2).
 
 Data (nothing is downloaded):
   --modality=ecg:   PTB-XL from --ptbxl_dir (the official layout; prepared once as a TFDS
@@ -33,6 +40,7 @@ summary are apps/runner.py's; a seed fixes a run.
 """
 
 import dataclasses
+import json
 import os
 import sys
 from typing import Optional
@@ -52,13 +60,14 @@ from apps import runner  # noqa: E402
 from keras_metapt import export  # noqa: E402
 from keras_metapt.callbacks import EpochTimer, MetaCheckpoint  # noqa: E402
 from keras_metapt.data import images as image_data  # noqa: E402
-from keras_metapt.hyper import (LearnedSpatialWarp, LearnedTimeWarp, SignalCutoutNoise,  # noqa: E402
-                                TwoViews, image_crop_flip)
+from keras_metapt.hyper import (LearnedSpatialWarp, LearnedTimeWarp, RandomCropFlip,  # noqa: E402
+                                SignalCutoutNoise, TwoViews)
 from keras_metapt.losses import masked_multitask_bce  # noqa: E402
 from keras_metapt.nets import linear_head, projection_head, resnet1d18, small_cnn2d  # noqa: E402
 
 FLAGS = flags.FLAGS
-ARMS = ("no_pt", "simclr", "meta")
+FIXED_STRENGTHS = ("0.02", "0.05", "0.1", "0.2")
+ARMS = ("no_pt", "simclr") + tuple(f"fixed_{s}" for s in FIXED_STRENGTHS) + ("meta",)
 flags.DEFINE_enum("modality", "image", ["ecg", "image"], "ecg: PTB-XL and ResNet1D-18; image: "
                   "Fashion-MNIST (or an image folder) and a small CNN.")
 flags.DEFINE_string("ptbxl_dir", None, "ECG: PTB-XL folder (ptbxl_database.csv, "
@@ -80,7 +89,8 @@ flags.DEFINE_float("meta_val_fraction", 0.5, "Fraction of the labelled examples 
 flags.DEFINE_integer("num_test", 2000, "Test examples (0: all).")
 flags.DEFINE_integer("split_seed", 0, "Seed of the PT subset and of the labelled subset (fixed "
                      "across --seeds).")
-flags.DEFINE_list("arms", list(ARMS), "Arms to run, out of " + ", ".join(ARMS) + ".")
+flags.DEFINE_list("arms", ["no_pt", "simclr", "meta"], "Arms to run, out of " + ", ".join(ARMS)
+                  + " (fixed_<s>: the warp at the fixed strength s, no meta-learning).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (initialisation, augmentation noise, order); "
                   "a seed fixes a run (bit-identical on CPU).")
 flags.DEFINE_enum("baseline", "simclr", list(ARMS), "Arm that summary.md/json compare every "
@@ -90,12 +100,27 @@ flags.DEFINE_integer("ft_batch_size", 32, "MetaTrain / MetaVal / fine-tuning bat
 flags.DEFINE_integer("pt_epochs", 5, "PT epochs (the meta arm's first epoch is its warm-up).")
 flags.DEFINE_float("pt_lr", 1e-3, "PT Adam learning rate (also the Neumann alpha).")
 flags.DEFINE_float("temperature", 0.5, "NT-Xent temperature.")
-flags.DEFINE_float("hyper_lr", 1e-2, "Adam learning rate of the augmentation network.")
+flags.DEFINE_float("strength_lr", 0.05, "Meta arm: Adam learning rate of rho, the global "
+                   "strength's parameter (strength = softplus(rho); at small strengths a step "
+                   "changes it by a factor of about exp(rate)).")
+flags.DEFINE_float("magnitude_lr", 1e-4, "Meta arm: Adam learning rate of the per-example "
+                   "magnitude network (slow, as in the official code).")
+flags.DEFINE_bool("per_example", True, "Meta arm: learn per-example magnitudes (batch mean 1) "
+                  "besides the global strength; --noper_example learns the strength only.")
 flags.DEFINE_integer("hyperstep_every", 10, "N: PT steps between hypersteps.")
 flags.DEFINE_integer("unroll_steps", 1, "K: differentiable FT-head steps per hyperstep.")
-flags.DEFINE_integer("neumann_terms", 1, "i: Neumann terms of the inverse-Hessian product.")
-flags.DEFINE_float("warp_scale", 0.05, "Initial global scale of the learned warp (a fraction "
-                   "of the signal length / image size).")
+flags.DEFINE_enum("solver", "neumann", ["neumann", "cg"], "Inverse-Hessian solver of the "
+                  "hyperstep: a Neumann series or conjugate gradients (stops at curvature <= 0).")
+flags.DEFINE_integer("solver_iterations", 1, "i: Neumann terms, or the most CG iterations "
+                     "(each one HVP of the PT loss).")
+flags.DEFINE_float("neumann_alpha", 0.0, "Neumann step alpha (needs alpha * lambda_max < 2); "
+                   "0: the PT optimizer's learning rate at each hyperstep.")
+flags.DEFINE_integer("curvature_iterations", 0, "If > 0, estimate lambda_max of the PT Hessian "
+                     "at every hyperstep by this many power iterations (that many + 1 HVPs) "
+                     "and record it, to check alpha * lambda_max < 2.")
+flags.DEFINE_float("warp_strength", 0.05, "Meta arm: initial global strength of the warp (the "
+                   "velocity's standard deviation, a fraction of the signal length / image "
+                   "size).")
 flags.DEFINE_integer("ft_epochs", 30, "Epochs of linear evaluation and of full fine-tuning.")
 flags.DEFINE_float("ft_lr", 1e-3, "Fine-tuning Adam learning rate.")
 flags.DEFINE_bool("xla", False, "Compile PT steps with XLA (jit_compile). Keras compiles "
@@ -132,11 +157,16 @@ class Config(runner.GridConfig):
     pt_epochs: int
     pt_lr: float
     temperature: float
-    hyper_lr: float
+    strength_lr: float
+    magnitude_lr: float
+    per_example: bool
     hyperstep_every: int
     unroll_steps: int
-    neumann_terms: int
-    warp_scale: float
+    solver: str
+    solver_iterations: int
+    neumann_alpha: float
+    curvature_iterations: int
+    warp_strength: float
     ft_epochs: int
     ft_lr: float
     xla: bool
@@ -151,9 +181,11 @@ class Config(runner.GridConfig):
     BOUNDS = {"num_pt": "[0, inf)", "num_labelled": "[2, inf)", "label_fraction": "(0, 1]",
               "meta_val_fraction": "(0, 1)", "num_test": "[0, inf)", "split_seed": "[0, inf)",
               "batch_size": "[2, inf)", "ft_batch_size": "[1, inf)", "pt_epochs": "[1, inf)",
-              "pt_lr": "(0, inf)", "temperature": "(0, inf)", "hyper_lr": "[0, inf)",
-              "hyperstep_every": "[1, inf)", "unroll_steps": "[1, inf)",
-              "neumann_terms": "[0, inf)", "warp_scale": "[0, inf)", "ft_epochs": "[1, inf)",
+              "pt_lr": "(0, inf)", "temperature": "(0, inf)", "strength_lr": "[0, inf)",
+              "magnitude_lr": "[0, inf)", "hyperstep_every": "[1, inf)",
+              "unroll_steps": "[1, inf)", "solver_iterations": "[0, inf)",
+              "neumann_alpha": "[0, inf)", "curvature_iterations": "[0, inf)",
+              "warp_strength": "(0, inf)", "ft_epochs": "[1, inf)",
               "ft_lr": "(0, inf)", "verbose": "[0, 2]"}
 
     @classmethod
@@ -215,16 +247,25 @@ def make_encoder(config, shape):
     return small_cnn2d(shape)
 
 
-def make_views(config, shape, seed, learned):
-    if config.modality == "ecg":
-        fixed = SignalCutoutNoise(seed=seed)
-        warp = LearnedTimeWarp(initial_scale=config.warp_scale, seed=seed + 1) if learned else None
-    else:
-        fixed = image_crop_flip(shape[0], shape[1], seed=seed)
-        warp = LearnedSpatialWarp(initial_scale=config.warp_scale, seed=seed + 1) if learned else None
+def make_views(config, shape, seed, strength=None, learned=False):
+    """TwoViews: the fixed augmentation, then (if ``strength``) the warp starting at that
+    strength; meta-learned if ``learned`` (per-example magnitudes with --per_example), else
+    frozen with every magnitude 1."""
+    fixed = SignalCutoutNoise(seed=seed) if config.modality == "ecg" else RandomCropFlip(seed=seed)
+    warp = None
+    if strength:
+        warp_class = LearnedTimeWarp if config.modality == "ecg" else LearnedSpatialWarp
+        warp = warp_class(initial_strength=strength, per_example=learned and config.per_example,
+                          seed=seed + 1)
+        warp.trainable = learned
     views = TwoViews(fixed, warp)
     views.build((None,) + tuple(shape))
     return views
+
+
+def arm_strength(arm):
+    """The fixed warp strength of a fixed_<s> arm (None for other arms)."""
+    return float(arm[len("fixed_"):]) if arm.startswith("fixed_") else None
 
 
 def ft_loss_fn(multilabel):
@@ -242,10 +283,11 @@ def batched(arrays, batch_size, seed=None):
     return ds.batch(batch_size, drop_remainder=True)
 
 
-def pretrain_simclr(config, encoder, data, seed, strategy):
+def pretrain_simclr(config, encoder, data, seed, strategy, strength=None):
+    """Plain SimCLR; with ``strength``, each view also goes through the frozen warp."""
     with strategy.scope():
         model = km.simclr.SimCLR(encoder, projection_head(encoder.output_shape[-1]),
-                                 make_views(config, data["pt"].shape[1:], seed, learned=False),
+                                 make_views(config, data["pt"].shape[1:], seed, strength),
                                  config.temperature)
         model.compile(keras.optimizers.Adam(config.pt_lr), jit_compile=config.xla)
     steps = len(data["pt"]) // config.batch_size
@@ -265,16 +307,24 @@ def pretrain_meta(config, encoder, data, seed, strategy):
     meta_val, meta_train = (x_lab[:n_val], y_lab[:n_val]), (x_lab[n_val:], y_lab[n_val:])
     outputs = len(data["classes"])
     with strategy.scope():
-        views = make_views(config, data["pt"].shape[1:], seed, learned=True)
-        # alpha=None: the Neumann step is the PT optimizer's learning rate at each hyperstep
+        views = make_views(config, data["pt"].shape[1:], seed, config.warp_strength, learned=True)
+        warp = views.learned
+        if config.solver == "cg":
+            solve = km.linalg.cg(config.solver_iterations)
+        else:  # alpha=None: the Neumann step is the PT optimizer's learning rate
+            solve = km.linalg.neumann(config.solver_iterations, config.neumann_alpha or None)
         model = km.simclr.simclr_meta_pretrainer(
             encoder, projection_head(encoder.output_shape[-1]), views,
             linear_head(encoder.output_shape[-1], outputs), ft_loss_fn(data["multilabel"]),
             temperature=config.temperature, hyperstep_every=config.hyperstep_every,
-            unroll_steps=config.unroll_steps, solve=km.linalg.neumann(config.neumann_terms))
+            unroll_steps=config.unroll_steps, solve=solve,
+            curvature_iterations=config.curvature_iterations)
+        groups = [(keras.optimizers.Adam(config.strength_lr), [warp.strength_logit])]
+        if config.per_example:
+            groups.append((keras.optimizers.Adam(config.magnitude_lr),
+                           warp.magnitude_net.trainable_variables))
         model.compile(keras.optimizers.Adam(config.pt_lr), keras.optimizers.Adam(config.ft_lr),
-                      keras.optimizers.Adam(config.hyper_lr),
-                      jit_compile=config.xla and strategy.num_replicas_in_sync == 1)
+                      groups, jit_compile=config.xla and strategy.num_replicas_in_sync == 1)
     ft_batch = config.ft_batch_size
     stream = km.meta_dataset(batched(data["pt"], config.batch_size, seed),
                              batched(meta_train, min(ft_batch, len(meta_train[0])), seed),
@@ -283,20 +333,45 @@ def pretrain_meta(config, encoder, data, seed, strategy):
     steps = len(data["pt"]) // config.batch_size
     run_dir = runner.run_directory(config, "meta", seed)
     timer = EpochTimer()
-    model.fit(stream, epochs=config.pt_epochs, steps_per_epoch=steps, verbose=config.verbose,
-              callbacks=[MetaCheckpoint(os.path.join(run_dir, "ckpt")), timer])
+    trajectory = StrengthHistory(warp, os.path.join(run_dir, "strength_history.json"))
+    history = model.fit(stream, epochs=config.pt_epochs, steps_per_epoch=steps,
+                        verbose=config.verbose, callbacks=[
+                            trajectory, MetaCheckpoint(os.path.join(run_dir, "ckpt")), timer])
     # epoch 1 is the warm-up (no hyperstep), epoch 2 compiles the hyperstep
     skip = 2 if config.pt_epochs > 2 else 1
-    warp = model.meta_layer.learned
+    amplitudes = warp.amplitude(tf.constant(data["pt"][:256])).numpy()
     fields = {"pt_examples_per_second": timer.examples_per_second(steps, config.batch_size,
                                                                   skip=skip),
               "pt_epoch_seconds": timer.seconds,
-              "warp_scale": float(warp.scale.numpy()),
-              "mean_warp_magnitude": float(np.mean(
-                  (warp.magnitude(tf.constant(data["pt"][:256])) * warp.scale).numpy())),
+              "warp_strength": float(warp.strength.numpy()),
+              "warp_strength_by_epoch": trajectory.strengths,
+              "warp_amplitude_quantiles": {q: float(np.quantile(amplitudes, float(q)))
+                                           for q in ("0.05", "0.5", "0.95")},
               "warp_png": plot_warp(model.meta_layer, data["pt"], config.modality, os.path.join(
                   config.output_dir, f"warp_{config.modality}_seed{seed}.png"))}
+    if config.curvature_iterations:
+        lam = [v for v in history.history.get("pt_lambda_max", []) if v]
+        fields["pt_lambda_max_by_epoch"] = lam
     return fields, model
+
+
+class StrengthHistory(keras.callbacks.Callback):
+    """The warp's global strength after every epoch, in ``strengths`` and a JSON file (read
+    back at the start, so a resumed run keeps the epochs it had)."""
+
+    def __init__(self, warp, path):
+        super().__init__()
+        self.warp, self.path = warp, path
+        self.strengths = []
+
+    def on_train_begin(self, logs=None):
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self.strengths = json.load(f)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.strengths = self.strengths[:epoch] + [float(self.warp.strength.numpy())]
+        runner.write_json(self.path, self.strengths)
 
 
 def test_auroc(model, test, multilabel, num_classes):
@@ -346,20 +421,20 @@ def plot_warp(views, x, modality, path):
     x = tf.constant(x[:4])
     noise = tf.random.normal(warp.noise_shape(tf.shape(x)), seed=0)
     warped = warp.transform(x, noise).numpy()
-    magnitude = (warp.magnitude(x) * warp.scale).numpy()
+    magnitude = warp.amplitude(x).numpy()
     if modality == "ecg":
         fig, axes = plt.subplots(len(x), 1, figsize=(10, 2.2 * len(x)), squeeze=False)
         for i, ax in enumerate(axes[:, 0]):
             ax.plot(x[i, :1000, 1], lw=0.8, label="before (lead II)")
             ax.plot(warped[i, :1000, 1], lw=0.8, label="after the learned warp")
-            ax.set_title(f"example {i}: magnitude m x scale = {magnitude[i]:.3f}", fontsize=9)
+            ax.set_title(f"example {i}: strength x m = {magnitude[i]:.3f}", fontsize=9)
         axes[0, 0].legend(fontsize=8)
         axes[-1, 0].set_xlabel("sample (100 Hz)")
     else:
         fig, axes = plt.subplots(2, len(x), figsize=(2.2 * len(x), 4.6), squeeze=False)
         for i in range(len(x)):
             axes[0, i].imshow(x[i, ..., 0], cmap="gray")
-            axes[0, i].set_title(f"m x scale {magnitude[i]:.3f}", fontsize=8)
+            axes[0, i].set_title(f"strength x m {magnitude[i]:.3f}", fontsize=8)
             axes[1, i].imshow(warped[i, ..., 0], cmap="gray")
             for ax in axes[:, i]:
                 ax.axis("off")
@@ -373,16 +448,16 @@ def plot_warp(views, x, modality, path):
 
 
 def run_arm(config, data, strategy, arm, seed):
-    """One arm of one seed: the encoder (no PT, SimCLR or meta-learned augmentation), then
-    linear evaluation and full fine-tuning."""
+    """One arm of one seed: the encoder (no PT, SimCLR, SimCLR with a fixed-strength warp or
+    with the meta-learned warp), then linear evaluation and full fine-tuning."""
     shape = data["pt"].shape[1:]
     with strategy.scope():
         encoder = make_encoder(config, shape)
     record = {"replicas": strategy.num_replicas_in_sync, "pt_examples": len(data["pt"]),
               "labelled_examples": len(data["labelled"][0]), "test_examples": len(data["test"][0])}
     model = None
-    if arm == "simclr":
-        record.update(pretrain_simclr(config, encoder, data, seed, strategy))
+    if arm == "simclr" or arm.startswith("fixed_"):
+        record.update(pretrain_simclr(config, encoder, data, seed, strategy, arm_strength(arm)))
     elif arm == "meta":
         fields, model = pretrain_meta(config, encoder, data, seed, strategy)
         record.update(fields)

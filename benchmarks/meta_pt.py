@@ -182,8 +182,9 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)
     if FLAGS.quick:
-        FLAGS.input_dim, FLAGS.hidden, FLAGS.pt_tasks, FLAGS.ft_tasks = 16, ["32", "32"], 20, 3
-        FLAGS.batch, FLAGS.steps, FLAGS.rounds, FLAGS.repeats = 16, 20, 1, 3
+        FLAGS.input_dim, FLAGS.hidden, FLAGS.pt_tasks, FLAGS.ft_tasks = 16, ["32"], 20, 3
+        # steps = N: every timed meta-PT epoch still holds exactly one hyperstep
+        FLAGS.batch, FLAGS.steps, FLAGS.rounds, FLAGS.repeats = 16, 10, 1, 3
     x, y_pt, y_ft = data()
     rows = []
     unknown = [v for v in FLAGS.hypersteps if v not in SOLVES]

@@ -1,16 +1,23 @@
 r"""Experiment 2 as a benchmark on Fashion-MNIST: (a) no PT, (b) SimCLR with the fixed
-augmentations, (c) SimCLR with the meta-learned spatial warp.
+augmentations, a sweep of SimCLR with the warp at fixed strengths (the ground truth for the
+direction), and (c) SimCLR with the meta-learned warp, every arm paired by seed.
 
-    python -m benchmarks.simclr_augment            # CPU-sized subset, 3 seeds (~15 min, 2 cores)
+    python -m benchmarks.simclr_augment            # CPU-sized subset, 5 seeds
     python -m benchmarks.simclr_augment --quick    # a smoke run on IDX files written by the test
 
-CPU-sized subset (the defaults, passed to apps/simclr_augment.py): PT on 6,000 training images
-(a seeded subset; labels unused), 5 PT epochs, batch 128 (256 views); labelled FT data: 0.5% of
+CPU-sized subset (the defaults, passed to apps/simclr_augment.py): PT on 3,000 training images
+(a seeded subset; labels unused), 4 PT epochs, batch 128 (256 views); labelled FT data: 0.5% of
 the 60,000 training images (300: 150 MetaTrain + 150 MetaVal; linear evaluation and full FT use
-all 300), 30 FT epochs; test: the first 2,000 test images. Small CNN encoder (94K weights),
-projection 128->256->128, NT-Xent temperature 0.5, hyperstep every 10 PT steps (K=1, i=1).
-The cost of meta-PT over plain SimCLR is the ratio of their PT examples/s (epochs that compile
-nothing). Resumable: finished runs are kept under benchmarks/results/simclr_augment/.
+all 300), 30 FT epochs; test: the first 2,000 test images. Small CNN encoder, projection
+128->256->128, NT-Xent temperature 0.5, per-example crop and flip. The meta arm: hyperstep
+every 5 PT steps (K=1, i=1), strength starting at 0.05 with Adam 0.1 on rho, per-example
+magnitudes at Adam 1e-4. Every arm gets the same PT and FT budget.
+
+The sweep's best region: the fixed strengths (0 = plain SimCLR) whose paired difference to
+the best one (by mean test AUROC) has a 95% interval that includes 0; it is reported per
+evaluation with the meta arm's final strengths. The test set judges; nothing is tuned on it.
+The cost of meta-PT over plain SimCLR is the ratio of their PT examples/s (epochs that
+compile nothing). Resumable: finished runs are kept under benchmarks/results/simclr_augment/.
 Writes benchmarks/results/simclr_augment.{md,json}.
 """
 
@@ -24,11 +31,15 @@ from absl import app, flags
 from apps import runner
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (>= 3 for a mean +- std worth reading).")
+flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds (>= 5 for paired intervals "
+                  "worth reading).")
 flags.DEFINE_string("images_dir", "/usr/share/datasets/fashion-mnist", "Fashion-MNIST IDX files.")
-flags.DEFINE_integer("num_pt", 6000, "PT images.")
+flags.DEFINE_integer("num_pt", 3000, "PT images.")
 flags.DEFINE_float("label_fraction", 0.005, "Labelled fraction of the 60,000 training images.")
-flags.DEFINE_integer("pt_epochs", 5, "PT epochs.")
+flags.DEFINE_integer("pt_epochs", 4, "PT epochs.")
+flags.DEFINE_list("arms", ["no_pt", "simclr", "fixed_0.02", "fixed_0.05", "fixed_0.1",
+                           "fixed_0.2", "meta"], "Arms of apps/simclr_augment.py; the sweep "
+                  "is simclr (strength 0) and the fixed_<s> arms.")
 flags.DEFINE_integer("ft_epochs", 30, "Linear-evaluation and fine-tuning epochs.")
 flags.DEFINE_integer("num_test", 2000, "Test images.")
 flags.DEFINE_bool("quick", False, "Tiny sizes on --images_dir: a smoke run, not a measurement.")
@@ -45,14 +56,15 @@ def main(argv):
     run_dir = os.path.join(FLAGS.output_dir, "simclr_augment")
     sizes = [f"--num_pt={FLAGS.num_pt}", f"--label_fraction={FLAGS.label_fraction}",
              f"--pt_epochs={FLAGS.pt_epochs}", f"--ft_epochs={FLAGS.ft_epochs}",
-             f"--num_test={FLAGS.num_test}"]
+             f"--num_test={FLAGS.num_test}", "--hyperstep_every=5", "--strength_lr=0.1"]
     if FLAGS.quick:
         sizes = ["--num_pt=0", "--label_fraction=0.2", "--pt_epochs=3", "--ft_epochs=1",
                  "--num_test=0", "--batch_size=32", "--ft_batch_size=8", "--hyperstep_every=2"]
     cmd = [sys.executable, os.path.join(ROOT, "apps", "simclr_augment.py"), "--modality=image",
            f"--images_dir={FLAGS.images_dir}", f"--output_dir={run_dir}",
            f"--saved_models_dir={os.path.join(run_dir, 'saved_models')}", "--verbose=0",
-           f"--seeds={','.join(FLAGS.seeds)}", *sizes, *FLAGS.app_flags]
+           f"--seeds={','.join(FLAGS.seeds)}", f"--arms={','.join(FLAGS.arms)}", *sizes,
+           *FLAGS.app_flags]
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
@@ -62,18 +74,24 @@ def main(argv):
     simclr_eps = summary["simclr"]["pt_examples_per_second"]
     cost = simclr_eps / meta_eps
     names = {"no_pt": "(a) no PT", "simclr": "(b) SimCLR, fixed augmentations",
-             "meta": "(c) SimCLR + meta-learned warp"}
+             "meta": "(c) SimCLR + meta-learned warp",
+             **{arm: f"SimCLR + warp at fixed strength {arm[6:]}" for arm in fixed_arms(summary)}}
     lines = ["## SimCLR with a meta-learned augmentation (Fashion-MNIST)", "",
              f"`python -m benchmarks.simclr_augment{' --quick' if FLAGS.quick else ''}`: "
              + " ".join(sizes) + f"; seeds {', '.join(FLAGS.seeds)}; test AUROC is the macro "
              "average over the 10 classes (one-vs-rest), mean +- std over seeds.", "",
              (runner.summary_table(summary, MODES, names, seeds_column=False)
               + runner.paired_table(summary, MODES, names)).rstrip("\n")]
-    scales = [r["warp_scale"] for r in records if r["arm"] == "meta"]
-    lines += ["", f"Cost of meta-PT over plain SimCLR: {cost:.2f}x the time per PT example. "
-              f"Learned warp scale after PT: {', '.join(f'{s:.4f}' for s in scales)} "
-              "(initial 0.05).", "",
-              "Target: (c) >= (b) > (a)."]
+    strengths = [r["warp_strength"] for r in sorted(records, key=lambda r: r["seed"])
+                 if r["arm"] == "meta"]
+    sweep = sweep_regions(summary, strengths)
+    lines += ["", f"Cost of meta-PT over plain SimCLR: {cost:.2f}x the time per PT example "
+              f"(a fixed-strength warp: {sweep_cost(summary):.2f}x).", "",
+              "Meta-learned strength after PT, per seed: "
+              + ", ".join(f"{s:.4f}" for s in strengths) + " (initial 0.05).", ""]
+    lines += sweep_lines(sweep)
+    lines += ["", "Targets: (c) - (b) > 0 with the 95% interval excluding 0 on at least one "
+              "evaluation; the meta-learned strength inside the sweep's best region."]
     report = "\n".join(lines) + "\n"
     print("\n" + report)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
@@ -81,7 +99,59 @@ def main(argv):
         f.write(report)
     with open(os.path.join(FLAGS.output_dir, "simclr_augment.json"), "w") as f:
         json.dump({"summary": summary, "runs": records, "meta_cost_ratio": cost,
-                   "sizes": sizes, "quick": FLAGS.quick}, f, indent=1)
+                   "meta_strengths": strengths, "sweep": sweep, "sizes": sizes,
+                   "quick": FLAGS.quick}, f, indent=1)
+
+
+def fixed_arms(summary):
+    return [arm for arm in summary if arm.startswith("fixed_")]
+
+
+def sweep_regions(summary, meta_strengths):
+    """Per evaluation: the fixed strengths (simclr = 0) by mean AUROC, the best one, the best
+    region (paired 95% interval to the best includes 0; one seed: the best alone), and how
+    many meta strengths fall inside [min, max] of the region."""
+    arms = [("simclr", 0.0)] * ("simclr" in summary) + [
+        (arm, float(arm[6:])) for arm in fixed_arms(summary)]
+    if len(arms) < 2:
+        return {}
+    result = {}
+    for mode in MODES:
+        means = {arm: summary[arm][f"{mode}_mean"] for arm, _ in arms}
+        best = max(means, key=means.get)
+        region = []
+        for arm, strength in arms:
+            seeds = [k for k in summary[arm]["per_seed"] if k in summary[best]["per_seed"]]
+            diff = runner.paired_difference([summary[arm]["per_seed"][k][mode] for k in seeds],
+                                            [summary[best]["per_seed"][k][mode] for k in seeds])
+            if arm == best or (diff["ci95"] is not None and diff["ci95"][1] >= 0):
+                region.append(strength)
+        low, high = min(region), max(region)
+        result[mode] = {"mean_auroc": {str(s): means[arm] for arm, s in arms},
+                        "best_strength": dict(arms)[best], "region": [low, high],
+                        "meta_inside": sum(low <= m <= high for m in meta_strengths),
+                        "meta_count": len(meta_strengths)}
+    return result
+
+
+def sweep_cost(summary):
+    """Time per PT example of the fixed-strength warp arms over plain SimCLR."""
+    rates = [summary[arm]["pt_examples_per_second"] for arm in fixed_arms(summary)]
+    return summary["simclr"]["pt_examples_per_second"] / (sum(rates) / len(rates)) \
+        if rates else float("nan")
+
+
+def sweep_lines(sweep):
+    if not sweep:
+        return ["(No sweep: run the simclr and fixed_* arms.)"]
+    lines = ["| evaluation | mean test AUROC by fixed strength | best | best region | "
+             "meta strengths inside |", "|---|---|---:|---|---:|"]
+    for mode, entry in sweep.items():
+        by_strength = ", ".join(f"{s}: {v:.4f}" for s, v in entry["mean_auroc"].items())
+        low, high = entry["region"]
+        lines.append(f"| {runner.FT_MODES[mode][1]} | {by_strength} | {entry['best_strength']} | "
+                     f"[{low}, {high}] | {entry['meta_inside']} of {entry['meta_count']} |")
+    return lines
 
 
 if __name__ == "__main__":

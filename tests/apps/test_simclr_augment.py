@@ -39,7 +39,11 @@ def check_run(run_dir, shape):
     for arm in summary.values():
         assert 0.0 <= arm["linear_mean"] <= 1.0 and 0.0 <= arm["full_mean"] <= 1.0
     meta = json.load(open(run_dir / "results" / "meta_seed0.json"))
-    assert meta["warp_scale"] != 0.05  # hypersteps moved phi
+    assert meta["warp_strength"] != 0.05  # hypersteps moved phi
+    assert len(meta["warp_strength_by_epoch"]) == 2 and meta["warp_strength_by_epoch"][-1] == (
+        meta["warp_strength"])
+    low, mid, high = (meta["warp_amplitude_quantiles"][q] for q in ("0.05", "0.5", "0.95"))
+    assert 0 < low <= mid <= high
     assert os.path.getsize(meta["warp_png"]) > 10_000
     assert "| meta |" in (run_dir / "summary.md").read_text()
     # exported encoder: reload and compare with the fine-tuned model's encoder outputs
@@ -49,7 +53,7 @@ def check_run(run_dir, shape):
     out = loaded.signatures["serving_default"](inputs=x)["features"]
     assert out.shape[0] == 2 and np.all(np.isfinite(out.numpy()))
     phi = json.load(open(meta["saved_models"]["meta_parameters"]))
-    assert any(name.endswith("scale") for name in phi["weights"])
+    assert any(name.endswith("strength_logit") for name in phi["weights"])
 
 
 def test_ecg_app_on_a_ptbxl_layout_folder(tmp_path):
@@ -65,5 +69,6 @@ def test_help_explains_flags():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "apps", "simclr_augment.py"),
                            "--helpshort"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     for flag in ("--modality", "--ptbxl_dir", "--images_dir", "--label_fraction", "--arms",
-                 "--warp_scale", "--strategy", "--[no]resume", "--output_dir"):
+                 "--warp_strength", "--strength_lr", "--magnitude_lr", "--solver", "--strategy",
+                 "--[no]resume", "--output_dir"):
         assert flag in proc.stdout, flag
