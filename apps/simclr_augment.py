@@ -98,16 +98,17 @@ flags.DEFINE_enum("baseline", "simclr", list(ARMS), "Arm that summary.md/json co
 flags.DEFINE_integer("batch_size", 128, "PT batch size (each example gives 2 views).")
 flags.DEFINE_integer("ft_batch_size", 32, "MetaTrain / MetaVal / fine-tuning batch size.")
 flags.DEFINE_integer("pt_epochs", 5, "PT epochs (the meta arm's first epoch is its warm-up).")
-flags.DEFINE_float("pt_lr", 1e-3, "PT Adam learning rate (also the Neumann alpha).")
+flags.DEFINE_float("pt_lr", 1e-3, "PT Adam learning rate (also the Neumann alpha without "
+                   "--neumann_alpha).")
 flags.DEFINE_float("temperature", 0.5, "NT-Xent temperature.")
-flags.DEFINE_float("strength_lr", 0.05, "Meta arm: Adam learning rate of rho, the global "
+flags.DEFINE_float("strength_lr", 0.1, "Meta arm: Adam learning rate of rho, the global "
                    "strength's parameter (strength = softplus(rho); at small strengths a step "
                    "changes it by a factor of about exp(rate)).")
 flags.DEFINE_float("magnitude_lr", 1e-4, "Meta arm: Adam learning rate of the per-example "
                    "magnitude network (slow, as in the official code).")
 flags.DEFINE_bool("per_example", True, "Meta arm: learn per-example magnitudes (batch mean 1) "
                   "besides the global strength; --noper_example learns the strength only.")
-flags.DEFINE_integer("hyperstep_every", 10, "N: PT steps between hypersteps.")
+flags.DEFINE_integer("hyperstep_every", 5, "N: PT steps between hypersteps.")
 flags.DEFINE_integer("unroll_steps", 1, "K: differentiable FT-head steps per hyperstep.")
 flags.DEFINE_enum("solver", "neumann", ["neumann", "cg"], "Inverse-Hessian solver of the "
                   "hyperstep: a Neumann series or conjugate gradients (stops at curvature <= 0).")

@@ -9,9 +9,9 @@ CPU-sized subset (the defaults, passed to apps/simclr_augment.py): PT on 3,000 t
 (a seeded subset; labels unused), 4 PT epochs, batch 128 (256 views); labelled FT data: 0.5% of
 the 60,000 training images (300: 150 MetaTrain + 150 MetaVal; linear evaluation and full FT use
 all 300), 30 FT epochs; test: the first 2,000 test images. Small CNN encoder, projection
-128->256->128, NT-Xent temperature 0.5, per-example crop and flip. The meta arm: hyperstep
-every 5 PT steps (K=1, i=1), strength starting at 0.05 with Adam 0.1 on rho, per-example
-magnitudes at Adam 1e-4. Every arm gets the same PT and FT budget.
+128->256->128, NT-Xent temperature 0.5, per-example crop and flip. The meta arm (the app's
+defaults): hyperstep every 5 PT steps (K=1, i=1), strength starting at 0.05 with Adam 0.1 on
+rho, per-example magnitudes at Adam 1e-4. Every arm gets the same PT and FT budget.
 
 The sweep's best region: the fixed strengths (0 = plain SimCLR) whose paired difference to
 the best one (by mean test AUROC) has a 95% interval that includes 0; it is reported per
@@ -44,6 +44,9 @@ flags.DEFINE_integer("ft_epochs", 30, "Linear-evaluation and fine-tuning epochs.
 flags.DEFINE_integer("num_test", 2000, "Test images.")
 flags.DEFINE_bool("quick", False, "Tiny sizes on --images_dir: a smoke run, not a measurement.")
 flags.DEFINE_list("app_flags", [], "Extra flags for apps/simclr_augment.py.")
+flags.DEFINE_list("variant_flags", [], "If given, a second meta arm, meta_variant: the app's "
+                  "meta arm again with these extra flags (e.g. --solver_iterations=5,"
+                  "--neumann_alpha=0.03), same seeds and budget, paired with the same arms.")
 flags.DEFINE_string("output_dir", os.path.join(os.path.dirname(__file__), "results"),
                     "Where simclr_augment.md/.json and the runs go.")
 
@@ -56,25 +59,28 @@ def main(argv):
     run_dir = os.path.join(FLAGS.output_dir, "simclr_augment")
     sizes = [f"--num_pt={FLAGS.num_pt}", f"--label_fraction={FLAGS.label_fraction}",
              f"--pt_epochs={FLAGS.pt_epochs}", f"--ft_epochs={FLAGS.ft_epochs}",
-             f"--num_test={FLAGS.num_test}", "--hyperstep_every=5", "--strength_lr=0.1"]
+             f"--num_test={FLAGS.num_test}"]
     if FLAGS.quick:
         sizes = ["--num_pt=0", "--label_fraction=0.2", "--pt_epochs=3", "--ft_epochs=1",
                  "--num_test=0", "--batch_size=32", "--ft_batch_size=8", "--hyperstep_every=2"]
-    cmd = [sys.executable, os.path.join(ROOT, "apps", "simclr_augment.py"), "--modality=image",
-           f"--images_dir={FLAGS.images_dir}", f"--output_dir={run_dir}",
-           f"--saved_models_dir={os.path.join(run_dir, 'saved_models')}", "--verbose=0",
-           f"--seeds={','.join(FLAGS.seeds)}", f"--arms={','.join(FLAGS.arms)}", *sizes,
-           *FLAGS.app_flags]
-    print("$", " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    summary = json.load(open(os.path.join(run_dir, "summary.json")))
-    records = list(runner.load_results(os.path.join(run_dir, "results"), summary,
-                                       FLAGS.seeds).values())
+    summary, records = run_app(run_dir, FLAGS.arms, sizes + FLAGS.app_flags)
+    if FLAGS.variant_flags:
+        variant, variant_records = run_app(run_dir + "_variant", ["meta"],
+                                           sizes + FLAGS.app_flags + FLAGS.variant_flags)
+        summary["meta_variant"] = entry = variant["meta"]
+        entry.pop("paired", None)
+        if "simclr" in summary:
+            seeds = [k for k in entry["per_seed"] if k in summary["simclr"]["per_seed"]]
+            entry["paired"] = {"baseline": "simclr", **{m: runner.paired_difference(
+                [entry["per_seed"][k][m] for k in seeds],
+                [summary["simclr"]["per_seed"][k][m] for k in seeds]) for m in MODES}}
+        records += [{**r, "arm": "meta_variant"} for r in variant_records]
     meta_eps = summary["meta"]["pt_examples_per_second"]
     simclr_eps = summary["simclr"]["pt_examples_per_second"]
     cost = simclr_eps / meta_eps
     names = {"no_pt": "(a) no PT", "simclr": "(b) SimCLR, fixed augmentations",
              "meta": "(c) SimCLR + meta-learned warp",
+             "meta_variant": "(c') meta-learned warp, " + " ".join(FLAGS.variant_flags),
              **{arm: f"SimCLR + warp at fixed strength {arm[6:]}" for arm in fixed_arms(summary)}}
     lines = ["## SimCLR with a meta-learned augmentation (Fashion-MNIST)", "",
              f"`python -m benchmarks.simclr_augment{' --quick' if FLAGS.quick else ''}`: "
@@ -82,13 +88,14 @@ def main(argv):
              "average over the 10 classes (one-vs-rest), mean +- std over seeds.", "",
              (runner.summary_table(summary, MODES, names, seeds_column=False)
               + runner.paired_table(summary, MODES, names)).rstrip("\n")]
-    strengths = [r["warp_strength"] for r in sorted(records, key=lambda r: r["seed"])
-                 if r["arm"] == "meta"]
+    strengths = {arm: [r["warp_strength"] for r in sorted(records, key=lambda r: r["seed"])
+                       if r["arm"] == arm] for arm in ("meta", "meta_variant") if arm in summary}
     sweep = sweep_regions(summary, strengths)
     lines += ["", f"Cost of meta-PT over plain SimCLR: {cost:.2f}x the time per PT example "
-              f"(a fixed-strength warp: {sweep_cost(summary):.2f}x).", "",
-              "Meta-learned strength after PT, per seed: "
-              + ", ".join(f"{s:.4f}" for s in strengths) + " (initial 0.05).", ""]
+              f"(a fixed-strength warp: {sweep_cost(summary):.2f}x).", ""]
+    for arm, values in strengths.items():
+        lines += [f"{names[arm]}: strength after PT, per seed: "
+                  + ", ".join(f"{v:.4f}" for v in values) + " (initial 0.05).", ""]
     lines += sweep_lines(sweep)
     lines += ["", "Targets: (c) - (b) > 0 with the 95% interval excluding 0 on at least one "
               "evaluation; the meta-learned strength inside the sweep's best region."]
@@ -103,14 +110,28 @@ def main(argv):
                    "quick": FLAGS.quick}, f, indent=1)
 
 
+def run_app(run_dir, arms, app_flags):
+    """Runs apps/simclr_augment.py on the images into ``run_dir``; (summary, records)."""
+    cmd = [sys.executable, os.path.join(ROOT, "apps", "simclr_augment.py"), "--modality=image",
+           f"--images_dir={FLAGS.images_dir}", f"--output_dir={run_dir}",
+           f"--saved_models_dir={os.path.join(run_dir, 'saved_models')}", "--verbose=0",
+           f"--seeds={','.join(FLAGS.seeds)}", f"--arms={','.join(arms)}", *app_flags]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    return summary, list(runner.load_results(os.path.join(run_dir, "results"), summary,
+                                             FLAGS.seeds).values())
+
+
 def fixed_arms(summary):
     return [arm for arm in summary if arm.startswith("fixed_")]
 
 
 def sweep_regions(summary, meta_strengths):
     """Per evaluation: the fixed strengths (simclr = 0) by mean AUROC, the best one, the best
-    region (paired 95% interval to the best includes 0; one seed: the best alone), and how
-    many meta strengths fall inside [min, max] of the region."""
+    region (paired 95% interval to the best includes 0; one seed: the best alone), and for
+    each meta arm of ``meta_strengths`` ({arm: final strengths}) how many fall inside
+    [min, max] of the region."""
     arms = [("simclr", 0.0)] * ("simclr" in summary) + [
         (arm, float(arm[6:])) for arm in fixed_arms(summary)]
     if len(arms) < 2:
@@ -129,8 +150,9 @@ def sweep_regions(summary, meta_strengths):
         low, high = min(region), max(region)
         result[mode] = {"mean_auroc": {str(s): means[arm] for arm, s in arms},
                         "best_strength": dict(arms)[best], "region": [low, high],
-                        "meta_inside": sum(low <= m <= high for m in meta_strengths),
-                        "meta_count": len(meta_strengths)}
+                        "meta_inside": {arm: sum(low <= m <= high for m in values)
+                                        for arm, values in meta_strengths.items()},
+                        "meta_count": {arm: len(v) for arm, v in meta_strengths.items()}}
     return result
 
 
@@ -145,12 +167,14 @@ def sweep_lines(sweep):
     if not sweep:
         return ["(No sweep: run the simclr and fixed_* arms.)"]
     lines = ["| evaluation | mean test AUROC by fixed strength | best | best region | "
-             "meta strengths inside |", "|---|---|---:|---|---:|"]
+             "meta strengths inside |", "|---|---|---:|---|---|"]
     for mode, entry in sweep.items():
         by_strength = ", ".join(f"{s}: {v:.4f}" for s, v in entry["mean_auroc"].items())
         low, high = entry["region"]
+        inside = ", ".join(f"{arm}: {entry['meta_inside'][arm]} of {entry['meta_count'][arm]}"
+                           for arm in entry["meta_inside"])
         lines.append(f"| {runner.FT_MODES[mode][1]} | {by_strength} | {entry['best_strength']} | "
-                     f"[{low}, {high}] | {entry['meta_inside']} of {entry['meta_count']} |")
+                     f"[{low}, {high}] | {inside} |")
     return lines
 
 
