@@ -189,6 +189,12 @@ class Config(runner.GridConfig):
               "warp_strength": "(0, inf)", "ft_epochs": "[1, inf)",
               "ft_lr": "(0, inf)", "verbose": "[0, 2]"}
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.solver == "cg" and self.solver_iterations < 1:
+            raise app.UsageError("--solver=cg needs --solver_iterations >= 1 (0 CG iterations "
+                                 "give a zero hypergradient)")
+
     @classmethod
     def from_flags(cls, flag_values=FLAGS):
         config = super().from_flags(flag_values)
@@ -335,9 +341,8 @@ def pretrain_meta(config, encoder, data, seed, strategy):
     run_dir = runner.run_directory(config, "meta", seed)
     timer = EpochTimer()
     trajectory = StrengthHistory(warp, os.path.join(run_dir, "strength_history.json"))
-    history = model.fit(stream, epochs=config.pt_epochs, steps_per_epoch=steps,
-                        verbose=config.verbose, callbacks=[
-                            trajectory, MetaCheckpoint(os.path.join(run_dir, "ckpt")), timer])
+    model.fit(stream, epochs=config.pt_epochs, steps_per_epoch=steps, verbose=config.verbose,
+              callbacks=[trajectory, MetaCheckpoint(os.path.join(run_dir, "ckpt")), timer])
     # epoch 1 is the warm-up (no hyperstep), epoch 2 compiles the hyperstep
     skip = 2 if config.pt_epochs > 2 else 1
     amplitudes = warp.amplitude(tf.constant(data["pt"][:256])).numpy()
@@ -345,34 +350,38 @@ def pretrain_meta(config, encoder, data, seed, strategy):
                                                                   skip=skip),
               "pt_epoch_seconds": timer.seconds,
               "warp_strength": float(warp.strength.numpy()),
-              "warp_strength_by_epoch": trajectory.strengths,
+              "warp_strength_by_epoch": [e["strength"] for e in trajectory.epochs],
               "warp_amplitude_quantiles": {q: float(np.quantile(amplitudes, float(q)))
                                            for q in ("0.05", "0.5", "0.95")},
               "warp_png": plot_warp(model.meta_layer, data["pt"], config.modality, os.path.join(
                   config.output_dir, f"warp_{config.modality}_seed{seed}.png"))}
-    if config.curvature_iterations:
-        lam = [v for v in history.history.get("pt_lambda_max", []) if v]
-        fields["pt_lambda_max_by_epoch"] = lam
+    if config.curvature_iterations:  # the mean over an epoch's hypersteps (None: warm-up)
+        fields["pt_lambda_max_by_epoch"] = [e.get("pt_lambda_max") for e in trajectory.epochs]
     return fields, model
 
 
 class StrengthHistory(keras.callbacks.Callback):
-    """The warp's global strength after every epoch, in ``strengths`` and a JSON file (read
-    back at the start, so a resumed run keeps the epochs it had)."""
+    """Per epoch: the warp's global strength after it, and the epoch's mean ``pt_lambda_max``
+    when logged (None in epochs without a hyperstep); in ``epochs`` and a JSON file read back
+    at the start, so a resumed run keeps the epochs it had."""
 
     def __init__(self, warp, path):
         super().__init__()
         self.warp, self.path = warp, path
-        self.strengths = []
+        self.epochs = []
 
     def on_train_begin(self, logs=None):
         if os.path.exists(self.path):
             with open(self.path) as f:
-                self.strengths = json.load(f)
+                self.epochs = json.load(f)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.strengths = self.strengths[:epoch] + [float(self.warp.strength.numpy())]
-        runner.write_json(self.path, self.strengths)
+        entry = {"strength": float(self.warp.strength.numpy())}
+        if logs and "pt_lambda_max" in logs:
+            hypersteps = float(logs.get("hypersteps", 0.0))
+            entry["pt_lambda_max"] = float(logs["pt_lambda_max"]) if hypersteps > 0 else None
+        self.epochs = self.epochs[:epoch] + [entry]
+        runner.write_json(self.path, self.epochs)
 
 
 def test_auroc(model, test, multilabel, num_classes):

@@ -15,7 +15,9 @@ rho, per-example magnitudes at Adam 1e-4. Every arm gets the same PT and FT budg
 
 The sweep's best region: the fixed strengths (0 = plain SimCLR) whose paired difference to
 the best one (by mean test AUROC) has a 95% interval that includes 0; it is reported per
-evaluation with the meta arm's final strengths. The test set judges; nothing is tuned on it.
+evaluation with the meta arm's final strengths (inside: between the region's smallest and
+largest strength; the strength is never 0, so a region of 0 alone counts strengths below
+half the smallest fixed one). The test set judges; nothing is tuned on it.
 The cost of meta-PT over plain SimCLR is the ratio of their PT examples/s (epochs that
 compile nothing). Resumable: finished runs are kept under benchmarks/results/simclr_augment/.
 Writes benchmarks/results/simclr_augment.{md,json}.
@@ -63,17 +65,20 @@ def main(argv):
     if FLAGS.quick:
         sizes = ["--num_pt=0", "--label_fraction=0.2", "--pt_epochs=3", "--ft_epochs=1",
                  "--num_test=0", "--batch_size=32", "--ft_batch_size=8", "--hyperstep_every=2"]
+    if not {"simclr", "meta"} <= set(FLAGS.arms):
+        raise app.UsageError(f"--arms={','.join(FLAGS.arms)}: the report needs simclr and meta")
     summary, records = run_app(run_dir, FLAGS.arms, sizes + FLAGS.app_flags)
     if FLAGS.variant_flags:
         variant, variant_records = run_app(run_dir + "_variant", ["meta"],
                                            sizes + FLAGS.app_flags + FLAGS.variant_flags)
         summary["meta_variant"] = entry = variant["meta"]
         entry.pop("paired", None)
-        if "simclr" in summary:
-            seeds = [k for k in entry["per_seed"] if k in summary["simclr"]["per_seed"]]
-            entry["paired"] = {"baseline": "simclr", **{m: runner.paired_difference(
+        base = summary["meta"].get("paired", {}).get("baseline")  # the app's --baseline
+        if base in summary:
+            seeds = [k for k in entry["per_seed"] if k in summary[base]["per_seed"]]
+            entry["paired"] = {"baseline": base, **{m: runner.paired_difference(
                 [entry["per_seed"][k][m] for k in seeds],
-                [summary["simclr"]["per_seed"][k][m] for k in seeds]) for m in MODES}}
+                [summary[base]["per_seed"][k][m] for k in seeds]) for m in MODES}}
         records += [{**r, "arm": "meta_variant"} for r in variant_records]
     meta_eps = summary["meta"]["pt_examples_per_second"]
     simclr_eps = summary["simclr"]["pt_examples_per_second"]
@@ -148,9 +153,10 @@ def sweep_regions(summary, meta_strengths):
             if arm == best or (diff["ci95"] is not None and diff["ci95"][1] >= 0):
                 region.append(strength)
         low, high = min(region), max(region)
+        limit = high if high > 0 else 0.5 * min(s for _, s in arms if s > 0)
         result[mode] = {"mean_auroc": {str(s): means[arm] for arm, s in arms},
                         "best_strength": dict(arms)[best], "region": [low, high],
-                        "meta_inside": {arm: sum(low <= m <= high for m in values)
+                        "meta_inside": {arm: sum(low <= m <= limit for m in values)
                                         for arm, values in meta_strengths.items()},
                         "meta_count": {arm: len(v) for arm, v in meta_strengths.items()}}
     return result

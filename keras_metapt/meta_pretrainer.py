@@ -210,7 +210,8 @@ class MetaPretrainer(keras.Model):
         ``hyper_optimizer``: one optimizer for every phi variable, or parameter groups, a list
         of ``(optimizer, variables)`` pairs that together hold each trainable variable of the
         meta layer exactly once (e.g. a slow rate for a per-example network and a fast one
-        for a global strength). ``self.hyper_optimizer`` is then a list of the optimizers.
+        for a global strength). ``self.hyper_optimizer`` is then a list of the optimizers
+        (with two or more groups; one group is the plain optimizer, as before).
         """
         super().compile(optimizer=pt_optimizer, jit_compile=jit_compile,
                         steps_per_execution=steps_per_execution, **kwargs)
@@ -256,6 +257,9 @@ class MetaPretrainer(keras.Model):
                 raise ValueError(f"hyper_optimizer[{k}] must be an (optimizer, variables) pair, "
                                  f"got {group!r}")
             opt, variables = group
+            if any(opt is other for other, _ in groups):
+                raise ValueError(f"hyper_optimizer[{k}] repeats an optimizer of an earlier group: "
+                                 "give each group its own optimizer object")
             positions = []
             for v in variables:
                 if id(v) not in where:

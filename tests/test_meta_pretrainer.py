@@ -438,6 +438,10 @@ def test_hyper_optimizer_parameter_groups_step_each_group_at_its_own_rate():
         model.compile(hyper_optimizer=[(keras.optimizers.SGD(0.1), net_vars),
                                        (keras.optimizers.SGD(3.0), net_vars[:1] + [warp.strength_logit])],
                       jit_compile=False)
+    shared = keras.optimizers.SGD(0.1)
+    with pytest.raises(ValueError, match="repeats an optimizer"):
+        model.compile(hyper_optimizer=[(shared, net_vars), (shared, [warp.strength_logit])],
+                      jit_compile=False)
     with pytest.raises(ValueError, match="not a trainable variable of the meta layer"):
         model.compile(hyper_optimizer=[(keras.optimizers.SGD(0.1), net_vars + encoder.trainable_variables),
                                        (keras.optimizers.SGD(3.0), [warp.strength_logit])],

@@ -144,6 +144,7 @@ class _WarpBase(LearnedAugmentation):
       m_i = B softmax_i(CNN(x)) (``per_example=True``): positive, batch mean exactly 1, so the
         network only redistributes the strength over the examples of a batch; its last layer
         starts at zero, so every m_i starts at 1. ``per_example=False``: m_i = 1 (no network).
+        Under tf.distribute the batch is each replica's shard: the mean is 1 per replica.
     """
 
     def __init__(self, grid_size, squaring_steps, initial_strength, per_example, smoothing_sigma,
