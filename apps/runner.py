@@ -435,9 +435,13 @@ def paired_difference(values, baseline_values):
     return out
 
 
-def summarise(records, config: GridConfig, modes, output_dir=None):
+def summarise(records, config: GridConfig, modes, output_dir=None, metric="test_auroc",
+              labels=None, rate_column=True):
     """summary.md and summary.json in ``output_dir`` (default config.output_dir) from the
     records of `run_grid`; returns (markdown, summary).
+
+    Each record holds ``<metric>_<mode>`` per mode (test_auroc_full, ...); ``labels`` names
+    the table columns per mode (default `FT_MODES`'s).
 
     summary[arm]: <mode>_mean, <mode>_std (over seeds), seeds, pt_examples_per_second (mean,
     None for an arm without PT), per_seed {seed: {mode: AUROC}}, and for an arm other than
@@ -452,11 +456,11 @@ def summarise(records, config: GridConfig, modes, output_dir=None):
         entry = {}
         for mode in modes:
             entry[f"{mode}_mean"], entry[f"{mode}_std"] = _mean_std(
-                [r[f"test_auroc_{mode}"] for r in rows])
+                [r[f"{metric}_{mode}"] for r in rows])
         rates = [r[RATE_KEY] for r in rows if RATE_KEY in r]
         entry["seeds"] = len(rows)
         entry[RATE_KEY] = sum(rates) / len(rates) if rates else None
-        entry["per_seed"] = {str(r["seed"]): {m: r[f"test_auroc_{m}"] for m in modes} for r in rows}
+        entry["per_seed"] = {str(r["seed"]): {m: r[f"{metric}_{m}"] for m in modes} for r in rows}
         summary[arm] = entry
     base = config.baseline
     if base in summary:
@@ -468,7 +472,8 @@ def summarise(records, config: GridConfig, modes, output_dir=None):
                 entry["paired"] = {"baseline": base, **{m: paired_difference(
                     [entry["per_seed"][s][m] for s in seeds],
                     [summary[base]["per_seed"][s][m] for s in seeds]) for m in modes}}
-    table = summary_table(summary, modes) + paired_table(summary, modes)
+    table = (summary_table(summary, modes, rate_column=rate_column, labels=labels)
+             + paired_table(summary, modes, labels=labels))
     output_dir = output_dir or config.output_dir
     with open(os.path.join(output_dir, "summary.md"), "w") as f:
         f.write(table)
@@ -476,10 +481,14 @@ def summarise(records, config: GridConfig, modes, output_dir=None):
     return table, summary
 
 
-def summary_table(summary, modes, names=None, seeds_column=True, rate_column=True):
+def _column_labels(modes, labels):
+    return [(labels or {}).get(m) or FT_MODES[m][1] for m in modes]
+
+
+def summary_table(summary, modes, names=None, seeds_column=True, rate_column=True, labels=None):
     """The markdown table: arm | <mode> mean +- std ... | PT examples/s | seeds."""
     names = names or {}
-    header = ["arm"] + [FT_MODES[m][1] for m in modes] + [RATE_LABEL] * rate_column \
+    header = ["arm"] + _column_labels(modes, labels) + [RATE_LABEL] * rate_column \
         + ["seeds"] * seeds_column
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     for arm, s in summary.items():
@@ -493,7 +502,7 @@ def summary_table(summary, modes, names=None, seeds_column=True, rate_column=Tru
     return "\n".join(lines) + "\n"
 
 
-def paired_table(summary, modes, names=None):
+def paired_table(summary, modes, names=None, labels=None):
     """The paired differences to the baseline as markdown ("" when there are none)."""
     names = names or {}
     rows = [(arm, s["paired"]) for arm, s in summary.items() if "paired" in s]
@@ -507,7 +516,7 @@ def paired_table(summary, modes, names=None):
         return f"{d['mean_difference']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
     lines = ["", f"Paired difference to {names.get(base, base)} (same seed: arm - baseline; "
              "mean over seeds [95% t interval]):", "",
-             "| arm | " + " | ".join(FT_MODES[m][1] for m in modes) + " | seeds |",
+             "| arm | " + " | ".join(_column_labels(modes, labels)) + " | seeds |",
              "|---" + "|---:" * (len(modes) + 1) + "|"]
     for arm, paired in rows:
         lines.append(f"| {names.get(arm, arm)} | " + " | ".join(cell(paired[m]) for m in modes)

@@ -3,9 +3,12 @@
 from keras_metapt.hyper.augment import (LearnedAugmentation, LearnedGaussianNoise,
                                         LearnedSpatialWarp, LearnedTimeWarp, RandomCropFlip,
                                         SignalCutoutNoise, TwoViews)
+from keras_metapt.hyper.example_weights import (MetaWeightNet, meta_weight_net_weights,
+                                                normalised_weighted_loss)
 from keras_metapt.hyper.schedules import piecewise_constant
 from keras_metapt.hyper.task_weights import TaskWeights
 
 __all__ = ["TaskWeights", "LearnedAugmentation", "LearnedGaussianNoise", "LearnedTimeWarp",
            "LearnedSpatialWarp", "SignalCutoutNoise", "RandomCropFlip", "TwoViews",
-           "piecewise_constant"]
+           "piecewise_constant", "MetaWeightNet", "meta_weight_net_weights",
+           "normalised_weighted_loss"]

@@ -4,5 +4,6 @@ from keras_metapt.nets.cnn2d import small_cnn2d
 from keras_metapt.nets.gin import GIN
 from keras_metapt.nets.heads import linear_head, projection_head
 from keras_metapt.nets.resnet1d import resnet1d18
+from keras_metapt.nets.resnet2d import resnet2d
 
-__all__ = ["GIN", "resnet1d18", "small_cnn2d", "projection_head", "linear_head"]
+__all__ = ["GIN", "resnet1d18", "resnet2d", "small_cnn2d", "projection_head", "linear_head"]

@@ -17,18 +17,18 @@ __all__ = ["resnet1d18"]
 BN_MOMENTUM = 0.9
 
 
-def _basic_block(x, channels, stride, kernel_size, name):
+def basic_block(x, channels, stride, kernel_size, name, conv=keras.layers.Conv1D):
+    """Two ``conv`` + BatchNorm (ReLU between), identity or 1x1-projection shortcut, ReLU."""
     shortcut = x
-    y = keras.layers.Conv1D(channels, kernel_size, strides=stride, padding="same", use_bias=False,
-                            name=f"{name}_conv1")(x)
+    y = conv(channels, kernel_size, strides=stride, padding="same", use_bias=False,
+             name=f"{name}_conv1")(x)
     y = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn1")(y)
     y = keras.layers.ReLU(name=f"{name}_relu1")(y)
-    y = keras.layers.Conv1D(channels, kernel_size, padding="same", use_bias=False,
-                            name=f"{name}_conv2")(y)
+    y = conv(channels, kernel_size, padding="same", use_bias=False, name=f"{name}_conv2")(y)
     y = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn2")(y)
     if stride != 1 or shortcut.shape[-1] != channels:
-        shortcut = keras.layers.Conv1D(channels, 1, strides=stride, use_bias=False,
-                                       name=f"{name}_proj")(shortcut)
+        shortcut = conv(channels, 1, strides=stride, use_bias=False,
+                        name=f"{name}_proj")(shortcut)
         shortcut = keras.layers.BatchNormalization(momentum=BN_MOMENTUM,
                                                    name=f"{name}_proj_bn")(shortcut)
     return keras.layers.ReLU(name=f"{name}_out")(keras.layers.Add(name=f"{name}_add")([y, shortcut]))
@@ -46,6 +46,6 @@ def resnet1d18(input_shape=(1024, 12), channels=(32, 64, 128, 256), blocks=(2, 2
     for stage, (width, count) in enumerate(zip(channels, blocks)):
         for block in range(count):
             stride = 2 if stage > 0 and block == 0 else 1
-            x = _basic_block(x, width, stride, kernel_size, f"stage{stage + 1}_block{block + 1}")
+            x = basic_block(x, width, stride, kernel_size, f"stage{stage + 1}_block{block + 1}")
     features = keras.layers.GlobalAveragePooling1D(name="pool")(x)
     return keras.Model(inputs, features, name=name)

@@ -1,0 +1,480 @@
+r"""Learning from noisy labels with a Meta-Weight-Net (Shu et al. 2019) on Fashion-MNIST, its
+hypergradient by EvoGrad (Bohdal et al. 2021), by the original second-order one-step
+look-ahead, or by the implicit function theorem.
+
+The training labels (all but a class-balanced clean meta set of --num_meta examples taken from
+the training split) are corrupted: --noise=uniform replaces a label, with probability
+--noise_rate, by a uniformly drawn class; --noise=flip moves class c to c + 1. The test split
+stays clean. Arms, each trained for the same number of SGD steps from the same initialisation
+and batch order of a seed:
+
+- uniform: plain cross-entropy on the noisy training set;
+- clean_only: cross-entropy on the clean meta set alone;
+- mwn_one_step, mwn_evograd, mwn_implicit: the loss of each training example is weighted by
+  v_i = MWN(l_i), a 1-100-1 MLP (keras_metapt.hyper.MetaWeightNet), with the loss
+  sum_i l_i v_i / sum_i v_i. Every step: the hypergradient of the clean meta batch's loss
+  with respect to the MWN weights (keras_metapt.Unrolled with one SGD step at the current
+  learning rate, keras_metapt.EvoGrad, or keras_metapt.Implicit with a Neumann series), an
+  Adam step on them (--meta_lr), then the real SGD step with the updated weights.
+
+    python apps/noisy_labels.py                                  # CPU default, 3 seeds
+    python apps/noisy_labels.py --noise=flip --arms=uniform,mwn_evograd
+    python apps/noisy_labels.py --network=resnet18 --width=64    # GPU
+
+Writes <output_dir>/summary.md and summary.json (test accuracy mean +- std over seeds, the
+paired difference of every arm to --baseline with a 95% t interval, seconds per step, peak
+memory, and for the MWN arms the mean weight of clean and of corrupted examples) and
+noisy_labels.png (the learned weight against the loss; test accuracy per epoch). Every
+(arm, seed) checkpoints each epoch under <output_dir>/<arm>_seed<k> and resumes from there;
+finished arms are reused (runner.run_grid). A seed fixes a run: bit-identical on CPU.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script: make `apps` importable
+    sys.path.insert(0, ROOT)
+
+import keras_metapt as km  # noqa: E402  (sets the Keras backend first)
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from apps import runner  # noqa: E402
+from benchmarks import memory  # noqa: E402
+from keras_metapt import functional, nets, optim  # noqa: E402
+from keras_metapt.data import images as image_data  # noqa: E402
+from keras_metapt.data import label_noise  # noqa: E402
+
+FLAGS = flags.FLAGS
+ESTIMATORS = ("one_step", "evograd", "implicit")
+ARMS = ("uniform", "clean_only") + tuple(f"mwn_{e}" for e in ESTIMATORS)
+NUM_CLASSES = 10
+LR_DECAY_AT = (0.6, 0.8)  # fractions of the epochs where the SGD rate is multiplied by 0.1
+WEIGHT_CURVE_LOSSES = np.linspace(0.0, 8.0, 81)
+
+flags.DEFINE_string("images_dir", image_data.FASHION_MNIST_DIR, "Folder of MNIST-layout IDX "
+                    "files (train-/t10k- images and labels); default Debian's Fashion-MNIST.")
+flags.DEFINE_enum("noise", "uniform", list(label_noise.NOISE_KINDS), "Label noise: uniform "
+                  "(a label becomes a uniformly drawn class) or flip (class c becomes c + 1).")
+flags.DEFINE_float("noise_rate", 0.4, "Probability that a training label is corrupted.")
+flags.DEFINE_integer("num_train", 5000, "Noisy training examples (a seeded subset of the "
+                     "training split without the meta set; 0: all of it).")
+flags.DEFINE_integer("num_meta", 1000, "Clean meta examples, class-balanced, from the training "
+                     "split.")
+flags.DEFINE_integer("num_test", 0, "Test examples (the first N of the test split; 0: all).")
+flags.DEFINE_integer("split_seed", 0, "Seed of the meta set, the training subset and the label "
+                     "noise (the same data for every seed and arm).")
+flags.DEFINE_enum("network", "cnn", ["cnn", "resnet10", "resnet18", "resnet34"], "Classifier "
+                  "body: a small CNN (3 conv stages of width, 2x, 4x filters) or a ResNet for "
+                  "28x28 inputs (width, 2x, 4x, 8x channels).")
+flags.DEFINE_integer("width", 16, "Filters of the first stage.")
+flags.DEFINE_list("arms", ["uniform", "clean_only", "mwn_one_step", "mwn_evograd"],
+                  "Arms to run, out of " + ", ".join(ARMS) + " (the hypergradient estimator is "
+                  "part of the arm's name).")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (initialisation, batch order, EvoGrad "
+                  "noise); every arm of a seed starts from the same weights.")
+flags.DEFINE_enum("baseline", "uniform", list(ARMS), "Arm that summary.md/json compare every "
+                  "other arm with, paired by seed.")
+flags.DEFINE_integer("epochs", 30, "Epochs over the noisy training set; every arm takes "
+                     "epochs x ceil(num_train / batch_size) steps.")
+flags.DEFINE_integer("batch_size", 100, "Training and meta batch size.")
+flags.DEFINE_float("lr", 0.05, "SGD learning rate (momentum 0.9), x0.1 after 60% and 80% of the "
+                   "epochs; also the one-step look-ahead's rate and the Neumann step.")
+flags.DEFINE_float("weight_decay", 5e-4, "L2 coefficient added to the SGD gradients.")
+flags.DEFINE_float("meta_lr", 1e-3, "Adam learning rate of the Meta-Weight-Net.")
+flags.DEFINE_integer("mwn_hidden", 100, "Hidden units of the Meta-Weight-Net (1-H-1).")
+flags.DEFINE_integer("evograd_copies", 2, "EvoGrad: K perturbed copies of the weights.")
+flags.DEFINE_float("evograd_sigma", 1e-3, "EvoGrad: noise scale of the copies.")
+flags.DEFINE_float("evograd_temperature", 0.05, "EvoGrad: softmax temperature tau.")
+flags.DEFINE_integer("neumann_terms", 1, "mwn_implicit: terms of the Neumann series.")
+flags.DEFINE_bool("xla", False, "Compile the training steps with XLA (runs then need not repeat "
+                  "bit for bit; see apps/runner.py).")
+flags.DEFINE_string("output_dir", "runs/noisy_labels", "Results, plot and checkpoints.")
+flags.DEFINE_bool("resume", True, "Reuse finished (arm, seed) results and resume unfinished ones "
+                  "from their last epoch checkpoint, when made with the same settings.")
+flags.DEFINE_integer("verbose", 1, "0: silent; 1: a progress bar per epoch; 2: a line per epoch.")
+flags.DEFINE_bool("plot", True, "Write noisy_labels.png.")
+runner.define_strategy_flags("training (only the default, one device, is supported here)")
+flags.adopt_module_key_flags(runner)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config(runner.GridConfig):
+    """The flags of this app (see --helpshort)."""
+
+    images_dir: str
+    noise: str
+    noise_rate: float
+    num_train: int
+    num_meta: int
+    num_test: int
+    split_seed: int
+    network: str
+    width: int
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    meta_lr: float
+    mwn_hidden: int
+    evograd_copies: int
+    evograd_sigma: float
+    evograd_temperature: float
+    neumann_terms: int
+    xla: bool
+    verbose: int
+    plot: bool
+
+    ARMS = ARMS
+    NOT_IN_RESULTS = runner.GridConfig.NOT_IN_RESULTS + ("verbose", "plot")
+    DATA_PATHS = ("images_dir",)
+    BOUNDS = {"noise_rate": "[0, 1]", "num_train": "[0, inf)", "num_meta": "[10, inf)",
+              "num_test": "[0, inf)", "split_seed": "[0, inf)", "width": "[1, inf)",
+              "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)",
+              "weight_decay": "[0, inf)", "meta_lr": "[0, inf)", "mwn_hidden": "[1, inf)",
+              "evograd_copies": "[2, inf)", "evograd_sigma": "(0, inf)",
+              "evograd_temperature": "(0, inf)", "neumann_terms": "[1, inf)",
+              "verbose": "[0, 2]"}
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.strategy != "default":
+            raise app.UsageError(f"--strategy={self.strategy}: this app runs on one device")
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclasses.dataclass
+class NoisyData:
+    x_train: np.ndarray
+    y_train: np.ndarray      # noisy labels
+    corrupted: np.ndarray    # bool: the label differs from the true one
+    x_meta: np.ndarray
+    y_meta: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def load_data(config):
+    """The clean meta set, the noisy training subset and the test split (see module doc)."""
+    (x, y), (x_test, y_test) = image_data.load_idx_dataset(config.images_dir)
+    if config.num_meta >= len(x):
+        raise app.UsageError(f"--num_meta={config.num_meta}: the training split has {len(x)}")
+    try:
+        meta, rest = label_noise.split_clean_meta(y, config.num_meta, NUM_CLASSES,
+                                                  config.split_seed)
+    except ValueError as error:
+        raise app.UsageError(f"--num_meta={config.num_meta}: {error}") from None
+    if config.num_train:
+        if config.num_train > len(rest):
+            raise app.UsageError(f"--num_train={config.num_train}: only {len(rest)} training "
+                                 f"examples remain after the meta set")
+        rest = rest[:config.num_train]
+    noisy, corrupted = label_noise.corrupt_labels(y[rest], config.noise_rate, config.noise,
+                                                  NUM_CLASSES, config.split_seed + 1)
+    if config.num_test:
+        x_test, y_test = x_test[:config.num_test], y_test[:config.num_test]
+    return NoisyData(x[rest], noisy.astype(np.int32), corrupted, x[meta], y[meta], x_test, y_test)
+
+
+def batch_order(seed, epoch, num_examples, batch_size):
+    """Index batches of one epoch: a permutation seeded by (seed, epoch), the last batch
+    filled up from the start of the permutation so every batch has ``batch_size`` rows."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    steps = -(-num_examples // batch_size)
+    order = np.concatenate([order] * (-(-steps * batch_size // num_examples)))
+    return order[:steps * batch_size].reshape(steps, batch_size)
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_classifier(config):
+    """Body + linear layer to 10 logits; initialised from the seed set by the runner."""
+    if config.network == "cnn":
+        w = config.width
+        body = nets.small_cnn2d(filters=(w, 2 * w, 4 * w))
+    else:
+        body = nets.resnet2d(int(config.network[len("resnet"):]), width=config.width)
+    return keras.Sequential([keras.Input((28, 28, 1)), body, keras.layers.Dense(NUM_CLASSES)],
+                            name=f"{config.network}_classifier")
+
+
+def per_example_cross_entropy(logits, labels):
+    """As log-softmax and a one-hot select (plain ops: deterministic and XLA-friendly)."""
+    return -tf.reduce_sum(tf.one_hot(labels, NUM_CLASSES) * tf.nn.log_softmax(logits), axis=-1)
+
+
+def make_problem(model, non_trainable):
+    """inner: MWN-weighted training loss; outer: the meta batch's mean cross-entropy. Both run
+    the network in training mode (BatchNorm on batch statistics, as the original's meta step);
+    the moving statistics are not kept here."""
+    def losses(params, batch):
+        logits, _ = functional.stateless_apply(model, params, non_trainable, batch[0],
+                                               training=True)
+        return per_example_cross_entropy(logits, batch[1])
+
+    def inner_loss(params, mwn, batch):
+        values = losses(params, batch)
+        return km.hyper.normalised_weighted_loss(
+            values, km.hyper.meta_weight_net_weights(mwn, values))
+
+    def outer_loss(params, mwn, batch):
+        del mwn
+        return tf.reduce_mean(losses(params, batch))
+
+    return inner_loss, outer_loss
+
+
+def make_estimator(arm, config):
+    """The arm's hypergradient estimator (the one-step look-ahead takes the current SGD rate
+    from the problem's ``inner_optimizer_hparams``)."""
+    name = arm[len("mwn_"):]
+    if name == "one_step":
+        return km.Unrolled(optim.sgd(config.lr), num_steps=1)
+    if name == "evograd":
+        return km.EvoGrad(num_copies=config.evograd_copies, sigma=config.evograd_sigma,
+                          temperature=config.evograd_temperature)
+    return km.Implicit(km.linalg.neumann(config.neumann_terms, alpha=config.lr))
+
+
+# ----------------------------------------------------------------------------- one arm
+
+class ArmTrainer:
+    """The state and compiled steps of one (arm, seed): model, SGD, and for the MWN arms the
+    Meta-Weight-Net, its Adam and the estimator."""
+
+    def __init__(self, arm, seed, config):
+        self.arm, self.seed, self.config = arm, seed, config
+        self.model = build_classifier(config)
+        self.optimizer = keras.optimizers.SGD(config.lr, momentum=0.9)
+        self.optimizer.build(self.model.trainable_variables)
+        self.step = tf.Variable(0, dtype=tf.int64, name="step")
+        self.epoch = tf.Variable(0, dtype=tf.int64, name="epoch")
+        state = {"model": self.model, "optimizer": self.optimizer, "step": self.step,
+                 "epoch": self.epoch}
+        self.mwn = None
+        if arm.startswith("mwn_"):
+            self.mwn = km.hyper.MetaWeightNet(config.mwn_hidden, seed=seed)
+            self.meta_optimizer = keras.optimizers.Adam(config.meta_lr)
+            self.meta_optimizer.build(self.mwn.trainable_variables)
+            self.estimator = make_estimator(arm, config)
+            state.update(mwn=self.mwn, meta_optimizer=self.meta_optimizer)
+        self.checkpoint = tf.train.Checkpoint(**state)
+        jit = config.xla
+        self.train_step = tf.function(self._train_step, jit_compile=jit)
+        self.predict = tf.function(lambda x: self.model(x, training=False), jit_compile=jit)
+
+    def _weighted_step(self, batch, mwn_values):
+        variables = self.model.trainable_variables
+        params = [v.value for v in variables]
+        non_trainable = [v.value for v in self.model.non_trainable_variables]
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            logits, new_state = functional.stateless_apply(self.model, params, non_trainable,
+                                                           batch[0], training=True)
+            values = per_example_cross_entropy(logits, batch[1])
+            if mwn_values is None:
+                loss = tf.reduce_mean(values)
+            else:
+                loss = km.hyper.normalised_weighted_loss(
+                    values, km.hyper.meta_weight_net_weights(mwn_values, values))
+        grads = tape.gradient(loss, params)
+        wd = tf.constant(self.config.weight_decay, grads[0].dtype)
+        self.optimizer.apply_gradients(
+            [(g + wd * p, v) for g, p, v in zip(grads, params, variables)])
+        for var, value in zip(self.model.non_trainable_variables, new_state):
+            var.assign(value)
+        return loss
+
+    def _train_step(self, batch, meta_batch):
+        if self.mwn is None:
+            loss = self._weighted_step(batch, None)
+            self.step.assign_add(1)
+            return loss, tf.constant(0.0)
+        non_trainable = [v.value for v in self.model.non_trainable_variables]
+        inner_loss, outer_loss = make_problem(self.model, non_trainable)
+        problem = km.BilevelProblem(
+            inner_loss, outer_loss,
+            inner_optimizer_hparams=lambda h, s, n: {"learning_rate": self.optimizer.learning_rate})
+        seed = tf.stack([tf.constant(self.seed, tf.int64), self.step.read_value()])
+        result = self.estimator(problem, [v.value for v in self.model.trainable_variables],
+                                self.mwn.hparams(), batch, meta_batch, seed=seed)
+        self.meta_optimizer.apply_gradients(zip(result.hypergrad, self.mwn.trainable_variables))
+        loss = self._weighted_step(batch, self.mwn.hparams())
+        self.step.assign_add(1)
+        return loss, result.outer_loss
+
+    def accuracy(self, x, y, batch_size=1000):
+        correct = 0
+        for start in range(0, len(x), batch_size):
+            logits = self.predict(tf.constant(x[start:start + batch_size]))
+            correct += int(np.sum(np.argmax(logits.numpy(), -1) == y[start:start + batch_size]))
+        return correct / len(x)
+
+    def example_weights(self, x, y, batch_size=1000):
+        """The MWN's weight for every example at the current model (evaluation mode losses)."""
+        weights = []
+        for start in range(0, len(x), batch_size):
+            logits = self.predict(tf.constant(x[start:start + batch_size]))
+            losses = per_example_cross_entropy(logits, tf.constant(y[start:start + batch_size]))
+            weights.append(self.mwn(losses).numpy())
+        return np.concatenate(weights)
+
+
+def learning_rate_at(epoch, config):
+    return config.lr * 0.1 ** sum(epoch >= f * config.epochs for f in LR_DECAY_AT)
+
+
+def run_arm(config, data, arm, seed):
+    """Trains one arm for config.epochs, resuming from its last epoch checkpoint."""
+    directory = runner.run_directory(config, arm, seed)
+    trainer = ArmTrainer(arm, seed, config)
+    manager = tf.train.CheckpointManager(trainer.checkpoint, os.path.join(directory, "ckpt"), 1)
+    history_path = os.path.join(directory, "history.json")
+    history = {"test_accuracy": [], "seconds_per_step": [], "train_loss": [], "meta_loss": []}
+    if manager.latest_checkpoint:
+        trainer.checkpoint.restore(manager.latest_checkpoint).assert_consumed()
+        with open(history_path) as f:
+            history = {k: v[:int(trainer.epoch.numpy())] for k, v in json.load(f).items()}
+        runner.log(f"  resumed at epoch {int(trainer.epoch.numpy())} ({manager.latest_checkpoint})")
+    if arm == "clean_only":
+        x_fit, y_fit = data.x_meta, data.y_meta
+    else:
+        x_fit, y_fit = data.x_train, data.y_train
+    steps_per_epoch = -(-len(data.x_train) // config.batch_size)
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    if gpu:
+        tf.config.experimental.reset_memory_stats("GPU:0")
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set size (see benchmarks/memory.py)
+    while int(trainer.epoch.numpy()) < config.epochs:
+        epoch = int(trainer.epoch.numpy())
+        trainer.optimizer.learning_rate = learning_rate_at(epoch, config)
+        order = batch_order(seed, epoch, len(x_fit), config.batch_size)
+        order = np.concatenate([order] * (-(-steps_per_epoch // len(order))))[:steps_per_epoch]
+        meta_rng = np.random.default_rng([seed, epoch, 1])
+        progbar = keras.utils.Progbar(steps_per_epoch, verbose=config.verbose == 1,
+                                      stateful_metrics=["loss", "meta loss"])
+        start, losses, meta_losses = time.perf_counter(), [], []
+        for i, rows in enumerate(order):
+            meta_rows = meta_rng.choice(len(data.x_meta), config.batch_size,
+                                        replace=config.batch_size > len(data.x_meta))
+            loss, meta_loss = trainer.train_step(
+                (tf.constant(x_fit[rows]), tf.constant(y_fit[rows])),
+                (tf.constant(data.x_meta[meta_rows]), tf.constant(data.y_meta[meta_rows])))
+            losses.append(float(loss))
+            meta_losses.append(float(meta_loss))
+            progbar.update(i + 1, [("loss", losses[-1])]
+                           + [("meta loss", meta_losses[-1])] * (trainer.mwn is not None))
+        seconds = time.perf_counter() - start
+        history["seconds_per_step"].append(seconds / steps_per_epoch)
+        history["train_loss"].append(float(np.mean(losses)))
+        history["meta_loss"].append(float(np.mean(meta_losses)))
+        history["test_accuracy"].append(trainer.accuracy(data.x_test, data.y_test))
+        trainer.epoch.assign_add(1)
+        if config.verbose:
+            runner.log(f"  epoch {epoch + 1}/{config.epochs}: train loss "
+                       f"{history['train_loss'][-1]:.4f}, test accuracy "
+                       f"{history['test_accuracy'][-1]:.4f}, {seconds:.1f} s")
+        runner.write_json(history_path, history)
+        manager.save()
+    if gpu:
+        peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2 ** 20
+    else:
+        peak = memory.rss_mib()["VmHWM"]
+    record = {"test_accuracy_final": history["test_accuracy"][-1],
+              "test_accuracy_by_epoch": history["test_accuracy"],
+              "train_loss_by_epoch": history["train_loss"],
+              # the first epoch holds the tracing: the later ones time the steps
+              "seconds_per_step": float(np.median(history["seconds_per_step"][1:]
+                                                  or history["seconds_per_step"])),
+              "peak_memory_mib": float(peak),
+              "peak_memory_kind": "GPU peak allocated" if gpu else "process peak RSS (CPU)"}
+    if trainer.mwn is not None:
+        weights = trainer.example_weights(data.x_train, data.y_train)
+        record.update(
+            mean_weight_clean=float(weights[~data.corrupted].mean()),
+            mean_weight_corrupted=float(weights[data.corrupted].mean())
+            if data.corrupted.any() else None,
+            weight_curve=trainer.mwn(tf.constant(WEIGHT_CURVE_LOSSES, tf.float32)
+                                     ).numpy().tolist())
+    runner.log(f"  final test accuracy {record['test_accuracy_final']:.4f}")
+    return record
+
+
+# ----------------------------------------------------------------------------- report
+
+def method_table(records, config):
+    """Per arm: seconds per step, peak memory, and the MWN arms' mean weights."""
+    lines = ["", "| arm | s / step | peak memory (MiB) | mean weight clean | mean weight "
+             "corrupted |", "|---|---:|---:|---:|---:|"]
+    for arm in ARMS:
+        rows = [r for (a, _), r in sorted(records.items()) if a == arm]
+        if not rows:
+            continue
+
+        def mean(key, fmt):
+            values = [r[key] for r in rows if r.get(key) is not None]
+            return format(float(np.mean(values)), fmt) if values else "-"
+        lines.append(f"| {arm} | {mean('seconds_per_step', '.4f')} | "
+                     f"{mean('peak_memory_mib', '.0f')} | {mean('mean_weight_clean', '.3f')} | "
+                     f"{mean('mean_weight_corrupted', '.3f')} |")
+    kind = next(iter(records.values()))["peak_memory_kind"] if records else ""
+    return "\n".join(lines) + f"\n\nPeak memory: {kind}.\n"
+
+
+def plot(records, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for arm in ARMS:
+        rows = [r for (a, _), r in sorted(records.items()) if a == arm]
+        if not rows:
+            continue
+        accuracy = np.mean([r["test_accuracy_by_epoch"] for r in rows], axis=0)
+        right.plot(np.arange(1, len(accuracy) + 1), accuracy, label=arm)
+        if "weight_curve" in rows[0]:
+            left.plot(WEIGHT_CURVE_LOSSES, np.mean([r["weight_curve"] for r in rows], axis=0),
+                      label=arm)
+    left.set(xlabel="training loss of an example", ylabel="Meta-Weight-Net weight",
+             title="learned weighting (mean over seeds)")
+    right.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy (mean over seeds)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    config, _ = runner.setup(Config)
+    data = load_data(config)
+    runner.log(f"{len(data.x_train)} noisy training examples ({config.noise} noise, "
+               f"{data.corrupted.mean():.1%} of the labels wrong), {len(data.x_meta)} clean meta "
+               f"examples, {len(data.x_test)} test examples")
+    records = runner.run_grid(config, lambda arm, seed, _: run_arm(config, data, arm, seed))
+    table, _ = runner.summarise(records, config, ("final",), metric="test_accuracy",
+                                labels={"final": "test accuracy (last epoch)"},
+                                rate_column=False)
+    table += method_table(records, config)
+    with open(os.path.join(config.output_dir, "summary.md"), "w") as f:
+        f.write(table)
+    print("\n" + table)
+    if config.plot:
+        plot(records, os.path.join(config.output_dir, "noisy_labels.png"))
+
+
+if __name__ == "__main__":
+    app.run(main)
