@@ -27,7 +27,7 @@ if keras.backend.backend() != "tensorflow":
         f"Keras was already imported with the {keras.backend.backend()!r} backend. {_BACKEND_HELP}")
 
 from keras_metapt import (callbacks, distribute, errors, export, functional, hyper,  # noqa: E402
-                          hypergrad, linalg, losses, optim, simclr)
+                          hypergrad, linalg, losses, optim, reweighting, simclr)
 from keras_metapt.errors import (HypergradientError, InputMismatchError,  # noqa: E402
                                  NonFiniteHypergradientError, UnconnectedHyperparameterError)
 from keras_metapt.meta_pretrainer import (HyperstepSchedule, MetaPretrainer,  # noqa: E402
@@ -40,7 +40,7 @@ __all__ = [
     "__version__",
     # modules
     "callbacks", "distribute", "errors", "export", "functional", "hyper", "hypergrad", "linalg",
-    "losses", "optim", "simclr",
+    "losses", "optim", "reweighting", "simclr",
     # meta-pre-training inside model.fit()
     "MetaPretrainer", "HyperstepSchedule", "meta_dataset",
     # the calling convention and the estimators

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-APPS = ("multitask_pt", "simclr_augment", "digits_reweighting")
+APPS = ("multitask_pt", "simclr_augment", "digits_reweighting", "noisy_labels")
 
 # For one app per process: import it, then parse each case's flags and build its Config;
 # prints {case: error message or null} and the numeric fields without bounds.
@@ -59,10 +59,14 @@ BAD = {
                        ["--temperature=0"], ["--unroll_steps=0"], ["--seeds="]],
     "digits_reweighting": [["--outer_steps=-5"], ["--label_noise=2"], ["--log_every=0"],
                            ["--inner_lr=0"], ["--num_train=1500"], ["--truncate=0"]],
+    "noisy_labels": [["--noise_rate=1.5"], ["--epochs=0"], ["--evograd_copies=1"],
+                     ["--evograd_sigma=0"], ["--lr=0"], ["--num_meta=5"], ["--verbose=3"],
+                     ["--strategy=mirrored"], ["--arms=uniform,bogus"]],
 }
 GOOD = {"multitask_pt": [[], ["--neumann_terms=0", "--hyper_lr=0"]],
         "simclr_augment": [[], ["--num_pt=0"]],
-        "digits_reweighting": [[], ["--label_noise=0", "--checkpoint_every=0"]]}
+        "digits_reweighting": [[], ["--label_noise=0", "--checkpoint_every=0"]],
+        "noisy_labels": [[], ["--noise_rate=0", "--meta_lr=0", "--num_train=0"]]}
 
 
 @pytest.mark.parametrize("name", APPS)

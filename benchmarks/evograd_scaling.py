@@ -1,0 +1,201 @@
+r"""EvoGrad against the second-order one-step hypergradient as the network grows: time per
+Meta-Weight-Net step and peak memory, with a plain training step as the unit.
+
+    python -m benchmarks.evograd_scaling            # mlp, cnn, resnet10/18/34 (~10 min, 2 cores)
+    python -m benchmarks.evograd_scaling --quick    # tiny sizes, a smoke run
+
+The step measured is the one apps/noisy_labels.py runs (`keras_metapt.reweighting.
+MetaWeightNetTrainer.train_step`, batch --batch_size of 28x28x1 images for both the training
+and the meta batch; SGD rate 0.05, Meta-Weight-Net 1-100-1 with Adam 1e-3):
+- plain: one SGD step on the mean cross-entropy (the "uniform" arm);
+- evograd: the EvoGrad hypergradient (K = --copies perturbed copies), an Adam step on the
+  Meta-Weight-Net and the weighted SGD step ("mwn_evograd");
+- one_step: the same with the second-order one-step look-ahead hypergradient
+  (keras_metapt.Unrolled, T = 1, "mwn_one_step"), as the original Meta-Weight-Net.
+Memory: each (network, method) runs in a fresh subprocess (TensorFlow pools freed CPU memory);
+the step is traced, the kernel's peak-RSS counter is reset, and the figure is the peak
+resident memory of its first execution minus the resident memory before it (on a GPU: the
+allocator's peak). Time: one more subprocess per network builds the three methods and
+alternates single steps between them for --repeats rounds (interleaved, so that machine noise
+hits all three alike); the median per method is reported. tf.function, no XLA.
+
+Writes benchmarks/results/evograd_scaling.{md,json,png} (or --output_dir).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags, logging
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from benchmarks.memory import first_execution_peak_mib  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("nets", ["mlp", "cnn", "resnet10", "resnet18", "resnet34"],
+                  "Networks of apps/noisy_labels.py (--network values).")
+flags.DEFINE_integer("width", 16, "--width of the networks.")
+flags.DEFINE_integer("batch_size", 100, "Training and meta batch size.")
+flags.DEFINE_integer("copies", 2, "EvoGrad's K.")
+flags.DEFINE_integer("repeats", 10, "Timed rounds (one step of each method per round).")
+flags.DEFINE_bool("quick", False, "Tiny sizes: a smoke run, not a measurement.")
+flags.DEFINE_string("output_dir", os.path.join(os.path.dirname(__file__), "results"),
+                    "Where evograd_scaling.md, .json and .png are written.")
+flags.DEFINE_string("child", None, "Internal: 'memory:<net>:<method>' or 'time:<net>'; prints "
+                    "its JSON.")
+
+METHODS = ("plain", "evograd", "one_step")  # the app's arms uniform, mwn_evograd, mwn_one_step
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def trainer_and_batches(net, method):
+    """The trainer for (net, method), as apps/noisy_labels.py builds it, and one training and
+    one meta batch (seeded)."""
+    import keras
+    import keras_metapt as km
+    from keras_metapt import nets, optim
+    keras.utils.set_random_seed(0)
+    width, batch = (2, 8) if FLAGS.quick else (FLAGS.width, FLAGS.batch_size)
+    lr = 0.05
+    extra = {}
+    if method != "plain":
+        estimator = (km.EvoGrad(num_copies=FLAGS.copies, sigma=1e-3, temperature=0.05)
+                     if method == "evograd" else km.Unrolled(optim.sgd(lr), num_steps=1))
+        extra = dict(mwn=km.hyper.MetaWeightNet(100, seed=0),
+                     meta_optimizer=keras.optimizers.Adam(1e-3), estimator=estimator)
+    trainer = km.reweighting.MetaWeightNetTrainer(nets.image_classifier(net, width),
+                                                  learning_rate=lr, **extra)
+    rng = np.random.default_rng(0)
+
+    def images():
+        return (tf.constant(rng.random((batch, 28, 28, 1), np.float32)),
+                tf.constant(rng.integers(0, 10, batch).astype(np.int32)))
+    return trainer, images(), images()
+
+
+def memory_child(net, method):
+    trainer, train, meta = trainer_and_batches(net, method)
+    concrete = trainer.train_step.get_concrete_function(train, meta)  # traced, not run
+    if tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.reset_memory_stats("GPU:0")
+        concrete(train, meta)[0].numpy()
+        peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2 ** 20
+    else:
+        peak, _, _ = first_execution_peak_mib(lambda: concrete(train, meta)[0].numpy())
+    params = sum(int(np.prod(v.shape)) for v in trainer.model.trainable_variables)
+    return {"net": net, "method": method, "peak_mib": float(peak), "params": params}
+
+
+def time_child(net):
+    built = {m: trainer_and_batches(net, m) for m in METHODS}
+    for trainer, train, meta in built.values():  # trace and warm up
+        trainer.train_step(train, meta)[0].numpy()
+    times = {m: [] for m in METHODS}
+    for _ in range(FLAGS.repeats):
+        for method, (trainer, train, meta) in built.items():
+            start = time.perf_counter()
+            trainer.train_step(train, meta)[0].numpy()
+            times[method].append(time.perf_counter() - start)
+    return {"net": net, "ms": {m: 1e3 * float(np.median(t)) for m, t in times.items()}}
+
+
+def run_child(spec):
+    cmd = [sys.executable, "-m", "benchmarks.evograd_scaling", f"--child={spec}",
+           f"--repeats={FLAGS.repeats}", f"--width={FLAGS.width}",
+           f"--batch_size={FLAGS.batch_size}", f"--copies={FLAGS.copies}"]
+    cmd += ["--quick"] if FLAGS.quick else []
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure():
+    rows = []
+    for net in FLAGS.nets:
+        row = {"net": net, "peak_mib": {}}
+        for method in METHODS:
+            result = run_child(f"memory:{net}:{method}")
+            row["peak_mib"][method], row["params"] = result["peak_mib"], result["params"]
+        row["ms"] = run_child(f"time:{net}")["ms"]
+        rows.append(row)
+        print(f"  {net} ({row['params']:,} weights): "
+              + ", ".join(f"{m} {row['ms'][m]:.1f} ms / +{row['peak_mib'][m]:.0f} MiB"
+                          for m in METHODS), flush=True)
+    return rows
+
+
+def report(rows):
+    device = "GPU" if tf.config.list_physical_devices("GPU") else f"{os.cpu_count()} CPU cores"
+    lines = ["## EvoGrad against second-order one-step: Meta-Weight-Net step cost", "",
+             f"`python -m benchmarks.evograd_scaling{' --quick' if FLAGS.quick else ''}`; "
+             f"TensorFlow {tf.__version__}, {device}; batch {FLAGS.batch_size if not FLAGS.quick else 8}"
+             f", EvoGrad K={FLAGS.copies}; time per step (ms, median of {FLAGS.repeats} "
+             "interleaved rounds) and peak memory of the first execution (MiB above the "
+             "resident memory before it, fresh process each).", "",
+             "| network | weights | plain ms | EvoGrad ms | one-step ms | EvoGrad / plain | "
+             "EvoGrad / one-step time | plain MiB | EvoGrad MiB | one-step MiB | "
+             "EvoGrad / one-step memory |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ms, mib = r["ms"], r["peak_mib"]
+        lines.append(
+            f"| {r['net']} | {r['params']:,} | {ms['plain']:.1f} | {ms['evograd']:.1f} | "
+            f"{ms['one_step']:.1f} | {ms['evograd'] / ms['plain']:.2f}x | "
+            f"{ms['evograd'] / ms['one_step']:.2f}x | {mib['plain']:.0f} | {mib['evograd']:.0f} | "
+            f"{mib['one_step']:.0f} | {mib['evograd'] / mib['one_step']:.2f}x |")
+    lines += ["", "Targets at the largest network: EvoGrad memory <= 0.6x and time <= 0.7x of "
+              "one-step; EvoGrad <= 2x a plain step (K=2)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    x = [r["params"] for r in rows]
+    for method in METHODS:
+        left.plot(x, [r["ms"][method] for r in rows], "o-", label=method)
+        right.plot(x, [r["peak_mib"][method] for r in rows], "o-", label=method)
+    left.set(xscale="log", yscale="log", xlabel="network weights", ylabel="ms per step",
+             title="time per Meta-Weight-Net step")
+    right.set(xscale="log", xlabel="network weights", ylabel="peak memory (MiB)",
+              title="first-execution peak memory")
+    for ax in (left, right):
+        for r in rows:
+            ax.annotate(r["net"], (r["params"], r["ms"]["one_step"] if ax is left
+                                   else r["peak_mib"]["one_step"]), fontsize=7)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.ERROR)
+    if FLAGS.child:
+        kind, *rest = FLAGS.child.split(":")
+        print(json.dumps(memory_child(*rest) if kind == "memory" else time_child(*rest)))
+        return
+    rows = measure()
+    text = report(rows)
+    print("\n" + text)
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    with open(os.path.join(FLAGS.output_dir, "evograd_scaling.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(FLAGS.output_dir, "evograd_scaling.json"), "w") as f:
+        json.dump({"rows": rows, "quick": FLAGS.quick, "batch_size": FLAGS.batch_size,
+                   "width": FLAGS.width, "copies": FLAGS.copies}, f, indent=1)
+    plot(rows, os.path.join(FLAGS.output_dir, "evograd_scaling.png"))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,30 @@
+"""`python -m benchmarks.evograd_scaling --quick` stays runnable and writes its table.
+
+Reference: the ratios in the table recomputed from the JSON rows; the weight count against
+the network built here (keras_metapt.nets.image_classifier at the quick width)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from keras_metapt import nets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_quick_evograd_scaling_benchmark(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.evograd_scaling", "--quick",
+                           "--nets=mlp", "--repeats=2", f"--output_dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.load(open(tmp_path / "evograd_scaling.json"))["rows"]
+    assert row["params"] == nets.image_classifier("mlp", width=2).count_params()
+    assert set(row["ms"]) == set(row["peak_mib"]) == {"plain", "evograd", "one_step"}
+    assert all(v > 0 for v in row["ms"].values())
+    table = (tmp_path / "evograd_scaling.md").read_text()
+    ms, mib = row["ms"], row["peak_mib"]
+    assert (f"| {ms['evograd'] / ms['plain']:.2f}x | {ms['evograd'] / ms['one_step']:.2f}x |"
+            in table)
+    assert f"| {mib['evograd'] / mib['one_step']:.2f}x |" in table
+    assert (tmp_path / "evograd_scaling.png").stat().st_size > 5_000

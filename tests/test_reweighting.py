@@ -1,0 +1,92 @@
+"""MetaWeightNetTrainer: the order and content of one Meta-Weight-Net step.
+
+References: for a softmax regression (a Keras Dense layer), NumPy closed forms of the mean and
+of the MWN-weighted cross-entropy gradients (sum_i v_i (p_i - y_i) x_i / sum v); the SGD
+momentum step written out (first step: theta - lr (g + wd theta)); Adam's first step written
+out (phi - lr g / (|g| + eps / sqrt(1 - beta_2))), applied to the estimator's hypergradient at
+the state before the step (the estimators are checked against finite differences in
+tests/hyper/test_example_weights.py); the weighted step must use the MWN after its update.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_metapt as km
+from keras_metapt import nets, optim
+from keras_metapt.reweighting import MetaWeightNetTrainer, per_example_cross_entropy
+from tests.hyper.test_example_weights import np_cross_entropy, np_mwn
+
+
+def linear_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+
+
+def data(seed=0, n=6):
+    rng = np.random.default_rng(seed)
+    return ((rng.normal(size=(n, 4)).astype(np.float32), rng.integers(0, 3, n).astype(np.int32)),
+            (rng.normal(size=(n, 4)).astype(np.float32), rng.integers(0, 3, n).astype(np.int32)))
+
+
+def np_weighted_gradient(theta, x, y, v=None):
+    logits = x @ theta[0] + theta[1]
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    v = np.ones(len(y)) if v is None else v
+    delta = (p - np.eye(3)[y]) * (v / v.sum())[:, None]
+    return [x.T @ delta, delta.sum(0)]
+
+
+def test_plain_step_is_sgd_on_the_mean_cross_entropy():
+    model = linear_model()
+    theta = [v.numpy().astype(np.float64) for v in model.trainable_variables]
+    trainer = MetaWeightNetTrainer(model, learning_rate=0.1, weight_decay=0.01)
+    (x, y), meta = data()
+    loss, meta_loss = trainer.train_step((tf.constant(x), tf.constant(y)),
+                                         tuple(map(tf.constant, meta)))
+    assert float(meta_loss) == 0.0
+    np.testing.assert_allclose(float(loss), np.mean(np_cross_entropy(theta, x, y)), rtol=1e-5)
+    g = np_weighted_gradient(theta, x.astype(np.float64), y)
+    for var, t, gi in zip(model.trainable_variables, theta, g):
+        np.testing.assert_allclose(var.numpy(), t - 0.1 * (gi + 0.01 * t), rtol=1e-5, atol=1e-6)
+    assert int(trainer.step.numpy()) == 1
+
+
+@pytest.mark.parametrize("estimator", [km.EvoGrad(num_copies=2, sigma=0.05, temperature=0.1),
+                                       km.Unrolled(optim.sgd(0.1), num_steps=1)])
+def test_meta_step_updates_the_mwn_first_then_steps_with_it(estimator):
+    model = linear_model(1)
+    mwn = km.hyper.MetaWeightNet(hidden=5, seed=2)
+    trainer = MetaWeightNetTrainer(model, learning_rate=0.1, mwn=mwn,
+                                   meta_optimizer=keras.optimizers.Adam(0.01),
+                                   estimator=estimator, seed=4)
+    (x, y), (xm, ym) = data(1)
+    batch, meta = (tf.constant(x), tf.constant(y)), (tf.constant(xm), tf.constant(ym))
+    theta = [v.numpy().astype(np.float64) for v in model.trainable_variables]
+    phi = [v.numpy().astype(np.float64) for v in mwn.hparams()]
+    expected = estimator(trainer.problem(), [tf.constant(t, tf.float32) for t in theta],
+                         mwn.hparams(), batch, meta,
+                         seed=tf.constant([4, 0], tf.int64)).hypergrad
+    trainer.train_step(batch, meta)
+    # Keras Adam's first step: lr sqrt(1 - b2) / (1 - b1) * m / (sqrt(v) + eps)
+    eps = 1e-7 / np.sqrt(1 - 0.999)
+    new_phi = [p - 0.01 * g.numpy() / (np.abs(g.numpy()) + eps) for p, g in zip(phi, expected)]
+    for var, want in zip(mwn.hparams(), new_phi):
+        np.testing.assert_allclose(var.numpy(), want, rtol=1e-4, atol=1e-6)
+    v = np_mwn(new_phi, np_cross_entropy(theta, x.astype(np.float64), y))
+    g = np_weighted_gradient(theta, x.astype(np.float64), y, v)
+    for var, t, gi in zip(model.trainable_variables, theta, g):
+        np.testing.assert_allclose(var.numpy(), t - 0.1 * gi, rtol=1e-4, atol=1e-6)
+
+
+def test_helpers_and_argument_errors():
+    logits = tf.constant([[1.0, 2.0, 0.5]])
+    np.testing.assert_allclose(per_example_cross_entropy(logits, tf.constant([1])).numpy(),
+                               [-np.log(np.exp(2.0) / np.exp([1.0, 2.0, 0.5]).sum())], rtol=1e-6)
+    with pytest.raises(ValueError, match="together"):
+        MetaWeightNetTrainer(linear_model(), learning_rate=0.1, mwn=km.hyper.MetaWeightNet())
+    with pytest.raises(ValueError, match="network must be one of"):
+        nets.image_classifier("vgg")
+    assert nets.image_classifier("mlp", width=1).output_shape == (None, 10)
