@@ -15,7 +15,9 @@ and batch order of a seed:
   sum_i l_i v_i / sum_i v_i. Every step: the hypergradient of the clean meta batch's loss
   with respect to the MWN weights (keras_metapt.Unrolled with one SGD step at the current
   learning rate, keras_metapt.EvoGrad, or keras_metapt.Implicit with a Neumann series), an
-  Adam step on them (--meta_lr), then the real SGD step with the updated weights.
+  Adam step on them (--meta_lr; epsilon 1e-12, so that the step does not depend on the
+  hypergradient's scale, which differs by estimator: EvoGrad's is about sigma^2 / (2 tau lr)
+  of the one-step one), then the real SGD step with the updated weights.
 
     python apps/noisy_labels.py                                  # CPU default, 3 seeds
     python apps/noisy_labels.py --noise=flip --arms=uniform,mwn_evograd
@@ -28,9 +30,10 @@ Meta-Weight-Net exists to prevent. The small CNN (--network=cnn) does not memori
 CPU budget (training loss still ~1.4 after 30 epochs), so uniform training is already robust
 there and reweighting has little to fix.
 
-Writes <output_dir>/summary.md and summary.json (test accuracy mean +- std over seeds, the
-paired difference of every arm to --baseline with a 95% t interval, seconds per step, peak
-memory, and for the MWN arms the mean weight of clean and of corrupted examples) and
+Writes <output_dir>/summary.md (test accuracy mean +- std over seeds, the paired difference of
+every arm to --baseline with a 95% t interval, seconds per step, peak memory, and for the MWN
+arms the mean weight of clean and of corrupted examples), summary.json (the accuracies; the
+rest is in results/<arm>_seed<k>.json) and
 noisy_labels.png (the learned weight against the loss; test accuracy per epoch). Every
 (arm, seed) checkpoints each epoch under <output_dir>/<arm>_seed<k> and resumes from there;
 finished arms are reused (runner.run_grid). A seed fixes a run: bit-identical on CPU.
@@ -82,7 +85,8 @@ flags.DEFINE_enum("network", "mlp", list(nets.IMAGE_CLASSIFIERS),
                   "Classifier body: an MLP (two ReLU layers of 32 x width units), a small CNN "
                   "(3 conv stages of width, 2x, 4x filters, BatchNorm, global average pooling) "
                   "or a ResNet for 28x28 inputs (width, 2x, 4x, 8x channels).")
-flags.DEFINE_integer("width", 16, "Filters of the first stage.")
+flags.DEFINE_integer("width", 16, "Network width: the MLP has 32 x width units per layer, the "
+                     "CNN and ResNets width filters in their first stage.")
 flags.DEFINE_list("arms", ["uniform", "clean_only", "mwn_one_step", "mwn_evograd"],
                   "Arms to run, out of " + ", ".join(ARMS) + " (the hypergradient estimator is "
                   "part of the arm's name).")
@@ -94,14 +98,15 @@ flags.DEFINE_integer("epochs", 60, "Epochs over the noisy training set; every ar
                      "epochs x ceil(num_train / batch_size) steps.")
 flags.DEFINE_integer("batch_size", 100, "Training and meta batch size.")
 flags.DEFINE_float("lr", 0.05, "SGD learning rate (momentum 0.9), x0.1 after 60% and 80% of the "
-                   "epochs; also the one-step look-ahead's rate and the Neumann step.")
+                   "epochs; the one-step look-ahead and the Neumann step follow the current rate.")
 flags.DEFINE_float("weight_decay", 0.0, "L2 coefficient added to the SGD gradients.")
 flags.DEFINE_float("meta_lr", 1e-3, "Adam learning rate of the Meta-Weight-Net.")
 flags.DEFINE_integer("mwn_hidden", 100, "Hidden units of the Meta-Weight-Net (1-H-1).")
 flags.DEFINE_integer("evograd_copies", 2, "EvoGrad: K perturbed copies of the weights.")
 flags.DEFINE_float("evograd_sigma", 1e-3, "EvoGrad: noise scale of the copies.")
 flags.DEFINE_float("evograd_temperature", 0.05, "EvoGrad: softmax temperature tau.")
-flags.DEFINE_integer("neumann_terms", 1, "mwn_implicit: terms of the Neumann series.")
+flags.DEFINE_integer("neumann_terms", 1, "mwn_implicit: Hessian-vector products of the "
+                     "Neumann series (n gives the terms (I - lr H)^0 .. ^n).")
 flags.DEFINE_bool("xla", False, "Compile the training steps with XLA (runs then need not repeat "
                   "bit for bit; see apps/runner.py).")
 flags.DEFINE_string("output_dir", "runs/noisy_labels", "Results, plot and checkpoints.")
@@ -192,13 +197,19 @@ def load_data(config):
     return NoisyData(x[rest], noisy.astype(np.int32), corrupted, x[meta], y[meta], x_test, y_test)
 
 
-def batch_order(seed, epoch, num_examples, batch_size):
-    """Index batches of one epoch: a permutation seeded by (seed, epoch), the last batch
-    filled up from the start of the permutation so every batch has ``batch_size`` rows."""
-    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-    steps = -(-num_examples // batch_size)
-    order = np.concatenate([order] * (-(-steps * batch_size // num_examples)))
-    return order[:steps * batch_size].reshape(steps, batch_size)
+# Tags that keep the random streams apart: NumPy seeds [s, 0] and s alike (trailing zeros of a
+# seed sequence do not count), so every stream starts with its own non-zero tag.
+ORDER_TAG, META_TAG = 101, 102
+
+
+def batch_order(seed, epoch, num_examples, batch_size, num_steps):
+    """``num_steps`` index batches of one epoch, from successive permutations seeded by (seed,
+    epoch, j), j = 0, 1, ... (a set smaller than an epoch of steps is passed over several
+    times, each in a fresh order)."""
+    needed = num_steps * batch_size
+    parts = [np.random.default_rng([ORDER_TAG, seed, epoch, j]).permutation(num_examples)
+             for j in range(-(-needed // num_examples))]
+    return np.concatenate(parts)[:needed].reshape(num_steps, batch_size)
 
 
 # ----------------------------------------------------------------------------- one arm
@@ -212,7 +223,7 @@ def make_estimator(arm, config):
     if name == "evograd":
         return km.EvoGrad(num_copies=config.evograd_copies, sigma=config.evograd_sigma,
                           temperature=config.evograd_temperature)
-    return km.Implicit(km.linalg.neumann(config.neumann_terms, alpha=config.lr))
+    return km.Implicit(km.linalg.neumann(config.neumann_terms))  # alpha: the current SGD rate
 
 
 def make_trainer(arm, seed, config):
@@ -221,7 +232,7 @@ def make_trainer(arm, seed, config):
     mwn = meta_optimizer = estimator = None
     if arm.startswith("mwn_"):
         mwn = km.hyper.MetaWeightNet(config.mwn_hidden, seed=seed)
-        meta_optimizer = keras.optimizers.Adam(config.meta_lr)
+        meta_optimizer = keras.optimizers.Adam(config.meta_lr, epsilon=1e-12)
         estimator = make_estimator(arm, config)
     return km.reweighting.MetaWeightNetTrainer(
         nets.image_classifier(config.network, config.width, NUM_CLASSES), learning_rate=config.lr,
@@ -258,12 +269,12 @@ def run_arm(config, data, arm, seed):
     else:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak resident set size (see benchmarks/memory.py)
+        resident_before = memory.rss_mib()["VmRSS"]
     while int(epochs_done.numpy()) < config.epochs:
         epoch = int(epochs_done.numpy())
         trainer.optimizer.learning_rate = learning_rate_at(epoch, config)
-        order = batch_order(seed, epoch, len(x_fit), config.batch_size)
-        order = np.concatenate([order] * (-(-steps_per_epoch // len(order))))[:steps_per_epoch]
-        meta_rng = np.random.default_rng([seed, epoch, 1])
+        order = batch_order(seed, epoch, len(x_fit), config.batch_size, steps_per_epoch)
+        meta_rng = np.random.default_rng([META_TAG, seed, epoch])
         progbar = keras.utils.Progbar(steps_per_epoch, verbose=config.verbose == 1,
                                       stateful_metrics=["loss", "meta loss"])
         start, losses, meta_losses = time.perf_counter(), [], []
@@ -292,7 +303,7 @@ def run_arm(config, data, arm, seed):
     if gpu:
         peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2 ** 20
     else:
-        peak = memory.rss_mib()["VmHWM"]
+        peak = memory.rss_mib()["VmHWM"] - resident_before
     record = {"test_accuracy_final": history["test_accuracy"][-1],
               "test_accuracy_by_epoch": history["test_accuracy"],
               "train_loss_by_epoch": history["train_loss"],
@@ -300,7 +311,10 @@ def run_arm(config, data, arm, seed):
               "seconds_per_step": float(np.median(history["seconds_per_step"][1:]
                                                   or history["seconds_per_step"])),
               "peak_memory_mib": float(peak),
-              "peak_memory_kind": "GPU peak allocated" if gpu else "process peak RSS (CPU)"}
+              "peak_memory_kind": "GPU peak allocated" if gpu else (
+                  "CPU: peak resident memory of the arm above the resident memory before it "
+                  "(TensorFlow pools freed memory, so arms after the first in a process show "
+                  "less; benchmarks.evograd_scaling measures each method in a fresh process)")}
     if trainer.mwn is not None:
         weights = trainer.example_weights(data.x_train, data.y_train)
         record.update(
@@ -315,7 +329,7 @@ def run_arm(config, data, arm, seed):
 
 # ----------------------------------------------------------------------------- report
 
-def method_table(records, config):
+def method_table(records):
     """Per arm: seconds per step, peak memory, and the MWN arms' mean weights."""
     lines = ["", "| arm | s / step | peak memory (MiB) | mean weight clean | mean weight "
              "corrupted |", "|---|---:|---:|---:|---:|"]
@@ -371,7 +385,7 @@ def main(argv):
     table, _ = runner.summarise(records, config, ("final",), metric="test_accuracy",
                                 labels={"final": "test accuracy (last epoch)"},
                                 rate_column=False)
-    table += method_table(records, config)
+    table += method_table(records)
     with open(os.path.join(config.output_dir, "summary.md"), "w") as f:
         f.write(table)
     print("\n" + table)

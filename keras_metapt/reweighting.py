@@ -9,11 +9,14 @@ Each `MetaWeightNetTrainer.train_step(batch, meta_batch)`:
   2. one step of the meta optimizer on phi;
   3. the real SGD step on the weighted loss with the updated phi (BatchNorm moving statistics
      kept from this step only).
-Without a Meta-Weight-Net the step is plain SGD on the mean cross-entropy. Cost per step:
+Without a Meta-Weight-Net the step is plain SGD on the mean cross-entropy. The SGD is Keras'
+(velocity v <- mu v - lr g, so after a change of the rate the velocity still carries the old
+rate for about 1 / (1 - mu) steps; PyTorch keeps the rate outside the velocity). Cost per step:
 the estimator's (e.g. EvoGrad: K forwards + 1 backward; one-step: about 3 gradients) plus one
 gradient.
 """
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -39,7 +42,8 @@ class MetaWeightNetTrainer:
     Args:
       model: a built Keras classifier (images -> logits).
       learning_rate, momentum, weight_decay: the SGD step; ``optimizer.learning_rate`` can be
-        reassigned between steps (a schedule), the one-step look-ahead follows it.
+        reassigned between steps (a schedule); the one-step look-ahead's rate and the
+        Neumann step of `linalg.neumann(alpha=None)` follow it.
       mwn, meta_optimizer, estimator: all three or none.
       seed: the EvoGrad noise of step s is drawn from the stateless seed (seed, s).
       jit_compile: compile the steps with XLA.
@@ -48,7 +52,6 @@ class MetaWeightNetTrainer:
 
     def __init__(self, model, *, learning_rate, momentum=0.9, weight_decay=0.0, mwn=None,
                  meta_optimizer=None, estimator=None, seed=0, jit_compile=False):
-        import keras
         if (mwn is None) != (estimator is None) or (mwn is None) != (meta_optimizer is None):
             raise ValueError("give mwn, meta_optimizer and estimator together, or none of them")
         self.model = model
@@ -57,7 +60,7 @@ class MetaWeightNetTrainer:
         self.optimizer.build(model.trainable_variables)
         self.mwn, self.meta_optimizer, self.estimator = mwn, meta_optimizer, estimator
         if mwn is not None:
-            meta_optimizer.build(mwn.trainable_variables)
+            meta_optimizer.build(mwn.weight_variables())
         self.seed = int(seed)
         self.step = tf.Variable(0, dtype=tf.int64, name="step")
         self.train_step = tf.function(self._train_step, jit_compile=jit_compile)
@@ -88,9 +91,10 @@ class MetaWeightNetTrainer:
             del mwn
             return tf.reduce_mean(losses(params, batch))
 
-        return BilevelProblem(
-            inner_loss, outer_loss,
-            inner_optimizer_hparams=lambda h, s, n: {"learning_rate": self.optimizer.learning_rate})
+        rate = self.optimizer.learning_rate  # the variable: read at every step
+        return BilevelProblem(inner_loss, outer_loss,
+                              inner_optimizer_hparams=lambda h, s, n: {"learning_rate": rate},
+                              inner_learning_rate=rate)
 
     def _sgd_step(self, batch, mwn_values):
         variables = self.model.trainable_variables
@@ -123,7 +127,7 @@ class MetaWeightNetTrainer:
                                     [v.value for v in self.model.trainable_variables],
                                     self.mwn.hparams(), batch, meta_batch, seed=seed)
             self.meta_optimizer.apply_gradients(zip(result.hypergrad,
-                                                    self.mwn.trainable_variables))
+                                                    self.mwn.weight_variables()))
             meta_loss, mwn_values = result.outer_loss, self.mwn.hparams()
         loss = self._sgd_step(batch, mwn_values)
         self.step.assign_add(1)
@@ -141,5 +145,7 @@ class MetaWeightNetTrainer:
 
     def example_weights(self, x, y, batch_size=1000):
         """The Meta-Weight-Net's weight of every example at its evaluation-mode loss."""
+        if self.mwn is None:
+            raise ValueError("example_weights needs a trainer with a Meta-Weight-Net")
         return self._batched(x, lambda logits, i: self.mwn(per_example_cross_entropy(
             logits, tf.constant(y[i:i + batch_size]))).numpy(), batch_size)

@@ -3,6 +3,9 @@
     v_i = sigmoid(W2 relu(W1 l_i + b1) + b2)          (a 1-H-1 MLP of example i's loss l_i)
     L_weighted = sum_i l_i v_i / sum_i v_i             (v / sum v only when sum v > 0)
 
+The normalisation by the sum of the weights is that of the paper's released training scripts
+(a later script of the same repository averages l_i v_i over the batch instead).
+
 The network's input is the loss value with its gradient stopped (the original feeds the
 detached loss), so d L_weighted / d theta = sum_i v_i d l_i / d theta / sum_i v_i: a weighted
 gradient, and phi = (W1, b1, W2, b2) enters only through the weights. Cost: one 1-H-1 MLP
@@ -12,6 +15,7 @@ over the batch's losses; H = 100 in the original, 301 hyperparameters.
 import math
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 __all__ = ["MetaWeightNet", "meta_weight_net_weights", "normalised_weighted_loss"]
@@ -27,7 +31,7 @@ def meta_weight_net_weights(hparams, losses):
 
 
 def normalised_weighted_loss(losses, weights):
-    """sum_i l_i v_i / sum_i v_i (sum_i l_i v_i where the weights sum to 0, as the original)."""
+    """sum_i l_i v_i / sum_i v_i (sum_i l_i v_i where the weights sum to 0)."""
     total = tf.reduce_sum(weights)
     weights = tf.where(total > 0, weights / tf.where(total > 0, total, 1.0), weights)
     return tf.reduce_sum(losses * weights)
@@ -39,8 +43,9 @@ class MetaWeightNet(keras.layers.Layer):
 
     Its weights are initialised as PyTorch's ``nn.Linear`` does (the original's), uniform on
     +-1/sqrt(fan_in): +-1 for the first layer (one input), +-1/sqrt(H) for the second, so the
-    initial weights are near 0.5 and vary with the loss. ``hparams()`` gives the weight values
-    in the order `meta_weight_net_weights` takes.
+    initial weights are near 0.5 and vary with the loss. Each of the four weights has its own
+    draw (seeds derived from ``seed``). ``weight_variables()`` and ``hparams()`` give the
+    variables and their values in the order `meta_weight_net_weights` takes.
     """
 
     def __init__(self, hidden=100, seed=None, **kwargs):
@@ -49,19 +54,24 @@ class MetaWeightNet(keras.layers.Layer):
             raise ValueError(f"hidden must be >= 1, got {hidden}")
         self.hidden = int(hidden)
         self.seed = seed
-        first = keras.initializers.RandomUniform(-1.0, 1.0, seed=seed)
+        # one independent integer seed per weight (the same seed twice would draw equal values
+        # for equal shapes)
+        seeds = ([None] * 4 if seed is None else
+                 [int(s) for s in np.random.SeedSequence(seed).generate_state(4) >> 1])
         bound = 1.0 / math.sqrt(self.hidden)
-        second = keras.initializers.RandomUniform(
-            -bound, bound, seed=None if seed is None else seed + 1)
-        self.kernel1 = self.add_weight(shape=(1, self.hidden), initializer=first, name="kernel1")
-        self.bias1 = self.add_weight(shape=(self.hidden,), initializer=first, name="bias1")
-        self.kernel2 = self.add_weight(shape=(self.hidden, 1), initializer=second, name="kernel2")
-        self.bias2 = self.add_weight(shape=(1,), initializer=second, name="bias2")
+        shapes = {"kernel1": ((1, self.hidden), 1.0), "bias1": ((self.hidden,), 1.0),
+                  "kernel2": ((self.hidden, 1), bound), "bias2": ((1,), bound)}
+        for (name, (shape, limit)), draw_seed in zip(shapes.items(), seeds):
+            setattr(self, name, self.add_weight(
+                shape=shape, name=name,
+                initializer=keras.initializers.RandomUniform(-limit, limit, seed=draw_seed)))
         self.built = True
 
+    def weight_variables(self):
+        return [self.kernel1, self.bias1, self.kernel2, self.bias2]
+
     def hparams(self):
-        return [tf.convert_to_tensor(v) for v in
-                (self.kernel1, self.bias1, self.kernel2, self.bias2)]
+        return [tf.convert_to_tensor(v) for v in self.weight_variables()]
 
     def call(self, losses):
         return meta_weight_net_weights(self.hparams(), losses)

@@ -12,26 +12,9 @@ statistics at their initial 0/1 after a short warm-up.
 
 import keras
 
+from keras_metapt.nets.blocks import BN_MOMENTUM, basic_block
+
 __all__ = ["resnet1d18"]
-
-BN_MOMENTUM = 0.9
-
-
-def basic_block(x, channels, stride, kernel_size, name, conv=keras.layers.Conv1D):
-    """Two ``conv`` + BatchNorm (ReLU between), identity or 1x1-projection shortcut, ReLU."""
-    shortcut = x
-    y = conv(channels, kernel_size, strides=stride, padding="same", use_bias=False,
-             name=f"{name}_conv1")(x)
-    y = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn1")(y)
-    y = keras.layers.ReLU(name=f"{name}_relu1")(y)
-    y = conv(channels, kernel_size, padding="same", use_bias=False, name=f"{name}_conv2")(y)
-    y = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn2")(y)
-    if stride != 1 or shortcut.shape[-1] != channels:
-        shortcut = conv(channels, 1, strides=stride, use_bias=False,
-                        name=f"{name}_proj")(shortcut)
-        shortcut = keras.layers.BatchNormalization(momentum=BN_MOMENTUM,
-                                                   name=f"{name}_proj_bn")(shortcut)
-    return keras.layers.ReLU(name=f"{name}_out")(keras.layers.Add(name=f"{name}_add")([y, shortcut]))
 
 
 def resnet1d18(input_shape=(1024, 12), channels=(32, 64, 128, 256), blocks=(2, 2, 2, 2),

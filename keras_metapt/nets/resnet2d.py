@@ -11,7 +11,7 @@ width 64 is the standard ImageNet width (16x as many).
 
 import keras
 
-from keras_metapt.nets.resnet1d import BN_MOMENTUM, basic_block
+from keras_metapt.nets.blocks import BN_MOMENTUM, basic_block
 
 __all__ = ["resnet2d", "RESNET2D_BLOCKS"]
 
