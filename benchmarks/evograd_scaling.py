@@ -53,6 +53,10 @@ METHODS = ("plain", "evograd", "one_step")  # the app's arms uniform, mwn_evogra
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def batch_size():
+    return 8 if FLAGS.quick else FLAGS.batch_size
+
+
 def trainer_and_batches(net, method):
     """The trainer for (net, method), as apps/noisy_labels.py builds it, and one training and
     one meta batch (seeded)."""
@@ -60,7 +64,7 @@ def trainer_and_batches(net, method):
     import keras_metapt as km
     from keras_metapt import nets, optim
     keras.utils.set_random_seed(0)
-    width, batch = (2, 8) if FLAGS.quick else (FLAGS.width, FLAGS.batch_size)
+    width, batch = (2 if FLAGS.quick else FLAGS.width), batch_size()
     lr = 0.05
     extra = {}
     if method != "plain":
@@ -87,7 +91,7 @@ def memory_child(net, method):
         peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2 ** 20
     else:
         peak, _, _ = first_execution_peak_mib(lambda: concrete(train, meta)[0].numpy())
-    params = sum(int(np.prod(v.shape)) for v in trainer.model.trainable_variables)
+    params = sum(int(np.prod(v.shape)) for v in trainer.model.trainable_variables)  # trainable
     return {"net": net, "method": method, "peak_mib": float(peak), "params": params}
 
 
@@ -134,10 +138,12 @@ def report(rows):
     device = "GPU" if tf.config.list_physical_devices("GPU") else f"{os.cpu_count()} CPU cores"
     lines = ["## EvoGrad against second-order one-step: Meta-Weight-Net step cost", "",
              f"`python -m benchmarks.evograd_scaling{' --quick' if FLAGS.quick else ''}`; "
-             f"TensorFlow {tf.__version__}, {device}; batch {FLAGS.batch_size if not FLAGS.quick else 8}"
-             f", EvoGrad K={FLAGS.copies}; time per step (ms, median of {FLAGS.repeats} "
-             "interleaved rounds) and peak memory of the first execution (MiB above the "
-             "resident memory before it, fresh process each).", "",
+             f"TensorFlow {tf.__version__}, {device}; batch {batch_size()}, EvoGrad "
+             f"K={FLAGS.copies}; time per step (ms, median of {FLAGS.repeats} interleaved "
+             "rounds) and peak memory of the first execution, fresh process each ("
+             + ("the allocator's peak" if device == "GPU" else
+                "MiB above the resident memory before it; it includes TensorFlow's one-time "
+                "graph optimisation, larger for a larger graph") + ").", "",
              "| network | weights | plain ms | EvoGrad ms | one-step ms | EvoGrad / plain | "
              "EvoGrad / one-step time | plain MiB | EvoGrad MiB | one-step MiB | "
              "EvoGrad / one-step memory |",
@@ -192,8 +198,9 @@ def main(argv):
     with open(os.path.join(FLAGS.output_dir, "evograd_scaling.md"), "w") as f:
         f.write(text)
     with open(os.path.join(FLAGS.output_dir, "evograd_scaling.json"), "w") as f:
-        json.dump({"rows": rows, "quick": FLAGS.quick, "batch_size": FLAGS.batch_size,
-                   "width": FLAGS.width, "copies": FLAGS.copies}, f, indent=1)
+        json.dump({"rows": rows, "quick": FLAGS.quick, "batch_size": batch_size(),
+                   "width": 2 if FLAGS.quick else FLAGS.width, "copies": FLAGS.copies}, f,
+                  indent=1)
     plot(rows, os.path.join(FLAGS.output_dir, "evograd_scaling.png"))
 
 

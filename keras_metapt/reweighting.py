@@ -9,6 +9,8 @@ Each `MetaWeightNetTrainer.train_step(batch, meta_batch)`:
   2. one step of the meta optimizer on phi;
   3. the real SGD step on the weighted loss with the updated phi (BatchNorm moving statistics
      kept from this step only).
+The MWN's input is the detached loss, so the weights are constants of the inner loss in theta:
+an HVP (`Implicit`) sees H = sum_i v_i Hess l_i / sum v.
 Without a Meta-Weight-Net the step is plain SGD on the mean cross-entropy. The SGD is Keras'
 (velocity v <- mu v - lr g, so after a change of the rate the velocity still carries the old
 rate for about 1 / (1 - mu) steps; PyTorch keeps the rate outside the velocity). Cost per step:

@@ -3,9 +3,10 @@
 References: for a softmax regression (a Keras Dense layer), NumPy closed forms of the mean and
 of the MWN-weighted cross-entropy gradients (sum_i v_i (p_i - y_i) x_i / sum v); the SGD
 momentum step written out (first step: theta - lr (g + wd theta)); Adam's first step written
-out (phi - lr g / (|g| + eps / sqrt(1 - beta_2))), applied to the estimator's hypergradient at
-the state before the step (the estimators are checked against finite differences in
-tests/hyper/test_example_weights.py); the weighted step must use the MWN after its update.
+out (phi - lr g / (|g| + eps / sqrt(1 - beta_2))), applied to the hypergradient at the state
+before the step, taken by float64 central differences of the NumPy one-step and EvoGrad
+objectives of tests/hyper/test_example_weights.py (the look-ahead at the trainer's rate);
+the weighted step must use the MWN after its update.
 """
 
 import keras
@@ -16,7 +17,8 @@ import tensorflow as tf
 import keras_metapt as km
 from keras_metapt import nets, optim
 from keras_metapt.reweighting import MetaWeightNetTrainer, per_example_cross_entropy
-from tests.hyper.test_example_weights import np_cross_entropy, np_mwn
+from tests.hyper import test_example_weights as ref
+from tests.hyper.test_example_weights import np_cross_entropy
 
 
 def linear_model(seed=0):
@@ -30,15 +32,6 @@ def data(seed=0, n=6):
             (rng.normal(size=(n, 4)).astype(np.float32), rng.integers(0, 3, n).astype(np.int32)))
 
 
-def np_weighted_gradient(theta, x, y, v=None):
-    logits = x @ theta[0] + theta[1]
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    v = np.ones(len(y)) if v is None else v
-    delta = (p - np.eye(3)[y]) * (v / v.sum())[:, None]
-    return [x.T @ delta, delta.sum(0)]
-
-
 def test_plain_step_is_sgd_on_the_mean_cross_entropy():
     model = linear_model()
     theta = [v.numpy().astype(np.float64) for v in model.trainable_variables]
@@ -48,35 +41,41 @@ def test_plain_step_is_sgd_on_the_mean_cross_entropy():
                                          tuple(map(tf.constant, meta)))
     assert float(meta_loss) == 0.0
     np.testing.assert_allclose(float(loss), np.mean(np_cross_entropy(theta, x, y)), rtol=1e-5)
-    g = np_weighted_gradient(theta, x.astype(np.float64), y)
+    g = ref.np_weighted_gradient(theta, None, x.astype(np.float64), y, v=np.ones(len(y)))
     for var, t, gi in zip(model.trainable_variables, theta, g):
         np.testing.assert_allclose(var.numpy(), t - 0.1 * (gi + 0.01 * t), rtol=1e-5, atol=1e-6)
     assert int(trainer.step.numpy()) == 1
 
 
-@pytest.mark.parametrize("estimator", [km.EvoGrad(num_copies=2, sigma=0.05, temperature=0.1),
-                                       km.Unrolled(optim.sgd(0.1), num_steps=1)])
-def test_meta_step_updates_the_mwn_first_then_steps_with_it(estimator):
+@pytest.mark.parametrize("method", ["evograd", "one_step"])
+def test_meta_step_updates_the_mwn_first_then_steps_with_it(method):
     model = linear_model(1)
     mwn = km.hyper.MetaWeightNet(hidden=5, seed=2)
+    # the look-ahead must take the trainer's rate (0.1), not the estimator's own (123)
+    estimator = (km.EvoGrad(num_copies=2, sigma=0.05, temperature=0.1) if method == "evograd"
+                 else km.Unrolled(optim.sgd(123.0), num_steps=1))
     trainer = MetaWeightNetTrainer(model, learning_rate=0.1, mwn=mwn,
                                    meta_optimizer=keras.optimizers.Adam(0.01),
                                    estimator=estimator, seed=4)
-    (x, y), (xm, ym) = data(1)
-    batch, meta = (tf.constant(x), tf.constant(y)), (tf.constant(xm), tf.constant(ym))
+    train, val = data(1)
     theta = [v.numpy().astype(np.float64) for v in model.trainable_variables]
     phi = [v.numpy().astype(np.float64) for v in mwn.hparams()]
-    expected = estimator(trainer.problem(), [tf.constant(t, tf.float32) for t in theta],
-                         mwn.hparams(), batch, meta,
-                         seed=tf.constant([4, 0], tf.int64)).hypergrad
-    trainer.train_step(batch, meta)
+    train64 = (train[0].astype(np.float64), train[1])
+    val64 = (val[0].astype(np.float64), val[1])
+    if method == "evograd":  # the draws of step 0: stateless seed (trainer seed, step)
+        noise = ref.evograd_noise(tf.constant([4, 0], tf.int64), [t.shape for t in theta], 2, 0.05)
+        objective = ref.evograd_objective(theta, train64, val64, noise, 0.1)
+    else:
+        objective = ref.one_step_objective(theta, train64, val64, 0.1)
+    expected = ref.central_difference(objective, [p.copy() for p in phi])
+    trainer.train_step(tuple(map(tf.constant, train)), tuple(map(tf.constant, val)))
     # Keras Adam's first step: lr sqrt(1 - b2) / (1 - b1) * m / (sqrt(v) + eps)
     eps = 1e-7 / np.sqrt(1 - 0.999)
-    new_phi = [p - 0.01 * g.numpy() / (np.abs(g.numpy()) + eps) for p, g in zip(phi, expected)]
+    new_phi = [p - 0.01 * g / (np.abs(g) + eps) for p, g in zip(phi, expected)]
     for var, want in zip(mwn.hparams(), new_phi):
-        np.testing.assert_allclose(var.numpy(), want, rtol=1e-4, atol=1e-6)
-    v = np_mwn(new_phi, np_cross_entropy(theta, x.astype(np.float64), y))
-    g = np_weighted_gradient(theta, x.astype(np.float64), y, v)
+        np.testing.assert_allclose(var.numpy(), want, rtol=1e-4, atol=1e-5)
+    v = ref.np_mwn(new_phi, ref.np_cross_entropy(theta, *train64))
+    g = ref.np_weighted_gradient(theta, None, *train64, v)
     for var, t, gi in zip(model.trainable_variables, theta, g):
         np.testing.assert_allclose(var.numpy(), t - 0.1 * gi, rtol=1e-4, atol=1e-6)
 

@@ -26,4 +26,5 @@ def basic_block(x, channels, stride, kernel_size, name, conv=keras.layers.Conv1D
                         name=f"{name}_proj")(shortcut)
         shortcut = keras.layers.BatchNormalization(momentum=BN_MOMENTUM,
                                                    name=f"{name}_proj_bn")(shortcut)
-    return keras.layers.ReLU(name=f"{name}_out")(keras.layers.Add(name=f"{name}_add")([y, shortcut]))
+    added = keras.layers.Add(name=f"{name}_add")([y, shortcut])
+    return keras.layers.ReLU(name=f"{name}_out")(added)

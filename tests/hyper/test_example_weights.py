@@ -9,7 +9,9 @@ References:
 - EvoGrad and the one-step (Unrolled, T=1) hypergradients of a Meta-Weight-Net weighted
   softmax regression: central finite differences in float64 of an independent NumPy
   computation of the same objective (EvoGrad: L_val(sum_k softmax(-l/tau)_k theta_k) with
-  the estimator's documented noise draws; one step: L_val(theta - lr grad L_train)).
+  the estimator's documented noise draws; one step: L_val(theta - lr grad L_train));
+- the implicit (Neumann) hypergradient: the series written out in NumPy with a
+  finite-difference Hessian of the closed-form gradient.
 """
 
 import numpy as np
@@ -51,6 +53,40 @@ def random_problem(seed=0, n=8):
     train = (rng.normal(size=(n, D)), rng.integers(0, C, n))
     val = (rng.normal(size=(n, D)), rng.integers(0, C, n))
     return theta, mwn, train, val
+
+
+def np_weighted_gradient(theta, mwn, x, y, v=None):
+    """Closed form for softmax regression: sum_i v_i (p_i - onehot_i) x_i / sum v, the weights
+    v = MWN(l(theta)) taken as constants (the network's input is the detached loss), or the
+    ``v`` given."""
+    logits = x @ theta[0] + theta[1]
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    if v is None:
+        v = np_mwn(mwn, np_cross_entropy(theta, x, y))
+    delta = (p - np.eye(C)[y]) * (v / v.sum())[:, None]
+    return [x.T @ delta, delta.sum(0)]
+
+
+def one_step_objective(theta, train, val, lr):
+    """phi -> L_val(theta - lr grad L_train(theta, phi)): the one-step look-ahead."""
+    def objective(mwn_values):
+        g = np_weighted_gradient(theta, mwn_values, *train)
+        return np.mean(np_cross_entropy([a - lr * b for a, b in zip(theta, g)], *val))
+    return objective
+
+
+def evograd_objective(theta, train, val, noise, tau):
+    """phi -> L_val(sum_k softmax(-l / tau)_k theta_k), theta_k = theta + noise_k."""
+    thetas = [[a + e for a, e in zip(theta, copy)] for copy in noise]
+
+    def objective(mwn_values):
+        losses = np.array([np_weighted_loss(t, mwn_values, *train) for t in thetas])
+        w = np.exp(-(losses - losses.min()) / tau)
+        w /= w.sum()
+        combined = [sum(w[k] * t[i] for k, t in enumerate(thetas)) for i in range(2)]
+        return np.mean(np_cross_entropy(combined, *val))
+    return objective
 
 
 def tf_cross_entropy(theta, x, y):
@@ -119,6 +155,8 @@ def test_layer_initialises_like_pytorch_linear_and_round_trips_its_config():
     assert np.abs(k1).max() <= 1.0 and np.abs(b1).max() <= 1.0      # +-1/sqrt(fan_in = 1)
     assert np.abs(k2).max() <= 0.1 and np.abs(b2).max() <= 0.1      # +-1/sqrt(100)
     assert np.abs(k1).max() > 0.5  # spread over the interval, not a narrow default
+    # every weight its own draw (equal seeds would give bias1 == kernel1, bias2 == kernel2[0])
+    assert not np.allclose(k1.ravel(), b1) and not np.isclose(b2[0], k2[0, 0])
     losses = np.linspace(0, 5, 7).astype(np.float32)
     np.testing.assert_allclose(layer(tf.constant(losses)).numpy(),
                                np_mwn([k1, b1, k2, b2], losses), rtol=1e-5)
@@ -142,21 +180,14 @@ def test_evograd_meta_weight_net_hypergradient_matches_numpy_finite_differences(
     theta, mwn, train, val = random_problem(2)
     copies, sigma, tau = 3, 0.1, 0.5
     seed = tf.constant([7, 11], tf.int64)
-    noise = evograd_noise(seed, [a.shape for a in theta], copies, sigma)
-
-    def objective(mwn_values):
-        thetas = [[a + e for a, e in zip(theta, noise[k])] for k in range(copies)]
-        losses = np.array([np_weighted_loss(t, mwn_values, *train) for t in thetas])
-        w = np.exp(-(losses - losses.min()) / tau)
-        w /= w.sum()
-        combined = [sum(w[k] * thetas[k][i] for k in range(copies)) for i in range(2)]
-        return np.mean(np_cross_entropy(combined, *val))
-
+    objective = evograd_objective(theta, train, val,
+                                  evograd_noise(seed, [a.shape for a in theta], copies, sigma),
+                                  tau)
     inner, outer = tf_problem()
     estimator = km.EvoGrad(num_copies=copies, sigma=sigma, temperature=tau)
     result = estimator(km.BilevelProblem(inner, outer), [tf.constant(a) for a in theta],
-                       [tf.constant(m) for m in mwn], (tf.constant(train[0]), tf.constant(train[1])),
-                       (tf.constant(val[0]), tf.constant(val[1])), seed=seed)
+                       [tf.constant(m) for m in mwn], tuple(map(tf.constant, train)),
+                       tuple(map(tf.constant, val)), seed=seed)
     expected = central_difference(objective, [m.copy() for m in mwn])
     assert max(np.abs(e).max() for e in expected) > 1e-4  # the weights do matter here
     for got, want in zip(result.hypergrad, expected):
@@ -165,27 +196,51 @@ def test_evograd_meta_weight_net_hypergradient_matches_numpy_finite_differences(
 
 def test_one_step_meta_weight_net_hypergradient_matches_numpy_finite_differences():
     theta, mwn, train, val = random_problem(3)
-    lr = 0.5
-
-    def np_gradient(t, mwn_values, x, y):
-        logits = x @ t[0] + t[1]
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        v = np_mwn(mwn_values, np_cross_entropy(t, x, y))
-        delta = (p - np.eye(C)[y]) * (v / v.sum())[:, None]
-        return [x.T @ delta, delta.sum(0)]
-
-    def objective(mwn_values):
-        g = np_gradient(theta, mwn_values, *train)
-        stepped = [a - lr * b for a, b in zip(theta, g)]
-        return np.mean(np_cross_entropy(stepped, *val))
-
     inner, outer = tf_problem()
-    result = km.Unrolled(optim.sgd(lr), num_steps=1)(
+    result = km.Unrolled(optim.sgd(0.5), num_steps=1)(
         km.BilevelProblem(inner, outer), [tf.constant(a) for a in theta],
-        [tf.constant(m) for m in mwn], (tf.constant(train[0]), tf.constant(train[1])),
-        (tf.constant(val[0]), tf.constant(val[1])))
-    expected = central_difference(objective, [m.copy() for m in mwn])
+        [tf.constant(m) for m in mwn], tuple(map(tf.constant, train)),
+        tuple(map(tf.constant, val)))
+    expected = central_difference(one_step_objective(theta, train, val, 0.5),
+                                  [m.copy() for m in mwn])
     assert max(np.abs(e).max() for e in expected) > 1e-4
     for got, want in zip(result.hypergrad, expected):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-9)
+
+
+def test_implicit_meta_weight_net_hypergradient_matches_numpy_neumann():
+    """-(d/dphi) grad_theta L_train(theta, phi) . u with u = alpha sum_{j=0..n} (I - alpha H)^j
+    g_val: H by central differences of the closed-form gradient with the weights v held at
+    their values at theta (the detached input makes them constants of the inner loss), the phi
+    derivative by central differences of u . gradient (u held fixed)."""
+    theta, mwn, train, val = random_problem(4)
+    alpha, n = 0.3, 3
+    split = theta[0].size
+
+    def flat_gradient(flat_theta, mwn_values, data=train, v=None):
+        t = [flat_theta[:split].reshape(theta[0].shape), flat_theta[split:]]
+        return np.concatenate([g.ravel() for g in np_weighted_gradient(t, mwn_values, *data, v)])
+
+    flat = np.concatenate([a.ravel() for a in theta])
+    v_here = np_mwn(mwn, np_cross_entropy(theta, *train))
+    hessian = np.stack([(flat_gradient(flat + e, mwn, v=v_here)
+                         - flat_gradient(flat - e, mwn, v=v_here)) / 2e-6
+                        for e in 1e-6 * np.eye(len(flat))], axis=1)
+    # the validation loss is the plain mean: the weighted gradient with equal weights
+    equal = [np.zeros((1, H)), np.zeros(H), np.zeros((H, 1)), np.zeros(1)]
+    g_val = flat_gradient(flat, equal, val)
+    term, u = g_val, g_val.copy()
+    for _ in range(n):
+        term = term - alpha * hessian @ term
+        u = u + term
+    u = alpha * u
+    expected = central_difference(lambda m: -flat_gradient(flat, m) @ u, [m.copy() for m in mwn])
+
+    inner, outer = tf_problem()
+    result = km.Implicit(km.linalg.neumann(n, alpha=alpha))(
+        km.BilevelProblem(inner, outer), [tf.constant(a) for a in theta],
+        [tf.constant(m) for m in mwn], tuple(map(tf.constant, train)),
+        tuple(map(tf.constant, val)))
+    assert max(np.abs(e).max() for e in expected) > 1e-4
+    for got, want in zip(result.hypergrad, expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-8)
