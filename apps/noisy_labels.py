@@ -21,12 +21,13 @@ and batch order of a seed:
 
     python apps/noisy_labels.py                                  # CPU default, 3 seeds
     python apps/noisy_labels.py --noise=flip --arms=uniform,mwn_evograd
-    python apps/noisy_labels.py --network=resnet18 --width=64 --weight_decay=5e-4   # GPU
+    python apps/noisy_labels.py --network=resnet18 --width=64 --weight_decay=5e-4 \
+        --arms=uniform,clean_only,mwn_evograd       # GPU (one-step on a ResNet: see README)
 
 The CPU default network is the MLP (784-512-512-10), trained 60 epochs on 5,000 noisy
 examples without weight decay: within that budget it memorises the noisy labels (training
-loss 0.43-0.47, below the ~1.4 of fitting the clean labels under the noise), which is the failure
-Meta-Weight-Net exists to prevent. The small CNN (--network=cnn) does not memorise within a
+loss 0.43-0.47, below the ~1.4 of fitting the clean labels under the noise), which is the
+failure Meta-Weight-Net exists to prevent. The small CNN (--network=cnn) does not memorise within a
 CPU budget (training loss still ~1.4 after 30 epochs), so uniform training is already robust
 there and reweighting has little to fix.
 
