@@ -1,0 +1,98 @@
+"""In-process checks of apps/noisy_labels.py, run by tests/apps/test_noisy_labels.py in a
+subprocess: importing the app defines its absl flags, which would clash with other modules'
+flags in the test process.
+
+References: an uninterrupted run for "a resumed arm gives the same result, bit for bit" (CPU,
+op determinism); pairing by seed checked on the built models and batch orders.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from apps import noisy_labels, runner
+from tests.apps.test_noisy_labels import TINY, write_fashion_like
+
+
+def tiny_config(tmp_path, images, **changes):
+    values = dict(output_dir=str(tmp_path / "run"), resume=True, strategy="default",
+                  devices=None, tpu_address=None, arms=("uniform", "mwn_evograd"), seeds=(0,),
+                  baseline="uniform", images_dir=images, noise="uniform", noise_rate=0.4,
+                  split_seed=0, network="cnn", lr=0.05, weight_decay=5e-4, meta_lr=1e-3,
+                  evograd_copies=2, evograd_sigma=1e-3, evograd_temperature=0.05,
+                  neumann_terms=1, xla=False, verbose=0, plot=False, **TINY)
+    values.update(changes)
+    return noisy_labels.Config(**values)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fashion")
+    write_fashion_like(str(path), n_train=200, n_test=50, seed=3)
+    return str(path)
+
+
+def test_config_fields_are_the_flags_the_help_test_expects():
+    import dataclasses
+    from tests.apps.test_noisy_labels import FLAG_NAMES
+    assert sorted(f.name for f in dataclasses.fields(noisy_labels.Config)) == sorted(FLAG_NAMES)
+    assert noisy_labels.ARMS == ARMS_EXPECTED and len(noisy_labels.WEIGHT_CURVE_LOSSES) == 81
+
+
+ARMS_EXPECTED = ("uniform", "clean_only", "mwn_one_step", "mwn_evograd", "mwn_implicit")
+
+
+def test_an_interrupted_arm_resumes_to_the_same_result(tmp_path, images, monkeypatch, capsys):
+    config = tiny_config(tmp_path, images, epochs=3)
+    data = noisy_labels.load_data(config)
+    runner.seed_everything(0)
+    reference = noisy_labels.run_arm(config, data, "mwn_evograd", 0)
+
+    config = tiny_config(tmp_path, images, epochs=3, output_dir=str(tmp_path / "cut"))
+    save = tf.train.CheckpointManager.save
+
+    calls = []
+
+    def stop_before_second_save(self, *args, **kwargs):
+        # killed after epoch 2 wrote its history, before its checkpoint: the resumed run
+        # must drop that history entry and redo the epoch from the epoch-1 checkpoint
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed before the second epoch's checkpoint")
+        return save(self, *args, **kwargs)
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", stop_before_second_save)
+    runner.seed_everything(0)
+    with pytest.raises(KeyboardInterrupt):
+        noisy_labels.run_arm(config, data, "mwn_evograd", 0)
+    monkeypatch.undo()
+    runner.seed_everything(0)
+    resumed = noisy_labels.run_arm(config, data, "mwn_evograd", 0)
+    assert "resumed at epoch 1" in capsys.readouterr().out
+    for key in ("test_accuracy_by_epoch", "train_loss_by_epoch", "weight_curve",
+                "mean_weight_clean", "mean_weight_corrupted"):
+        assert resumed[key] == reference[key], key
+
+
+def test_arms_of_a_seed_start_from_the_same_weights_and_batches(tmp_path, images):
+    """Pairing by seed: the classifier of every arm is drawn after the same seeding, and the
+    batch order depends on (seed, epoch) only."""
+    config = tiny_config(tmp_path, images)
+    weights = {}
+    for arm in ("uniform", "mwn_one_step", "mwn_evograd"):
+        runner.seed_everything(5)
+        trainer = noisy_labels.make_trainer(arm, 5, config)
+        weights[arm] = [v.numpy() for v in trainer.model.weights]
+    for arm in ("mwn_one_step", "mwn_evograd"):
+        for a, b in zip(weights["uniform"], weights[arm]):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(noisy_labels.batch_order(5, 3, 60, 20, 3),
+                                  noisy_labels.batch_order(5, 3, 60, 20, 3))
+    assert not np.array_equal(noisy_labels.batch_order(5, 3, 60, 20, 3),
+                              noisy_labels.batch_order(6, 3, 60, 20, 3))
+    # a set smaller than an epoch of steps: every pass a fresh permutation of all of it
+    order = noisy_labels.batch_order(5, 0, 20, 10, 6)
+    passes = order.reshape(3, 20)
+    assert all(sorted(p) == list(range(20)) for p in passes)
+    assert not np.array_equal(passes[0], passes[1])
