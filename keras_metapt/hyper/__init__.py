@@ -5,10 +5,12 @@ from keras_metapt.hyper.augment import (LearnedAugmentation, LearnedGaussianNois
                                         SignalCutoutNoise, TwoViews)
 from keras_metapt.hyper.example_weights import (MetaWeightNet, meta_weight_net_weights,
                                                 normalised_weighted_loss)
+from keras_metapt.hyper.feature_transform import (FeatureWiseTransforms,
+                                                  feature_wise_transform)
 from keras_metapt.hyper.schedules import piecewise_constant
 from keras_metapt.hyper.task_weights import TaskWeights
 
 __all__ = ["TaskWeights", "LearnedAugmentation", "LearnedGaussianNoise", "LearnedTimeWarp",
            "LearnedSpatialWarp", "SignalCutoutNoise", "RandomCropFlip", "TwoViews",
            "piecewise_constant", "MetaWeightNet", "meta_weight_net_weights",
-           "normalised_weighted_loss"]
+           "normalised_weighted_loss", "FeatureWiseTransforms", "feature_wise_transform"]

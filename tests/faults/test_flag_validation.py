@@ -15,7 +15,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-APPS = ("multitask_pt", "simclr_augment", "digits_reweighting", "noisy_labels")
+APPS = ("multitask_pt", "simclr_augment", "digits_reweighting", "noisy_labels",
+        "cross_domain_fewshot")
 
 # For one app per process: import it, then parse each case's flags and build its Config;
 # prints {case: error message or null} and the numeric fields without bounds.
@@ -62,11 +63,16 @@ BAD = {
     "noisy_labels": [["--noise_rate=1.5"], ["--epochs=0"], ["--evograd_copies=1"],
                      ["--evograd_sigma=0"], ["--lr=0"], ["--num_meta=5"], ["--verbose=3"],
                      ["--strategy=mirrored"], ["--arms=uniform,bogus"]],
+    "cross_domain_fewshot": [["--num_steps=0"], ["--train_n_way=5"], ["--k_shot=0"],
+                             ["--test_n_way=11"], ["--test_shots=0"], ["--test_shots=5,5"],
+                             ["--evograd_temperature=0"], ["--lr=0"], ["--test_episodes=0"],
+                             ["--strategy=mirrored"], ["--arms=protonet,maml"]],
 }
 GOOD = {"multitask_pt": [[], ["--neumann_terms=0", "--hyper_lr=0"]],
         "simclr_augment": [[], ["--num_pt=0"]],
         "digits_reweighting": [[], ["--label_noise=0", "--checkpoint_every=0"]],
-        "noisy_labels": [[], ["--noise_rate=0", "--meta_lr=0", "--num_train=0"]]}
+        "noisy_labels": [[], ["--noise_rate=0", "--meta_lr=0", "--num_train=0"]],
+        "cross_domain_fewshot": [[], ["--ft_lr=0", "--test_shots=1", "--ft_gamma_init=-2"]]}
 
 
 @pytest.mark.parametrize("name", APPS)

@@ -1,0 +1,70 @@
+"""Task distributions: N-way K-shot classification episodes drawn from a labelled set.
+
+An episode picks ``n_way`` of the sampler's classes, then ``k_shot`` support and ``n_query``
+query examples of each (without replacement), and relabels the chosen classes 0 .. n_way - 1
+in the order drawn. Support and query are class-major: rows [i * k_shot, (i + 1) * k_shot) of
+the support are class i. Episode ``index`` of stream ``seed`` is a fixed draw (NumPy's
+generator seeded by (tag, seed, stream, index)), so arms compared on the same stream see the same
+episodes, and a resumed run draws what the uninterrupted run would have.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = ["Episode", "EpisodeSampler"]
+
+_EPISODE_TAG = 103  # keeps episode streams apart from the apps' other NumPy streams
+
+
+class Episode(NamedTuple):
+    support: np.ndarray       # [n_way * k_shot, ...]
+    query: np.ndarray         # [n_way * n_query, ...]
+    query_labels: np.ndarray  # [n_way * n_query] int32 in [0, n_way)
+    classes: np.ndarray       # [n_way]: the original labels of episode classes 0 .. n_way - 1
+
+
+class EpisodeSampler:
+    """Episodes over ``classes`` (default: every label present) of ``(examples, labels)``.
+
+    Raises ValueError naming the sampler (``name``) when fewer than ``n_way`` classes are
+    given, or a class has fewer than ``k_shot + n_query`` examples.
+    """
+
+    def __init__(self, examples, labels, classes=None, *, n_way=5, k_shot=5, n_query=15,
+                 name="episodes"):
+        labels = np.asarray(labels)
+        if len(examples) != len(labels):
+            raise ValueError(f"{name}: {len(examples)} examples but {len(labels)} labels")
+        self.classes = np.unique(labels) if classes is None else np.asarray(classes)
+        self.n_way, self.k_shot, self.n_query = int(n_way), int(k_shot), int(n_query)
+        self.name = name
+        if min(self.n_way, self.k_shot, self.n_query) < 1:
+            raise ValueError(f"{name}: n_way, k_shot and n_query must be >= 1, got "
+                             f"{n_way}, {k_shot}, {n_query}")
+        if self.n_way > len(self.classes):
+            raise ValueError(f"{name}: {self.n_way}-way episodes need {self.n_way} classes, "
+                             f"{len(self.classes)} given ({list(self.classes)})")
+        self.examples = examples
+        self.rows = {}
+        for c in self.classes:
+            rows = np.flatnonzero(labels == c)
+            if len(rows) < self.k_shot + self.n_query:
+                raise ValueError(f"{name}: class {c} has {len(rows)} examples, an episode "
+                                 f"takes {self.k_shot + self.n_query} (k_shot + n_query)")
+            self.rows[c] = rows
+
+    def sample(self, rng):
+        """One episode drawn with the NumPy generator ``rng``."""
+        chosen = rng.choice(self.classes, self.n_way, replace=False)
+        per_class = self.k_shot + self.n_query
+        rows = np.stack([rng.choice(self.rows[c], per_class, replace=False) for c in chosen])
+        support = self.examples[rows[:, :self.k_shot].reshape(-1)]
+        query = self.examples[rows[:, self.k_shot:].reshape(-1)]
+        labels = np.repeat(np.arange(self.n_way, dtype=np.int32), self.n_query)
+        return Episode(support, query, labels, chosen)
+
+    def episode(self, seed, index, stream=0):
+        """Episode ``index`` of the stream (``seed``, ``stream``): the same draw every time."""
+        return self.sample(np.random.default_rng([_EPISODE_TAG, int(seed), int(stream),
+                                                  int(index)]))

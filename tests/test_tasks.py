@@ -1,0 +1,55 @@
+"""Episodes of keras_metapt.tasks.EpisodeSampler.
+
+References: the definition of an N-way K-shot episode, checked element by element against the
+labels of the rows drawn (support class-major, query labels 0..N-1 each n_query times, no row
+in both, every row of a chosen class); determinism per (seed, stream, index).
+"""
+
+import numpy as np
+import pytest
+
+from keras_metapt.tasks import EpisodeSampler
+
+
+def labelled(num_classes=6, per_class=12):
+    labels = np.repeat(np.arange(num_classes), per_class)
+    # each example remembers its own row, so the test can read back which rows were drawn
+    examples = np.arange(len(labels), dtype=np.float32)[:, None]
+    return examples, labels
+
+
+def test_an_episode_is_n_way_k_shot_class_major_with_disjoint_query():
+    examples, labels = labelled()
+    sampler = EpisodeSampler(examples, labels, classes=[0, 2, 3, 5], n_way=3, k_shot=2,
+                             n_query=4)
+    episode = sampler.episode(seed=7, index=0)
+    support_rows = episode.support[:, 0].astype(int)
+    query_rows = episode.query[:, 0].astype(int)
+    assert support_rows.shape == (6,) and query_rows.shape == (12,)
+    assert set(episode.classes) <= {0, 2, 3, 5} and len(set(episode.classes)) == 3
+    np.testing.assert_array_equal(episode.query_labels, np.repeat(np.arange(3), 4))
+    for i, c in enumerate(episode.classes):
+        assert np.all(labels[support_rows[2 * i:2 * i + 2]] == c)
+        assert np.all(labels[query_rows[episode.query_labels == i]] == c)
+    assert not set(support_rows) & set(query_rows)
+    assert len(set(query_rows)) == len(query_rows)
+
+
+def test_episodes_repeat_per_seed_stream_and_index():
+    examples, labels = labelled()
+    sampler = EpisodeSampler(examples, labels, n_way=4, k_shot=1, n_query=3)
+    a = sampler.episode(1, 5)
+    np.testing.assert_array_equal(a.support, sampler.episode(1, 5).support)
+    np.testing.assert_array_equal(a.query, sampler.episode(1, 5, stream=0).query)
+    others = [sampler.episode(1, 6), sampler.episode(2, 5), sampler.episode(1, 5, stream=1)]
+    assert all(not np.array_equal(a.query, b.query) for b in others)
+
+
+def test_bad_episode_shapes_are_named():
+    examples, labels = labelled(num_classes=3, per_class=5)
+    with pytest.raises(ValueError, match="digits: 4-way episodes need 4 classes, 3 given"):
+        EpisodeSampler(examples, labels, n_way=4, name="digits")
+    with pytest.raises(ValueError, match="class 0 has 5 examples, an episode takes 6"):
+        EpisodeSampler(examples, labels, n_way=2, k_shot=1, n_query=5)
+    with pytest.raises(ValueError, match="3 examples but 15 labels"):
+        EpisodeSampler(examples[:3], labels)
