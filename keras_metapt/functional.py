@@ -12,11 +12,15 @@ of tensors. These functions move between the two:
 it (a hyperstep should not: see the BatchNorm note in the README).
 """
 
+import contextlib
+import functools
+import threading
+
 import tensorflow as tf
 
 from keras_metapt.errors import InputMismatchError
 
-__all__ = ["model_state", "stateless_apply", "assign_state"]
+__all__ = ["model_state", "stateless_apply", "assign_state", "exact_batch_moments"]
 
 
 def model_state(model):
@@ -73,3 +77,56 @@ def assign_state(model, trainable, non_trainable=None):
         _check_against(model.non_trainable_variables, list(non_trainable), "non_trainable")
         for var, value in zip(model.non_trainable_variables, non_trainable):
             var.assign(value)
+
+
+# ----------------------------------------------------------------------------- batch moments
+
+def _exact_moments(x, axes, keepdims):
+    """mean and mean((x - mean)^2), differentiable to every order."""
+    mean = tf.reduce_mean(x, axes, keepdims=True)
+    variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axes, keepdims=True)
+    if not keepdims:
+        mean, variance = tf.squeeze(mean, axes), tf.squeeze(variance, axes)
+    return mean, variance
+
+
+_MOMENTS_LOCK = threading.Lock()
+_MOMENTS_STATE = {"depth": 0, "original": None}
+
+
+@contextlib.contextmanager
+def exact_batch_moments():
+    """Makes Keras batch normalisation in training mode differentiable to second order while
+    the context is open (while a function is traced or run eagerly inside it).
+
+    Keras' TensorFlow backend takes batch moments from ``tf.nn.moments``, which computes the
+    variance as mean((x - stop_gradient(mean))^2): the stopped term has a zero first
+    derivative, so gradients are exact, but it does contribute to second derivatives, so
+    Hessian-vector products and differentiated optimizer steps through a network with
+    batch statistics come out wrong. Inside the context the variance keeps the gradient to the
+    mean (the same forward values). Every estimator call and `linalg.hvp` / `mixed_vjp`
+    open it. Private Keras: the backend's ``_compute_moments`` (pinned by
+    tests/test_keras_overrides.py). Cost: a few extra elementwise ops in backward passes.
+    """
+    from keras.src.backend.tensorflow import nn as keras_tf_nn
+    with _MOMENTS_LOCK:
+        if _MOMENTS_STATE["depth"] == 0:
+            _MOMENTS_STATE["original"] = keras_tf_nn._compute_moments
+            keras_tf_nn._compute_moments = _exact_moments
+        _MOMENTS_STATE["depth"] += 1
+    try:
+        yield
+    finally:
+        with _MOMENTS_LOCK:
+            _MOMENTS_STATE["depth"] -= 1
+            if _MOMENTS_STATE["depth"] == 0:
+                keras_tf_nn._compute_moments = _MOMENTS_STATE["original"]
+
+
+def with_exact_batch_moments(fn):
+    """Decorator: ``fn`` runs inside `exact_batch_moments`."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with exact_batch_moments():
+            return fn(*args, **kwargs)
+    return wrapper

@@ -35,7 +35,7 @@ from typing import Optional
 
 import tensorflow as tf
 
-from keras_metapt import _tree
+from keras_metapt import _tree, functional
 
 __all__ = [
     "HVP_MODES",
@@ -66,6 +66,7 @@ def _gradient(loss_fn, params):
 HVP_MODES = ("reverse_over_reverse", "forward_over_reverse")
 
 
+@functional.with_exact_batch_moments
 def hvp(loss_fn, params, vector, mode="reverse_over_reverse"):
     """Hessian-vector product H v.
 
@@ -93,6 +94,7 @@ def hvp(loss_fn, params, vector, mode="reverse_over_reverse"):
     return outer.gradient(dot, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
 
+@functional.with_exact_batch_moments
 def mixed_vjp(loss_fn, params, hparams, vector, unconnected_gradients=tf.UnconnectedGradients.NONE):
     """(d2 L / dphi dtheta) v = d/dphi <dL(theta, phi)/dtheta, v>.
 

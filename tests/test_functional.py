@@ -107,3 +107,85 @@ def test_unrolled_hypergradient_through_keras_mlp_matches_finite_differences(mod
     fd = np.array([(outer_after_training(h0 + eps * e) - outer_after_training(h0 - eps * e)) / (2 * eps)
                    for e in np.eye(8)])
     assert rel_err(result.hypergrad[0], fd) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_one_step_hypergradient_through_batch_statistics_matches_finite_differences(mode):
+    """A Keras model with BatchNormalization in training mode (batch statistics): the
+    hypergradient of a differentiated SGD step needs second derivatives through the batch
+    variance, which tf.nn.moments gets wrong (it stops the mean's gradient inside the
+    variance). Reference: float64 central differences of the step run forward (first
+    derivatives only)."""
+    rng = np.random.default_rng(1)
+    model = bn_model("float64")
+    x, y = rng.normal(size=(10, 4)), rng.normal(size=(10, 3))
+    xv, yv = rng.normal(size=(7, 4)), rng.normal(size=(7, 3))
+    trainable, non_trainable = functional.model_state(model)
+    lr = 0.3
+
+    def per_example(params, xs, ys):
+        out, _ = functional.stateless_apply(model, params, non_trainable, xs, training=True)
+        return tf.reduce_mean((out - ys) ** 2, axis=-1)
+
+    problem = km.BilevelProblem(
+        inner_loss=lambda p, h, b: tf.reduce_mean(tf.sigmoid(h[0]) * per_example(p, *b)),
+        outer_loss=lambda p, h, b: tf.reduce_mean(per_example(p, *b)))
+    h0 = rng.normal(size=10) * 0.5
+    result = compiled(lambda p, h: km.Unrolled(optim.sgd(lr), 1)(problem, p, h, (x, y), (xv, yv)),
+                      mode)(trainable, [h0])
+
+    def outer_after_step(h):
+        params = list(trainable)
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            loss = problem.inner_loss(params, [tf.constant(h)], (x, y))
+        params = [p - lr * g for p, g in zip(params, tape.gradient(loss, params))]
+        return float(problem.outer_loss(params, None, (xv, yv)))
+
+    eps = 1e-6
+    fd = np.array([(outer_after_step(h0 + eps * e) - outer_after_step(h0 - eps * e)) / (2 * eps)
+                   for e in np.eye(10)])
+    assert rel_err(result.hypergrad[0], fd) < 1e-6
+
+
+def test_hvp_through_batch_statistics_matches_finite_differences_of_the_gradient():
+    """Reference: (grad L(theta + eps v) - grad L(theta - eps v)) / (2 eps) in float64."""
+    rng = np.random.default_rng(2)
+    model = bn_model("float64")
+    x, y = rng.normal(size=(9, 4)), rng.normal(size=(9, 3))
+    trainable, non_trainable = functional.model_state(model)
+
+    def loss(params):
+        out, _ = functional.stateless_apply(model, params, non_trainable, x, training=True)
+        return tf.reduce_mean((out - y) ** 2)
+
+    def gradient(params):
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            value = loss(params)
+        return tape.gradient(value, params)
+
+    v = [tf.constant(rng.normal(size=p.shape)) for p in trainable]
+    eps = 1e-6
+    plus = gradient([p + eps * d for p, d in zip(trainable, v)])
+    minus = gradient([p - eps * d for p, d in zip(trainable, v)])
+    fd = np.concatenate([((a - b) / (2 * eps)).numpy().ravel() for a, b in zip(plus, minus)])
+    for mode in ("reverse_over_reverse", "forward_over_reverse"):
+        hv = km.linalg.hvp(loss, list(trainable), v, mode)
+        assert rel_err(np.concatenate([h.numpy().ravel() for h in hv]), fd) < 1e-6, mode
+
+
+def test_exact_batch_moments_keeps_forward_values_and_restores_keras():
+    from keras.src.backend.tensorflow import nn as keras_tf_nn
+    original = keras_tf_nn._compute_moments
+    x = tf.constant(np.random.default_rng(3).normal(size=(6, 5)))
+    keras_mean, keras_var = keras.ops.moments(x, axes=[0])
+    with functional.exact_batch_moments():
+        with functional.exact_batch_moments():  # nested: restored by the outer one only
+            assert keras_tf_nn._compute_moments is not original
+        assert keras_tf_nn._compute_moments is not original
+        mean, var = keras.ops.moments(x, axes=[0])
+    assert keras_tf_nn._compute_moments is original
+    np.testing.assert_array_equal(mean.numpy(), keras_mean.numpy())
+    np.testing.assert_allclose(var.numpy(), keras_var.numpy(), rtol=1e-15)
+    np.testing.assert_allclose(var.numpy(), x.numpy().var(0), rtol=1e-12)

@@ -55,3 +55,12 @@ def test_optimizer_slots_read_by_mirror_keras():
     assert [tuple(m.shape) for m in adam._momentums] == [(2,), (3,)]
     assert [tuple(m.shape) for m in adam._velocities] == [(2,), (3,)]
     assert [tuple(m.shape) for m in sgd.momentums] == [(2,), (3,)]
+
+
+def test_backend_moments_function_that_exact_batch_moments_replaces():
+    # functional.exact_batch_moments swaps keras.src.backend.tensorflow.nn._compute_moments
+    # (x, axes, keepdims), which the backend's moments() looks up at call time.
+    from keras.src.backend.tensorflow import nn as keras_tf_nn
+    assert list(inspect.signature(keras_tf_nn._compute_moments).parameters) == \
+        ["x", "axes", "keepdims"]
+    assert "_compute_moments(x, axes, keepdims)" in inspect.getsource(keras_tf_nn.moments)

@@ -17,7 +17,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import tensorflow as tf
 
-from keras_metapt import _checks, _tree
+from keras_metapt import _checks, _tree, functional
 from keras_metapt.errors import InputMismatchError, NonFiniteHypergradientError
 
 __all__ = ["BilevelProblem", "StepBatches", "HypergradResult", "ensure_finite", "Estimator"]
@@ -152,14 +152,15 @@ def batch_arrays(batch):
 def names_shape_errors(call):
     """Decorates an estimator's ``__call__``: a TensorFlow shape error anywhere in the call
     (one not already named by the loss that raised it) becomes `InputMismatchError` naming the
-    leaves of params, hparams and batches whose shapes TensorFlow reports."""
+    leaves of params, hparams and batches whose shapes TensorFlow reports; the call runs inside
+    `functional.exact_batch_moments` (exact second derivatives through batch statistics)."""
 
     @functools.wraps(call)
     def wrapper(self, problem, params, hparams, inner_batch, outer_batch, **kwargs):
         named = {"hparams": hparams, "params": params, "inner_batch": batch_arrays(inner_batch),
                  "outer_batch": batch_arrays(outer_batch)}
         with _checks.naming_shape_errors(f"{type(self).__name__} (computing the hypergradient)",
-                                         named):
+                                         named), functional.exact_batch_moments():
             return call(self, problem, params, hparams, inner_batch, outer_batch, **kwargs)
 
     return wrapper
