@@ -47,13 +47,12 @@ from absl import app, flags, logging
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras_metapt as km  # noqa: E402
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from keras_metapt import functional, linalg, optim  # noqa: E402
+from keras_metapt import linalg, optim  # noqa: E402
 from tests import references  # noqa: E402
 from benchmarks.memory import first_execution_peak_mib  # noqa: E402
-from keras_metapt.hyper import piecewise_constant  # noqa: E402
+from benchmarks.reference_mlp import reference_problem  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("ridge_dims", ["100", "1000", "10000"], "Feature counts d for the ridge accuracy table.")
@@ -85,34 +84,6 @@ flags.DEFINE_string("memory_child", None, "Internal: run the memory measurements
 # fixed count of 10 iterations. tolerance=0: no stop on the residual.
 TIMING_CG = linalg.cg(10, tolerance=0.0)
 TIMING_CG_FIXED = linalg.cg(10, tolerance=0.0, stop_on_negative_curvature=False)
-
-def reference_problem(hidden, batch, forward_blocks):
-    """The MLP problem; returns (problem_for(kind), params, hparams_for(kind), inner, outer)."""
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((64,))]
-                             + [keras.layers.Dense(h, activation="relu") for h in hidden]
-                             + [keras.layers.Dense(10)], name="reference_mlp")
-    rng = np.random.default_rng(0)
-    inner = (rng.normal(size=(batch, 64)).astype(np.float32), rng.integers(0, 10, batch))
-    outer = (rng.normal(size=(batch, 64)).astype(np.float32), rng.integers(0, 10, batch))
-    params, non_trainable = functional.model_state(model)
-
-    def per_example(p, x, y):
-        logits, _ = functional.stateless_apply(model, p, non_trainable, x)
-        return keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-
-    weighted = km.BilevelProblem(
-        inner_loss=lambda p, h, b: tf.reduce_mean(tf.sigmoid(h[0]) * per_example(p, *b)),
-        outer_loss=lambda p, h, b: tf.reduce_mean(per_example(p, *b)))
-    fixed_weights = tf.fill([batch], 0.5)
-    schedule = km.BilevelProblem(
-        inner_loss=lambda p, h, b: tf.reduce_mean(fixed_weights * per_example(p, *b)),
-        outer_loss=lambda p, h, b: tf.reduce_mean(per_example(p, *b)),
-        inner_optimizer_hparams=lambda h, t, T: {"learning_rate": piecewise_constant(h[0], t, T)})
-    weight_logits = [tf.zeros([batch])]
-    learning_rates = [tf.fill([forward_blocks], 0.1)]
-    return weighted, schedule, params, weight_logits, learning_rates, inner, outer
-
 
 def estimators():
     return {

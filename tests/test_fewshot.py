@@ -154,11 +154,18 @@ def test_evograd_hypergradient_matches_finite_differences_of_its_combination():
     params, phi, seen, unseen = tiny(seed=3)
     noise_seed, copies_seed = tf.constant([2, 2], tf.int64), tf.constant([8, 1], tf.int64)
     result = estimator(problem, params, phi, seen + (noise_seed,), unseen, seed=copies_seed)
-    # theta_k = theta + sigma * (2 bits - 1), one stateless draw per (copy, leaf)
-    seeds = tf.random.experimental.stateless_split(copies_seed, 2 * len(params))
-    copies = [[p + sigma * tf.cast(2 * tf.random.stateless_uniform(
-        p.shape, seeds[k * len(params) + i], 0, 2, tf.int32, alg="philox") - 1, tf.float64)
-        for i, p in enumerate(params)] for k in range(2)]
+    # theta_k = theta + sigma * (2 bits - 1): per leaf one stateless draw of ceil(n / 32)
+    # int32 words per copy, sign j of word w for element 32 w + j (unpacked here in NumPy)
+    seeds = tf.random.experimental.stateless_split(copies_seed, len(params))
+    copies = [[], []]
+    for i, p in enumerate(params):
+        n = int(np.prod(p.shape))
+        words = tf.random.stateless_uniform([2, -(-n // 32)], seeds[i], None, None, tf.int32,
+                                            alg="philox").numpy().view(np.uint32)
+        bits = (words[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1
+        signs = 2.0 * bits.reshape(2, -1)[:, :n] - 1.0
+        for k in range(2):
+            copies[k].append(p + sigma * tf.constant(signs[k].reshape(p.shape)))
 
     def objective(phi_):
         losses = tf.stack([fewshot.episode_loss(c, seen, N_WAY, phi_, noise_seed)

@@ -12,7 +12,8 @@ tau so that eta is a sensible inner learning rate (tiny sigma with small tau
 saturates the softmax or makes the signal vanish).
 
 Cost: K inner-loss forwards + 1 outer gradient + 1 backward through the K losses
-(no second-order terms). Memory: O(K * P).
+(no second-order terms), plus the noise: one Philox call per parameter leaf for all K copies
+(`perturbations`; Rademacher signs come 32 to a drawn word). Memory: O(K * P).
 """
 
 import tensorflow as tf
@@ -20,9 +21,42 @@ import tensorflow as tf
 from keras_metapt import _tree, distribute
 from keras_metapt.hypergrad import problem as _p
 
-__all__ = ["EvoGrad"]
+__all__ = ["EvoGrad", "perturbations"]
 
 _NOISES = ("gaussian", "rademacher")
+_BITS = 32  # random signs per drawn int32 word
+
+
+def perturbations(leaf, seed, num_copies, sigma, noise="gaussian"):
+    """sigma * eps for ``num_copies`` copies of ``leaf``: a [K, *leaf.shape] tensor.
+
+    One stateless Philox call per leaf (``seed``: shape [2]), drawn in float32 or int32 and
+    cast, so one seed gives the same perturbation in every dtype:
+    - gaussian: eps = stateless_normal([K, *shape], seed);
+    - rademacher: W = ceil(n / 32) full-range int32 words per copy,
+      words = stateless_uniform([K, W], seed, int32); sign j of word w is bit j
+      (``(word >> j) & 1``, 1 -> +1, 0 -> -1) and goes to element 32 w + j of the flattened
+      leaf (the first n of 32 W). A 32nd of the random numbers of one draw per element.
+    Cost: one Philox call and a few elementwise passes over K * n values.
+    XLA's and TensorFlow's CPU random kernels draw different numbers for the same seed: a
+    seed reproduces a draw within one compilation mode.
+    """
+    shape = tf.shape(leaf)
+    size = tf.size(leaf)
+    if noise == "gaussian":
+        eps = tf.random.stateless_normal(tf.concat([[num_copies], shape], 0), seed,
+                                         dtype=tf.float32, alg="philox")
+        return _tree.cast_scalar(sigma, leaf.dtype) * tf.cast(eps, leaf.dtype)
+    words = tf.random.stateless_uniform(
+        tf.stack([num_copies, (size + _BITS - 1) // _BITS]), seed, minval=None, maxval=None,
+        dtype=tf.int32, alg="philox")
+    bits = tf.bitwise.bitwise_and(
+        tf.bitwise.right_shift(words[:, :, None], tf.range(_BITS, dtype=tf.int32)), 1)
+    bits = tf.reshape(bits, [num_copies, -1])[:, :size]
+    # bit -> sigma (2 bit - 1)
+    two_sigma = _tree.cast_scalar(2 * sigma, leaf.dtype)
+    eps = tf.cast(bits, leaf.dtype) * two_sigma - _tree.cast_scalar(sigma, leaf.dtype)
+    return tf.reshape(eps, tf.concat([[num_copies], shape], 0))
 
 
 class EvoGrad(_p.Estimator):
@@ -72,18 +106,10 @@ class EvoGrad(_p.Estimator):
         K = self.num_copies
         return self.sigma ** 2 * (K - 1) / (K * self.temperature)
 
-    def _perturbation(self, leaf, seed):
-        # Drawn in float32 and cast, so one seed gives the same perturbation in every dtype.
-        # TensorFlow's XLA and non-XLA CPU kernels draw different numbers for the same seed (no
-        # algorithm is shared), so a seed reproduces a draw within one compilation mode.
-        shape = tf.shape(leaf)
-        if self.noise == "gaussian":
-            eps = tf.random.stateless_normal(shape, seed, dtype=tf.float32, alg="philox")
-        else:
-            bits = tf.random.stateless_uniform(shape, seed, minval=0, maxval=2, dtype=tf.int32,
-                                               alg="philox")
-            eps = 2 * bits - 1
-        return _tree.cast_scalar(self.sigma, leaf.dtype) * tf.cast(eps, leaf.dtype)
+    def _perturbations(self, leaf, seed):
+        """The K perturbations of one leaf, as a [K, *leaf.shape] tensor: one random-number
+        call per leaf for all copies (see `perturbations`)."""
+        return perturbations(leaf, seed, self.num_copies, self.sigma, self.noise)
 
     @_p.names_shape_errors
     def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
@@ -99,13 +125,12 @@ class EvoGrad(_p.Estimator):
                                  "[2]) on every replica")
             seed = self._next_seed()
         leaves = tf.nest.flatten(params)
-        # One independent stateless seed per (copy, leaf).
-        seeds = tf.random.experimental.stateless_split(seed, self.num_copies * len(leaves))
-        copies = []
-        for k in range(self.num_copies):
-            perturbed = [x + self._perturbation(x, seeds[k * len(leaves) + i])
-                         for i, x in enumerate(leaves)]
-            copies.append(tf.nest.pack_sequence_as(params, perturbed))
+        # One independent stateless seed per leaf; its K copies' noise in one draw.
+        seeds = tf.random.experimental.stateless_split(seed, len(leaves))
+        perturbed = [tf.expand_dims(x, 0) + self._perturbations(x, seeds[i])
+                     for i, x in enumerate(leaves)]
+        copies = [tf.nest.pack_sequence_as(params, [p[k] for p in perturbed])
+                  for k in range(self.num_copies)]
 
         with tf.GradientTape() as tape:
             tape.watch(tf.nest.flatten(hparams))

@@ -167,13 +167,14 @@ def test_layer_initialises_like_pytorch_linear_and_round_trips_its_config():
 
 
 def evograd_noise(seed, shapes, copies, sigma):
-    """The estimator's documented draws: one stateless Philox seed per (copy, leaf), split
-    from the call's seed, standard normal in float32, times sigma."""
-    seeds = tf.random.experimental.stateless_split(seed, copies * len(shapes))
-    draws = [[tf.random.stateless_normal(shape, seeds[k * len(shapes) + i], dtype=tf.float32,
-                                         alg="philox").numpy().astype(np.float64)
-              for i, shape in enumerate(shapes)] for k in range(copies)]
-    return [[sigma * d for d in copy] for copy in draws]
+    """The estimator's documented draws: one stateless Philox seed per leaf, split from the
+    call's seed; per leaf one standard-normal float32 draw of shape [copies, *shape], copy k
+    taking row k; times sigma."""
+    seeds = tf.random.experimental.stateless_split(seed, len(shapes))
+    draws = [tf.random.stateless_normal((copies,) + tuple(shape), seeds[i], dtype=tf.float32,
+                                        alg="philox").numpy().astype(np.float64)
+             for i, shape in enumerate(shapes)]
+    return [[sigma * d[k] for d in draws] for k in range(copies)]
 
 
 def test_evograd_meta_weight_net_hypergradient_matches_numpy_finite_differences():

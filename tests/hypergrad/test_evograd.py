@@ -72,3 +72,34 @@ def test_stateful_generator_draws_fresh_noise_and_compiles():
                      jit_compile=True)
     first, second = fn().numpy(), fn().numpy()
     assert np.isfinite(first) and np.isfinite(second) and first != second
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+def test_perturbations_have_the_documented_law(noise):
+    """Reference: the laws themselves. Rademacher: every value exactly +-sigma, each of the 32
+    bit positions of a word balanced, copies uncorrelated; Gaussian: mean 0, std sigma; both:
+    the same draw in float32 and float64, with and without XLA only up to the kernel's own
+    numbers (shape and law checked)."""
+    from keras_metapt.hypergrad.evograd import perturbations
+    sigma, copies, shape = 0.01, 3, (257, 33)  # 8,481 elements: not a multiple of 32
+    seed = tf.constant([5, 9], tf.int64)
+    eps = perturbations(tf.zeros(shape), seed, copies, sigma, noise).numpy()
+    assert eps.shape == (copies,) + shape
+    flat = eps.reshape(copies, -1) / sigma
+    n = flat.shape[1]
+    bound = 5 / np.sqrt(n)  # five standard errors of a mean of n unit-variance values
+    if noise == "rademacher":
+        np.testing.assert_array_equal(np.abs(flat), 1.0)
+        for j in range(32):  # sign j of every word
+            assert abs(flat[:, j::32].mean()) < 5 / np.sqrt(flat[:, j::32].size)
+    else:
+        assert abs(flat.std() - 1) < 0.03
+    assert np.all(np.abs(flat.mean(axis=1)) < bound)
+    for a in range(copies):
+        for b in range(a):
+            assert abs(np.mean(flat[a] * flat[b])) < bound
+    wide = perturbations(tf.zeros(shape, tf.float64), seed, copies, sigma, noise).numpy()
+    np.testing.assert_allclose(wide, eps, rtol=1e-6)
+    compiled = tf.function(lambda s: perturbations(tf.zeros(shape), s, copies, sigma, noise),
+                           jit_compile=True)(seed).numpy()
+    assert compiled.shape == eps.shape and abs(compiled.std() / sigma - 1) < 0.03
