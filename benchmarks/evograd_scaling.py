@@ -46,6 +46,9 @@ flags.DEFINE_list("nets", ["mlp", "cnn"], "Networks of apps/noisy_labels.py (--n
 flags.DEFINE_integer("width", 16, "--width of the networks.")
 flags.DEFINE_integer("batch_size", 100, "Training and meta batch size.")
 flags.DEFINE_integer("copies", 2, "EvoGrad's K.")
+flags.DEFINE_enum("noise", "gaussian", ["gaussian", "rademacher"], "EvoGrad's noise "
+                  "(apps/noisy_labels.py uses the default, gaussian; rademacher draws 32 signs "
+                  "per random word: see benchmarks/evograd_cost.py).")
 flags.DEFINE_integer("repeats", 5, "Timed steps after the first (median).")
 flags.DEFINE_bool("quick", False, "Tiny sizes: a smoke run, not a measurement.")
 flags.DEFINE_string("output_dir", os.path.join(os.path.dirname(__file__), "results"),
@@ -71,7 +74,8 @@ def trainer_and_batches(net, method):
     lr = 0.05
     extra = {}
     if method != "plain":
-        estimator = (km.EvoGrad(num_copies=FLAGS.copies, sigma=1e-3, temperature=0.05)
+        estimator = (km.EvoGrad(num_copies=FLAGS.copies, sigma=1e-3, temperature=0.05,
+                               noise=FLAGS.noise)
                      if method == "evograd" else km.Unrolled(optim.sgd(lr), num_steps=1))
         extra = dict(mwn=km.hyper.MetaWeightNet(100, seed=0),
                      meta_optimizer=keras.optimizers.Adam(1e-3), estimator=estimator)
@@ -107,7 +111,8 @@ def child(net, method):
 def run_child(spec):
     cmd = [sys.executable, "-m", "benchmarks.evograd_scaling", f"--child={spec}",
            f"--repeats={FLAGS.repeats}", f"--width={FLAGS.width}",
-           f"--batch_size={FLAGS.batch_size}", f"--copies={FLAGS.copies}"]
+           f"--batch_size={FLAGS.batch_size}", f"--copies={FLAGS.copies}",
+           f"--noise={FLAGS.noise}"]
     cmd += ["--quick"] if FLAGS.quick else []
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
@@ -135,8 +140,8 @@ def report(rows):
     lines = ["## EvoGrad against second-order one-step: Meta-Weight-Net step cost", "",
              f"`python -m benchmarks.evograd_scaling{' --quick' if FLAGS.quick else ''}`; "
              f"TensorFlow {tf.__version__}, {device}; batch {batch_size()}, EvoGrad "
-             f"K={FLAGS.copies}; time per step (ms, median of {FLAGS.repeats} steps after the "
-             "first) and peak memory of the first execution, fresh process each ("
+             f"K={FLAGS.copies} ({FLAGS.noise} noise); time per step (ms, median of "
+             f"{FLAGS.repeats} steps after the first) and peak memory of the first execution, fresh process each ("
              + ("the allocator's peak" if device == "GPU" else
                 "MiB above the resident memory before it; it includes TensorFlow's one-time "
                 "graph optimisation, larger for a larger graph") + ").", "",
@@ -198,7 +203,7 @@ def main(argv):
         f.write(text)
     with open(os.path.join(FLAGS.output_dir, "evograd_scaling.json"), "w") as f:
         json.dump({"rows": rows, "quick": FLAGS.quick, "batch_size": batch_size(),
-                   "width": 2 if FLAGS.quick else FLAGS.width, "copies": FLAGS.copies}, f,
+                   "noise": FLAGS.noise, "width": 2 if FLAGS.quick else FLAGS.width, "copies": FLAGS.copies}, f,
                   indent=1)
     plot(rows, os.path.join(FLAGS.output_dir, "evograd_scaling.png"))
 

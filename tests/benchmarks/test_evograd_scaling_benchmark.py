@@ -15,15 +15,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_quick_evograd_scaling_benchmark(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.evograd_scaling", "--quick",
-                           "--nets=mlp", "--repeats=2", f"--output_dir={tmp_path}"],
+                           "--nets=mlp", "--repeats=2", "--noise=rademacher",
+                           f"--output_dir={tmp_path}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (row,) = json.load(open(tmp_path / "evograd_scaling.json"))["rows"]
+    stored = json.load(open(tmp_path / "evograd_scaling.json"))
+    (row,) = stored["rows"]
+    assert stored["noise"] == "rademacher"
     model = nets.image_classifier("mlp", width=2)
     assert row["params"] == sum(int(v.numpy().size) for v in model.trainable_variables)
     assert set(row["ms"]) == set(row["peak_mib"]) == {"plain", "evograd", "one_step"}
     assert all(v > 0 for v in row["ms"].values())
     table = (tmp_path / "evograd_scaling.md").read_text()
+    assert "EvoGrad K=2 (rademacher noise)" in table
     ms, mib = row["ms"], row["peak_mib"]
     assert (f"| {ms['evograd'] / ms['plain']:.2f}x | {ms['evograd'] / ms['one_step']:.2f}x |"
             in table)
