@@ -26,8 +26,9 @@ if keras.backend.backend() != "tensorflow":
     raise ImportError(
         f"Keras was already imported with the {keras.backend.backend()!r} backend. {_BACKEND_HELP}")
 
-from keras_metapt import (callbacks, distribute, errors, export, functional, hyper,  # noqa: E402
-                          hypergrad, linalg, losses, optim, reweighting, simclr)
+from keras_metapt import (callbacks, distribute, errors, export, fewshot,  # noqa: E402
+                          functional, hyper, hypergrad, linalg, losses, optim, reweighting,
+                          simclr, tasks)
 from keras_metapt.errors import (HypergradientError, InputMismatchError,  # noqa: E402
                                  NonFiniteHypergradientError, UnconnectedHyperparameterError)
 from keras_metapt.meta_pretrainer import (HyperstepSchedule, MetaPretrainer,  # noqa: E402
@@ -39,8 +40,8 @@ from keras_metapt.hypergrad import (PTFT, BilevelProblem, EvoGrad, Forward,  # n
 __all__ = [
     "__version__",
     # modules
-    "callbacks", "distribute", "errors", "export", "functional", "hyper", "hypergrad", "linalg",
-    "losses", "optim", "reweighting", "simclr",
+    "callbacks", "distribute", "errors", "export", "fewshot", "functional", "hyper", "hypergrad",
+    "linalg", "losses", "optim", "reweighting", "simclr", "tasks",
     # meta-pre-training inside model.fit()
     "MetaPretrainer", "HyperstepSchedule", "meta_dataset",
     # the calling convention and the estimators
