@@ -228,10 +228,16 @@ def run_inner_steps(problem, optimizer, params, opt_state, hparams, inner_batch,
     """Steps ``start`` .. ``stop``-1 in a `tf.while_loop` (differentiable).
 
     With a gradient ``reduce`` (a cross-replica sum) the steps are traced in Python instead,
-    since strategies forbid all-reduces inside loops.
+    since strategies forbid all-reduces inside loops. A single step is traced without a loop:
+    the same ops, and its second-order gradient avoids TensorFlow 2.21's failure on deep
+    networks ("AlreadyExistsError ... AddN/tmp_var" from the second execution of a while
+    loop's gradient of a gradient, seen on ResNet-18/34 one-step look-aheads).
     """
     if stop <= start:
         return params, opt_state
+    if stop - start == 1 and reduce is None:
+        return inner_step(problem, optimizer, params, opt_state, hparams, inner_batch,
+                          tf.constant(start), num_steps)
     if reduce is not None:
         for t in range(start, stop):
             params, opt_state = inner_step(problem, optimizer, params, opt_state, hparams,
