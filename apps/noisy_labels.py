@@ -22,7 +22,7 @@ and batch order of a seed:
     python apps/noisy_labels.py                                  # CPU default, 3 seeds
     python apps/noisy_labels.py --noise=flip --arms=uniform,mwn_evograd
     python apps/noisy_labels.py --network=resnet18 --width=64 --weight_decay=5e-4 \
-        --arms=uniform,clean_only,mwn_evograd       # GPU (one-step on a ResNet: see README)
+        --arms=uniform,clean_only,mwn_evograd,mwn_one_step          # GPU
 
 The CPU default network is the MLP (784-512-512-10), trained 60 epochs on 5,000 noisy
 examples without weight decay: within that budget it memorises the noisy labels (training

@@ -1,7 +1,7 @@
 r"""EvoGrad against the second-order one-step hypergradient as the network grows: time per
 Meta-Weight-Net step and peak memory, with a plain training step as the unit.
 
-    python -m benchmarks.evograd_scaling            # the MLP and the small CNN (~3 min, 2 cores)
+    python -m benchmarks.evograd_scaling            # MLP, CNN, ResNet-10/18/34 (~6 min, 2 cores)
     python -m benchmarks.evograd_scaling --quick    # tiny sizes, a smoke run
 
 The step measured is the one apps/noisy_labels.py runs (`keras_metapt.reweighting.
@@ -16,10 +16,7 @@ Each (network, method) runs in a fresh subprocess (TensorFlow pools freed CPU me
 step is traced, the kernel's peak-RSS counter is reset, and the memory figure is the peak
 resident memory of its first execution minus the resident memory before it (on a GPU: the
 allocator's peak); the time is the median of --repeats further steps in the same process.
-The three methods of a network run one after another, not interleaved. ResNets
-(--nets=resnet10,...) are not measured: the one-step step of a ResNet fails from its second
-execution on in TensorFlow 2.21 (AlreadyExistsError on a per-step temporary variable of an
-AddN in the look-ahead's while-loop gradient), also alone in a fresh process.
+The three methods of a network run one after another, not interleaved.
 tf.function, no XLA, one inter-op thread (as the apps on one device).
 
 Writes benchmarks/results/evograd_scaling.{md,json,png} (or --output_dir).
@@ -40,9 +37,8 @@ import tensorflow as tf  # noqa: E402
 from benchmarks.memory import first_execution_peak_mib  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("nets", ["mlp", "cnn"], "Networks of apps/noisy_labels.py (--network values: "
-                  "mlp, cnn, resnet10, resnet18, resnet34; the one-step step of the ResNets "
-                  "fails in TensorFlow 2.21, see the module docstring).")
+flags.DEFINE_list("nets", ["mlp", "cnn", "resnet10", "resnet18", "resnet34"], "Networks of "
+                  "apps/noisy_labels.py (its --network values).")
 flags.DEFINE_integer("width", 16, "--width of the networks.")
 flags.DEFINE_integer("batch_size", 100, "Training and meta batch size.")
 flags.DEFINE_integer("copies", 2, "EvoGrad's K.")
@@ -190,8 +186,6 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)
     if FLAGS.child:
         # as the apps run on one device (apps/runner.py): independent ops one after another.
-        # With parallel inter-op threads the one-step's while-loop gradient can fail with
-        # AlreadyExistsError on a per-step temporary variable (seen on ResNet-10, TF 2.21).
         tf.config.threading.set_inter_op_parallelism_threads(1)
         print(json.dumps(child(*FLAGS.child.split(":"))))
         return
