@@ -50,6 +50,12 @@ def cast_scalar(value, dtype):
     return tf.cast(value, dtype)
 
 
+def densify(structure):
+    """`tf.IndexedSlices` leaves (gradients of gathers) as dense tensors; None stays None."""
+    return tf.nest.map_structure(
+        lambda x: tf.convert_to_tensor(x) if isinstance(x, tf.IndexedSlices) else x, structure)
+
+
 def to_tensors(structure):
     """Reads variables and converts array-likes to tensors, keeping the nest."""
     return tf.nest.map_structure(tf.convert_to_tensor, structure)
@@ -77,8 +83,10 @@ def tree_axpy(alpha, x, y):
 
 
 def tree_vdot(a, b):
-    """Sum over all leaves of the elementwise product: the inner product <a, b>."""
-    terms = [tf.reduce_sum(x * y) for x, y in zip(tf.nest.flatten(a), tf.nest.flatten(b))]
+    """Sum over all leaves of the elementwise product: the inner product <a, b>. Leaves may
+    be `tf.IndexedSlices` (gradients of gathers), made dense here."""
+    terms = [tf.reduce_sum(tf.convert_to_tensor(x) * tf.convert_to_tensor(y))
+             for x, y in zip(tf.nest.flatten(a), tf.nest.flatten(b))]
     return tf.add_n(terms) if terms else tf.constant(0.0)
 
 

@@ -143,8 +143,9 @@ class PTFT(_p.Estimator):
                                                     theta_e, meta_train, 0, K, K,
                                                     self.gradient_reduction)
             val_loss = ft_of("outer_batch.val")(psi_k, theta_e, meta_val)
-        g_ft = reduce(tape.gradient(val_loss, theta_e,
-                                    unconnected_gradients=tf.UnconnectedGradients.ZERO))
+        # dense: outside a while loop (one FT step) the gradients of gathers stay IndexedSlices
+        g_ft = reduce(_tree.densify(tape.gradient(
+            val_loss, theta_e, unconnected_gradients=tf.UnconnectedGradients.ZERO)))
         val_loss = reduce(val_loss)
 
         # b. PT stage: - d <grad L_PT, H^-1 [g_FT; 0]> / d phi over theta_P.

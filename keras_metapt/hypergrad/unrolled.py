@@ -105,7 +105,8 @@ class Unrolled(_p.Estimator):
                 # Every replica holds the same surrogate; the adjoint of each cross-replica
                 # sum adds the replicas' cotangents, so each replica seeds 1/R of it.
                 surrogate = surrogate / tf.cast(distribute.num_replicas(), surrogate.dtype)
-        indirect = tape.gradient(surrogate, hparams)
+        # dense: outside a while loop (one recorded step) gradients of gathers stay IndexedSlices
+        indirect = _tree.densify(tape.gradient(surrogate, hparams))
         if reduce is not None:
             indirect = reduce(indirect)
         return self._finish(hparams, direct, indirect, outer_loss,
