@@ -15,8 +15,8 @@ and the meta batch; SGD rate 0.05, Meta-Weight-Net 1-100-1 with Adam 1e-3):
 Each (network, method) runs in a fresh subprocess (TensorFlow pools freed CPU memory): the
 step is traced, the kernel's peak-RSS counter is reset, and the memory figure is the peak
 resident memory of its first execution minus the resident memory before it (on a GPU: the
-allocator's peak); the time is the median of --repeats further steps in the same process.
-The three methods of a network run one after another, not interleaved.
+allocator's peak). The times come from one more process per network that holds all three steps and runs
+--repeats rounds of one step each, interleaved (median per method).
 tf.function, no XLA, one inter-op thread (as the apps on one device).
 
 Writes benchmarks/results/evograd_scaling.{md,json,png} (or --output_dir).
@@ -45,7 +45,8 @@ flags.DEFINE_integer("copies", 2, "EvoGrad's K.")
 flags.DEFINE_enum("noise", "gaussian", ["gaussian", "rademacher"], "EvoGrad's noise "
                   "(apps/noisy_labels.py uses the default, gaussian; rademacher draws 32 signs "
                   "per random word: see benchmarks/evograd_cost.py).")
-flags.DEFINE_integer("repeats", 5, "Timed steps after the first (median).")
+flags.DEFINE_integer("repeats", 5, "Interleaved timing rounds after a first step "
+                     "(median per method).")
 flags.DEFINE_bool("quick", False, "Tiny sizes: a smoke run, not a measurement.")
 flags.DEFINE_string("output_dir", os.path.join(os.path.dirname(__file__), "results"),
                     "Where evograd_scaling.md, .json and .png are written.")
@@ -86,6 +87,7 @@ def trainer_and_batches(net, method):
 
 
 def child(net, method):
+    """Peak memory of one method's first step (a fresh process per method)."""
     trainer, train, meta = trainer_and_batches(net, method)
     concrete = trainer.train_step.get_concrete_function(train, meta)  # traced, not run
     if tf.config.list_physical_devices("GPU"):
@@ -94,14 +96,26 @@ def child(net, method):
         peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2 ** 20
     else:
         peak, _, _ = first_execution_peak_mib(lambda: concrete(train, meta)[0].numpy())
-    times = []
-    for _ in range(FLAGS.repeats):
-        start = time.perf_counter()
-        concrete(train, meta)[0].numpy()
-        times.append(time.perf_counter() - start)
     params = sum(int(np.prod(v.shape)) for v in trainer.model.trainable_variables)  # trainable
-    return {"net": net, "method": method, "peak_mib": float(peak), "params": params,
-            "ms": 1e3 * float(np.median(times))}
+    return {"net": net, "method": method, "peak_mib": float(peak), "params": params}
+
+
+def timing_child(net):
+    """Median ms per step of every method, measured interleaved in one process: each of
+    --repeats rounds runs one step of each method in turn (after a first, untimed step)."""
+    steps = {}
+    for method in METHODS:
+        trainer, train, meta = trainer_and_batches(net, method)
+        concrete = trainer.train_step.get_concrete_function(train, meta)
+        concrete(train, meta)[0].numpy()
+        steps[method] = (concrete, train, meta)
+    times = {method: [] for method in METHODS}
+    for _ in range(FLAGS.repeats):
+        for method, (concrete, train, meta) in steps.items():
+            start = time.perf_counter()
+            concrete(train, meta)[0].numpy()
+            times[method].append(time.perf_counter() - start)
+    return {"net": net, "ms": {m: 1e3 * float(np.median(t)) for m, t in times.items()}}
 
 
 def run_child(spec):
@@ -123,7 +137,7 @@ def measure():
         for method in METHODS:
             result = run_child(f"{net}:{method}")
             row["peak_mib"][method], row["params"] = result["peak_mib"], result["params"]
-            row["ms"][method] = result["ms"]
+        row["ms"] = run_child(f"{net}:timing")["ms"]
         rows.append(row)
         print(f"  {net} ({row['params']:,} weights): "
               + ", ".join(f"{m} {row['ms'][m]:.1f} ms / +{row['peak_mib'][m]:.0f} MiB"
@@ -137,7 +151,9 @@ def report(rows):
              f"`python -m benchmarks.evograd_scaling{' --quick' if FLAGS.quick else ''}`; "
              f"TensorFlow {tf.__version__}, {device}; batch {batch_size()}, EvoGrad "
              f"K={FLAGS.copies} ({FLAGS.noise} noise); time per step (ms, median of "
-             f"{FLAGS.repeats} steps after the first) and peak memory of the first execution, fresh process each ("
+             f"{FLAGS.repeats} interleaved rounds of one step per method, after a first step, "
+             "in one process) and peak memory of the first execution, a fresh process per "
+             "method ("
              + ("the allocator's peak" if device == "GPU" else
                 "MiB above the resident memory before it; it includes TensorFlow's one-time "
                 "graph optimisation, larger for a larger graph") + ").", "",
@@ -187,7 +203,8 @@ def main(argv):
     if FLAGS.child:
         # as the apps run on one device (apps/runner.py): independent ops one after another.
         tf.config.threading.set_inter_op_parallelism_threads(1)
-        print(json.dumps(child(*FLAGS.child.split(":"))))
+        net, method = FLAGS.child.split(":")
+        print(json.dumps(timing_child(net) if method == "timing" else child(net, method)))
         return
     rows = measure()
     text = report(rows)
