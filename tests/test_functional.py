@@ -72,6 +72,22 @@ def test_assign_state_round_trip():
     np.testing.assert_array_equal(model.trainable_variables[0].numpy(), doubled[0].numpy())
 
 
+def sgd_finite_differences(problem, params0, h0, lr, steps, inner_batch, outer_batch, eps=1e-6):
+    """Central differences (float64) in h of the outer loss after ``steps`` SGD steps on the
+    inner loss, the steps run forward (first derivatives only)."""
+    def outer_after_training(h):
+        params = list(params0)
+        for _ in range(steps):
+            with tf.GradientTape() as tape:
+                tape.watch(params)
+                loss = problem.inner_loss(params, [tf.constant(h)], inner_batch)
+            params = [p - lr * g for p, g in zip(params, tape.gradient(loss, params))]
+        return float(problem.outer_loss(params, None, outer_batch))
+
+    return np.array([(outer_after_training(h0 + eps * e) - outer_after_training(h0 - eps * e))
+                     / (2 * eps) for e in np.eye(len(h0))])
+
+
 @pytest.mark.parametrize("mode", ["eager", "xla"])
 def test_unrolled_hypergradient_through_keras_mlp_matches_finite_differences(mode):
     # Per-example loss weights w_i = sigmoid(h_i) on a float64 Keras MLP, 4 SGD steps.
@@ -94,18 +110,7 @@ def test_unrolled_hypergradient_through_keras_mlp_matches_finite_differences(mod
     result = compiled(lambda p, h: km.Unrolled(optim.sgd(lr), T)(problem, p, h, (x, y), (xv, yv)),
                       mode)(trainable, [h0])
 
-    def outer_after_training(h):  # the training loop, run forward only
-        params = list(trainable)
-        for _ in range(T):
-            with tf.GradientTape() as tape:
-                tape.watch(params)
-                loss = problem.inner_loss(params, [tf.constant(h)], (x, y))
-            params = [p - lr * g for p, g in zip(params, tape.gradient(loss, params))]
-        return float(problem.outer_loss(params, None, (xv, yv)))
-
-    eps = 1e-6
-    fd = np.array([(outer_after_training(h0 + eps * e) - outer_after_training(h0 - eps * e)) / (2 * eps)
-                   for e in np.eye(8)])
+    fd = sgd_finite_differences(problem, trainable, h0, lr, T, (x, y), (xv, yv))
     assert rel_err(result.hypergrad[0], fd) < 1e-6
 
 
@@ -134,17 +139,7 @@ def test_one_step_hypergradient_through_batch_statistics_matches_finite_differen
     result = compiled(lambda p, h: km.Unrolled(optim.sgd(lr), 1)(problem, p, h, (x, y), (xv, yv)),
                       mode)(trainable, [h0])
 
-    def outer_after_step(h):
-        params = list(trainable)
-        with tf.GradientTape() as tape:
-            tape.watch(params)
-            loss = problem.inner_loss(params, [tf.constant(h)], (x, y))
-        params = [p - lr * g for p, g in zip(params, tape.gradient(loss, params))]
-        return float(problem.outer_loss(params, None, (xv, yv)))
-
-    eps = 1e-6
-    fd = np.array([(outer_after_step(h0 + eps * e) - outer_after_step(h0 - eps * e)) / (2 * eps)
-                   for e in np.eye(10)])
+    fd = sgd_finite_differences(problem, trainable, h0, lr, 1, (x, y), (xv, yv))
     assert rel_err(result.hypergrad[0], fd) < 1e-6
 
 

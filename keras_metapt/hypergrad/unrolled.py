@@ -105,8 +105,7 @@ class Unrolled(_p.Estimator):
                 # Every replica holds the same surrogate; the adjoint of each cross-replica
                 # sum adds the replicas' cotangents, so each replica seeds 1/R of it.
                 surrogate = surrogate / tf.cast(distribute.num_replicas(), surrogate.dtype)
-        # dense: outside a while loop (one recorded step) gradients of gathers stay IndexedSlices
-        indirect = _tree.densify(tape.gradient(surrogate, hparams))
+        indirect = tape.gradient(surrogate, hparams)
         if reduce is not None:
             indirect = reduce(indirect)
         return self._finish(hparams, direct, indirect, outer_loss,
