@@ -35,7 +35,8 @@ from keras_metapt.meta_pretrainer import (HyperstepSchedule, MetaPretrainer,  # 
                                           meta_dataset)
 from keras_metapt.hypergrad import (PTFT, BilevelProblem, EvoGrad, Forward,  # noqa: E402
                                     HypergradResult, Implicit, PretrainFinetuneProblem,
-                                    PTFTParams, SAMA, StepBatches, Unrolled, ensure_finite)
+                                    PTFTParams, Reversible, SAMA, StepBatches, Unrolled,
+                                    ensure_finite)
 
 __all__ = [
     "__version__",
@@ -46,8 +47,8 @@ __all__ = [
     "MetaPretrainer", "HyperstepSchedule", "meta_dataset",
     # the calling convention and the estimators
     "BilevelProblem", "StepBatches", "HypergradResult", "ensure_finite",
-    "Unrolled", "Forward", "Implicit", "EvoGrad", "SAMA", "PretrainFinetuneProblem", "PTFTParams",
-    "PTFT",
+    "Unrolled", "Forward", "Implicit", "EvoGrad", "SAMA", "Reversible", "PretrainFinetuneProblem",
+    "PTFTParams", "PTFT",
     # errors
     "HypergradientError", "InputMismatchError", "UnconnectedHyperparameterError",
     "NonFiniteHypergradientError",

@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from keras_metapt._tree import cast_scalar
 
-__all__ = ["InnerOptimizer", "sgd", "adam", "adamw", "mirror_keras"]
+__all__ = ["InnerOptimizer", "sgd", "ema_momentum_sgd", "adam", "adamw", "mirror_keras"]
 
 
 class InnerOptimizer(NamedTuple):
@@ -101,6 +101,38 @@ def sgd(learning_rate, momentum=None, nesterov=False, weight_decay=0.0):
         new_params = tf.nest.pack_sequence_as(params, new_p)
         new_state = tf.nest.pack_sequence_as(state, new_v) if has_velocity else ()
         return new_params, new_state
+
+    return InnerOptimizer(init, update, defaults)
+
+
+def ema_momentum_sgd(learning_rate, momentum=0.9):
+    """SGD with an averaged velocity, the form of Maclaurin, Duvenaud & Adams (2015):
+
+      v <- gamma v - (1 - gamma) g;   p <- p + lr * v
+
+    The velocity is an exponential moving average of the negative gradients, so gamma trades
+    memory of past gradients against the current one without rescaling the step.
+    `keras_metapt.hypergrad.Reversible` runs exactly these steps backwards; `Unrolled` and
+    `Forward` take this optimizer for the same trajectory. Overridable: learning_rate,
+    momentum. State: one velocity (P memory).
+    """
+    defaults = {"learning_rate": learning_rate, "momentum": momentum}
+    name = "ema_momentum_sgd"
+
+    def init(params):
+        return tf.nest.map_structure(tf.zeros_like, params)
+
+    def update(grads, state, params, **overrides):
+        hp = _resolve(defaults, overrides, name)
+        new_p, new_v = [], []
+        for p, g, v in zip(tf.nest.flatten(params), tf.nest.flatten(grads),
+                           tf.nest.flatten(state)):
+            gamma = _cast(hp["momentum"], p)
+            v = gamma * v - (1 - gamma) * g
+            new_v.append(v)
+            new_p.append(p + _cast(hp["learning_rate"], p) * v)
+        return (tf.nest.pack_sequence_as(params, new_p),
+                tf.nest.pack_sequence_as(state, new_v))
 
     return InnerOptimizer(init, update, defaults)
 

@@ -53,6 +53,20 @@ def test_sgd_three_steps_match_numpy_rule(momentum, nesterov, mode):
 
 
 @pytest.mark.parametrize("mode", ["eager", "xla"])
+def test_ema_momentum_sgd_three_steps_match_numpy_rule(mode):
+    """Maclaurin et al. (2015), Algorithm 1: v <- gamma v - (1 - gamma) g; w <- w + lr v."""
+    rng = np.random.default_rng(4)
+    p0 = rng.normal(size=(3,))
+    grads = [rng.normal(size=(3,)) for _ in range(3)]
+    got = run_updates(optim.ema_momentum_sgd(0.2, momentum=0.7), p0, grads, mode)
+    ref, v = p0, np.zeros(3)
+    for g in grads:
+        v = 0.7 * v - 0.3 * g
+        ref = ref + 0.2 * v
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["eager", "xla"])
 def test_adamw_three_steps_match_numpy_rule(mode):
     rng = np.random.default_rng(2)
     p0 = rng.normal(size=(4,))

@@ -32,6 +32,7 @@ The protocol, followed by every estimator (base class `Estimator`):
 | EvoGrad   | K forwards + 1 backward, first order          | O(K * P)          |
 | PTFT      | K FT steps + solver HVPs + 1 mixed VJP        | O(P + K * P_psi)  |
 | SAMA      | 1 outer + 2 first-order gradients (+1, +1 JVP) | O(P)             |
+| Reversible | T gradients forward, T gradient VJPs back (exact) | O(P) + ~log2(1/gamma) bits/weight/step |
 """
 
 from keras_metapt.hypergrad.evograd import EvoGrad
@@ -41,6 +42,7 @@ from keras_metapt.hypergrad.problem import (BilevelProblem, Estimator, Hypergrad
                                             StepBatches, ensure_finite)
 from keras_metapt.hypergrad.ptft import (PTFT, FinetuneBatches, PretrainFinetuneProblem,
                                          PTFTParams, keras_problem)
+from keras_metapt.hypergrad.reversible import ReversalCheck, Reversible
 from keras_metapt.hypergrad.sama import (SAMA, FirstOrder, finite_difference_mixed_vjp,
                                          first_order)
 from keras_metapt.hypergrad.unrolled import Unrolled
@@ -56,6 +58,8 @@ __all__ = [
     "Implicit",
     "implicit_indirect_term",
     "EvoGrad",
+    "Reversible",
+    "ReversalCheck",
     "PretrainFinetuneProblem",
     "PTFTParams",
     "FinetuneBatches",
