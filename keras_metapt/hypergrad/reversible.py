@@ -24,9 +24,9 @@ Exactness. w and v are int64 fixed-point numbers (value * 2^radix_bits): adding 
 (1 - gamma) g is undone by subtracting the same rounded integer. Multiplying by gamma = n/d
 (d = 2^momentum_bits) destroys log2(d/n) bits per weight, which an information buffer keeps:
 a mixed-radix integer per weight into which v mod d is pushed (base d) before a digit is popped
-(base n) into v // d * n, so that dividing by gamma is exact as well. The buffer's int64 word is
-moved to a stack ("spilled", the step recorded) before it could overflow; a word leaves with at
-least 62 - momentum_bits bits in it. Consequences: gamma is used as floor(gamma d) / d, and its
+(base n) into v // d * n, so that dividing by gamma is exact as well. Before the buffer's live
+int64 word could overflow, its low 32 bits move to a stack of uint32 words ("spilled", the step
+recorded) and the live word keeps the rest, so the stack is packed full. Consequences: gamma is used as floor(gamma d) / d, and its
 hypergradient is taken at that value; w is rounded to 2^-radix_bits per step and gamma v to
 n 2^-radix_bits (the popped digit stands in for v mod d times n/d: an error below
 2^(momentum_bits - radix_bits) per step, about 2e-10 at the defaults 48 and 16); |w|, |v| and
@@ -37,8 +37,8 @@ CPU kernels do; on GPU call `tf.config.experimental.enable_op_determinism()`), w
 
 Cost: T gradients forward; backward T gradients inside one VJP each (about 3-4 gradients per
 step). Memory: O(P) (w, v in int64 and float, dw, dv, one step's intermediates) plus the
-buffer, about sum_t log2(1/gamma_t) bits per weight, in words of >= 62 - momentum_bits bits;
-not O(T P) as `Unrolled`.
+buffer: 8 bytes per weight (the live word) + sum_t log2(1/gamma_t) bits per weight in 32-bit
+words; not O(T P) as `Unrolled`.
 """
 
 import math
@@ -52,6 +52,7 @@ from keras_metapt.hypergrad import problem as _p
 __all__ = ["Reversible", "ReversalCheck"]
 
 _RATES = ("learning_rate", "momentum")
+_WORD = 2 ** 32  # the stack's words: the low 32 bits of the live word
 
 _ONE_REPLICA = (
     "Reversible runs on one replica: its forward and reversed steps are tf.while_loops, where "
@@ -67,11 +68,10 @@ class ReversalCheck(NamedTuple):
       the parameters' units; 0 when exact).
     params, velocity: w_T and v_T after the forward run.
     buffer_bits: information held in the buffer at the end, sum over weights of
-      log2(1 + word) over its words (float64).
+      log2(1 + the weight's buffer as one integer) = 32 * spills + log2(1 + live word).
     expected_bits: the bits that momentum decay destroyed, P * sum_t log2(d / n_t).
-    buffer_words: int64 words the buffer held at the end (spilled words and the live one), per
-      weight; its memory is buffer_words * 8 * P bytes.
-    spills: how many times the live word was moved to the stack.
+    buffer_bytes: bytes the buffer held at the end per weight: 8 (the live word) + 4 * spills.
+    spills: how many 32-bit words per weight moved to the stack.
     """
 
     exact: tf.Tensor
@@ -81,7 +81,7 @@ class ReversalCheck(NamedTuple):
     velocity: object
     buffer_bits: tf.Tensor
     expected_bits: tf.Tensor
-    buffer_words: tf.Tensor
+    buffer_bytes: tf.Tensor
     spills: tf.Tensor
 
 
@@ -89,7 +89,7 @@ class _Trajectory(NamedTuple):
     w: list          # int64 fixed point, one per params leaf
     v: list          # int64 fixed point
     live: list       # int64, the buffer's live word per weight
-    stack: list      # TensorArray of spilled words, one per leaf
+    stack: list      # TensorArray of spilled uint32 words, one per leaf
     spilled: tf.Tensor   # int32, words on the stack
     flags: tf.TensorArray  # bool per step: spilled before this step
     buffer_bits: tf.Tensor
@@ -214,24 +214,23 @@ class Reversible(_p.Estimator):
         w = [self._to_int(x) for x in w0]
         v = [self._to_int(x) for x in v0]
         live = [tf.zeros_like(x) for x in w]
-        stack = [tf.TensorArray(tf.int64, size=0, dynamic_size=True, clear_after_read=True,
+        stack = [tf.TensorArray(tf.uint32, size=0, dynamic_size=True, clear_after_read=True,
                                 element_shape=x.shape) for x in w]
         flags = tf.TensorArray(tf.bool, size=T)
         zero = tf.constant(0.0, tf.float64)
         log2_d = float(self.momentum_bits)
         num_weights = float(sum(x.shape.num_elements() for x in w))
 
-        def body(t, w, v, live, stack, spilled, flags, buffer_bits, expected_bits):
+        def body(t, w, v, live, stack, spilled, flags, expected_bits):
             spill = tf.reduce_any(tf.stack([tf.reduce_any(a >= self._live_limit) for a in live]))
             flags = flags.write(t, spill)
 
             def move():
-                return ([ta.write(spilled, a) for ta, a in zip(stack, live)],
-                        [tf.zeros_like(a) for a in live], spilled + 1,
-                        buffer_bits + _information_bits(live))
+                return ([ta.write(spilled, tf.cast(tf.math.floormod(a, _WORD), tf.uint32))
+                         for ta, a in zip(stack, live)],
+                        [tf.math.floordiv(a, _WORD) for a in live], spilled + 1)
 
-            stack, live, spilled, buffer_bits = tf.cond(
-                spill, move, lambda: (stack, live, spilled, buffer_bits))
+            stack, live, spilled = tf.cond(spill, move, lambda: (stack, live, spilled))
             alpha, _, n, used = self._rates(problem, hparams, t)
             g = self._gradient(problem, structure,
                                [self._to_float(x, dt) for x, dt in zip(w, dtypes)],
@@ -246,15 +245,14 @@ class Reversible(_p.Estimator):
                 new_live.append(ai)
             expected_bits = expected_bits + num_weights * (
                 log2_d - tf.math.log(tf.cast(n, tf.float64)) / math.log(2.0))
-            return (t + 1, new_w, new_v, new_live, stack, spilled, flags, buffer_bits,
-                    expected_bits)
+            return t + 1, new_w, new_v, new_live, stack, spilled, flags, expected_bits
 
-        _, w, v, live, stack, spilled, flags, buffer_bits, expected_bits = tf.while_loop(
+        _, w, v, live, stack, spilled, flags, expected_bits = tf.while_loop(
             lambda t, *_: t < T, body,
-            (tf.constant(0), w, v, live, stack, tf.constant(0), flags, zero, zero),
+            (tf.constant(0), w, v, live, stack, tf.constant(0), flags, zero),
             maximum_iterations=T, parallel_iterations=1)
-        return _Trajectory(w, v, live, stack, spilled, flags,
-                           buffer_bits + _information_bits(live), expected_bits)
+        buffer_bits = 32.0 * num_weights * tf.cast(spilled, tf.float64) + _information_bits(live)
+        return _Trajectory(w, v, live, stack, spilled, flags, buffer_bits, expected_bits)
 
     def _reverse(self, problem, structure, trajectory, dw, hparams, inner_batch, dtypes):
         """Undoes the steps T-1..0; returns (w_0 int, v_0 int, dw, dv, d hparams)."""
@@ -283,7 +281,8 @@ class Reversible(_p.Estimator):
             v, live = new_v, new_live
             stack, live, spilled = tf.cond(
                 trajectory.flags.read(t),
-                lambda: (stack, [ta.read(spilled - 1) for ta in stack], spilled - 1),
+                lambda: (stack, [a * _WORD + tf.cast(ta.read(spilled - 1), tf.int64)
+                                 for a, ta in zip(live, stack)], spilled - 1),
                 lambda: (stack, live, spilled))
             v_t = [self._to_float(x, dt) for x, dt in zip(v, dtypes)]
             d_alpha = _tree.tree_vdot(dw, v_next)
@@ -371,7 +370,7 @@ class Reversible(_p.Estimator):
         v0_int = [self._to_int(x) for x in flat_v0]
         with functional.exact_batch_moments():
             trajectory = self._forward(problem, params, flat_w0, flat_v0, hparams, inner_batch)
-            words = tf.cast(trajectory.spilled, tf.int64) + 1
+            buffer_bytes = 8 + 4 * tf.cast(trajectory.spilled, tf.int64)
             w_T = [self._to_float(x, dt) for x, dt in zip(trajectory.w, dtypes)]
             v_T = [self._to_float(x, dt) for x, dt in zip(trajectory.v, dtypes)]
             w_back, v_back, _, _, _ = self._reverse(
@@ -383,7 +382,7 @@ class Reversible(_p.Estimator):
             exact, _max_abs_error(w_back, w0_int) / self._scale,
             _max_abs_error(v_back, v0_int) / self._scale,
             tf.nest.pack_sequence_as(params, w_T), tf.nest.pack_sequence_as(params, v_T),
-            trajectory.buffer_bits, trajectory.expected_bits, words, trajectory.spilled)
+            trajectory.buffer_bits, trajectory.expected_bits, buffer_bytes, trajectory.spilled)
 
 
 def _as_tensor(value):
