@@ -7,10 +7,11 @@ from keras_metapt.hyper.example_weights import (MetaWeightNet, meta_weight_net_w
                                                 normalised_weighted_loss)
 from keras_metapt.hyper.feature_transform import (FeatureWiseTransforms,
                                                   feature_wise_transform)
-from keras_metapt.hyper.schedules import piecewise_constant
+from keras_metapt.hyper.schedules import clipped_schedule_step, piecewise_constant
 from keras_metapt.hyper.task_weights import TaskWeights
 
 __all__ = ["TaskWeights", "LearnedAugmentation", "LearnedGaussianNoise", "LearnedTimeWarp",
            "LearnedSpatialWarp", "SignalCutoutNoise", "RandomCropFlip", "TwoViews",
-           "piecewise_constant", "MetaWeightNet", "meta_weight_net_weights",
+           "piecewise_constant", "clipped_schedule_step", "MetaWeightNet",
+           "meta_weight_net_weights",
            "normalised_weighted_loss", "FeatureWiseTransforms", "feature_wise_transform"]

@@ -7,7 +7,7 @@ contiguous inner steps, so that a schedule over T steps has only B values to lea
 
 import tensorflow as tf
 
-__all__ = ["piecewise_constant"]
+__all__ = ["piecewise_constant", "clipped_schedule_step"]
 
 
 def piecewise_constant(values, step, num_steps):
@@ -23,3 +23,25 @@ def piecewise_constant(values, step, num_steps):
     step = tf.cast(step, tf.int64)
     block = (step * num_blocks) // int(num_steps)
     return tf.gather(values, tf.minimum(block, num_blocks - 1))
+
+
+def clipped_schedule_step(values, hypergrad, velocity, *, learning_rate, momentum, threshold,
+                          relative, low, high):
+    """One outer step on a schedule, as Micaelli & Storkey (2021) take it.
+
+        g' = clip(g, +-max(threshold, relative |x|) / learning_rate)   (NaN -> 0)
+        m <- momentum m + g';   x <- clip(x - learning_rate m, low, high)
+
+    so that without momentum one step moves a value by at most max(threshold, relative |x|):
+    long-horizon hypergradients are large and noisy, and the bound keeps one bad estimate from
+    wrecking the schedule. ``values``, ``hypergrad`` and ``velocity`` are same-shaped tensors
+    (one schedule); the rest are Python floats. Returns (new values, new velocity). O(B).
+    """
+    values = tf.convert_to_tensor(values)
+    hypergrad = tf.convert_to_tensor(hypergrad, values.dtype)
+    hypergrad = tf.where(tf.math.is_nan(hypergrad), tf.zeros_like(hypergrad), hypergrad)
+    bound = tf.maximum(tf.constant(threshold, values.dtype),
+                       tf.constant(relative, values.dtype) * tf.abs(values)) / learning_rate
+    velocity = momentum * tf.convert_to_tensor(velocity, values.dtype) + tf.clip_by_value(
+        hypergrad, -bound, bound)
+    return tf.clip_by_value(values - learning_rate * velocity, low, high), velocity

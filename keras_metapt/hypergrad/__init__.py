@@ -39,7 +39,7 @@ from keras_metapt.hypergrad.evograd import EvoGrad
 from keras_metapt.hypergrad.forward import Forward
 from keras_metapt.hypergrad.implicit import Implicit, implicit_indirect_term
 from keras_metapt.hypergrad.problem import (BilevelProblem, Estimator, HypergradResult,
-                                            StepBatches, ensure_finite)
+                                            StepBatches, ensure_finite, train_inner)
 from keras_metapt.hypergrad.ptft import (PTFT, FinetuneBatches, PretrainFinetuneProblem,
                                          PTFTParams, keras_problem)
 from keras_metapt.hypergrad.reversible import ReversalCheck, Reversible
@@ -53,6 +53,7 @@ __all__ = [
     "StepBatches",
     "HypergradResult",
     "ensure_finite",
+    "train_inner",
     "Unrolled",
     "Forward",
     "Implicit",

@@ -20,7 +20,8 @@ import tensorflow as tf
 from keras_metapt import _checks, _tree, functional
 from keras_metapt.errors import InputMismatchError, NonFiniteHypergradientError
 
-__all__ = ["BilevelProblem", "StepBatches", "HypergradResult", "ensure_finite", "Estimator"]
+__all__ = ["BilevelProblem", "StepBatches", "HypergradResult", "ensure_finite", "Estimator",
+           "train_inner"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +254,20 @@ def run_inner_steps(problem, optimizer, params, opt_state, hparams, inner_batch,
         lambda t, p, s: t < stop, body, (tf.constant(start), params, opt_state),
         maximum_iterations=stop - start)
     return params, opt_state
+
+
+def train_inner(problem, optimizer, params, hparams, inner_batch, num_steps, *, opt_state=None,
+                start=0):
+    """The inner problem's steps ``start`` .. ``num_steps`` - 1, not differentiated: the training
+    run whose hypergradient the estimators take (same batches, same optimizer overrides at each
+    step index). Returns (params, opt_state). One gradient per step, O(P) memory."""
+    params, hparams = prepare(params, hparams, inner_batch, num_steps)
+    if opt_state is None:
+        opt_state = optimizer.init(params)
+    params, opt_state = run_inner_steps(problem, optimizer, params, opt_state, hparams,
+                                        inner_batch, int(start), int(num_steps), int(num_steps))
+    return (tf.nest.map_structure(tf.stop_gradient, params),
+            tf.nest.map_structure(tf.stop_gradient, opt_state))
 
 
 def outer_gradients(problem, params, hparams, outer_batch, reduce=None):
