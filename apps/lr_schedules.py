@@ -393,7 +393,8 @@ def run_outer_loop(exp, arm, seed):
         state["history"].append({
             "outer_step": k + 1, "val_loss": float(result.outer_loss),
             "val_accuracy": exp.accuracy(result.params, d.x_val, d.y_val),
-            "schedule": state["schedule"], "hypergrad": _listed(result.hypergrad),
+            "schedule": state["schedule"], "velocity": state["velocity"],
+            "hypergrad": _listed(result.hypergrad),
             "seconds": seconds})
         state.update(step=k + 1, schedule=_listed(new), velocity=_listed(velocity),
                      seconds=state["seconds"] + seconds)
