@@ -87,7 +87,7 @@ flags.DEFINE_float("init_momentum", 0.5, "Initial momentum gamma of every learne
 flags.DEFINE_float("init_wd", 0.0, "Initial weight decay of every learned schedule.")
 flags.DEFINE_float("hand_lr", 0.3, "hand_tuned: learning rate.")
 flags.DEFINE_float("hand_momentum", 0.9, "hand_tuned: momentum gamma.")
-flags.DEFINE_float("hand_wd", 1e-4, "hand_tuned: weight decay.")
+flags.DEFINE_float("hand_wd", 0.0, "hand_tuned: weight decay.")
 flags.DEFINE_float("outer_lr", 0.1, "Learning rate of the outer SGD on the schedules.")
 flags.DEFINE_float("outer_momentum", 0.1, "Momentum of the outer SGD on the schedules.")
 flags.DEFINE_list("clip_thresholds", ["0.05", "0.05", "1e-4"], "Per schedule (lr, momentum, "
