@@ -238,12 +238,17 @@ def initial_params(model, dtype, seed):
     return params
 
 
-def batch_order(config, seed, stream, index):
-    """[T, batch] example indices of one training run (sampled with replacement), and the step
-    numbers, as `StepBatches`."""
+def batch_order(config, seed, stream, index, steps=None):
+    """[T, batch] example indices of one training run (sampled with replacement), and each
+    step's position on the horizon T, as `StepBatches`. A shorter run (``steps`` < T, the
+    low-fidelity runs of benchmarks.long_horizon) takes the first ``steps`` rows and puts its
+    step t at t T / steps, so that its schedules are the horizon's, compressed."""
+    T = config.inner_steps
+    steps = T if steps is None else int(steps)
     rng = np.random.default_rng([seed, stream, index])
-    order = rng.integers(0, int(config.num_train), size=(config.inner_steps, config.batch_size))
-    return km.StepBatches((tf.constant(order, tf.int32), tf.range(config.inner_steps)))
+    order = rng.integers(0, int(config.num_train), size=(T, config.batch_size))[:steps]
+    position = tf.range(steps) * T // steps
+    return km.StepBatches((tf.constant(order, tf.int32), position))
 
 
 def make_problem(model, data, config):

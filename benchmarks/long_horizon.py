@@ -1,0 +1,354 @@
+r"""Long-horizon schedules at equal wall-clock: hypergradients against gradient-free search.
+
+    python -m benchmarks.long_horizon                       # 3 seeds x 180 s per method
+    python -m benchmarks.long_horizon --budget_seconds=60 --bench_seeds=0
+
+The problem of apps/lr_schedules.py (every flag of the app applies: --inner_steps, --blocks,
+--hidden, --float64, ...): Fashion-MNIST, an MLP trained for T inner steps of SGD with averaged
+momentum under learning-rate, momentum and weight-decay schedules of B blocks each (3B
+hyperparameters). Per seed every search method gets the same wall-clock budget
+(--budget_seconds) and every training run it asks for starts from its own fresh
+initialisation and batch order (the k-th run of a method in a seed: the same for every method):
+- hypergradient: the app's reversible arm (full runs, exact hypergradient, clipped outer SGD);
+  each outer step's run is one evaluation of the schedule it used;
+- random: schedules drawn uniformly (learning rates log-uniform in [1e-3, 2], momenta in
+  [0.01, 0.99], weight decays in [0, 5e-3]), one full run each;
+- dehb: DEHB (the `dehb` package, one worker) over the same space, fidelity = inner steps from
+  T / 9 to T (a shorter run compresses the schedules onto its length);
+- hyperband: KerasTuner's Hyperband over the same space, max_epochs 9 units of T / 9 steps,
+  factor 3 (each trial trains from scratch for its budget).
+Also, once each: the hand-tuned constant schedule and the greedy online one-step arm of the app.
+A method's pick is the schedule of its best validation accuracy among its full-horizon runs; it is
+then trained once more from the seed's evaluation start (as the app judges arms) for the test
+accuracy. Reported: best validation accuracy against wall-clock (plot; median over seeds),
+test accuracy per method, and the paired (same seed) difference of each method to random search
+with a 95% t interval.
+
+Writes benchmarks/results/long_horizon.{md,json,png} (or --results_dir).
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from apps import lr_schedules as app_module  # noqa: E402  (defines the app's flags)
+from apps import runner  # noqa: E402
+
+FLAGS = flags.FLAGS
+METHODS = ("hypergradient", "random", "dehb", "hyperband")
+flags.DEFINE_list("methods", list(METHODS), "Search methods, out of " + ", ".join(METHODS) + ".")
+flags.DEFINE_float("budget_seconds", 180.0, "Wall-clock budget of every search method per seed.")
+flags.DEFINE_list("bench_seeds", ["0", "1", "2"], "Seeds (each: every method once).")
+flags.DEFINE_integer("fidelity_units", 9, "dehb / hyperband: the shortest run is T / this.")
+flags.DEFINE_string("results_dir", os.path.join(os.path.dirname(__file__), "results"),
+                    "Where long_horizon.md, .json and .png are written.")
+
+SEARCH_STREAM = 3
+LR_RANGE, WD_RANGE = (1e-3, 2.0), (0.0, 5e-3)
+
+
+class Budget(Exception):
+    """Raised inside a method once its wall-clock budget is spent."""
+
+
+class Search:
+    """Evaluations of one method in one seed: each a training run of ``steps`` from the next
+    fresh start; keeps the trace (seconds since the method began, steps, validation accuracy,
+    schedule)."""
+
+    def __init__(self, exp, seed, budget):
+        self.exp, self.seed, self.budget = exp, seed, budget
+        self.start = time.perf_counter()
+        self.trace = []
+
+    def elapsed(self):
+        return time.perf_counter() - self.start
+
+    def check(self):
+        if self.elapsed() > self.budget:
+            raise Budget()
+
+    def record(self, schedule, steps, val_accuracy):
+        self.trace.append({"seconds": self.elapsed(), "steps": int(steps),
+                           "val_accuracy": float(val_accuracy), "schedule": schedule})
+
+    def evaluate(self, schedule, steps=None):
+        """Validation accuracy of a run of ``steps`` (default T) with ``schedule`` (lists)."""
+        self.check()
+        exp, config = self.exp, self.exp.config
+        steps = config.inner_steps if steps is None else int(steps)
+        index = len(self.trace)
+        params, _ = exp.train(exp.init(self.seed, SEARCH_STREAM, index),
+                              app_module._tensors(config, schedule),
+                              app_module.batch_order(config, self.seed, SEARCH_STREAM, index,
+                                                     steps))
+        accuracy = exp.accuracy(params, exp.data.x_val, exp.data.y_val)
+        self.record(schedule, steps, accuracy)
+        return accuracy
+
+
+def random_schedule(rng, blocks):
+    return {"lr": list(np.exp(rng.uniform(np.log(LR_RANGE[0]), np.log(LR_RANGE[1]), blocks))),
+            "momentum": list(rng.uniform(0.01, 0.99, blocks)),
+            "wd": list(rng.uniform(WD_RANGE[0], WD_RANGE[1], blocks))}
+
+
+def from_flat(values, blocks):
+    """{"lr": [...], ...} from a mapping name_b -> value (ConfigSpace / KerasTuner)."""
+    return {name: [float(values[f"{name}_{b}"]) for b in range(blocks)]
+            for name in app_module.SCHEDULES}
+
+
+def run_random(search):
+    rng = np.random.default_rng([search.seed, 7])
+    while True:
+        search.evaluate(random_schedule(rng, search.exp.config.blocks))
+
+
+def run_hypergradient(search):
+    """The app's reversible outer loop, one evaluation per outer step."""
+    exp, config = search.exp, search.exp.config
+    schedule = app_module.constant_schedule(config, config.init_lr, config.init_momentum,
+                                            config.init_wd)
+    velocity = {k: tf.zeros([config.blocks], config.dtype) for k in app_module.SCHEDULES}
+    while True:
+        search.check()
+        index = len(search.trace)
+        result = exp._hypergradient["reversible"](
+            exp.init(search.seed, SEARCH_STREAM, index), schedule,
+            app_module.batch_order(config, search.seed, SEARCH_STREAM, index).batches)
+        search.record(app_module._listed(schedule), config.inner_steps,
+                      exp.accuracy(result.params, exp.data.x_val, exp.data.y_val))
+        schedule, velocity = app_module.outer_update(config, schedule, result.hypergrad,
+                                                     velocity)
+
+
+def config_space(blocks, seed):
+    import ConfigSpace as CS
+    cs = CS.ConfigurationSpace(seed=seed)
+    for b in range(blocks):
+        cs.add([CS.UniformFloatHyperparameter(f"lr_{b}", *LR_RANGE, log=True),
+                CS.UniformFloatHyperparameter(f"momentum_{b}", 0.01, 0.99),
+                CS.UniformFloatHyperparameter(f"wd_{b}", *WD_RANGE)])
+    return cs
+
+
+def run_dehb(search):
+    from dehb import DEHB
+    config = search.exp.config
+    T, units = config.inner_steps, FLAGS.fidelity_units
+
+    def objective(cfg, fidelity, **kwargs):
+        start = time.perf_counter()
+        try:
+            accuracy = search.evaluate(from_flat(dict(cfg), config.blocks), round(fidelity))
+        except Budget:  # DEHB stops once the reported costs reach total_cost
+            return {"fitness": 1.0, "cost": search.budget}
+        return {"fitness": 1.0 - accuracy, "cost": time.perf_counter() - start}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        optimizer = DEHB(f=objective, cs=config_space(config.blocks, search.seed),
+                         min_fidelity=T / units, max_fidelity=T, eta=3, n_workers=1,
+                         output_path=tmp, seed=search.seed)
+        optimizer.run(total_cost=search.budget)
+
+
+def run_hyperband(search):
+    import keras_tuner
+    config = search.exp.config
+    T, units = config.inner_steps, FLAGS.fidelity_units
+
+    space = keras_tuner.HyperParameters()  # declared up front: the oracle samples from it
+    for b in range(config.blocks):
+        space.Float(f"lr_{b}", *LR_RANGE, sampling="log")
+        space.Float(f"momentum_{b}", 0.01, 0.99)
+        space.Float(f"wd_{b}", *WD_RANGE)
+
+    class ScheduleHyperband(keras_tuner.Hyperband):
+        def run_trial(self, trial, *args, **kwargs):
+            hp = trial.hyperparameters
+            steps = T * hp.get("tuner/epochs") // units
+            try:
+                accuracy = search.evaluate(from_flat(hp.values, config.blocks), steps)
+            except Budget:
+                raise keras_tuner.errors.FatalError("budget spent") from None
+            return {"val_accuracy": accuracy}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tuner = ScheduleHyperband(
+            objective=keras_tuner.Objective("val_accuracy", "max"), max_epochs=units,
+            factor=3, hyperband_iterations=1000, seed=search.seed, hyperparameters=space,
+            tune_new_entries=False, directory=tmp,
+            project_name="schedules", overwrite=True)
+        try:
+            tuner.search(verbose=0)
+        except keras_tuner.errors.FatalError:
+            pass
+
+
+RUNNERS = {"hypergradient": run_hypergradient, "random": run_random, "dehb": run_dehb,
+           "hyperband": run_hyperband}
+
+
+def best_full_run(trace, horizon):
+    full = [t for t in trace if t["steps"] == horizon] or trace
+    return max(full, key=lambda t: t["val_accuracy"]) if full else None
+
+
+def warm_up(exp):
+    """Traces what the methods run (the hypergradient, training runs of every fidelity) before
+    any clock starts, so that no method's budget pays for compilation."""
+    config = exp.config
+    schedule = app_module.constant_schedule(config, config.init_lr, config.init_momentum,
+                                            config.init_wd)
+    params = exp.init(0, SEARCH_STREAM, 0)
+    if "hypergradient" in FLAGS.methods:
+        exp._hypergradient["reversible"](
+            params, schedule, app_module.batch_order(config, 0, SEARCH_STREAM, 0).batches)
+    lengths = {config.inner_steps} | {config.inner_steps * u // FLAGS.fidelity_units
+                                      for u in range(1, FLAGS.fidelity_units + 1)}
+    for steps in sorted(lengths):
+        exp.train(params, schedule, app_module.batch_order(config, 0, SEARCH_STREAM, 0, steps))
+
+
+def run_seed(exp, seed):
+    rows = {}
+    for method in FLAGS.methods:
+        runner.seed_everything(seed)
+        search = Search(exp, seed, FLAGS.budget_seconds)
+        try:
+            RUNNERS[method](search)
+        except Budget:
+            pass
+        trace = [t for t in search.trace if t["seconds"] <= FLAGS.budget_seconds]
+        best = best_full_run(trace, exp.config.inner_steps)
+        final = exp.evaluate(app_module._tensors(exp.config, best["schedule"]), seed)
+        rows[method] = {"trace": trace, "evaluations": len(trace), "best": best, **final}
+        print(f"  seed {seed} {method}: {len(trace)} runs, best validation accuracy "
+              f"{best['val_accuracy']:.4f}, test accuracy {final['test_accuracy_final']:.4f}",
+              flush=True)
+    for arm in ("hand_tuned", "greedy"):
+        runner.seed_everything(seed)
+        record = app_module.run_arm(exp, arm, seed)
+        rows[arm] = {"seconds": record["seconds"], "schedule": record["schedule"],
+                     **{k: record[k] for k in ("test_accuracy_final", "val_accuracy_final",
+                                               "test_loss")}}
+        print(f"  seed {seed} {arm}: test accuracy {record['test_accuracy_final']:.4f} "
+              f"({record['seconds']:.1f} s)", flush=True)
+    return rows
+
+
+def best_so_far(trace, grid, horizon):
+    """Best full-horizon validation accuracy reached by each time of ``grid`` (NaN before)."""
+    out = np.full(len(grid), np.nan)
+    best = -np.inf
+    points = sorted((t["seconds"], t["val_accuracy"]) for t in trace if t["steps"] == horizon)
+    j = 0
+    for i, g in enumerate(grid):
+        while j < len(points) and points[j][0] <= g:
+            best = max(best, points[j][1])
+            j += 1
+        if best > -np.inf:
+            out[i] = best
+    return out
+
+
+def report(results, config, elapsed):
+    seeds = sorted(results)
+    methods = list(FLAGS.methods) + ["hand_tuned", "greedy"]
+    lines = ["## Long-horizon schedules: hypergradients against gradient-free search", "",
+             f"`python -m benchmarks.long_horizon --budget_seconds={FLAGS.budget_seconds:g} "
+             f"--bench_seeds={','.join(map(str, seeds))}`; TensorFlow {tf.__version__}, "
+             f"{os.cpu_count()} CPU cores, {elapsed / 60:.0f} min in all. Fashion-MNIST MLP "
+             f"784-{config.hidden}-10, T = {config.inner_steps} steps, {config.blocks} blocks x 3 "
+             f"schedules, {'float64' if config.float64 else 'float32'}.", "",
+             "| method | runs in budget (mean) | best validation accuracy (median over seeds) "
+             "| test accuracy (mean +- std) | paired vs random: test accuracy [95% t] |",
+             "|---|---:|---:|---:|---|"]
+    for method in methods:
+        rows = [results[s][method] for s in seeds if method in results[s]]
+        if not rows:
+            continue
+        test = [r["test_accuracy_final"] for r in rows]
+        runs = (f"{np.mean([r['evaluations'] for r in rows]):.1f}" if "evaluations" in rows[0]
+                else f"1 ({np.mean([r['seconds'] for r in rows]):.0f} s)")
+        best = (f"{np.median([r['best']['val_accuracy'] for r in rows]):.4f}" if "best" in rows[0]
+                else f"{np.median([r['val_accuracy_final'] for r in rows]):.4f} (its run)")
+        paired = "-"
+        if method != "random" and all("random" in results[s] for s in seeds):
+            d = runner.paired_difference(test, [results[s]["random"]["test_accuracy_final"]
+                                                for s in seeds])
+            paired = (f"{d['mean_difference']:+.4f}" + (
+                f" [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d["ci95"] else " (1 seed)"))
+        lines.append(f"| {method} | {runs} | {best} | {np.mean(test):.4f} +- {np.std(test):.4f} "
+                     f"| {paired} |")
+    lines += ["", "Best validation accuracy: of the method's full-horizon runs within the "
+              "budget, each from its own fresh start (hand_tuned and greedy: their one run, "
+              "from the evaluation start). Test accuracy: the picked schedule trained again "
+              "from the seed's evaluation start."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, config, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    grid = np.linspace(0, FLAGS.budget_seconds, 200)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, method in enumerate(FLAGS.methods):
+        curves = np.array([best_so_far(results[s][method]["trace"], grid, config.inner_steps)
+                           for s in sorted(results)])
+        for c in curves:
+            ax.plot(grid, c, color=f"C{i}", alpha=0.25, lw=0.8)
+        with np.errstate(all="ignore"):
+            ax.plot(grid, np.nanmedian(curves, 0), color=f"C{i}", lw=2, label=method)
+    for j, arm in enumerate(("hand_tuned", "greedy")):
+        values = [results[s][arm]["val_accuracy_final"] for s in sorted(results)]
+        ax.axhline(np.median(values), color=f"C{len(FLAGS.methods) + j}", ls="--", label=arm)
+    ax.set(xlabel="wall-clock seconds", ylabel="best validation accuracy so far",
+           title="Long-horizon schedules at equal budget (median over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    config = app_module.Config.from_flags()
+    unknown = [m for m in FLAGS.methods if m not in METHODS]
+    if unknown:
+        raise app.UsageError(f"--methods: unknown {unknown}; out of {', '.join(METHODS)}")
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    runner.seed_everything(0)
+    experiment = app_module.Experiment(config, app_module.load_data(config))
+    start, results = time.perf_counter(), {}
+    warm_up(experiment)
+    for seed in [int(s) for s in FLAGS.bench_seeds]:
+        results[seed] = run_seed(experiment, seed)
+    text = report(results, config, time.perf_counter() - start)
+    print("\n" + text)
+    os.makedirs(FLAGS.results_dir, exist_ok=True)
+    with open(os.path.join(FLAGS.results_dir, "long_horizon.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(FLAGS.results_dir, "long_horizon.json"), "w") as f:
+        json.dump({"results": {str(s): r for s, r in results.items()},
+                   "config": config.results_config(), "budget_seconds": FLAGS.budget_seconds},
+                  f, indent=1)
+    plot(results, config, os.path.join(FLAGS.results_dir, "long_horizon.png"))
+    print(f"Wrote {FLAGS.results_dir}/long_horizon.md, .json, .png")
+
+
+if __name__ == "__main__":
+    app.run(main)
