@@ -28,7 +28,10 @@ setup(
         "wfdb>=4.1",
     ],
     extras_require={
-        "test": ["pytest>=8", "scikit-learn>=1.4", "tensorflow-serving-api>=2.21,<2.22"],
+        "test": ["pytest>=8", "scikit-learn>=1.4", "tensorflow-serving-api>=2.21,<2.22",
+                 "dehb==0.1.1", "keras-tuner>=1.4"],
+        # gradient-free baselines of benchmarks.long_horizon (dehb 0.1.2 pins numpy < 2)
+        "benchmarks": ["dehb==0.1.1", "keras-tuner>=1.4"],
         "examples": ["scikit-learn>=1.4"],
     },
 )
