@@ -342,7 +342,9 @@ class Reversible(_p.Estimator):
         reached = self._reaches_inner_problem(problem, params, hparams, inner_batch)
         indirect = tf.nest.pack_sequence_as(
             hparams, [x if r else None for x, r in zip(dh, reached)])
-        return self._finish(hparams, direct, indirect, outer_loss, w_T, v_T)
+        result = self._finish(hparams, direct, indirect, outer_loss, w_T, v_T)
+        _refuse_xla()  # after tracing, so that errors in the inputs are named first
+        return result
 
     def _reaches_inner_problem(self, problem, params, hparams, inner_batch):
         """Per hparams leaf: does it enter w_0, the rates or the inner gradient (read off a
@@ -376,6 +378,7 @@ class Reversible(_p.Estimator):
             w_back, v_back, _, _, _ = self._reverse(
                 problem, params, trajectory, [tf.zeros_like(x) for x in w_T], hparams,
                 inner_batch, dtypes)
+        _refuse_xla()
         exact = tf.reduce_all(tf.stack(
             [tf.reduce_all(tf.equal(a, b)) for a, b in zip(w_back + v_back, w0_int + v0_int)]))
         return ReversalCheck(
@@ -383,6 +386,20 @@ class Reversible(_p.Estimator):
             _max_abs_error(v_back, v0_int) / self._scale,
             tf.nest.pack_sequence_as(params, w_T), tf.nest.pack_sequence_as(params, v_T),
             trajectory.buffer_bits, trajectory.expected_bits, buffer_bytes, trajectory.spilled)
+
+
+def _in_xla_context():
+    """True while tracing inside tf.function(jit_compile=True) (TensorFlow's private
+    control_flow_util, pinned by tests/hypergrad/test_reversible.py)."""
+    from tensorflow.python.ops import control_flow_util
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def _refuse_xla():
+    if _in_xla_context():
+        raise ValueError(
+            "Reversible does not compile with XLA: its information buffer grows with the run "
+            "(a TensorArray of dynamic size). Call it in tf.function without jit_compile")
 
 
 def _as_tensor(value):

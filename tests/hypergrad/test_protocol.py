@@ -44,6 +44,7 @@ def ptft_case():
 ESTIMATORS = {
     "unrolled": (lambda **kw: km.Unrolled(optim.sgd(0.1), 3, **kw), ridge_case),
     "forward": (lambda **kw: km.Forward(optim.sgd(0.1), 3, **kw), ridge_case),
+    "reversible": (lambda **kw: km.Reversible(3, **kw), ridge_case),
     "implicit": (lambda **kw: km.Implicit(km.linalg.cg(5), **kw), ridge_case),
     "evograd": (lambda **kw: km.EvoGrad(3, sigma=0.1, temperature=0.5, **kw), ridge_case),
     "sama": (lambda **kw: km.SAMA(optim.sgd(0.1), **kw), ridge_case),
@@ -77,6 +78,8 @@ def test_every_estimator_follows_the_protocol(name):
 def test_forward_refuses_gradient_reduction_by_name():
     with pytest.raises(ValueError, match="Forward runs on one replica"):
         km.Forward(optim.sgd(0.1), 3, gradient_reduction=km.distribute.replica_sum)
+    with pytest.raises(ValueError, match="Reversible runs on one replica"):
+        km.Reversible(3, gradient_reduction=km.distribute.replica_sum)
 
 
 def test_estimators_without_steps_return_opt_state_unchanged():

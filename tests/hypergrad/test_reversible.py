@@ -197,6 +197,11 @@ def test_refuses_what_it_cannot_do():
         km.Reversible(T, momentum=1.5)(
             km.BilevelProblem(problem.inner_loss, problem.outer_loss), [W_RAW],
             {"log_c": LOG_C}, batches, TARGET)
+    with pytest.raises(ValueError, match="does not compile with XLA"):
+        compiled(lambda h: km.Reversible(T)(problem, [W_RAW], h, batches, TARGET), "xla")(hparams)
+    # ... and outside XLA the private check says so (it is TensorFlow's, pinned here)
+    assert not tf.function(lambda: tf.constant(
+        km.hypergrad.reversible._in_xla_context()))().numpy()
     with pytest.raises(tf.errors.InvalidArgumentError, match="radix_bits=60"):
         # |w| up to ~200 against 2^(62 - 60) = 4 representable
         km.Reversible(T, radix_bits=60)(problem, [100 * W_RAW], hparams, batches, TARGET)
