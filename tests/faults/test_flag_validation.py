@@ -16,7 +16,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 APPS = ("multitask_pt", "simclr_augment", "digits_reweighting", "noisy_labels",
-        "cross_domain_fewshot")
+        "cross_domain_fewshot", "lr_schedules")
 
 # For one app per process: import it, then parse each case's flags and build its Config;
 # prints {case: error message or null} and the numeric fields without bounds.
@@ -67,12 +67,18 @@ BAD = {
                              ["--test_n_way=11"], ["--test_shots=0"], ["--test_shots=5,5"],
                              ["--evograd_temperature=0"], ["--lr=0"], ["--test_episodes=0"],
                              ["--strategy=mirrored"], ["--arms=protonet,maml"]],
+    "lr_schedules": [["--inner_steps=0"], ["--blocks=0"], ["--blocks=3000"],
+                     ["--init_momentum=0"], ["--hand_momentum=1.5"], ["--outer_lr=0"],
+                     ["--outer_momentum=1"], ["--momentum_range=0,0.9"],
+                     ["--lr_range=1,0.5"], ["--clip_thresholds=0.1,0.1"],
+                     ["--wd_range=-1,0"], ["--strategy=mirrored"], ["--arms=hand_tuned,sgdr"]],
 }
 GOOD = {"multitask_pt": [[], ["--neumann_terms=0", "--hyper_lr=0"]],
         "simclr_augment": [[], ["--num_pt=0"]],
         "digits_reweighting": [[], ["--label_noise=0", "--checkpoint_every=0"]],
         "noisy_labels": [[], ["--noise_rate=0", "--meta_lr=0", "--num_train=0"]],
-        "cross_domain_fewshot": [[], ["--ft_lr=0", "--test_shots=1", "--ft_gamma_init=-2"]]}
+        "cross_domain_fewshot": [[], ["--ft_lr=0", "--test_shots=1", "--ft_gamma_init=-2"]],
+        "lr_schedules": [[], ["--outer_steps=0", "--init_lr=0", "--momentum_range=1,1"]]}
 
 
 @pytest.mark.parametrize("name", APPS)
