@@ -27,6 +27,7 @@ file (--num_val examples, fixed by --split_seed).
 
     python apps/lr_schedules.py                            # CPU default: 5 seeds
     python apps/lr_schedules.py --arms=hand_tuned,forward --inner_steps=500 --seeds=0
+    python apps/lr_schedules.py --full                     # ~10^4 steps per run, for a GPU
 
 Writes <output_dir>/summary.md (test accuracy per arm, paired differences to --baseline with
 95% t intervals, validation accuracy, seconds), summary.json, results/<arm>_seed<k>.json and
@@ -100,6 +101,9 @@ flags.DEFINE_list("momentum_range", ["0.01", "0.99"], "Momenta are clamped into 
 flags.DEFINE_list("wd_range", ["0", "0.005"], "Weight decays are clamped into this range.")
 flags.DEFINE_integer("greedy_every", 20, "greedy: inner steps between hyper-updates.")
 flags.DEFINE_integer("greedy_val_batch", 500, "greedy: validation examples per look-ahead.")
+flags.DEFINE_bool("full", False, "The GPU-size run: --inner_steps=10000, --hidden=256 and "
+                  "--outer_steps=50 in place of their values (about 10^4 steps, as the FDS "
+                  "paper's runs).")
 flags.DEFINE_bool("float64", True, "Train in float64 (in float32 the long-horizon "
                   "hypergradient of this ReLU network changes with rounding: two float32 "
                   "estimators of it disagreed by ~10x more than in float64).")
@@ -142,6 +146,7 @@ class Config(runner.GridConfig):
     wd_range: tuple
     greedy_every: int
     greedy_val_batch: int
+    full: bool
     float64: bool
     verbose: int
     plot: bool
@@ -158,6 +163,10 @@ class Config(runner.GridConfig):
               "greedy_every": "[1, inf)", "greedy_val_batch": "[1, inf)", "verbose": "[0, 2]"}
 
     def __post_init__(self):
+        if self.full:  # the GPU-size run
+            object.__setattr__(self, "inner_steps", 10_000)
+            object.__setattr__(self, "hidden", 256)
+            object.__setattr__(self, "outer_steps", 50)
         super().__post_init__()
         if self.strategy != "default":
             raise app.UsageError(f"--strategy={self.strategy}: this app runs on one device "

@@ -32,6 +32,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 
 from absl import app, flags
 
@@ -306,16 +307,24 @@ def plot(results, config, path):
     import matplotlib.pyplot as plt
     grid = np.linspace(0, FLAGS.budget_seconds, 200)
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    medians = []
     for i, method in enumerate(FLAGS.methods):
         curves = np.array([best_so_far(results[s][method]["trace"], grid, config.inner_steps)
                            for s in sorted(results)])
         for c in curves:
             ax.plot(grid, c, color=f"C{i}", alpha=0.25, lw=0.8)
-        with np.errstate(all="ignore"):
-            ax.plot(grid, np.nanmedian(curves, 0), color=f"C{i}", lw=2, label=method)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN before a first run
+            median = np.nanmedian(curves, 0)
+        ax.plot(grid, median, color=f"C{i}", lw=2, label=method)
+        medians.extend(median[grid >= 0.1 * FLAGS.budget_seconds])
     for j, arm in enumerate(("hand_tuned", "greedy")):
         values = [results[s][arm]["val_accuracy_final"] for s in sorted(results)]
         ax.axhline(np.median(values), color=f"C{len(FLAGS.methods) + j}", ls="--", label=arm)
+        medians.append(np.median(values))
+    tail = [v for v in medians if np.isfinite(v)]  # the medians from 10% of the budget on
+    if tail:
+        ax.set_ylim(min(tail) - 0.01, max(tail) + 0.01)
     ax.set(xlabel="wall-clock seconds", ylabel="best validation accuracy so far",
            title="Long-horizon schedules at equal budget (median over seeds)")
     ax.legend(fontsize=8)

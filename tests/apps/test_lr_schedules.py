@@ -29,7 +29,7 @@ FLAG_NAMES = ("images_dir", "arms", "seeds", "baseline", "num_val", "num_train",
               "hidden", "batch_size", "inner_steps", "blocks", "outer_steps", "init_lr",
               "init_momentum", "init_wd", "hand_lr", "hand_momentum", "hand_wd", "outer_lr",
               "outer_momentum", "clip_thresholds", "clip_relative", "lr_range",
-              "momentum_range", "wd_range", "greedy_every", "greedy_val_batch", "float64",
+              "momentum_range", "wd_range", "greedy_every", "greedy_val_batch", "full", "float64",
               "output_dir", "resume", "verbose", "plot", "strategy", "devices", "tpu_address")
 
 
@@ -140,7 +140,8 @@ def test_help_explains_every_flag():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "apps", "lr_schedules.py"),
                            "--helpshort"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     for name in FLAG_NAMES:
-        flag = f"--{name}" if name not in ("resume", "plot", "float64") else f"--[no]{name}"
+        flag = (f"--{name}" if name not in ("resume", "plot", "float64", "full")
+                else f"--[no]{name}")
         assert flag in proc.stdout, flag
 
 
