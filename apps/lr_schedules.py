@@ -337,6 +337,16 @@ class Experiment:
         self._look_ahead = tf.function(lambda p, h, b, s, v: self._one_step(
             self.problem, p, h, b, v, opt_state=s))
 
+    def outer_step(self, arm, schedule, velocity, seed, stream, index):
+        """One outer step of ``arm`` (forward or reversible): a full run from the fresh start
+        (seed, stream, index), its hypergradient, the clipped update. Returns (result, new
+        schedule, new velocity)."""
+        result = km.ensure_finite(self._hypergradient[arm](
+            self.init(seed, stream, index), schedule,
+            batch_order(self.config, seed, stream, index).batches))
+        new, velocity = outer_update(self.config, schedule, result.hypergrad, velocity)
+        return result, new, velocity
+
     def init(self, seed, stream, index):
         return initial_params(self.model, self.config.dtype,
                               100_000 * seed + 10_000 * stream + index)
@@ -361,12 +371,14 @@ class Experiment:
                 "test_loss": float(self.problem.outer_loss(params, None, (d.x_test, d.y_test)))}
 
 
-def _listed(schedule):
+def listed(schedule):
+    """A schedule (or velocity) as JSON lists."""
     return {k: [float(x) for x in v.numpy()] for k, v in schedule.items()}
 
 
-def _tensors(config, listed):
-    return {k: tf.constant(v, config.dtype) for k, v in listed.items()}
+def as_tensors(config, lists):
+    """JSON lists back to the run's tensors."""
+    return {k: tf.constant(v, config.dtype) for k, v in lists.items()}
 
 
 def run_hand_tuned(exp, seed):
@@ -374,7 +386,7 @@ def run_hand_tuned(exp, seed):
     schedule = constant_schedule(config, config.hand_lr, config.hand_momentum, config.hand_wd)
     start = time.perf_counter()
     out = exp.evaluate(schedule, seed)
-    return {**out, "schedule": _listed(schedule), "history": [],
+    return {**out, "schedule": listed(schedule), "history": [],
             "seconds": time.perf_counter() - start, "seconds_per_hypergradient": None}
 
 
@@ -383,7 +395,7 @@ def run_outer_loop(exp, arm, seed):
     every step (resumes from it)."""
     config = exp.config
     state_path = os.path.join(runner.run_directory(config, arm, seed), "state.json")
-    state = {"step": 0, "schedule": _listed(constant_schedule(
+    state = {"step": 0, "schedule": listed(constant_schedule(
         config, config.init_lr, config.init_momentum, config.init_wd)),
         "velocity": {k: [0.0] * config.blocks for k in SCHEDULES}, "history": [],
         "seconds": 0.0}
@@ -396,21 +408,18 @@ def run_outer_loop(exp, arm, seed):
     while state["step"] < config.outer_steps:
         k = state["step"]
         start = time.perf_counter()
-        schedule = _tensors(config, state["schedule"])
-        result = km.ensure_finite(exp._hypergradient[arm](
-            exp.init(seed, OUTER_STREAM, k), schedule,
-            batch_order(config, seed, OUTER_STREAM, k).batches))
-        new, velocity = outer_update(config, schedule, result.hypergrad,
-                                     _tensors(config, state["velocity"]))
+        result, new, velocity = exp.outer_step(
+            arm, as_tensors(config, state["schedule"]), as_tensors(config, state["velocity"]),
+            seed, OUTER_STREAM, k)
         seconds = time.perf_counter() - start
         d = exp.data
         state["history"].append({
             "outer_step": k + 1, "val_loss": float(result.outer_loss),
             "val_accuracy": exp.accuracy(result.params, d.x_val, d.y_val),
             "schedule": state["schedule"], "velocity": state["velocity"],
-            "hypergrad": _listed(result.hypergrad),
+            "hypergrad": listed(result.hypergrad),
             "seconds": seconds})
-        state.update(step=k + 1, schedule=_listed(new), velocity=_listed(velocity),
+        state.update(step=k + 1, schedule=listed(new), velocity=listed(velocity),
                      seconds=state["seconds"] + seconds)
         runner.write_json(state_path, state)
         if progbar is not None:
@@ -419,7 +428,7 @@ def run_outer_loop(exp, arm, seed):
             h = state["history"][-1]
             runner.log(f"  {arm} seed {seed} outer step {k + 1}: val loss {h['val_loss']:.4f}, "
                        f"val acc {h['val_accuracy']:.4f}, {seconds:.1f} s")
-    out = exp.evaluate(_tensors(config, state["schedule"]), seed)
+    out = exp.evaluate(as_tensors(config, state["schedule"]), seed)
     per = [h["seconds"] for h in state["history"]]
     return {**out, "schedule": state["schedule"], "history": state["history"],
             "seconds": state["seconds"],
@@ -443,15 +452,15 @@ def run_greedy(exp, seed):
         val = (tf.gather(d.x_val, val_index), tf.gather(d.y_val, val_index))
         step_batch = (order.batches[0][t], tf.constant(t))
         result = km.ensure_finite(exp._look_ahead(params, values, step_batch, velocity, val))
-        history.append({"step": t, "schedule": _listed(values),
-                        "hypergrad": _listed(result.hypergrad)})
+        history.append({"step": t, "schedule": listed(values),
+                        "hypergrad": listed(result.hypergrad)})
         values, outer_velocity = outer_update(config, values, result.hypergrad, outer_velocity)
         # the next steps of the order (one block: the values hold at every step)
         chunk = km.StepBatches(tf.nest.map_structure(
             lambda x: x[t:t + config.greedy_every], order.batches))
         params, velocity = exp.train(params, values, chunk, velocity)
     out = exp.evaluate(params, seed, trained=True)
-    return {**out, "schedule": _listed(values), "history": history,
+    return {**out, "schedule": listed(values), "history": history,
             "seconds": time.perf_counter() - start_time,
             "seconds_per_hypergradient": None}
 

@@ -91,7 +91,7 @@ class Search:
         steps = config.inner_steps if steps is None else int(steps)
         index = len(self.trace)
         params, _ = exp.train(exp.init(self.seed, SEARCH_STREAM, index),
-                              app_module._tensors(config, schedule),
+                              app_module.as_tensors(config, schedule),
                               app_module.batch_order(config, self.seed, SEARCH_STREAM, index,
                                                      steps))
         accuracy = exp.accuracy(params, exp.data.x_val, exp.data.y_val)
@@ -125,14 +125,11 @@ def run_hypergradient(search):
     velocity = {k: tf.zeros([config.blocks], config.dtype) for k in app_module.SCHEDULES}
     while True:
         search.check()
-        index = len(search.trace)
-        result = exp._hypergradient["reversible"](
-            exp.init(search.seed, SEARCH_STREAM, index), schedule,
-            app_module.batch_order(config, search.seed, SEARCH_STREAM, index).batches)
-        search.record(app_module._listed(schedule), config.inner_steps,
+        result, new, velocity = exp.outer_step("reversible", schedule, velocity, search.seed,
+                                               SEARCH_STREAM, len(search.trace))
+        search.record(app_module.listed(schedule), config.inner_steps,
                       exp.accuracy(result.params, exp.data.x_val, exp.data.y_val))
-        schedule, velocity = app_module.outer_update(config, schedule, result.hypergrad,
-                                                     velocity)
+        schedule = new
 
 
 def config_space(blocks, seed):
@@ -234,7 +231,7 @@ def run_seed(exp, seed):
             pass
         trace = [t for t in search.trace if t["seconds"] <= FLAGS.budget_seconds]
         best = best_full_run(trace, exp.config.inner_steps)
-        final = exp.evaluate(app_module._tensors(exp.config, best["schedule"]), seed)
+        final = exp.evaluate(app_module.as_tensors(exp.config, best["schedule"]), seed)
         rows[method] = {"trace": trace, "evaluations": len(trace), "best": best, **final}
         print(f"  seed {seed} {method}: {len(trace)} runs, best validation accuracy "
               f"{best['val_accuracy']:.4f}, test accuracy {final['test_accuracy_final']:.4f}",

@@ -163,6 +163,13 @@ class Reversible(_p.Estimator):
     def _to_float(self, n, dtype):
         return tf.cast(tf.cast(n, tf.float64) / self._scale, dtype)
 
+    def _floats(self, ints, dtypes):
+        return [self._to_float(x, dt) for x, dt in zip(ints, dtypes)]
+
+    def _initial_point(self, params, hparams):
+        """w_0: ``params``, or ``initial_params(params, hparams)``."""
+        return params if self.initial_params is None else self.initial_params(params, hparams)
+
     # -- the rates of step t -----------------------------------------------------------------
     def _rates(self, problem, hparams, t):
         """(alpha_t, gamma_t as given, n_t, gamma_t as used = n_t / d), float64 scalars."""
@@ -232,9 +239,8 @@ class Reversible(_p.Estimator):
 
             stack, live, spilled = tf.cond(spill, move, lambda: (stack, live, spilled))
             alpha, _, n, used = self._rates(problem, hparams, t)
-            g = self._gradient(problem, structure,
-                               [self._to_float(x, dt) for x, dt in zip(w, dtypes)],
-                               hparams, inner_batch, t)
+            g = self._gradient(problem, structure, self._floats(w, dtypes), hparams,
+                               inner_batch, t)
             new_w, new_v, new_live = [], [], []
             for wi, vi, ai, gi in zip(w, v, live, g):
                 vi, ai = self._times_gamma(vi, ai, n)
@@ -265,11 +271,11 @@ class Reversible(_p.Estimator):
             with tf.GradientTape() as outer:
                 outer.watch(flat_h)
                 alpha, gamma, n, used = self._rates(problem, hparams, t)
-                v_next = [self._to_float(x, dt) for x, dt in zip(v, dtypes)]
+                v_next = self._floats(v, dtypes)
                 alpha64 = tf.cast(alpha, tf.float64)
                 w = [wi - self._to_int(alpha64 * self._to_float(vi, tf.float64))
                      for wi, vi in zip(w, v)]
-                w_t = [self._to_float(x, dt) for x, dt in zip(w, dtypes)]
+                w_t = self._floats(w, dtypes)
                 outer.watch(w_t)
                 g = self._gradient(problem, structure, w_t, hparams, inner_batch, t)
             new_v, new_live = [], []
@@ -284,7 +290,7 @@ class Reversible(_p.Estimator):
                 lambda: (stack, [a * _WORD + tf.cast(ta.read(spilled - 1), tf.int64)
                                  for a, ta in zip(live, stack)], spilled - 1),
                 lambda: (stack, live, spilled))
-            v_t = [self._to_float(x, dt) for x, dt in zip(v, dtypes)]
+            v_t = self._floats(v, dtypes)
             d_alpha = _tree.tree_vdot(dw, v_next)
             dv = [a + tf.cast(alpha, a.dtype) * b for a, b in zip(dv, dw)]
             d_gamma = _tree.tree_vdot(dv, [a + b for a, b in zip(v_t, g)])
@@ -322,16 +328,13 @@ class Reversible(_p.Estimator):
         flat_h = tf.nest.flatten(hparams)
         with tf.GradientTape() as init_tape:
             init_tape.watch(flat_h)
-            w0 = (params if self.initial_params is None
-                  else self.initial_params(params, hparams))
+            w0 = self._initial_point(params, hparams)
         flat_w0 = tf.nest.flatten(w0)
         dtypes = [x.dtype for x in flat_w0]
         trajectory = self._forward(problem, params, flat_w0, tf.nest.flatten(velocity),
                                    hparams, inner_batch)
-        w_T = tf.nest.pack_sequence_as(params, [self._to_float(x, dt)
-                                                for x, dt in zip(trajectory.w, dtypes)])
-        v_T = tf.nest.pack_sequence_as(params, [self._to_float(x, dt)
-                                                for x, dt in zip(trajectory.v, dtypes)])
+        w_T = tf.nest.pack_sequence_as(params, self._floats(trajectory.w, dtypes))
+        v_T = tf.nest.pack_sequence_as(params, self._floats(trajectory.v, dtypes))
         outer_loss, g_params, direct = _p.outer_gradients(problem, w_T, hparams, outer_batch)
         _, _, dw0, _, dh = self._reverse(problem, params, trajectory, tf.nest.flatten(g_params),
                                          hparams, inner_batch, dtypes)
@@ -352,7 +355,7 @@ class Reversible(_p.Estimator):
         flat_h = tf.nest.flatten(hparams)
         with tf.GradientTape() as tape:
             tape.watch(flat_h)
-            w0 = params if self.initial_params is None else self.initial_params(params, hparams)
+            w0 = self._initial_point(params, hparams)
             alpha, gamma, _, _ = self._rates(problem, hparams, tf.constant(0))
             g = self._gradient(problem, params, tf.nest.flatten(w0), hparams, inner_batch,
                                tf.constant(0))
@@ -365,7 +368,7 @@ class Reversible(_p.Estimator):
         came back bit for bit, and the buffer's size against the bits destroyed (a
         `ReversalCheck`). Cost: T gradients forward, T VJPs back."""
         params, hparams, velocity = self._start(params, hparams, inner_batch, opt_state)
-        w0 = params if self.initial_params is None else self.initial_params(params, hparams)
+        w0 = self._initial_point(params, hparams)
         flat_w0, flat_v0 = tf.nest.flatten(w0), tf.nest.flatten(velocity)
         dtypes = [x.dtype for x in flat_w0]
         w0_int = [self._to_int(x) for x in flat_w0]
@@ -373,8 +376,8 @@ class Reversible(_p.Estimator):
         with functional.exact_batch_moments():
             trajectory = self._forward(problem, params, flat_w0, flat_v0, hparams, inner_batch)
             buffer_bytes = 8 + 4 * tf.cast(trajectory.spilled, tf.int64)
-            w_T = [self._to_float(x, dt) for x, dt in zip(trajectory.w, dtypes)]
-            v_T = [self._to_float(x, dt) for x, dt in zip(trajectory.v, dtypes)]
+            w_T = self._floats(trajectory.w, dtypes)
+            v_T = self._floats(trajectory.v, dtypes)
             w_back, v_back, _, _, _ = self._reverse(
                 problem, params, trajectory, [tf.zeros_like(x) for x in w_T], hparams,
                 inner_batch, dtypes)
