@@ -14,7 +14,7 @@ history rows written past it.
 Reference: the uninterrupted run (every per-run result number: AUROCs, task weights, warp
 parameters; for the digits app the whole validation-loss history and the summary), strings and
 integers exactly, floats to 1e-6 relative (8 float32 ulps). On an AMD
-EPYC, AVX2) the runs agree bit for bit; on one CI machine a resumed SimCLR meta arm ended with
+EPYC (AVX2) the runs agree bit for bit; on one CI machine a resumed SimCLR meta arm ended with
 its learned warp strength 4 float32 ulps from the uninterrupted run's (0.0592386872 against
 0.0592387021), every other number equal: a last-bit difference in the hypergradient of the
 first hypersteps after the restore, not reproduced here. This also shows that a seed fixes a
