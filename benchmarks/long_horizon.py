@@ -13,8 +13,13 @@ initialisation and batch order (the k-th run of a method in a seed: the same for
   each outer step's run is one evaluation of the schedule it used;
 - random: schedules drawn uniformly (learning rates log-uniform in [1e-3, 2], momenta in
   [0.01, 0.99], weight decays in [0, 5e-3]), one full run each;
-- dehb: DEHB (the `dehb` package, one worker) over the same space, fidelity = inner steps from
-  T / 9 to T (a shorter run compresses the schedules onto its length);
+- dehb: DEHB (the `dehb` package) over the same space, fidelity = inner steps from T / 9 to T
+  (a shorter run compresses the schedules onto its length). One worker by default, in this
+  process; --dehb_workers=K > 1 runs K trials at a time on a local Dask cluster of K worker
+  processes (each with cores / K TensorFlow threads), --dask_scheduler=ADDRESS on an existing
+  Dask cluster (more machines). Workers build the problem and compile every fidelity before
+  the clock starts; runs take their fresh start from a cluster-wide counter, in the order they
+  start (the same starts as in-process);
 - hyperband: KerasTuner's Hyperband over the same space, max_epochs 9 units of T / 9 steps,
   factor 3 (each trial trains from scratch for its budget).
 Also, once each: the hand-tuned constant schedule and the greedy online one-step arm of the app.
@@ -45,6 +50,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from apps import lr_schedules as app_module  # noqa: E402  (defines the app's flags)
 from apps import runner  # noqa: E402
+from benchmarks.long_horizon_trials import (SEARCH_STREAM, DaskObjective,  # noqa: E402
+                                           WaitingDEHB, from_flat, lowest_fidelity,
+                                           training_run, warm_up, warm_worker)
 
 FLAGS = flags.FLAGS
 METHODS = ("hypergradient", "random", "dehb", "hyperband")
@@ -52,10 +60,14 @@ flags.DEFINE_list("methods", list(METHODS), "Search methods, out of " + ", ".joi
 flags.DEFINE_float("budget_seconds", 180.0, "Wall-clock budget of every search method per seed.")
 flags.DEFINE_list("bench_seeds", ["0", "1", "2"], "Seeds (each: every method once).")
 flags.DEFINE_integer("fidelity_units", 9, "dehb / hyperband: the shortest run is T / this.")
+flags.DEFINE_integer("dehb_workers", 1, "dehb: trials run at a time. 1: in this process; K > 1: "
+                     "on a local Dask cluster of K worker processes (cores / K threads each).")
+flags.DEFINE_string("dask_scheduler", None, "dehb: address of a running Dask scheduler (e.g. "
+                    "tcp://10.0.0.5:8786) whose workers run the trials instead of a local "
+                    "cluster; they must be able to import this repository and read --images_dir.")
 flags.DEFINE_string("results_dir", os.path.join(os.path.dirname(__file__), "results"),
                     "Where long_horizon.md, .json and .png are written.")
 
-SEARCH_STREAM = 3
 LR_RANGE, WD_RANGE = (1e-3, 2.0), (0.0, 5e-3)
 
 
@@ -87,14 +99,8 @@ class Search:
     def evaluate(self, schedule, steps=None):
         """Validation accuracy of a run of ``steps`` (default T) with ``schedule`` (lists)."""
         self.check()
-        exp, config = self.exp, self.exp.config
-        steps = config.inner_steps if steps is None else int(steps)
-        index = len(self.trace)
-        params, _ = exp.train(exp.init(self.seed, SEARCH_STREAM, index),
-                              app_module.as_tensors(config, schedule),
-                              app_module.batch_order(config, self.seed, SEARCH_STREAM, index,
-                                                     steps))
-        accuracy = exp.accuracy(params, exp.data.x_val, exp.data.y_val)
+        steps = self.exp.config.inner_steps if steps is None else int(steps)
+        accuracy = training_run(self.exp, self.seed, len(self.trace), schedule, steps)
         self.record(schedule, steps, accuracy)
         return accuracy
 
@@ -103,12 +109,6 @@ def random_schedule(rng, blocks):
     return {"lr": list(np.exp(rng.uniform(np.log(LR_RANGE[0]), np.log(LR_RANGE[1]), blocks))),
             "momentum": list(rng.uniform(0.01, 0.99, blocks)),
             "wd": list(rng.uniform(WD_RANGE[0], WD_RANGE[1], blocks))}
-
-
-def from_flat(values, blocks):
-    """{"lr": [...], ...} from a mapping name_b -> value (ConfigSpace / KerasTuner)."""
-    return {name: [float(values[f"{name}_{b}"]) for b in range(blocks)]
-            for name in app_module.SCHEDULES}
 
 
 def run_random(search):
@@ -156,10 +156,71 @@ def run_dehb(search):
         return {"fitness": 1.0 - accuracy, "cost": time.perf_counter() - start}
 
     with tempfile.TemporaryDirectory() as tmp:
-        optimizer = DEHB(f=objective, cs=config_space(config.blocks, search.seed),
-                         min_fidelity=T / units, max_fidelity=T, eta=3, n_workers=1,
-                         output_path=tmp, seed=search.seed)
-        optimizer.run(total_cost=search.budget)
+        if DASK["client"] is None:
+            optimizer = DEHB(f=objective, cs=config_space(config.blocks, search.seed),
+                             min_fidelity=lowest_fidelity(T, units), max_fidelity=T, eta=3,
+                             n_workers=1,
+                             output_path=tmp, seed=search.seed)
+            optimizer.run(total_cost=search.budget)
+            return
+        run_dehb_on_dask(search, DASK["client"], tmp)
+
+
+# ----------------------------------------------------------------------------- DEHB on Dask
+
+DASK = {"client": None}   # set by main when --dehb_workers > 1 or --dask_scheduler
+
+
+def run_dehb_on_dask(search, client, output_path):
+    """DEHB with the client's workers running the trials in parallel; the trace is rebuilt
+    from DEHB's history (each run at its end time on the method's clock)."""
+    from distributed import Variable
+    config = search.exp.config
+    T, units = config.inner_steps, FLAGS.fidelity_units
+    counter = f"long_horizon_runs_{search.seed}_{time.time_ns()}"
+    Variable(counter, client=client).set(0)
+    wall_start = time.time() - search.elapsed()   # the method's clock, in time.time()
+    objective = DaskObjective(config, search.seed, wall_start + search.budget, counter)
+    optimizer = WaitingDEHB(f=objective, cs=config_space(config.blocks, search.seed),
+                            min_fidelity=lowest_fidelity(T, units), max_fidelity=T, eta=3,
+                            client=client, output_path=output_path, seed=search.seed)
+    optimizer.run(total_cost=search.budget - search.elapsed())
+    runs = [entry[-1] for entry in optimizer.history if not entry[-1].get("skipped")]
+    for info in sorted(runs, key=lambda r: r["finished"]):
+        search.trace.append({"seconds": info["finished"] - wall_start, "steps": info["steps"],
+                             "val_accuracy": info["val_accuracy"], "schedule": info["schedule"],
+                             "index": info["index"], "worker": info["worker"]})
+
+
+def start_dask(config):
+    """The client of --dask_scheduler, or a local cluster of --dehb_workers processes (each
+    with cores / workers TensorFlow threads); every worker warmed up. None for in-process."""
+    if FLAGS.dask_scheduler is None and FLAGS.dehb_workers <= 1:
+        return None
+    import logging as std_logging
+    from distributed import Client, LocalCluster
+    std_logging.getLogger("distributed").setLevel(std_logging.WARNING)
+    if FLAGS.dask_scheduler:
+        client = Client(FLAGS.dask_scheduler)
+    else:
+        threads = str(max(1, (os.cpu_count() or 1) // FLAGS.dehb_workers))
+        saved = {k: os.environ.get(k) for k in ("TF_NUM_INTRAOP_THREADS", "PYTHONPATH")}
+        os.environ["TF_NUM_INTRAOP_THREADS"] = threads   # read by the workers' TensorFlow
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, saved["PYTHONPATH"]]))
+        try:
+            cluster = LocalCluster(n_workers=FLAGS.dehb_workers, threads_per_worker=1,
+                                   processes=True, dashboard_address=None)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        client = Client(cluster)
+    workers = client.run(warm_worker, config, FLAGS.fidelity_units)
+    print(f"DEHB on Dask: {len(workers)} workers (pids {sorted(workers.values())}), warmed up",
+          flush=True)
+    return client
 
 
 def run_hyperband(search):
@@ -202,22 +263,6 @@ RUNNERS = {"hypergradient": run_hypergradient, "random": run_random, "dehb": run
 def best_full_run(trace, horizon):
     full = [t for t in trace if t["steps"] == horizon] or trace
     return max(full, key=lambda t: t["val_accuracy"]) if full else None
-
-
-def warm_up(exp):
-    """Traces what the methods run (the hypergradient, training runs of every fidelity) before
-    any clock starts, so that no method's budget pays for compilation."""
-    config = exp.config
-    schedule = app_module.constant_schedule(config, config.init_lr, config.init_momentum,
-                                            config.init_wd)
-    params = exp.init(0, SEARCH_STREAM, 0)
-    if "hypergradient" in FLAGS.methods:
-        exp._hypergradient["reversible"](
-            params, schedule, app_module.batch_order(config, 0, SEARCH_STREAM, 0).batches)
-    lengths = {config.inner_steps} | {config.inner_steps * u // FLAGS.fidelity_units
-                                      for u in range(1, FLAGS.fidelity_units + 1)}
-    for steps in sorted(lengths):
-        exp.train(params, schedule, app_module.batch_order(config, 0, SEARCH_STREAM, 0, steps))
 
 
 def run_seed(exp, seed):
@@ -340,9 +385,15 @@ def main(argv):
     runner.seed_everything(0)
     experiment = app_module.Experiment(config, app_module.load_data(config))
     start, results = time.perf_counter(), {}
-    warm_up(experiment)
-    for seed in [int(s) for s in FLAGS.bench_seeds]:
-        results[seed] = run_seed(experiment, seed)
+    warm_up(experiment, FLAGS.fidelity_units, "hypergradient" in FLAGS.methods)
+    if "dehb" in FLAGS.methods:
+        DASK["client"] = start_dask(config)
+    try:
+        for seed in [int(s) for s in FLAGS.bench_seeds]:
+            results[seed] = run_seed(experiment, seed)
+    finally:
+        if DASK["client"] is not None:
+            DASK["client"].close()
     text = report(results, config, time.perf_counter() - start)
     print("\n" + text)
     os.makedirs(FLAGS.results_dir, exist_ok=True)
