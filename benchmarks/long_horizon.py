@@ -50,8 +50,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from apps import lr_schedules as app_module  # noqa: E402  (defines the app's flags)
 from apps import runner  # noqa: E402
-from benchmarks.long_horizon_trials import (SEARCH_STREAM, DaskObjective,  # noqa: E402
-                                           WaitingDEHB, from_flat, lowest_fidelity,
+from benchmarks.dehb_parallel import WaitingDEHB, lowest_fidelity  # noqa: E402
+from benchmarks.long_horizon_trials import (SEARCH_STREAM, DaskObjective, from_flat,  # noqa: E402
                                            training_run, warm_up, warm_worker)
 
 FLAGS = flags.FLAGS
@@ -189,7 +189,8 @@ def run_dehb_on_dask(search, client, output_path):
     for info in sorted(runs, key=lambda r: r["finished"]):
         search.trace.append({"seconds": info["finished"] - wall_start, "steps": info["steps"],
                              "val_accuracy": info["val_accuracy"], "schedule": info["schedule"],
-                             "index": info["index"], "worker": info["worker"]})
+                             "index": info["index"], "worker": info["worker"],
+                             "run_seconds": info["finished"] - info["started"]})
 
 
 def start_dask(config):
@@ -203,6 +204,14 @@ def start_dask(config):
     if FLAGS.dask_scheduler:
         client = Client(FLAGS.dask_scheduler)
     else:
+        import dask.config
+        # Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_=65536, which makes glibc
+        # hand freed memory back to the system at once: TensorFlow's per-step tensors then
+        # cost page faults on every allocation (a 2,000-step run took 12 s in a worker against
+        # 3.8 s in a plain one-thread process). The workers keep glibc's default.
+        environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
+        environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+        dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
         threads = str(max(1, (os.cpu_count() or 1) // FLAGS.dehb_workers))
         saved = {k: os.environ.get(k) for k in ("TF_NUM_INTRAOP_THREADS", "PYTHONPATH")}
         os.environ["TF_NUM_INTRAOP_THREADS"] = threads   # read by the workers' TensorFlow
@@ -276,6 +285,9 @@ def run_seed(exp, seed):
             pass
         trace = [t for t in search.trace if t["seconds"] <= FLAGS.budget_seconds]
         best = best_full_run(trace, exp.config.inner_steps)
+        if best is None:
+            raise RuntimeError(f"{method}: no training run finished within --budget_seconds="
+                               f"{FLAGS.budget_seconds:g} in seed {seed}; give it more time")
         final = exp.evaluate(app_module.as_tensors(exp.config, best["schedule"]), seed)
         rows[method] = {"trace": trace, "evaluations": len(trace), "best": best, **final}
         print(f"  seed {seed} {method}: {len(trace)} runs, best validation accuracy "
