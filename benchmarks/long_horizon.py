@@ -142,10 +142,19 @@ def config_space(blocks, seed):
     return cs
 
 
-def run_dehb(search):
-    from dehb import DEHB
+def dehb_optimizer(search, objective, output_path, **workers):
+    """DEHB over the schedule space, fidelities T / --fidelity_units ... T; ``workers``:
+    n_workers=1 (in this process) or client=<Dask client>. `WaitingDEHB` behaves as
+    `dehb.DEHB` without a client."""
     config = search.exp.config
-    T, units = config.inner_steps, FLAGS.fidelity_units
+    return WaitingDEHB(f=objective, cs=config_space(config.blocks, search.seed),
+                       min_fidelity=lowest_fidelity(config.inner_steps, FLAGS.fidelity_units),
+                       max_fidelity=config.inner_steps, eta=3, output_path=output_path,
+                       seed=search.seed, **workers)
+
+
+def run_dehb(search):
+    config = search.exp.config
 
     def objective(cfg, fidelity, **kwargs):
         start = time.perf_counter()
@@ -157,13 +166,9 @@ def run_dehb(search):
 
     with tempfile.TemporaryDirectory() as tmp:
         if DASK["client"] is None:
-            optimizer = DEHB(f=objective, cs=config_space(config.blocks, search.seed),
-                             min_fidelity=lowest_fidelity(T, units), max_fidelity=T, eta=3,
-                             n_workers=1,
-                             output_path=tmp, seed=search.seed)
-            optimizer.run(total_cost=search.budget)
-            return
-        run_dehb_on_dask(search, DASK["client"], tmp)
+            dehb_optimizer(search, objective, tmp, n_workers=1).run(total_cost=search.budget)
+        else:
+            run_dehb_on_dask(search, DASK["client"], tmp)
 
 
 # ----------------------------------------------------------------------------- DEHB on Dask
@@ -175,15 +180,12 @@ def run_dehb_on_dask(search, client, output_path):
     """DEHB with the client's workers running the trials in parallel; the trace is rebuilt
     from DEHB's history (each run at its end time on the method's clock)."""
     from distributed import Variable
-    config = search.exp.config
-    T, units = config.inner_steps, FLAGS.fidelity_units
     counter = f"long_horizon_runs_{search.seed}_{time.time_ns()}"
     Variable(counter, client=client).set(0)
     wall_start = time.time() - search.elapsed()   # the method's clock, in time.time()
-    objective = DaskObjective(config, search.seed, wall_start + search.budget, counter)
-    optimizer = WaitingDEHB(f=objective, cs=config_space(config.blocks, search.seed),
-                            min_fidelity=lowest_fidelity(T, units), max_fidelity=T, eta=3,
-                            client=client, output_path=output_path, seed=search.seed)
+    objective = DaskObjective(search.exp.config, search.seed, wall_start + search.budget,
+                              counter)
+    optimizer = dehb_optimizer(search, objective, output_path, client=client)
     optimizer.run(total_cost=search.budget - search.elapsed())
     runs = [entry[-1] for entry in optimizer.history if not entry[-1].get("skipped")]
     for info in sorted(runs, key=lambda r: r["finished"]):
