@@ -31,11 +31,11 @@ shuffles and the augmentation layers take explicit seeds, and no result depends 
 hash order. On one device `setup` also gives TensorFlow a single inter-op thread: the
 learned-augmentation hyperstep (SimCLR meta arm) otherwise differs in the last bits from run
 to run, as independent ops finish in a varying order (kernels keep their intra-op threads;
-the tiny runs' PT throughput on 2 cores did not change measurably). On CPU two runs with the same flags give
-bit-identical results on one machine; a run killed and resumed agrees with an uninterrupted one
-to float rounding (tests/faults/test_kill_and_resume.py: bit for bit on an AMD EPYC; on one
-other CPU the resumed SimCLR meta arm's learned strength came out 4 float32 ulps off). Op determinism also swaps a few
-kernels for deterministic ones (e.g. sparse softmax cross-entropy becomes a gather, which XLA
+the tiny runs' PT throughput on 2 cores did not change measurably). On CPU two runs with the
+same flags give bit-identical results on one machine; a run killed and resumed agrees with an
+uninterrupted one to float rounding (tests/faults/test_kill_and_resume.py: bit for bit on an AMD
+EPYC; on one other CPU the resumed SimCLR meta arm's learned strength came out 4 float32 ulps
+off). Op determinism also swaps a few kernels for deterministic ones (e.g. sparse softmax cross-entropy becomes a gather, which XLA
 cannot differentiate inside a while loop: apps/digits_reweighting.py writes that loss with
 plain ops). The timing benchmarks seed their data and weights but leave op determinism off,
 so that they time the kernels users run.

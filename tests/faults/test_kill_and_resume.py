@@ -21,10 +21,9 @@ first hypersteps after the restore, not reproduced here. This also shows that a 
 run across processes. Left out: wall-clock figures and paths.
 """
 
-import math
-
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
