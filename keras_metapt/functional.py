@@ -20,7 +20,8 @@ import tensorflow as tf
 
 from keras_metapt.errors import InputMismatchError
 
-__all__ = ["model_state", "stateless_apply", "assign_state", "exact_batch_moments"]
+__all__ = ["model_state", "stateless_apply", "stateless_call", "full_precision", "assign_state",
+           "exact_batch_moments"]
 
 
 def model_state(model):
@@ -63,8 +64,39 @@ def stateless_apply(model, trainable, non_trainable, inputs, training=False):
     non_trainable = list(non_trainable)
     _check_against(model.trainable_variables, trainable, "trainable")
     _check_against(model.non_trainable_variables, non_trainable, "non_trainable")
-    outputs, new_state = model.stateless_call(trainable, non_trainable, inputs, training=training)
+    outputs, new_state = stateless_call(model, trainable, non_trainable, inputs, training)
     return outputs, list(new_state)
+
+
+def stateless_call(layer, trainable, non_trainable, inputs, training=None):
+    """``layer.stateless_call`` with the layer's mixed-precision policy applied.
+
+    Keras' ``stateless_call`` runs ``layer.call`` directly: a layer with a mixed policy
+    (``mixed_float16``, ``mixed_bfloat16``) would then compute in float32 with its float32
+    variables (a functional or sequential model is spared, because its sublayers are
+    called). Here, as in ``layer(inputs)``, floating inputs are cast to the layer's compute
+    dtype and float variables are read in it (Keras' autocast scope); with a float32 policy
+    this is ``layer.stateless_call``. ``training=None`` passes no training argument.
+    Returns (outputs, new non-trainable values).
+    """
+    kwargs = {} if training is None else {"training": training}
+    if layer.compute_dtype == layer.variable_dtype:
+        return layer.stateless_call(trainable, non_trainable, inputs, **kwargs)
+    from keras.src import backend as keras_backend
+    dtype = tf.as_dtype(layer.compute_dtype)
+    inputs = tf.nest.map_structure(
+        lambda t: tf.cast(t, dtype) if tf.is_tensor(t) and t.dtype.is_floating else t, inputs)
+    with keras_backend.AutocastScope(layer.compute_dtype):
+        return layer.stateless_call(trainable, non_trainable, inputs, **kwargs)
+
+
+def full_precision(tree):
+    """Casts the float16/bfloat16 leaves of a nest to float32 (mixed-precision outputs before a
+    loss: losses and their gradients' first cotangents are computed in float32)."""
+    return tf.nest.map_structure(
+        lambda t: tf.cast(t, tf.float32) if tf.is_tensor(t) and t.dtype in (tf.float16,
+                                                                            tf.bfloat16) else t,
+        tree)
 
 
 def assign_state(model, trainable, non_trainable=None):

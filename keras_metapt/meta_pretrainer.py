@@ -23,6 +23,18 @@ official code: batch statistics and dropout in the FT steps, HVPs and the mixed 
 steps, like the PT step, update BatchNorm moving statistics (PyTorch's train mode does the
 same); a hyperstep never updates BatchNorm statistics or any other non-trainable state (it
 applies the models statelessly).
+
+Mixed precision: build the parts under a Keras policy (``keras.mixed_precision.
+set_global_policy("mixed_bfloat16")`` or ``"mixed_float16"``). Variables, phi, optimizer states
+and hypergradients stay float32; the networks compute in half precision; losses are computed
+in float32. With float16 (any part computing in float16) the PT and FT optimizers are wrapped
+in Keras' `LossScaleOptimizer` (dynamic loss scaling; a non-finite step is skipped and the
+scale halved), and the hyperstep has its own dynamic scale on the MetaVal loss
+(``hyper_loss_scale``, see `PretrainFinetuneProblem.outer_loss_scale`): a non-finite
+hypergradient is skipped, phi and the FT head are left as they were, the scale is halved and
+the skip is counted in ``hyperstep_overflows``; after 200 finite hypersteps in a row the scale
+doubles. Only a non-finite hypergradient at scale 1 counts as ``nonfinite_hypersteps`` (which
+stops fit). bfloat16 has float32's exponent range and needs no scaling.
 """
 
 import dataclasses
@@ -33,7 +45,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_metapt import distribute, linalg, optim
+from keras_metapt import distribute, functional, linalg, optim
 from keras_metapt.callbacks import StopOnNonFiniteHypergradient
 from keras_metapt.errors import InputMismatchError
 from keras_metapt.hypergrad.implicit import check_hvp_mode, check_solver
@@ -44,6 +56,9 @@ from keras_metapt.hypergrad.ptft import (META_ROLES, PTFT, FinetuneBatches, kera
 __all__ = ["MetaPretrainer", "HyperstepSchedule", "meta_dataset"]
 
 _ELEMENT_KEYS = ("pt", "pt_fresh", "meta_train", "meta_val")
+# finite hypersteps in a row before the hyper loss scale doubles: Keras' LossScaleOptimizer
+# waits 2000 steps, and hypersteps come every hyperstep_every (default 10) steps
+HYPER_SCALE_GROWTH_HYPERSTEPS = 200
 # "_<n>" that Keras appends to default names (gin_3, dense_12_kernel_momentum)
 _AUTO_NUMBER = re.compile(r"_\d+(?=_|/|$)")
 
@@ -145,6 +160,8 @@ class MetaPretrainer(keras.Model):
       curvature_iterations: if > 0, every hyperstep also estimates lambda_max of the PT
         Hessian on the fresh PT batch by that many power iterations and logs it as
         ``pt_lambda_max`` (Neumann needs alpha * lambda_max < 2); costs that many + 1 HVPs.
+      hyper_loss_scale: the initial dynamic loss scale of the hyperstep when a part computes
+        in float16 (default 2^15, Keras' initial scale); ignored otherwise.
 
     Cost per hyperstep: K FT-head gradients through the encoder + 1 backward, the solver's
     HVPs of the PT loss, 1 mixed VJP. Memory: O(P + K * P_psi), as `PTFT`.
@@ -154,7 +171,7 @@ class MetaPretrainer(keras.Model):
                  hyperstep_every=10, unroll_steps=1, solve=linalg.neumann(1),
                  hvp_mode="reverse_over_reverse", warmup_steps=None,
                  ft_unroll_optimizer=None, hyperstep_training=True, curvature_iterations=0,
-                 **kwargs):
+                 hyper_loss_scale=2.0 ** 15, **kwargs):
         super().__init__(**kwargs)
         if meta_role not in META_ROLES:
             raise ValueError(f"meta_role must be one of {META_ROLES}, got {meta_role!r}")
@@ -183,7 +200,20 @@ class MetaPretrainer(keras.Model):
         names = ("pt_loss", "ft_train_loss", "ft_val_loss", "hypergrad_norm", "hypersteps",
                  "nonfinite_hypersteps", "phi_mean", "phi_std", "phi_min", "phi_max")
         names += ("pt_lambda_max",) if self.curvature_iterations > 0 else ()
-        self.trackers = {n: (keras.metrics.Sum if "hypersteps" in n else keras.metrics.Mean)(name=n)
+        self.float16 = any(part.compute_dtype == "float16"
+                           for part in (encoder, pt_head, ft_head, meta_layer))
+        if self.float16:
+            if not float(hyper_loss_scale) >= 1.0:
+                raise ValueError(f"hyper_loss_scale must be >= 1, got {hyper_loss_scale}")
+            self.hyper_loss_scale = keras.Variable(float(hyper_loss_scale), dtype="float32",
+                                                   trainable=False, name="hyper_loss_scale")
+            self.finite_hypersteps_in_a_row = keras.Variable(
+                0, dtype="int64", trainable=False, name="finite_hypersteps_in_a_row")
+            names += ("hyperstep_overflows", "hyper_loss_scale", "pt_loss_scale",
+                      "ft_loss_scale")
+        self.trackers = {n: (keras.metrics.Sum if n.startswith(("hypersteps", "nonfinite_",
+                                                                 "hyperstep_overflows"))
+                             else keras.metrics.Mean)(name=n)
                          for n in names}
         self.ft_optimizer = self.hyper_optimizer = self._reduction = None
         self._compiled = False
@@ -213,9 +243,13 @@ class MetaPretrainer(keras.Model):
         for a global strength). ``self.hyper_optimizer`` is then a list of the optimizers
         (with two or more groups; one group is the plain optimizer, as before).
         """
+        kwargs.setdefault("auto_scale_loss", False)  # float16: wrapped below, both optimizers
         super().compile(optimizer=pt_optimizer, jit_compile=jit_compile,
                         steps_per_execution=steps_per_execution, **kwargs)
         self.ft_optimizer = keras.optimizers.get(ft_optimizer)
+        if self.float16:
+            self.optimizer = _loss_scaled(self.optimizer, "pt")
+            self.ft_optimizer = _loss_scaled(self.ft_optimizer, "ft")
         self._hyper_groups = self._parameter_groups(hyper_optimizer)
         self.hyper_optimizer = (self._hyper_groups[0][0] if len(self._hyper_groups) == 1
                                 else [opt for opt, _ in self._hyper_groups])
@@ -344,21 +378,28 @@ class MetaPretrainer(keras.Model):
                 x = self.meta_layer(x, training=True)
             else:
                 meta_out = self.meta_layer(x)
-            loss = self.pt_loss_fn(y, self.pt_head(self.encoder(x, training=True), training=True),
-                                   meta_out)
+            preds = self.pt_head(self.encoder(x, training=True), training=True)
+            loss = self.pt_loss_fn(y, functional.full_precision(preds),
+                                   functional.full_precision(meta_out))
             share = replica_share(loss, x)  # Keras optimizers sum gradients over replicas
+            share = self.optimizer.scale_loss(share)  # float16: times the dynamic scale
         self.optimizer.apply(tape.gradient(share, self.pt_variables), self.pt_variables)
         self.trackers["pt_loss"].update_state(loss)
+        if self.float16:
+            self.trackers["pt_loss_scale"].update_state(self.optimizer.dynamic_scale)
 
     def _ft_head_step(self, meta_train):
         x, y = split_xy(tf.nest.map_structure(lambda t: t[:, 0], meta_train))
         features = tf.stop_gradient(self.encoder(x, training=self.hyperstep_training))
         variables = self.ft_head.trainable_variables
         with tf.GradientTape() as tape:
-            loss = self.ft_loss_fn(y, self.ft_head(features, training=self.hyperstep_training))
-            share = replica_share(loss, x)
+            preds = self.ft_head(features, training=self.hyperstep_training)
+            loss = self.ft_loss_fn(y, functional.full_precision(preds))
+            share = self.ft_optimizer.scale_loss(replica_share(loss, x))
         self.ft_optimizer.apply(tape.gradient(share, variables), variables)
         self.trackers["ft_train_loss"].update_state(loss)
+        if self.float16:
+            self.trackers["ft_loss_scale"].update_state(self.ft_optimizer.dynamic_scale)
         return tf.constant(0, tf.int32)
 
     def hypergradient(self, data):
@@ -367,7 +408,8 @@ class MetaPretrainer(keras.Model):
         problem, params, phi = keras_problem(
             self.encoder, self.pt_head, self.ft_head, self.meta_layer, self.pt_loss_fn,
             self.ft_loss_fn, self.meta_role, self.hyperstep_training,
-            pt_learning_rate=self.optimizer.learning_rate)
+            pt_learning_rate=self.optimizer.learning_rate,
+            outer_loss_scale=self.hyper_loss_scale.value if self.float16 else None)
         batches = FinetuneBatches(StepBatches(_swap_first_axes(data["meta_train"])),
                                   data["meta_val"])
         if self.ft_unroll_optimizer is None:  # the live FT optimizer's twin and state
@@ -428,7 +470,12 @@ class MetaPretrainer(keras.Model):
         nonfinite = distribute.run_if_finite(
             update, (list(result.hypergrad), list(result.params.ft_head)), result.is_finite)
         share = 1.0 / replicas  # Sum metrics add up over replicas: 1/R of a hyperstep each
-        self.trackers["nonfinite_hypersteps"].update_state(tf.cast(nonfinite, tf.float32) * share)
+        nonfinite = tf.cast(nonfinite, tf.float32)
+        if self.float16:
+            overflow = tf.cast(self._update_hyper_loss_scale(result.is_finite), tf.float32)
+            self.trackers["hyperstep_overflows"].update_state(overflow * share)
+            nonfinite = nonfinite - overflow  # an overflow at a scale > 1 is not an error
+        self.trackers["nonfinite_hypersteps"].update_state(nonfinite * share)
         self.trackers["hypersteps"].update_state(share)
         self.trackers["ft_val_loss"].update_state(result.outer_loss)
         if self.curvature_iterations > 0:
@@ -441,6 +488,20 @@ class MetaPretrainer(keras.Model):
                             ("min", tf.reduce_min), ("max", tf.reduce_max)):
             self.trackers[f"phi_{key}"].update_state(reduce(flat_phi))
         return nonfinite
+
+    def _update_hyper_loss_scale(self, is_finite):
+        """Dynamic loss scaling of the hyperstep (float16): halve the scale (not below 1) after
+        a non-finite hypergradient, double it after HYPER_SCALE_GROWTH_HYPERSTEPS finite ones
+        in a row. Returns whether this hyperstep was an overflow at a scale above 1."""
+        scale = self.hyper_loss_scale.value
+        in_a_row = self.finite_hypersteps_in_a_row.value + 1
+        grow = is_finite & (in_a_row >= HYPER_SCALE_GROWTH_HYPERSTEPS)
+        self.hyper_loss_scale.assign(tf.where(
+            is_finite, tf.where(grow, scale * 2.0, scale), tf.maximum(scale * 0.5, 1.0)))
+        self.finite_hypersteps_in_a_row.assign(
+            tf.where(is_finite & ~grow, in_a_row, tf.zeros_like(in_a_row)))
+        self.trackers["hyper_loss_scale"].update_state(self.hyper_loss_scale.value)
+        return ~is_finite & (scale > 1.0)
 
     def _train_step(self, data, hyper):
         """PT step, then a hyperstep or an FT-head step; ``hyper`` is a Python bool (chosen on
@@ -516,3 +577,10 @@ class MetaPretrainer(keras.Model):
     def meta_parameters(self):
         """phi as NumPy arrays (one per trainable weight of the meta layer)."""
         return [np.array(v.numpy()) for v in self.meta_layer.trainable_variables]
+
+
+def _loss_scaled(optimizer, label):
+    """``optimizer`` wrapped in Keras' dynamic `LossScaleOptimizer` (unless it already is)."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return optimizer
+    return keras.optimizers.LossScaleOptimizer(optimizer, name=f"{label}_loss_scale_optimizer")

@@ -205,10 +205,13 @@ def mirror_keras(optimizer, variables):
     form) and has no eps_root, so a twin's step differs from Keras' by O(epsilon). The
     learning rate is the optimizer's current one (a schedule is evaluated now). Any other
     optimizer (or AMSGrad, clipping, EMA, gradient accumulation) raises ValueError.
+    A `LossScaleOptimizer` (mixed_float16) is mirrored by its inner optimizer.
     Reads the private per-variable slots of Keras 3 optimizers (pinned by
     tests/test_keras_overrides.py).
     """
     import keras
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):  # float16: the inner one
+        optimizer = optimizer.inner_optimizer
     name = type(optimizer).__name__
     unsupported = [flag for flag in ("clipnorm", "global_clipnorm", "clipvalue")
                    if getattr(optimizer, flag, None)]

@@ -29,7 +29,7 @@ from typing import Any, Callable, NamedTuple
 
 import tensorflow as tf
 
-from keras_metapt import _tree, distribute, linalg
+from keras_metapt import _tree, distribute, functional, linalg
 from keras_metapt.errors import InputMismatchError
 from keras_metapt.hypergrad import problem as _p
 from keras_metapt.hypergrad.implicit import check_hvp_mode, check_solver, implicit_indirect_term
@@ -48,11 +48,20 @@ class PretrainFinetuneProblem:
     ft_loss(theta_E, psi, batch) -> scalar             (fine-tuning loss of the FT head)
     pt_learning_rate: the PT optimizer's step size now (a float or scalar tensor), handed to
       the solver (`linalg.neumann(alpha=None)` uses it as alpha); None if unknown.
+    outer_loss_scale: S (a float or scalar tensor), None for 1: loss scaling for float16.
+      The MetaVal loss is multiplied by S before the backward passes and the result divided
+      by S. The hypergradient is linear in the MetaVal gradient (the unroll's backward, the
+      solver and the mixed VJP are linear in it; CG and first_order are homogeneous), so
+      the value is unchanged up to rounding, while every cotangent of the unroll's backward
+      and every second-order product of the solver and the mixed VJP is S times larger in
+      half precision, away from float16's underflow. A too-large S overflows to Inf: the
+      result is then not finite (``is_finite`` False) and the caller lowers S.
     """
 
     pt_loss: Callable[[Any, Any, Any, Any], tf.Tensor]
     ft_loss: Callable[[Any, Any, Any], tf.Tensor]
     pt_learning_rate: Any = None
+    outer_loss_scale: Any = None
 
 
 class PTFTParams(NamedTuple):
@@ -143,9 +152,13 @@ class PTFT(_p.Estimator):
                                                     theta_e, meta_train, 0, K, K,
                                                     self.gradient_reduction)
             val_loss = ft_of("outer_batch.val")(psi_k, theta_e, meta_val)
+            scale = problem.outer_loss_scale
+            if scale is not None:  # recorded by the tape: the backward starts at S * loss
+                scale = tf.cast(scale, val_loss.dtype)
+            scaled_val_loss = val_loss if scale is None else val_loss * scale
         # dense: outside a while loop (one FT step) the gradients of gathers stay IndexedSlices
         g_ft = reduce(_tree.densify(tape.gradient(
-            val_loss, theta_e, unconnected_gradients=tf.UnconnectedGradients.ZERO)))
+            scaled_val_loss, theta_e, unconnected_gradients=tf.UnconnectedGradients.ZERO)))
         val_loss = reduce(val_loss)
 
         # b. PT stage: - d <grad L_PT, H^-1 [g_FT; 0]> / d phi over theta_P.
@@ -158,6 +171,8 @@ class PTFT(_p.Estimator):
                                           (g_ft, _tree.tree_zeros_like(theta_h)), self.solve,
                                           problem.pt_learning_rate, self.gradient_reduction,
                                           self.hvp_mode)
+        if scale is not None:  # S * indirect -> indirect
+            indirect = _tree.tree_map(lambda m: None if m is None else m / scale, indirect)
         no_direct_term = tf.nest.map_structure(lambda _: None, hparams)
         return self._finish(hparams, no_direct_term, indirect, val_loss,
                             PTFTParams(theta_e, theta_h, _tree.tree_stop_gradient(psi_k)),
@@ -186,7 +201,7 @@ def _values(layer):
 
 
 def keras_problem(encoder, pt_head, ft_head, meta_layer, pt_loss, ft_loss, meta_role="loss",
-                  training=False, pt_learning_rate=None):
+                  training=False, pt_learning_rate=None, outer_loss_scale=None):
     """The PT/FT problem of Keras parts at their current weights: (problem, params, phi).
 
     ``pt_loss(y_true, y_pred, meta_output) -> scalar`` with ``meta_output`` = meta_layer(x)
@@ -196,6 +211,11 @@ def keras_problem(encoder, pt_head, ft_head, meta_layer, pt_loss, ft_loss, meta_
     BatchNorm/Dropout mode; non-trainable state is read now and never updated) and are replica
     shares of the global-batch mean. ``params`` is `PTFTParams` of trainable values, ``phi``
     the meta layer's trainable values.
+
+    Mixed precision: parts with a mixed policy compute in half precision with their float32
+    variables (`functional.stateless_call`); predictions and meta outputs reach the losses in
+    float32 (`functional.full_precision`). ``outer_loss_scale``: see
+    `PretrainFinetuneProblem`.
     """
     if meta_role not in META_ROLES:
         raise ValueError(f"meta_role must be one of {META_ROLES}, got {meta_role!r}")
@@ -205,24 +225,25 @@ def keras_problem(encoder, pt_head, ft_head, meta_layer, pt_loss, ft_loss, meta_
     phi, meta_state = _values(meta_layer)
 
     def features(theta, x):
-        return encoder.stateless_call(theta, enc_state, x, training=training)[0]
+        return functional.stateless_call(encoder, theta, enc_state, x, training)[0]
 
     def pt_of(theta, head, phi_values, batch):
         x, y = split_xy(batch)
         meta_out = None
         if meta_role == "inputs":
-            x = meta_layer.stateless_call(phi_values, meta_state, x, training=True)[0]
+            x = functional.stateless_call(meta_layer, phi_values, meta_state, x, True)[0]
         else:
-            meta_out = meta_layer.stateless_call(phi_values, meta_state, x)[0]
-        preds = pt_head.stateless_call(head, head_state, features(theta, x),
-                                       training=training)[0]
-        return replica_share(pt_loss(y, preds, meta_out), x)
+            meta_out = functional.full_precision(
+                functional.stateless_call(meta_layer, phi_values, meta_state, x)[0])
+        preds = functional.stateless_call(pt_head, head, head_state, features(theta, x),
+                                          training)[0]
+        return replica_share(pt_loss(y, functional.full_precision(preds), meta_out), x)
 
     def ft_of(theta, psi_values, batch):
         x, y = split_xy(batch)
-        preds = ft_head.stateless_call(psi_values, ft_state, features(theta, x),
-                                       training=training)[0]
-        return replica_share(ft_loss(y, preds), x)
+        preds = functional.stateless_call(ft_head, psi_values, ft_state, features(theta, x),
+                                          training)[0]
+        return replica_share(ft_loss(y, functional.full_precision(preds)), x)
 
-    problem = PretrainFinetuneProblem(pt_of, ft_of, pt_learning_rate)
+    problem = PretrainFinetuneProblem(pt_of, ft_of, pt_learning_rate, outer_loss_scale)
     return problem, PTFTParams(theta_e, theta_h, psi), phi
