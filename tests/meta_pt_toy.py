@@ -50,7 +50,20 @@ def synthetic_tasks(seed, n_help=10, n_orth=10, n_noise=10, d=20, k=3, n=4096, n
 
 
 def build(seed, num_tasks, d=20, bottleneck=4, hyperstep_every=1, jit_compile=False,
-          hyper_lr=0.01, warmup_steps=50, steps_per_execution=1, solve=None):
+          hyper_lr=0.01, warmup_steps=50, steps_per_execution=1, solve=None, policy="float32",
+          **kwargs):
+    """The toy MetaPretrainer; ``policy``: the Keras dtype policy its parts are built under
+    (the global policy is float32 again afterwards); ``kwargs`` go to MetaPretrainer."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        return _build(seed, num_tasks, d, bottleneck, hyperstep_every, jit_compile, hyper_lr,
+                      warmup_steps, steps_per_execution, solve, **kwargs)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def _build(seed, num_tasks, d, bottleneck, hyperstep_every, jit_compile, hyper_lr, warmup_steps,
+           steps_per_execution, solve, **kwargs):
     keras.utils.set_random_seed(seed)
     encoder = keras.Sequential([keras.Input((d,)), keras.layers.Dense(32, activation="relu"),
                                 keras.layers.Dense(bottleneck, activation="relu")], name="encoder")
@@ -62,7 +75,7 @@ def build(seed, num_tasks, d=20, bottleneck=4, hyperstep_every=1, jit_compile=Fa
         pt_loss=lambda y, p, w: masked_multitask_bce(y, p, w),
         ft_loss=lambda y, p: tf.reduce_mean(keras.losses.binary_crossentropy(y, p, from_logits=True)),
         hyperstep_every=hyperstep_every, warmup_steps=warmup_steps,
-        **({"solve": solve} if solve is not None else {}))
+        **({"solve": solve} if solve is not None else {}), **kwargs)
     model.compile(keras.optimizers.Adam(1e-2), keras.optimizers.Adam(1e-2),
                   keras.optimizers.Adam(hyper_lr), jit_compile=jit_compile,
                   steps_per_execution=steps_per_execution)

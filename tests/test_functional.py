@@ -43,6 +43,27 @@ def test_stateless_apply_equals_keras_call_and_touches_no_variable():
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_stateless_call_of_a_bare_layer_follows_its_mixed_precision_policy(policy):
+    # Reference: the layer's own __call__ (Keras casts inputs and reads variables in the compute
+    # dtype); Keras' stateless_call alone would compute this Dense in float32.
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        layer = keras.layers.Dense(3)
+        layer.build((None, 4))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    x = tf.constant(np.random.default_rng(1).normal(size=(5, 4)), tf.float32)
+    trainable, non_trainable = functional.model_state(layer)
+    out, _ = functional.stateless_call(layer, trainable, non_trainable, x)
+    assert out.dtype == policy.split("_")[1] and trainable[0].dtype == tf.float32
+    np.testing.assert_array_equal(out.numpy(), layer(x).numpy())
+    plain, _ = layer.stateless_call(trainable, non_trainable, x)
+    assert plain.dtype == tf.float32  # what functional.stateless_call corrects
+    half = functional.full_precision({"a": out, "b": tf.constant([1], tf.int32)})
+    assert half["a"].dtype == tf.float32 and half["b"].dtype == tf.int32
+
+
 def test_stateless_apply_compiles_with_xla():
     model = bn_model()
     x = np.ones((5, 4), np.float32)

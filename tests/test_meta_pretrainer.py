@@ -5,6 +5,7 @@ multitask problem with known helpful tasks (tests.meta_pt_toy.synthetic_tasks); 
 uninterrupted run for resumption; the process's resident memory for leaks.
 """
 
+import functools
 import os
 import signal
 import subprocess
@@ -539,3 +540,112 @@ def test_first_order_hyperstep_learns_to_separate_helpful_tasks():
     with pytest.raises(ValueError, match="first_order.*PT optimizer"):
         tiny_float64_model(1, 0, None, solve=km.hypergrad.first_order(),
                            pt_optimizer=keras.optimizers.RMSprop(0.1))
+
+
+# --------------------------------------------------------------------------- mixed precision
+
+
+@functools.lru_cache(maxsize=None)
+def toy_element():
+    """One element of the toy's stream, the same for every policy."""
+    x, y, x_ft, y_ft, _ = meta_pt_toy.synthetic_tasks(0)
+    keras.utils.set_random_seed(0)  # the shuffles' order
+    return next(iter(meta_pt_toy.stream(0, x, y, x_ft, y_ft)))
+
+
+def toy_hypergradient(policy, ft_loss_factor, outer_loss_scale):
+    """The toy's PT/FT hypergradient (Neumann 3 terms, one SGD FT step) under a dtype policy,
+    from the same float32 weights for every policy (same seed), with the FT loss multiplied
+    by ``ft_loss_factor``."""
+    data = toy_element()
+    model = meta_pt_toy.build(0, data["pt"][1].shape[1], policy=policy)
+    problem, params, phi = km.hypergrad.keras_problem(
+        model.encoder, model.pt_head, model.ft_head, model.meta_layer, model.pt_loss_fn,
+        lambda y_true, p: ft_loss_factor * model.ft_loss_fn(y_true, p), "loss", True,
+        outer_loss_scale=outer_loss_scale)
+    batches = km.hypergrad.FinetuneBatches(
+        km.StepBatches(tf.nest.map_structure(lambda t: tf.transpose(t, [1, 0, 2]),
+                                             data["meta_train"])), data["meta_val"])
+    estimator = km.PTFT(km.optim.sgd(0.05), 1, km.linalg.neumann(3, 0.01), check_finite=False)
+    return estimator(problem, params, phi, data["pt_fresh"], batches).hypergrad[0].numpy()
+
+
+def test_float16_hypergradient_underflows_without_the_outer_loss_scale():
+    # Reference: the float32 computation from the same weights. With the FT loss x 0.01 the
+    # hypergradient (~3e-8) is below float16's range: every second-order product underflows
+    # unless the MetaVal loss is scaled (2^15, the hyperstep's initial scale).
+    reference = toy_hypergradient("float32", 0.01, None)
+    unscaled = toy_hypergradient("mixed_float16", 0.01, None)
+    scaled = toy_hypergradient("mixed_float16", 0.01, 2.0 ** 15)
+    bfloat16 = toy_hypergradient("mixed_bfloat16", 0.01, None)
+    assert rel_err(unscaled, reference) > 0.5  # measured: all zeros (rel. error 1.0)
+    assert rel_err(scaled, reference) < 0.03  # measured: 0.0024
+    assert rel_err(bfloat16, reference) < 0.1  # bfloat16's 8-bit mantissa; measured: 0.031
+    assert not np.array_equal(bfloat16, reference)  # it did compute in bfloat16
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_fit_learns_the_helpful_tasks_with_float32_state(policy):
+    # Reference: the synthetic tasks' ground truth (as the float32 test above); measured AUROC
+    # on seed 0: float32 0.95, mixed_bfloat16 0.96, mixed_float16 0.945.
+    model, history, helpful = run_toy(0, epochs=12, policy=policy)
+    assert model.encoder.compute_dtype == policy.split("_")[1]
+    for v in model.variables:
+        assert v.dtype in ("float32", "int64", "int32", "uint8"), (v.path, v.dtype)
+    assert roc_auc_score(helpful, model.meta_layer.task_weights()) >= 0.85
+    assert sum(history.history["nonfinite_hypersteps"]) == 0
+    float16 = policy == "mixed_float16"
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer) == float16
+    assert isinstance(model.ft_optimizer, keras.optimizers.LossScaleOptimizer) == float16
+    keys = [key for key, _ in model.state_variables()]
+    assert any(k.endswith("hyper_loss_scale") for k in keys) == float16  # checkpointed
+    assert sum("dynamic_scale" in k for k in keys) == (2 if float16 else 0)
+
+
+def test_float16_overflowing_hypersteps_are_skipped_and_the_scale_halved():
+    # Reference: the rule itself. At a scale of 2^60 the scaled MetaVal gradient overflows
+    # float16 in the HVP: the hyperstep is skipped (phi untouched, the hyper optimizer does not
+    # step), counted as an overflow, not as an error, and the scale halves until it fits.
+    x, y, x_ft, y_ft, _ = meta_pt_toy.synthetic_tasks(0, n=1024)
+    model = meta_pt_toy.build(0, y.shape[1], policy="mixed_float16", warmup_steps=0,
+                              hyper_loss_scale=2.0 ** 60)
+    stream = meta_pt_toy.stream(0, x, y, x_ft, y_ft)
+    history = model.fit(stream, epochs=1, steps_per_epoch=3, verbose=0)
+    assert history.history["hyperstep_overflows"] == [3.0]
+    assert history.history["nonfinite_hypersteps"] == [0.0]
+    np.testing.assert_array_equal(model.meta_parameters()[0], 0.0)
+    assert int(model.hyper_optimizer.iterations.numpy()) == 0
+    assert float(model.hyper_loss_scale.numpy()) == 2.0 ** 57
+    history = model.fit(stream, epochs=1, steps_per_epoch=60, verbose=0)
+    overflows = int(history.history["hyperstep_overflows"][0])
+    assert 0 < overflows < 60 and history.history["nonfinite_hypersteps"] == [0.0]
+    assert float(model.hyper_loss_scale.numpy()) == 2.0 ** (57 - overflows)
+    assert int(model.hyper_optimizer.iterations.numpy()) == 60 - overflows
+    assert np.all(np.isfinite(model.meta_parameters()[0]))
+    assert np.any(model.meta_parameters()[0] != 0.0)
+
+
+def test_float16_hyper_loss_scale_doubles_after_a_run_of_finite_hypersteps(monkeypatch):
+    # Reference: the rule (as Keras' LossScaleOptimizer, with a growth period of hypersteps).
+    monkeypatch.setattr(km.meta_pretrainer, "HYPER_SCALE_GROWTH_HYPERSTEPS", 3)
+    x, y, x_ft, y_ft, _ = meta_pt_toy.synthetic_tasks(0, n=1024)
+    model = meta_pt_toy.build(0, y.shape[1], policy="mixed_float16", warmup_steps=0,
+                              hyper_loss_scale=4.0)
+    history = model.fit(meta_pt_toy.stream(0, x, y, x_ft, y_ft), epochs=1, steps_per_epoch=7,
+                        verbose=0)
+    assert history.history["hyperstep_overflows"] == [0.0]
+    assert float(model.hyper_loss_scale.numpy()) == 16.0  # doubled after hypersteps 3 and 6
+    assert int(model.finite_hypersteps_in_a_row.numpy()) == 1
+
+
+def test_float16_non_finite_hypergradient_at_scale_one_still_stops_fit():
+    # A poisoned FT loss is NaN at every scale: two overflows (scale 4 -> 2 -> 1), then the
+    # non-finite hypergradient at scale 1 stops fit, phi never updated.
+    x, y, x_ft, y_ft, _ = meta_pt_toy.synthetic_tasks(0, n=512)
+    model = meta_pt_toy.build(0, y.shape[1], policy="mixed_float16", warmup_steps=0,
+                              hyper_loss_scale=4.0)
+    model.ft_loss_fn = lambda y_true, p: tf.reduce_mean(p) * np.nan
+    with pytest.raises(km.NonFiniteHypergradientError, match="phi was not updated"):
+        model.fit(meta_pt_toy.stream(0, x, y, x_ft, y_ft), epochs=1, steps_per_epoch=5, verbose=0)
+    assert float(model.hyper_loss_scale.numpy()) == 1.0
+    np.testing.assert_array_equal(model.meta_parameters()[0], 0.0)

@@ -207,3 +207,27 @@ def test_bad_inputs_are_named():
     with pytest.raises(km.UnconnectedHyperparameterError, match=r"hparams\[1\]"):
         estimator(PROBLEM, (THETA_E, THETA_H, PSI), [PHI, np.float64(1.0)], (X_PT, Y_PT),
                   ((X_MT, Y_MT), (X_MV, Y_MV)))
+
+
+# --------------------------------------------------------------------------- loss scaling
+
+@pytest.mark.parametrize("solver", ["neumann", "cg", "first_order"])
+def test_outer_loss_scale_leaves_the_hypergradient_unchanged(solver):
+    """Reference: the explicit float64 computation above (Neumann); for CG and the first-order
+    hyperstep, the unscaled call (the scale must pass through them linearly)."""
+    solve = {"neumann": km.linalg.neumann(3, 0.05), "cg": km.linalg.cg(4),
+             "first_order": km.hypergrad.first_order(1e-2).with_optimizer(optim.sgd(0.05), ())
+             }[solver]
+    estimator = km.PTFT(optim.sgd(FT_LR), unroll_steps=2, solve=solve)
+
+    def run(scale):
+        problem = km.PretrainFinetuneProblem(pt_loss, ft_loss, outer_loss_scale=scale)
+        return estimator(problem, (THETA_E, THETA_H, PSI), [PHI], (X_PT, Y_PT),
+                         ((X_MT, Y_MT), (X_MV, Y_MV)))
+
+    plain, scaled = run(None), run(2.0 ** 20)
+    np.testing.assert_allclose(scaled.hypergrad[0], plain.hypergrad[0], rtol=1e-12)
+    assert float(scaled.outer_loss) == float(plain.outer_loss)  # reported unscaled
+    if solver == "neumann":
+        expected, _ = independent_hypergradient(2, 3, 0.05)
+        assert rel_err(scaled.hypergrad[0], expected) < 1e-10
