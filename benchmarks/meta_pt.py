@@ -17,7 +17,10 @@ Measured, each with and without XLA (jit_compile), in one process:
 * hyperstep and plain PT step as compiled functions on one fixed batch (median of --repeats);
 * for each hyperstep variant of --hypersteps: the exact Neumann IFT hyperstep (the reference
   configuration) and the first-order one (`km.hypergrad.first_order()`, SAMA), each in its
-  own MetaPretrainer, timed in the same rounds against the same plain PT.
+  own MetaPretrainer, timed in the same rounds against the same plain PT;
+* for each Keras dtype policy of --dtype_policies (default float32, the reference), the
+  same measurements with every part built under that policy (plain PT under it too, with
+  Keras' loss scaling for mixed_float16): float32 variables, half-precision compute.
 
 Writes benchmarks/results/meta_pt.{md,json} (or --output_dir).
 """
@@ -51,6 +54,8 @@ flags.DEFINE_list("hypersteps", ["neumann", "first_order"], "Hyperstep variants 
                   "against the same plain PT: neumann (exact IFT: i Neumann terms, the "
                   "reference) and first_order (SAMA: hypergrad.first_order, the PT Adam's "
                   "update Jacobian, no HVP).")
+flags.DEFINE_list("dtype_policies", ["float32"], "Keras dtype policies to measure, each with its "
+                  "own plain PT: float32 (the reference), mixed_bfloat16, mixed_float16.")
 flags.DEFINE_integer("steps", 100, "Steps per timed epoch.")
 flags.DEFINE_integer("rounds", 5, "Alternating plain / meta-PT timed epochs (median).")
 flags.DEFINE_integer("repeats", 20, "Calls for the function-level timings (median).")
@@ -68,7 +73,11 @@ def data():
     return x, y_pt, y_ft
 
 
+POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+
+
 def parts():
+    """Encoder, PT head and FT head, built under the current global dtype policy."""
     keras.utils.set_random_seed(0)
     hidden = [int(h) for h in FLAGS.hidden]
     encoder = keras.Sequential([keras.Input((FLAGS.input_dim,))]
@@ -89,7 +98,8 @@ def plain_pt(xla, x, y_pt):
     """A plain Keras PT model, its stream, and one compiled train step on a fixed batch."""
     encoder, pt_head, _ = parts()
     model = keras.Sequential([encoder, pt_head])
-    model.compile(keras.optimizers.Adam(1e-3), loss=lambda y, p: masked_multitask_bce(y, p),
+    model.compile(keras.optimizers.Adam(1e-3),
+                  loss=lambda y, p: masked_multitask_bce(y, tf.cast(p, tf.float32)),
                   jit_compile=xla)
     ds = tf.data.Dataset.from_tensor_slices((x, y_pt)).batch(FLAGS.batch, drop_remainder=True)
     batch = next(iter(ds))
@@ -97,8 +107,9 @@ def plain_pt(xla, x, y_pt):
     @tf.function(jit_compile=xla)
     def step(xb, yb):  # what fit's train step does, as one function
         with tf.GradientTape() as tape:
-            loss = masked_multitask_bce(yb, model(xb, training=True))
-        model.optimizer.apply(tape.gradient(loss, model.trainable_variables),
+            loss = masked_multitask_bce(yb, tf.cast(model(xb, training=True), tf.float32))
+            scaled = model.optimizer.scale_loss(loss)  # mixed_float16: LossScaleOptimizer
+        model.optimizer.apply(tape.gradient(scaled, model.trainable_variables),
                               model.trainable_variables)
         return loss
 
@@ -135,10 +146,15 @@ def epoch_ms(model, stream, timer):
     return 1e3 * timer.seconds[-1] / FLAGS.steps
 
 
-def compare(xla, x, y_pt, y_ft):
-    """Rows (one per --hypersteps variant) of meta-PT against the same plain PT, alternated."""
-    plain, plain_stream, plain_step = plain_pt(xla, x, y_pt)
-    metas = {v: meta_pt(xla, x, y_pt, y_ft, v) for v in FLAGS.hypersteps}
+def compare(xla, x, y_pt, y_ft, policy="float32"):
+    """Rows (one per --hypersteps variant) of meta-PT against the same plain PT, alternated;
+    every model built under the Keras dtype ``policy``."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        plain, plain_stream, plain_step = plain_pt(xla, x, y_pt)
+        metas = {v: meta_pt(xla, x, y_pt, y_ft, v) for v in FLAGS.hypersteps}
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
     timers = {name: EpochTimer() for name in ["plain", *metas]}
     epoch_ms(plain, plain_stream, timers["plain"])  # warm-up: tracing and compilation
     for v, (model, stream, _) in metas.items():
@@ -156,7 +172,7 @@ def compare(xla, x, y_pt, y_ft):
     rows = []
     for v in metas:
         ratios = np.array(meta_ms[v]) / np.array(plain_ms)
-        rows.append({"xla": xla, "hyperstep": v, "plain_pt_step_ms": float(np.median(plain_ms)),
+        rows.append({"xla": xla, "policy": policy, "hyperstep": v, "plain_pt_step_ms": float(np.median(plain_ms)),
                      "meta_pt_step_ms": float(np.median(meta_ms[v])),
                      "meta_over_plain": float(np.median(ratios)),
                      "meta_over_plain_per_round": ratios.tolist(),
@@ -190,26 +206,31 @@ def main(argv):
     unknown = [v for v in FLAGS.hypersteps if v not in SOLVES]
     if unknown or not FLAGS.hypersteps:
         raise app.UsageError(f"--hypersteps: give some of {', '.join(SOLVES)}")
-    for xla in (False, True):
-        for row in compare(xla, x, y_pt, y_ft):
+    bad = [p for p in FLAGS.dtype_policies if p not in POLICIES]
+    if bad or not FLAGS.dtype_policies:
+        raise app.UsageError(f"--dtype_policies: give some of {', '.join(POLICIES)}")
+    for policy, xla in [(p, xla) for p in FLAGS.dtype_policies for xla in (False, True)]:
+        for row in compare(xla, x, y_pt, y_ft, policy):
             rows.append(row)
-            print(f"  {'XLA' if xla else 'tf.function'} {row['hyperstep']}: plain "
+            print(f"  {policy} {'XLA' if xla else 'tf.function'} {row['hyperstep']}: plain "
                   f"{row['plain_pt_step_ms']:.2f} ms/step, meta {row['meta_pt_step_ms']:.2f} "
                   f"ms/step, per-round ratios "
                   f"{np.round(row['meta_over_plain_per_round'], 2).tolist()}", flush=True)
     config = (f"encoder {FLAGS.input_dim}-{'-'.join(FLAGS.hidden)}, PT head ->{FLAGS.pt_tasks} "
               f"tasks, FT head ->{FLAGS.ft_tasks}, batch {FLAGS.batch}, N={FLAGS.hyperstep_every}, "
-              f"K={FLAGS.unroll_steps}, i={FLAGS.neumann_terms}, Adam, float32")
+              f"K={FLAGS.unroll_steps}, i={FLAGS.neumann_terms}, Adam")
     lines = ["## MetaPretrainer benchmark", "",
              f"`python -m benchmarks.meta_pt{' --quick' if FLAGS.quick else ''}`: {config}; "
              f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores.", "",
-             "| compilation | hyperstep | plain PT step (fit) | meta-PT step (fit, avg) "
-             "| meta / plain | hyperstep (fn) | plain PT step (fn) | hyperstep / plain step |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| dtype policy | compilation | hyperstep | plain PT step (fit) "
+             "| meta-PT step (fit, avg) | meta / plain | hyperstep (fn) | plain PT step (fn) "
+             "| hyperstep / plain step |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     names = {"neumann": f"Neumann i={FLAGS.neumann_terms} (exact IFT)",
              "first_order": "first order (SAMA)"}
     for r in rows:
-        lines.append(f"| {'XLA' if r['xla'] else 'tf.function'} | {names[r['hyperstep']]} | "
+        lines.append(f"| {r['policy']} | {'XLA' if r['xla'] else 'tf.function'} | "
+                     f"{names[r['hyperstep']]} | "
                      f"{r['plain_pt_step_ms']:.2f} ms | "
                      f"{r['meta_pt_step_ms']:.2f} ms | {r['meta_over_plain']:.2f}x | "
                      f"{r['hyperstep_fn_ms']:.2f} ms | {r['plain_pt_step_fn_ms']:.2f} ms | "

@@ -21,7 +21,13 @@ writes OUT_DIR/estimators.npz (name_single, name_mirrored);
     python -m tests.distributed_toy nonfinite OUT_DIR 0
 
 fits with a NaN-poisoned FT loss under `MirroredStrategy` over 2 logical devices and writes
-OUT_DIR/nonfinite.npz (phi, the error message).
+OUT_DIR/nonfinite.npz (phi, the error message);
+
+    python -m tests.distributed_toy float16 OUT_DIR STEPS
+
+fits under mixed_float16 from a hyper loss scale of 2^60 (overflowing hypersteps) on one device
+and on 2 logical devices and writes OUT_DIR/float16_{single,mirrored}.npz (phi, the final
+scale, the hyper optimizer's step count).
 """
 
 import json
@@ -30,6 +36,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -50,17 +57,17 @@ def stream(x, y, x_ft, y_ft, unroll_steps=1, pt_batch=64, ft_batch=32):
 
 
 def build_and_fit(strategy, steps, unroll_steps=1, neumann_terms=1, solver="neumann", pt_batch=64,
-                  ft_batch=32):
+                  ft_batch=32, **build_kwargs):
     """Fits the toy under ``strategy`` for ``steps`` steps (the first WARMUP without
     hypersteps, then a hyperstep every step); returns the model."""
     x, y, x_ft, y_ft, _ = toy.synthetic_tasks(0)
     with strategy.scope():
-        model = toy.build(0, y.shape[1], warmup_steps=WARMUP, hyperstep_every=1)
+        model = toy.build(0, y.shape[1], warmup_steps=WARMUP, hyperstep_every=1, **build_kwargs)
         model.unroll_steps = unroll_steps
         model.solve = (km.linalg.neumann(neumann_terms) if solver == "neumann"
                        else km.linalg.cg(10))
-        model.compile(model.optimizer.__class__(1e-2), model.ft_optimizer.__class__(1e-2),
-                      model.hyper_optimizer.__class__(1e-2))
+        model.compile(keras.optimizers.Adam(1e-2), keras.optimizers.Adam(1e-2),
+                      keras.optimizers.Adam(1e-2))  # the toy's optimizers, built in the scope
     model.fit(stream(x, y, x_ft, y_ft, unroll_steps, pt_batch, ft_batch), epochs=1, steps_per_epoch=steps, verbose=0)
     return model
 
@@ -147,7 +154,7 @@ def optim_sgd():
 
 
 def main(mode, out_dir, steps, *config):
-    if mode in ("mirrored", "estimators", "nonfinite"):
+    if mode in ("mirrored", "estimators", "nonfinite", "float16"):
         split_cpu_in_two()
     tf.config.experimental.enable_op_determinism()
     if mode == "estimators":
@@ -166,6 +173,15 @@ def main(mode, out_dir, steps, *config):
             outcome = str(error)
         np.savez(os.path.join(out_dir, "nonfinite.npz"), phi=model.meta_parameters()[0],
                  outcome=np.array(outcome))
+        return
+    if mode == "float16":  # mixed_float16 with overflowing hypersteps, one device and two
+        for name, strategy in (("single", tf.distribute.get_strategy()),
+                               ("mirrored", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))):
+            model = build_and_fit(strategy, steps, policy="mixed_float16",
+                                  hyper_loss_scale=2.0 ** 60)
+            np.savez(os.path.join(out_dir, f"float16_{name}.npz"),
+                     phi=model.meta_parameters()[0], scale=model.hyper_loss_scale.numpy(),
+                     hyper_steps=model.hyper_optimizer.iterations.numpy())
         return
     if mode == "multiworker":
         model = build_and_fit(km.distribute.get_strategy("multiworker"), steps)

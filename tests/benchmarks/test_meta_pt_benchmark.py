@@ -23,4 +23,21 @@ def test_quick_meta_pt_benchmark(tmp_path):
         assert r["plain_pt_step_ms"] > 0 and r["meta_pt_step_ms"] > 0 and r["hyperstep_fn_ms"] > 0
         # the reported ratio is the median of the ratios measured round by round
         assert r["meta_over_plain"] == pytest.approx(np.median(r["meta_over_plain_per_round"]))
-    assert "| XLA | first order (SAMA) |" in (tmp_path / "meta_pt.md").read_text()
+    assert "| float32 | XLA | first order (SAMA) |" in (tmp_path / "meta_pt.md").read_text()
+
+
+def test_quick_meta_pt_benchmark_under_mixed_precision_policies(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.meta_pt", "--quick",
+                           "--dtype_policies=mixed_float16", "--hypersteps=neumann",
+                           f"--output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.load(open(tmp_path / "meta_pt.json"))["rows"]
+    assert [(r["policy"], r["xla"]) for r in rows] == [("mixed_float16", False),
+                                                       ("mixed_float16", True)]
+    assert all(r["meta_pt_step_ms"] > 0 and r["hyperstep_fn_ms"] > 0 for r in rows)
+    assert "| mixed_float16 | XLA | Neumann i=1 (exact IFT) |" in (tmp_path / "meta_pt.md").read_text()
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.meta_pt", "--quick",
+                          "--dtype_policies=float64", f"--output_dir={tmp_path}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "--dtype_policies: give some of" in bad.stderr
