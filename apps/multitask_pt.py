@@ -142,6 +142,7 @@ flags.DEFINE_string("run_name", "multitask_pt", "Name prefix of the exported Sav
 flags.DEFINE_bool("resume", True, "Skip runs whose results exist in --output_dir and were made "
                   "with the same settings (others run again).")
 runner.define_strategy_flags("pre-training")
+runner.define_dtype_policy_flag()
 flags.adopt_module_key_flags(runner)
 flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0 silent, 1 progress bar, 2 per epoch).")
 
@@ -182,6 +183,7 @@ class Config(runner.GridConfig):
     meta_val_batch_size: int
     agreement_batches: int
     xla: bool
+    dtype_policy: str
     full: bool
     saved_models_dir: str
     run_name: str
@@ -383,7 +385,7 @@ class Head(keras.Model):
     def __init__(self, encoder, outputs, **kwargs):
         super().__init__(**kwargs)
         self.encoder = encoder
-        self.dense = keras.layers.Dense(outputs)
+        self.dense = keras.layers.Dense(outputs, dtype="float32")  # float32 logits (mixed precision)
 
     def call(self, x, training=False):
         return self.dense(self.encoder(x, training=training))

@@ -6,6 +6,7 @@ An app defines its absl flags, a `Config` dataclass whose fields are named like 
 function that runs one (arm, seed). The runner does the rest:
 
     runner.define_strategy_flags("pre-training")    # --strategy, --devices, --tpu_address
+    runner.define_dtype_policy_flag()               # --dtype_policy (optional)
     flags.adopt_module_key_flags(runner)            # ... listed by the app's --helpshort
 
     def main(argv):
@@ -62,7 +63,7 @@ from typing import Any, Callable, ClassVar, Optional
 from absl import app, flags, logging
 
 __all__ = ["Config", "GridConfig", "FT_MODES", "FT_SEED_OFFSET", "FineTuned",
-           "define_strategy_flags", "check_in_interval", "data_digest", "setup", "seed_everything", "result_path",
+           "define_strategy_flags", "define_dtype_policy_flag", "check_in_interval", "data_digest", "setup", "seed_everything", "result_path",
            "config_differences", "run_grid", "run_directory", "claim_directory", "load_results",
            "fine_tune", "export_finetuned", "summarise", "summary_table", "paired_table",
            "write_json"]
@@ -94,6 +95,24 @@ def define_strategy_flags(what, flag_values=flags.FLAGS):
                       flag_values=flag_values)
     flags.DEFINE_string("tpu_address", None, "TPU name or grpc:// address for --strategy=tpu.",
                         flag_values=flag_values)
+
+
+DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+
+
+def define_dtype_policy_flag(flag_values=flags.FLAGS):
+    """Defines --dtype_policy (Keras mixed precision for every model of the run); an app with
+    it has a ``dtype_policy`` Config field, and `setup` sets the global Keras policy."""
+    if "dtype_policy" in flag_values:
+        return
+    flags.DEFINE_enum(
+        "dtype_policy", "float32", list(DTYPE_POLICIES),
+        "Keras dtype policy of every model (PT, FT, evaluation): float32; mixed_bfloat16 "
+        "(bfloat16 compute, float32 variables; for TPUs and recent GPUs/CPUs); mixed_float16 "
+        "(float16 compute, float32 variables, dynamic loss scaling of the PT, FT and hyper "
+        "updates; for GPUs). Losses, phi and hypergradients stay float32. On CPUs without "
+        "native half precision, mixed policies run slower than float32.",
+        flag_values=flag_values)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -239,6 +258,9 @@ def setup(config_class, flag_values=flags.FLAGS):
     import tensorflow as tf
     logging.set_verbosity(logging.WARNING)
     config = config_class.from_flags(flag_values)
+    if hasattr(config, "dtype_policy"):  # before any model is built
+        import keras
+        keras.mixed_precision.set_global_policy(config.dtype_policy)
     # Keras refuses jit_compile while op determinism is on (model_supports_jit): an app's
     # --xla on one device trades the bit-exact reruns for XLA (the apps compile without XLA
     # under a multi-replica strategy, which keeps op determinism).

@@ -128,6 +128,7 @@ flags.DEFINE_bool("xla", False, "Compile PT steps with XLA (jit_compile). Keras 
                   "without XLA while TensorFlow op determinism is on, so --xla turns op "
                   "determinism off: faster, but a seed no longer pins the run bit for bit.")
 runner.define_strategy_flags("pre-training (each replica contrasts its own shard)")
+runner.define_dtype_policy_flag()
 flags.adopt_module_key_flags(runner)
 flags.DEFINE_string("output_dir", "runs/simclr_augment", "Results, plots and checkpoints.")
 flags.DEFINE_string("saved_models_dir", "saved_models", "Where SavedModels are exported.")
@@ -171,6 +172,7 @@ class Config(runner.GridConfig):
     ft_epochs: int
     ft_lr: float
     xla: bool
+    dtype_policy: str
     saved_models_dir: str
     run_name: Optional[str]
     verbose: int

@@ -487,7 +487,7 @@ class MetaPretrainer(keras.Model):
         for key, reduce in (("mean", tf.reduce_mean), ("std", tf.math.reduce_std),
                             ("min", tf.reduce_min), ("max", tf.reduce_max)):
             self.trackers[f"phi_{key}"].update_state(reduce(flat_phi))
-        return nonfinite
+        return tf.cast(nonfinite, tf.int32)  # as _ft_head_step's 0, for the in-graph tf.cond
 
     def _update_hyper_loss_scale(self, is_finite):
         """Dynamic loss scaling of the hyperstep (float16): halve the scale (not below 1) after

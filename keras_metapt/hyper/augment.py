@@ -145,10 +145,18 @@ class _WarpBase(LearnedAugmentation):
         network only redistributes the strength over the examples of a batch; its last layer
         starts at zero, so every m_i starts at 1. ``per_example=False``: m_i = 1 (no network).
         Under tf.distribute the batch is each replica's shard: the mean is 1 per replica.
+
+    Under a mixed-precision policy (float16/bfloat16 compute) a warp computes in float32:
+    its sampling positions are time/pixel indices (up to 1023 for a 1000-sample ECG), which
+    half precision cannot resolve (bfloat16 rounds 1023 to 1024). Its output is float32; the
+    encoder casts it to its own compute dtype.
     """
 
     def __init__(self, grid_size, squaring_steps, initial_strength, per_example, smoothing_sigma,
                  filters, seed, **kwargs):
+        policy = keras.dtype_policies.get(kwargs.get("dtype") or keras.config.dtype_policy())
+        if policy.compute_dtype in ("float16", "bfloat16"):
+            kwargs["dtype"] = "float32"
         super().__init__(seed=seed, **kwargs)
         if int(grid_size) < 3:
             raise ValueError(f"grid_size must be >= 3, got {grid_size}")

@@ -74,8 +74,8 @@ class GIN(keras.Model):
         return sum(table(features[:, i]) for i, table in enumerate(tables))
 
     def call(self, batch, training=False):
-        node_mask = ops.cast(batch["node_mask"], "float32")[:, None]
-        edge_mask = ops.cast(batch["edge_mask"], "float32")[:, None]
+        node_mask = ops.cast(batch["node_mask"], self.compute_dtype)[:, None]  # mixed precision
+        edge_mask = ops.cast(batch["edge_mask"], self.compute_dtype)[:, None]
         source, target = batch["edge_index"][:, 0], batch["edge_index"][:, 1]
         num_nodes = ops.shape(batch["node_features"])[0]
         h = self._embed(self.node_embeddings, batch["node_features"]) * node_mask
@@ -83,7 +83,8 @@ class GIN(keras.Model):
             edges = self._embed(self.edge_embeddings[l], batch["edge_features"])
             messages = (ops.take(h, source, axis=0) + edges) * edge_mask
             aggregated = ops.segment_sum(messages, target, num_segments=num_nodes)
-            h = self.mlps[l](h + self.self_loops[l] + aggregated, training=training)
+            self_loop = ops.cast(self.self_loops[l], h.dtype)  # (Keras' symbolic build: float32)
+            h = self.mlps[l](h + self_loop + aggregated, training=training)
             h = self.norms[l](h, training=training)
             if l < self.num_layers - 1:
                 h = ops.relu(h)

@@ -1,4 +1,7 @@
-"""Heads on encoder features: the SimCLR projection head and a linear classifier."""
+"""Heads on encoder features: the SimCLR projection head and a linear classifier.
+
+Their last layer computes in float32 under any Keras dtype policy (mixed precision: float32
+outputs for the losses and for scores, as Keras' mixed-precision guide recommends)."""
 
 import keras
 
@@ -9,9 +12,10 @@ def projection_head(input_dim=256, hidden=256, output_dim=128, name="projection_
     """SimCLR projection g: features -> Dense(hidden) + ReLU -> Dense(output_dim) (built)."""
     return keras.Sequential([keras.Input((input_dim,)),
                              keras.layers.Dense(hidden, activation="relu"),
-                             keras.layers.Dense(output_dim)], name=name)
+                             keras.layers.Dense(output_dim, dtype="float32")], name=name)
 
 
 def linear_head(input_dim, outputs, name="linear_head"):
     """Dense(outputs) logits on features (built)."""
-    return keras.Sequential([keras.Input((input_dim,)), keras.layers.Dense(outputs)], name=name)
+    return keras.Sequential([keras.Input((input_dim,)), keras.layers.Dense(outputs, dtype="float32")],
+                            name=name)
