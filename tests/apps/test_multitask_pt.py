@@ -75,7 +75,7 @@ def test_help_explains_flags():
                           capture_output=True, text=True, timeout=120)
     for flag in ("--pt_csv", "--ft_csv", "--hyperstep_every", "--unroll_steps", "--neumann_terms",
                  "--seeds", "--[no]full", "--output_dir", "--[no]resume", "--on_error",
-                 "--strategy", "--devices"):
+                 "--strategy", "--devices", "--dtype_policy"):
         assert flag in proc.stdout
 
 

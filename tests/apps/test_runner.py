@@ -161,3 +161,35 @@ def test_claim_directory_empties_state_of_other_settings(tmp_path, capsys):
     assert not runner.claim_directory(str(directory), toy_config(tmp_path, lr=0.3))
     assert not (directory / "state").exists()
     assert "lr: 0.1 -> 0.3" in capsys.readouterr().out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrecisionConfig(ToyConfig):
+    dtype_policy: str
+
+
+def test_dtype_policy_flag_sets_the_global_keras_policy_in_setup(tmp_path, monkeypatch):
+    import keras
+    import tensorflow as tf
+    # setup's one inter-op thread can only be set before TensorFlow starts (earlier tests ran)
+    monkeypatch.setattr(tf.config.threading, "set_inter_op_parallelism_threads", lambda n: None)
+    values = flags.FlagValues()
+    runner.define_strategy_flags("the toy", flag_values=values)
+    runner.define_dtype_policy_flag(flag_values=values)
+    for name, default in (("arms", ["base"]), ("seeds", ["0"])):
+        flags.DEFINE_list(name, default, "", flag_values=values)
+    flags.DEFINE_string("baseline", "base", "", flag_values=values)
+    flags.DEFINE_float("lr", 0.1, "", flag_values=values)
+    flags.DEFINE_integer("verbose", 0, "", flag_values=values)
+    flags.DEFINE_string("output_dir", str(tmp_path), "", flag_values=values)
+    flags.DEFINE_bool("resume", True, "", flag_values=values)
+    assert "mixed_float16" in values["dtype_policy"].help
+    values(["prog", "--dtype_policy=mixed_bfloat16"])
+    try:
+        config, _ = runner.setup(PrecisionConfig, values)
+        assert keras.config.dtype_policy().name == "mixed_bfloat16"
+        assert config.results_config()["dtype_policy"] == "mixed_bfloat16"  # part of results
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    with pytest.raises(flags.IllegalFlagValueError):
+        values(["prog", "--dtype_policy=float64"])

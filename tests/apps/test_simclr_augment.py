@@ -70,5 +70,5 @@ def test_help_explains_flags():
                            "--helpshort"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     for flag in ("--modality", "--ptbxl_dir", "--images_dir", "--label_fraction", "--arms",
                  "--warp_strength", "--strength_lr", "--magnitude_lr", "--solver", "--strategy",
-                 "--[no]resume", "--output_dir"):
+                 "--[no]resume", "--output_dir", "--dtype_policy"):
         assert flag in proc.stdout, flag

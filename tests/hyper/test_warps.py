@@ -190,3 +190,24 @@ def test_two_views_differ_and_carry_only_the_learned_weights():
     plain = TwoViews(RandomCropFlip(seed=1))
     plain.build(images.shape)
     assert not plain.trainable_variables
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_warps_compute_in_float32_under_a_mixed_policy(policy):
+    # Reference: the same warp built under float32, same seed and noise. bfloat16 would round
+    # the sample index 1023 of a 1024-sample signal to 1024 (out of range).
+    x = _signals(batch=4, length=1024)
+    noise = tf.random.stateless_normal([4, 7], seed=[1, 2])
+    outputs = []
+    for build_policy in ("float32", policy):
+        keras.mixed_precision.set_global_policy(build_policy)
+        try:
+            keras.utils.set_random_seed(0)
+            warp = LearnedTimeWarp(grid_size=7, initial_strength=0.1, seed=0)
+            warp.build(x.shape)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        assert warp.compute_dtype == "float32"
+        outputs.append(warp.transform(x, noise).numpy())
+    np.testing.assert_array_equal(outputs[1], outputs[0])
+    assert LearnedTimeWarp(dtype="float64").compute_dtype == "float64"  # explicit dtypes stay

@@ -100,3 +100,25 @@ def test_gradients_reach_every_weight():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="readout"):
         GIN(NODE_VOCAB_SIZES, EDGE_VOCAB_SIZES, num_graphs=1, readout="max")
+
+
+def test_mixed_bfloat16_gin_matches_the_float32_one():
+    # Reference: the float32 GIN with the same weights; bfloat16 has an 8-bit mantissa, so
+    # the embeddings agree to about 1e-2 relative, not to float32 round-off.
+    import keras
+    graphs = batch_graphs([smiles_to_graph(s) for s in SMILES[:3]])
+    reference = model(3)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        mixed = GIN(NODE_VOCAB_SIZES, EDGE_VOCAB_SIZES, num_graphs=3, num_layers=3, hidden=32,
+                    dropout=0.3)
+        mixed(graphs)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    mixed.set_weights(reference.get_weights())
+    assert all(v.dtype == "float32" for v in mixed.variables if "seed" not in v.path)
+    want = reference(graphs, training=False).numpy()
+    got = mixed(graphs, training=False)
+    assert got.dtype == tf.bfloat16
+    got = tf.cast(got, tf.float32).numpy()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.03
