@@ -44,6 +44,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_metapt import functional
 from keras_metapt.errors import InputMismatchError
 
 __all__ = ["next_version", "export_saved_model", "GraphRequestSpec", "graph_request",
@@ -93,7 +94,7 @@ def export_saved_model(model, base_dir, name, input_spec, version=None, input_na
         spec = tf.TensorSpec(input_spec.shape, input_spec.dtype, name=input_name)
 
     def serve(x):
-        out = model(x, training=False)
+        out = functional.full_precision(model(x, training=False))  # float32 under mixed policies
         return dict(out) if isinstance(out, dict) else {output_name: out}
 
     return _write(model, base_dir, name, version, serve, spec)
@@ -231,7 +232,8 @@ def _checked_request(request, spec):
 
 def _output_specs(model, spec):
     """The model's output structure on one batch; each leaf must be [num_graphs, ...]."""
-    traced = tf.function(lambda batch: model(batch, training=False)).get_concrete_function(
+    traced = tf.function(lambda batch: functional.full_precision(model(batch, training=False))
+                         ).get_concrete_function(
         spec.batch_signature())
     outputs = traced.structured_outputs
     for leaf in tf.nest.flatten(outputs):
@@ -296,7 +298,7 @@ def export_graph_model(model, base_dir, name, spec, version=None, output_name="o
                 "edge_mask": tf.ones([e1 - e0], tf.float32),
                 "center": tf.pad(centers, [[0, chunk_size - (g1 - g0)]]),
             }
-            out = model(batch, training=False)
+            out = functional.full_precision(model(batch, training=False))
             arrays = tf.nest.map_structure(
                 lambda array, leaf: array.write(chunk, tf.ensure_shape(leaf, array.element_shape)),
                 arrays, out)

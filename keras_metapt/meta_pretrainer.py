@@ -33,8 +33,10 @@ scale halved), and the hyperstep has its own dynamic scale on the MetaVal loss
 (``hyper_loss_scale``, see `PretrainFinetuneProblem.outer_loss_scale`): a non-finite
 hypergradient is skipped, phi and the FT head are left as they were, the scale is halved and
 the skip is counted in ``hyperstep_overflows``; after 200 finite hypersteps in a row the scale
-doubles. Only a non-finite hypergradient at scale 1 counts as ``nonfinite_hypersteps`` (which
-stops fit). bfloat16 has float32's exponent range and needs no scaling.
+doubles. A non-finite hypergradient at scale 1, or with a non-finite MetaVal loss, counts as
+``nonfinite_hypersteps`` (which stops fit). bfloat16 has float32's exponent range and needs no
+scaling. ``solve=hypergrad.first_order()`` is refused under a mixed policy: its finite-difference
+step (radius / ||v||, about 1e-4 per weight) is below half precision's resolution.
 """
 
 import dataclasses
@@ -200,8 +202,14 @@ class MetaPretrainer(keras.Model):
         names = ("pt_loss", "ft_train_loss", "ft_val_loss", "hypergrad_norm", "hypersteps",
                  "nonfinite_hypersteps", "phi_mean", "phi_std", "phi_min", "phi_max")
         names += ("pt_lambda_max",) if self.curvature_iterations > 0 else ()
-        self.float16 = any(part.compute_dtype == "float16"
-                           for part in (encoder, pt_head, ft_head, meta_layer))
+        parts = (encoder, pt_head, ft_head, meta_layer)
+        self.float16 = any(part.compute_dtype == "float16" for part in parts)
+        half = [p.name for p in parts if p.compute_dtype in ("float16", "bfloat16")]
+        if half and hasattr(self.solve, "indirect_term"):
+            raise ValueError(
+                f"solve={self.solve!r} needs float32 parts: {', '.join(half)} compute in half "
+                "precision, below the resolution of its finite-difference step (radius / "
+                "||v||, about 1e-4 per weight). Use linalg.neumann(...) or linalg.cg(...)")
         if self.float16:
             if not float(hyper_loss_scale) >= 1.0:
                 raise ValueError(f"hyper_loss_scale must be >= 1, got {hyper_loss_scale}")
@@ -383,7 +391,8 @@ class MetaPretrainer(keras.Model):
                                    functional.full_precision(meta_out))
             share = replica_share(loss, x)  # Keras optimizers sum gradients over replicas
             share = self.optimizer.scale_loss(share)  # float16: times the dynamic scale
-        self.optimizer.apply(tape.gradient(share, self.pt_variables), self.pt_variables)
+        grads = self._finite_on_every_replica(tape.gradient(share, self.pt_variables))
+        self.optimizer.apply(grads, self.pt_variables)
         self.trackers["pt_loss"].update_state(loss)
         if self.float16:
             self.trackers["pt_loss_scale"].update_state(self.optimizer.dynamic_scale)
@@ -396,11 +405,35 @@ class MetaPretrainer(keras.Model):
             preds = self.ft_head(features, training=self.hyperstep_training)
             loss = self.ft_loss_fn(y, functional.full_precision(preds))
             share = self.ft_optimizer.scale_loss(replica_share(loss, x))
-        self.ft_optimizer.apply(tape.gradient(share, variables), variables)
+        self.ft_optimizer.apply(self._finite_on_every_replica(tape.gradient(share, variables)),
+                                variables)
         self.trackers["ft_train_loss"].update_state(loss)
         if self.float16:
             self.trackers["ft_loss_scale"].update_state(self.ft_optimizer.dynamic_scale)
         return tf.constant(0, tf.int32)
+
+    def _finite_on_every_replica(self, grads):
+        """float16 on several replicas: the gradients made NaN on every replica unless they
+        are finite on all of them. Keras' LossScaleOptimizer decides to skip a step from the
+        first replica's gradients alone (it expects them all-reduced already), so an overflow
+        on another replica would reach the weights. One all-reduce of a flag per step."""
+        if not self.float16 or self._reduction is None:
+            return grads
+        values = [g.values if isinstance(g, tf.IndexedSlices) else g
+                  for g in grads if g is not None]
+        bad = 1.0 - tf.cast(tf.reduce_all([tf.reduce_all(tf.math.is_finite(v))
+                                          for v in values]), tf.float32)
+        finite = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM,
+                                                                bad) == 0.0
+
+        def poison(g):
+            if g is None:
+                return None
+            nan = tf.where(finite, tf.constant(0.0, g.dtype), tf.constant(float("nan"), g.dtype))
+            if isinstance(g, tf.IndexedSlices):
+                return tf.IndexedSlices(g.values + nan, g.indices, g.dense_shape)
+            return g + nan
+        return [poison(g) for g in grads]
 
     def hypergradient(self, data):
         """The PT/FT hypergradient for one data element (a `HypergradResult`); updates nothing.
@@ -472,7 +505,8 @@ class MetaPretrainer(keras.Model):
         share = 1.0 / replicas  # Sum metrics add up over replicas: 1/R of a hyperstep each
         nonfinite = tf.cast(nonfinite, tf.float32)
         if self.float16:
-            overflow = tf.cast(self._update_hyper_loss_scale(result.is_finite), tf.float32)
+            overflow = tf.cast(self._update_hyper_loss_scale(result.is_finite,
+                                                             result.outer_loss), tf.float32)
             self.trackers["hyperstep_overflows"].update_state(overflow * share)
             nonfinite = nonfinite - overflow  # an overflow at a scale > 1 is not an error
         self.trackers["nonfinite_hypersteps"].update_state(nonfinite * share)
@@ -489,10 +523,12 @@ class MetaPretrainer(keras.Model):
             self.trackers[f"phi_{key}"].update_state(reduce(flat_phi))
         return tf.cast(nonfinite, tf.int32)  # as _ft_head_step's 0, for the in-graph tf.cond
 
-    def _update_hyper_loss_scale(self, is_finite):
+    def _update_hyper_loss_scale(self, is_finite, outer_loss):
         """Dynamic loss scaling of the hyperstep (float16): halve the scale (not below 1) after
         a non-finite hypergradient, double it after HYPER_SCALE_GROWTH_HYPERSTEPS finite ones
-        in a row. Returns whether this hyperstep was an overflow at a scale above 1."""
+        in a row. Returns whether this hyperstep was an overflow: a non-finite hypergradient
+        at a scale above 1 with a finite (unscaled) MetaVal loss. A NaN/Inf MetaVal loss is an
+        error at any scale (counted in nonfinite_hypersteps, which stops fit)."""
         scale = self.hyper_loss_scale.value
         in_a_row = self.finite_hypersteps_in_a_row.value + 1
         grow = is_finite & (in_a_row >= HYPER_SCALE_GROWTH_HYPERSTEPS)
@@ -501,7 +537,7 @@ class MetaPretrainer(keras.Model):
         self.finite_hypersteps_in_a_row.assign(
             tf.where(is_finite & ~grow, in_a_row, tf.zeros_like(in_a_row)))
         self.trackers["hyper_loss_scale"].update_state(self.hyper_loss_scale.value)
-        return ~is_finite & (scale > 1.0)
+        return ~is_finite & (scale > 1.0) & tf.math.is_finite(outer_loss)
 
     def _train_step(self, data, hyper):
         """PT step, then a hyperstep or an FT-head step; ``hyper`` is a Python bool (chosen on

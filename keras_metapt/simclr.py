@@ -52,6 +52,7 @@ class SimCLR(keras.Model):
             loss = self._loss(None, z)
             # Keras optimizers sum gradients over replicas: each gives its share of the mean
             share = loss * distribute.shard_fraction(x, loss.dtype)
+            share = self.optimizer.scale_loss(share)  # mixed_float16: Keras' LossScaleOptimizer
         self.optimizer.apply(tape.gradient(share, variables), variables)
         self.loss_tracker.update_state(loss)
         return {"ntxent": self.loss_tracker.result()}

@@ -154,7 +154,7 @@ def optim_sgd():
 
 
 def main(mode, out_dir, steps, *config):
-    if mode in ("mirrored", "estimators", "nonfinite", "float16"):
+    if mode in ("mirrored", "estimators", "nonfinite", "float16", "float16_shard_overflow"):
         split_cpu_in_two()
     tf.config.experimental.enable_op_determinism()
     if mode == "estimators":
@@ -182,6 +182,18 @@ def main(mode, out_dir, steps, *config):
             np.savez(os.path.join(out_dir, f"float16_{name}.npz"),
                      phi=model.meta_parameters()[0], scale=model.hyper_loss_scale.numpy(),
                      hyper_steps=model.hyper_optimizer.iterations.numpy())
+        return
+    if mode == "float16_shard_overflow":  # an Inf in replica 1's half of the first PT batch
+        x, y, x_ft, y_ft, _ = toy.synthetic_tasks(0)
+        x = x.copy()
+        x[40, 0] = np.inf
+        with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+            model = toy.build(0, y.shape[1], warmup_steps=5, policy="mixed_float16")
+        model.fit(stream(x, y, x_ft, y_ft), epochs=1, steps_per_epoch=1, verbose=0)
+        np.savez(os.path.join(out_dir, "shard_overflow.npz"),
+                 finite=all(np.all(np.isfinite(v.numpy())) for v in model.variables),
+                 scale=model.optimizer.dynamic_scale.numpy(),
+                 iterations=model.optimizer.iterations.numpy())
         return
     if mode == "multiworker":
         model = build_and_fit(km.distribute.get_strategy("multiworker"), steps)

@@ -161,3 +161,15 @@ def test_float16_overflow_skips_agree_on_two_devices(tmp_path):
     assert np.abs(single["phi"]).max() > 1e-2  # the applied hypersteps moved phi
     np.testing.assert_allclose(mirrored["phi"], single["phi"], atol=5e-3)
     assert np.corrcoef(single["phi"], mirrored["phi"])[0, 1] > 0.999
+
+
+def test_float16_pt_overflow_on_one_replica_is_skipped_on_every_replica(tmp_path):
+    """An Inf in the second replica's half of the first PT batch (mixed_float16, 2 logical
+    devices): the PT step is skipped everywhere (weights finite, no optimizer step, the loss
+    scale halved). Keras' LossScaleOptimizer alone checks the first replica's gradients only
+    and wrote Inf into the weights."""
+    proc = _run(["float16_shard_overflow", str(tmp_path), "0"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = np.load(tmp_path / "shard_overflow.npz")
+    assert bool(result["finite"])
+    assert int(result["iterations"]) == 0 and float(result["scale"]) == 2.0 ** 14

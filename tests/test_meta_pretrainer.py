@@ -638,14 +638,22 @@ def test_float16_hyper_loss_scale_doubles_after_a_run_of_finite_hypersteps(monke
     assert int(model.finite_hypersteps_in_a_row.numpy()) == 1
 
 
-def test_float16_non_finite_hypergradient_at_scale_one_still_stops_fit():
-    # A poisoned FT loss is NaN at every scale: two overflows (scale 4 -> 2 -> 1), then the
-    # non-finite hypergradient at scale 1 stops fit, phi never updated.
+def test_float16_non_finite_loss_is_an_error_not_an_overflow():
+    # A poisoned FT loss (NaN MetaVal loss) is not an overflow: the first hyperstep counts as
+    # non-finite and fit stops, the scale unchanged, phi never updated.
     x, y, x_ft, y_ft, _ = meta_pt_toy.synthetic_tasks(0, n=512)
     model = meta_pt_toy.build(0, y.shape[1], policy="mixed_float16", warmup_steps=0,
                               hyper_loss_scale=4.0)
     model.ft_loss_fn = lambda y_true, p: tf.reduce_mean(p) * np.nan
     with pytest.raises(km.NonFiniteHypergradientError, match="phi was not updated"):
         model.fit(meta_pt_toy.stream(0, x, y, x_ft, y_ft), epochs=1, steps_per_epoch=5, verbose=0)
-    assert float(model.hyper_loss_scale.numpy()) == 1.0
+    assert float(model.trackers["hyperstep_overflows"].result()) == 0.0
+    assert float(model.trackers["nonfinite_hypersteps"].result()) == 5.0
     np.testing.assert_array_equal(model.meta_parameters()[0], 0.0)
+
+
+def test_first_order_hyperstep_is_refused_under_a_mixed_policy():
+    x, y, *_ = meta_pt_toy.synthetic_tasks(0, n=256)
+    with pytest.raises(ValueError, match="finite-difference step"):
+        meta_pt_toy.build(0, y.shape[1], policy="mixed_bfloat16",
+                          solve=km.hypergrad.first_order())
