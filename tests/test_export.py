@@ -53,6 +53,20 @@ def test_reloaded_in_fresh_process_matches_keras(tmp_path):
                                model(x, training=False).numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_a_mixed_precision_model_serves_float32(tmp_path):
+    # Reference: the Keras model's own (bfloat16) output, cast to float32.
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    path = export.export_saved_model(model, str(tmp_path), "clf", tf.TensorSpec([None, 6], tf.float32))
+    x = np.random.default_rng(2).normal(size=(3, 6)).astype("float32")
+    out = tf.saved_model.load(path).signatures["serving_default"](inputs=tf.constant(x))["outputs"]
+    assert out.dtype == tf.float32
+    np.testing.assert_array_equal(out.numpy(), tf.cast(model(x), tf.float32).numpy())
+
+
 def test_versions_increment_and_never_overwrite(tmp_path):
     model = small_model()
     spec = tf.TensorSpec([None, 6], tf.float32)
