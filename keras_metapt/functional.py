@@ -90,13 +90,16 @@ def stateless_call(layer, trainable, non_trainable, inputs, training=None):
         return layer.stateless_call(trainable, non_trainable, inputs, **kwargs)
 
 
+# compute dtypes of Keras' mixed policies (mixed_float16, mixed_bfloat16)
+HALF_PRECISION = ("float16", "bfloat16")
+
+
 def full_precision(tree):
     """Casts the float16/bfloat16 leaves of a nest to float32 (mixed-precision outputs before a
     loss: losses and their gradients' first cotangents are computed in float32)."""
     return tf.nest.map_structure(
-        lambda t: tf.cast(t, tf.float32) if tf.is_tensor(t) and t.dtype in (tf.float16,
-                                                                            tf.bfloat16) else t,
-        tree)
+        lambda t: tf.cast(t, tf.float32) if tf.is_tensor(t) and t.dtype.name in HALF_PRECISION
+        else t, tree)
 
 
 def assign_state(model, trainable, non_trainable=None):

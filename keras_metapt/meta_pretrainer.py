@@ -204,7 +204,7 @@ class MetaPretrainer(keras.Model):
         names += ("pt_lambda_max",) if self.curvature_iterations > 0 else ()
         parts = (encoder, pt_head, ft_head, meta_layer)
         self.float16 = any(part.compute_dtype == "float16" for part in parts)
-        half = [p.name for p in parts if p.compute_dtype in ("float16", "bfloat16")]
+        half = [p.name for p in parts if p.compute_dtype in functional.HALF_PRECISION]
         if half and hasattr(self.solve, "indirect_term"):
             raise ValueError(
                 f"solve={self.solve!r} needs float32 parts: {', '.join(half)} compute in half "

@@ -10,6 +10,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_metapt.functional import HALF_PRECISION
+
 __all__ = ["LearnedAugmentation", "LearnedGaussianNoise", "LearnedTimeWarp", "LearnedSpatialWarp",
            "SignalCutoutNoise", "RandomCropFlip", "TwoViews"]
 
@@ -155,7 +157,7 @@ class _WarpBase(LearnedAugmentation):
     def __init__(self, grid_size, squaring_steps, initial_strength, per_example, smoothing_sigma,
                  filters, seed, **kwargs):
         policy = keras.dtype_policies.get(kwargs.get("dtype") or keras.config.dtype_policy())
-        if policy.compute_dtype in ("float16", "bfloat16"):
+        if policy.compute_dtype in HALF_PRECISION:
             kwargs["dtype"] = "float32"
         super().__init__(seed=seed, **kwargs)
         if int(grid_size) < 3:

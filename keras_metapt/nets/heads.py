@@ -6,10 +6,12 @@ policy."""
 
 import keras
 
+from keras_metapt.functional import HALF_PRECISION
+
 
 def _output_dtype():
     """float32 under a half-precision (mixed) global policy, else None (the policy)."""
-    half = keras.config.dtype_policy().compute_dtype in ("float16", "bfloat16")
+    half = keras.config.dtype_policy().compute_dtype in HALF_PRECISION
     return "float32" if half else None
 
 __all__ = ["projection_head", "linear_head"]
