@@ -28,7 +28,7 @@ if keras.backend.backend() != "tensorflow":
 
 from keras_metapt import (callbacks, distribute, errors, export, fewshot,  # noqa: E402
                           functional, hyper, hypergrad, linalg, losses, optim, reweighting,
-                          simclr, tasks)
+                          simclr, tasks, taskmeta)
 from keras_metapt.errors import (HypergradientError, InputMismatchError,  # noqa: E402
                                  NonFiniteHypergradientError, UnconnectedHyperparameterError)
 from keras_metapt.meta_pretrainer import (HyperstepSchedule, MetaPretrainer,  # noqa: E402

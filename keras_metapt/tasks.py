@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Episode", "EpisodeSampler"]
+__all__ = ["Episode", "EpisodeSampler", "split_classes", "stack_episodes"]
 
 _EPISODE_TAG = 103  # keeps episode streams apart from the apps' other NumPy streams
 
@@ -22,6 +22,12 @@ class Episode(NamedTuple):
     query: np.ndarray         # [n_way * n_query, ...]
     query_labels: np.ndarray  # [n_way * n_query] int32 in [0, n_way)
     classes: np.ndarray       # [n_way]: the original labels of episode classes 0 .. n_way - 1
+
+    @property
+    def support_labels(self):
+        """[n_way * k_shot] int32: the class-major support's labels 0 .. n_way - 1."""
+        n_way = len(self.classes)
+        return np.repeat(np.arange(n_way, dtype=np.int32), len(self.support) // n_way)
 
 
 class EpisodeSampler:
@@ -68,3 +74,26 @@ class EpisodeSampler:
         """Episode ``index`` of the stream (``seed``, ``stream``): the same draw every time."""
         return self.sample(np.random.default_rng([_EPISODE_TAG, int(seed), int(stream),
                                                   int(index)]))
+
+
+def split_classes(classes, num_test, seed=0):
+    """(meta-train classes, meta-test classes): ``num_test`` of ``classes`` drawn without
+    replacement by the NumPy generator seeded (tag, seed), the rest for meta-training; both
+    sorted and disjoint. Raises ValueError unless 1 <= num_test < len(classes)."""
+    classes = np.unique(np.asarray(classes))
+    if not 1 <= int(num_test) < len(classes):
+        raise ValueError(f"num_test must be in [1, {len(classes) - 1}] for {len(classes)} "
+                         f"classes, got {num_test}")
+    rng = np.random.default_rng([_EPISODE_TAG, 1, int(seed)])
+    test = np.sort(rng.choice(classes, int(num_test), replace=False))
+    return np.setdiff1d(classes, test), test
+
+
+def stack_episodes(episodes):
+    """A meta-batch of M episodes as arrays with a leading task dimension:
+    (support [M, n_way * k_shot, ...], support_labels [M, n_way * k_shot],
+    query [M, n_way * n_query, ...], query_labels [M, n_way * n_query])."""
+    return (np.stack([e.support for e in episodes]),
+            np.stack([e.support_labels for e in episodes]),
+            np.stack([e.query for e in episodes]),
+            np.stack([e.query_labels for e in episodes]))

@@ -8,7 +8,7 @@ in both, every row of a chosen class); determinism per (seed, stream, index).
 import numpy as np
 import pytest
 
-from keras_metapt.tasks import EpisodeSampler
+from keras_metapt.tasks import EpisodeSampler, split_classes, stack_episodes
 
 
 def labelled(num_classes=6, per_class=12):
@@ -53,3 +53,31 @@ def test_bad_episode_shapes_are_named():
         EpisodeSampler(examples, labels, n_way=2, k_shot=1, n_query=5)
     with pytest.raises(ValueError, match="3 examples but 15 labels"):
         EpisodeSampler(examples[:3], labels)
+
+
+def test_split_classes_is_disjoint_complete_and_repeatable():
+    """Reference: set algebra on the class list (disjoint, union = all, sizes)."""
+    classes = np.arange(10)
+    train, test = split_classes(classes, 4, seed=3)
+    assert len(test) == 4 and len(train) == 6
+    assert not set(train) & set(test) and set(train) | set(test) == set(classes)
+    again = split_classes(classes, 4, seed=3)
+    np.testing.assert_array_equal(again[1], test)
+    assert any(not np.array_equal(split_classes(classes, 4, seed=s)[1], test)
+               for s in range(4, 10))
+    with pytest.raises(ValueError, match="num_test"):
+        split_classes(classes, 10)
+
+
+def test_stacked_episodes_carry_class_major_support_labels():
+    examples, labels = labelled()
+    sampler = EpisodeSampler(examples, labels, n_way=3, k_shot=2, n_query=4)
+    episodes = [sampler.episode(seed=0, index=i) for i in range(5)]
+    support, support_labels, query, query_labels = stack_episodes(episodes)
+    assert support.shape == (5, 6, 1) and query.shape == (5, 12, 1)
+    np.testing.assert_array_equal(support_labels[2], [0, 0, 1, 1, 2, 2])
+    for i, e in enumerate(episodes):
+        # each support row's original label is the episode class its new label names
+        rows = e.support[:, 0].astype(int)
+        np.testing.assert_array_equal(labels[rows], e.classes[support_labels[i]])
+        np.testing.assert_array_equal(query_labels[i], e.query_labels)

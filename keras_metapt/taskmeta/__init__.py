@@ -1,0 +1,31 @@
+"""Meta-learning what a family of tasks shares: an initialisation for SGD (MAML, first-order
+MAML, Reptile / federated averaging) and per-coordinate step sizes (ARUBA).
+
+The protocol, followed by every method (base class `TaskMetaLearner`):
+
+    learner = Method(loss_fn, initial_params, *, inner_steps, inner_learning_rate, <settings>)
+    metrics = learner.meta_step(support, query=None, task_weights=None)   # one meta-update
+    params = learner.adapt(support, num_steps=None)                       # one task
+    phi = learner.initial_values()
+
+- loss_fn(params, batch) -> scalar: a pure loss over a nest of parameter tensors.
+- support, query: a meta-batch of M tasks, nests whose leaves have a leading task dimension
+  (`keras_metapt.tasks.stack_episodes`); support may be `hypergrad.StepBatches` with leaves
+  [M, T, ...] (minibatch t at inner step t, for many-shot tasks).
+- Adaptation is SGD from phi (`sgd_adapt`) with ``step_sizes()``: a scalar, or ARUBA's
+  per-coordinate rates.
+
+| method  | meta-gradient / update                       | cost per task          | memory  |
+|---------|----------------------------------------------|------------------------|---------|
+| MAML    | d L_Q(theta_T)/d phi via `hypergrad.Unrolled` | T grads + ~2T backward | O(T*P)  |
+| FOMAML  | grad L_Q(theta_T)                             | T + 1 gradients        | O(P)    |
+| Reptile | phi += eps (theta_T - phi)                    | T gradients            | O(P)    |
+| ARUBA   | Reptile + eta = sqrt(B / G) per coordinate    | T gradients            | O(P)+3P |
+"""
+
+from keras_metapt.taskmeta.aruba import ARUBA
+from keras_metapt.taskmeta.learner import TaskMetaLearner, sgd_adapt
+from keras_metapt.taskmeta.maml import MAML
+from keras_metapt.taskmeta.reptile import Reptile
+
+__all__ = ["TaskMetaLearner", "sgd_adapt", "MAML", "Reptile", "ARUBA"]
