@@ -42,7 +42,7 @@ __all__ = [
     "__version__",
     # modules
     "callbacks", "distribute", "errors", "export", "fewshot", "functional", "hyper", "hypergrad",
-    "linalg", "losses", "optim", "reweighting", "simclr", "tasks",
+    "linalg", "losses", "optim", "reweighting", "simclr", "tasks", "taskmeta",
     # meta-pre-training inside model.fit()
     "MetaPretrainer", "HyperstepSchedule", "meta_dataset",
     # the calling convention and the estimators

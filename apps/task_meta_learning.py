@@ -1,0 +1,413 @@
+r"""Meta-learning across a task family: MAML, first-order MAML, Reptile and ARUBA against
+training from scratch and multitask pre-training + fine-tuning, on N-way K-shot (or
+many-shot) classification tasks with disjoint meta-training and meta-test classes.
+
+Families (all offline):
+- fashion_mnist: Fashion-MNIST's training images (IDX files in --images_dir, 28x28);
+- digits: scikit-learn's bundled handwritten digits (1,797 8x8 images of 0-9, in [0, 1]).
+--num_test_classes of the ten classes (drawn by --split_seed, the same for every seed) are
+held out for meta-testing; meta-training episodes use only the others.
+
+Every arm adapts to a task by SGD (--inner_lr; ARUBA: its learned per-coordinate rates) on
+the task's support set from an initialisation of the same conv classifier
+(keras_metapt.taskmeta.classifier: --blocks blocks of conv 3x3 -> batch normalisation over
+the batch -> ReLU -> max-pool, --width channels, zero linear head):
+- scratch: the seed's random initialisation, not meta-trained;
+- pretrain_finetune: the encoder pre-trained by Adam (--meta_lr) on the pooled examples of
+  each meta-batch's tasks with their original labels (one head over the meta-training
+  classes), then a fresh zero head per task;
+- maml / fomaml: second-order MAML (through keras_metapt.Unrolled) / first-order MAML, an
+  Adam step (--meta_lr) on the mean query-loss meta-gradient of --meta_batch episodes after
+  --inner_steps SGD steps on their supports;
+- reptile: phi += --meta_step_size * (mean adapted weights - phi);
+- aruba: Reptile whose SGD uses ARUBA's per-coordinate step sizes (--aruba_zeta,
+  --aruba_power; initial rate --inner_lr).
+Every arm of a seed starts from the same initialisation and sees the same training episodes,
+for --meta_steps meta-steps (equal steps; the seconds per meta-step are reported, since they
+differ by method).
+
+Many-shot tasks: set --k_shot to hundreds and --inner_batch > 0: each inner step then takes a
+minibatch of --inner_batch support examples (drawn per step), for --inner_steps (e.g. >= 100)
+steps.
+
+Test: --test_episodes episodes of the held-out classes for each of --test_shots (the same
+episodes for every arm and seed), --test_inner_steps SGD steps from the arm's
+initialisation, query accuracy.
+
+    python apps/task_meta_learning.py --family=digits --blocks=2          # CPU, 5 seeds
+    python apps/task_meta_learning.py --arms=scratch,reptile,aruba --seeds=0,1,2
+
+Writes <output_dir>/summary.md and summary.json (per arm: mean test accuracy +- std over
+seeds per shot count; paired differences to --baseline with 95% t intervals over seeds; the
+mean 95% interval of a seed's accuracy over its test episodes; seconds per meta-step) and
+task_meta_learning.png. Every (arm, seed) checkpoints every --checkpoint_every meta-steps
+under <output_dir>/<arm>_seed<k> and resumes from there; finished arms are reused
+(runner.run_grid). A seed fixes a run: bit-identical on CPU.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script: make `apps` importable
+    sys.path.insert(0, ROOT)
+
+import keras_metapt as km  # noqa: E402,F401  (sets the Keras backend first)
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from apps import runner  # noqa: E402
+from keras_metapt import tasks, taskmeta  # noqa: E402
+from keras_metapt.data import images as image_data  # noqa: E402
+from keras_metapt.hypergrad import StepBatches  # noqa: E402
+
+FLAGS = flags.FLAGS
+ARMS = ("scratch", "pretrain_finetune", "maml", "fomaml", "reptile", "aruba")
+FAMILIES = ("fashion_mnist", "digits")
+TRAIN_STREAM, TEST_STREAM = 0, 1
+MINIBATCH_TAG = 107  # the NumPy stream of many-shot inner minibatches
+
+flags.DEFINE_enum("family", "fashion_mnist", list(FAMILIES), "Task family: Fashion-MNIST "
+                  "classes (IDX files in --images_dir) or scikit-learn's 8x8 digits.")
+flags.DEFINE_string("images_dir", image_data.FASHION_MNIST_DIR, "Folder of MNIST-layout IDX "
+                    "files (--family=fashion_mnist); default Debian's package.")
+flags.DEFINE_integer("num_test_classes", 5, "Classes held out for meta-testing (the rest "
+                     "are meta-training classes).")
+flags.DEFINE_integer("split_seed", 0, "Seed of the meta-train / meta-test class split (the "
+                     "same for every seed).")
+flags.DEFINE_list("arms", list(ARMS), "Arms to run, out of " + ", ".join(ARMS) + ".")
+flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds (initialisation, training "
+                  "episodes); every arm of a seed sees the same.")
+flags.DEFINE_enum("baseline", "scratch", list(ARMS), "Arm that summary.md/json compare every "
+                  "other arm with, paired by seed.")
+flags.DEFINE_integer("n_way", 5, "Classes per task (training and test).")
+flags.DEFINE_integer("k_shot", 1, "Support examples per class of training tasks.")
+flags.DEFINE_integer("n_query", 15, "Query examples per class of training tasks (MAML's "
+                     "meta-objective).")
+flags.DEFINE_integer("inner_steps", 5, "SGD steps per task during meta-training.")
+flags.DEFINE_float("inner_lr", 0.05, "SGD step size of task adaptation (ARUBA: the initial "
+                   "per-coordinate rate).")
+flags.DEFINE_integer("inner_batch", 0, "Support examples per inner step; 0: the whole "
+                     "support set every step (few-shot), > 0: minibatches (many-shot).")
+flags.DEFINE_integer("meta_steps", 300, "Meta-steps per arm.")
+flags.DEFINE_integer("meta_batch", 4, "Tasks per meta-step.")
+flags.DEFINE_float("meta_lr", 1e-3, "Adam rate of MAML, first-order MAML and the "
+                   "pre-training.")
+flags.DEFINE_float("meta_step_size", 0.5, "Reptile's and ARUBA's interpolation step epsilon.")
+flags.DEFINE_float("aruba_zeta", 1.0, "ARUBA's zeta (G's initial square root).")
+flags.DEFINE_float("aruba_power", 1.0, "ARUBA's p (the (t + 1)^-p smoothing).")
+flags.DEFINE_integer("width", 32, "Channels of every conv block.")
+flags.DEFINE_integer("blocks", 4, "Conv blocks (each halves the image side; digits: <= 3).")
+flags.DEFINE_list("test_shots", ["1", "5"], "Support examples per class of the test tasks; "
+                  "one accuracy per entry.")
+flags.DEFINE_integer("test_n_query", 15, "Query examples per class of test tasks.")
+flags.DEFINE_integer("test_inner_steps", 10, "SGD steps of a test task's adaptation.")
+flags.DEFINE_integer("test_episodes", 200, "Test tasks per shot count.")
+flags.DEFINE_integer("test_seed", 0, "Seed of the test tasks (the same for every arm, seed).")
+flags.DEFINE_integer("checkpoint_every", 50, "Meta-steps between checkpoints (and log lines).")
+flags.DEFINE_string("output_dir", "runs/task_meta_learning", "Results, plot and checkpoints.")
+flags.DEFINE_bool("resume", True, "Reuse finished (arm, seed) results and resume unfinished ones "
+                  "from their last checkpoint, when made with the same settings.")
+flags.DEFINE_integer("verbose", 1, "0: silent; 1: a progress bar; 2: a line per checkpoint.")
+flags.DEFINE_bool("plot", True, "Write task_meta_learning.png.")
+runner.define_strategy_flags("meta-training (only the default, one device, is supported here)")
+flags.adopt_module_key_flags(runner)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config(runner.GridConfig):
+    """The flags of this app (see --helpshort)."""
+
+    family: str
+    images_dir: str
+    num_test_classes: int
+    split_seed: int
+    n_way: int
+    k_shot: int
+    n_query: int
+    inner_steps: int
+    inner_lr: float
+    inner_batch: int
+    meta_steps: int
+    meta_batch: int
+    meta_lr: float
+    meta_step_size: float
+    aruba_zeta: float
+    aruba_power: float
+    width: int
+    blocks: int
+    test_shots: tuple
+    test_n_query: int
+    test_inner_steps: int
+    test_episodes: int
+    test_seed: int
+    checkpoint_every: int
+    verbose: int
+    plot: bool
+
+    ARMS = ARMS
+    NOT_IN_RESULTS = runner.GridConfig.NOT_IN_RESULTS + ("verbose", "plot", "checkpoint_every")
+    DATA_PATHS = ("images_dir",)
+    BOUNDS = {"num_test_classes": "[2, 8]", "split_seed": "[0, inf)", "n_way": "[2, 10]",
+              "k_shot": "[1, inf)", "n_query": "[1, inf)", "inner_steps": "[1, inf)",
+              "inner_lr": "(0, inf)", "inner_batch": "[0, inf)", "meta_steps": "[1, inf)",
+              "meta_batch": "[1, inf)", "meta_lr": "(0, inf)", "meta_step_size": "(0, 1]",
+              "aruba_zeta": "(0, inf)", "aruba_power": "(-inf, inf)", "width": "[1, inf)",
+              "blocks": "[1, 5]", "test_n_query": "[1, inf)", "test_inner_steps": "[1, inf)",
+              "test_episodes": "[1, inf)", "test_seed": "[0, inf)",
+              "checkpoint_every": "[1, inf)", "verbose": "[0, 2]"}
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.strategy != "default":
+            raise app.UsageError(f"--strategy={self.strategy}: this app runs on one device")
+        try:
+            shots = tuple(int(s) for s in self.test_shots)
+        except ValueError:
+            raise app.UsageError(f"--test_shots={','.join(self.test_shots)}: integers") from None
+        if not shots or min(shots) < 1 or len(set(shots)) != len(shots):
+            raise app.UsageError(f"--test_shots={','.join(map(str, shots))}: distinct "
+                                 "integers >= 1")
+        object.__setattr__(self, "test_shots", shots)
+        if self.n_way > self.num_test_classes or self.n_way > 10 - self.num_test_classes:
+            raise app.UsageError(
+                f"--n_way={self.n_way} needs that many classes on both sides of the split: "
+                f"--num_test_classes={self.num_test_classes} leaves "
+                f"{10 - self.num_test_classes} meta-training classes")
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclasses.dataclass
+class Family:
+    train: tasks.EpisodeSampler         # meta-training episodes
+    test: dict                          # k_shot -> EpisodeSampler over the held-out classes
+    image_shape: tuple
+    train_classes: np.ndarray
+    test_classes: np.ndarray
+
+
+def load_family(config):
+    """The class split and the episode samplers of the family."""
+    if config.family == "digits":
+        from sklearn.datasets import load_digits
+        digits = load_digits()
+        x = (digits.images.astype(np.float32) / 16.0)[..., None]
+        y = digits.target.astype(np.int32)
+    else:
+        (x, y), _ = image_data.load_idx_dataset(config.images_dir)
+        x = x.astype(np.float32)
+    train_classes, test_classes = tasks.split_classes(np.unique(y), config.num_test_classes,
+                                                      config.split_seed)
+    try:
+        train = tasks.EpisodeSampler(x, y, train_classes, n_way=config.n_way,
+                                     k_shot=config.k_shot, n_query=config.n_query,
+                                     name=f"{config.family} meta-training classes")
+        test = {k: tasks.EpisodeSampler(x, y, test_classes, n_way=config.n_way, k_shot=k,
+                                        n_query=config.test_n_query,
+                                        name=f"{config.family} meta-test classes ({k}-shot)")
+                for k in config.test_shots}
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
+    return Family(train, test, x.shape[1:], train_classes, test_classes)
+
+
+def support_batches(images, labels, config, steps, key):
+    """The support set as the inner loop consumes it: the whole set (every step), or with
+    --inner_batch one minibatch per step (rows drawn without replacement per step by the
+    NumPy generator seeded with ``key``). Leading task dimension kept."""
+    if config.inner_batch <= 0 or config.inner_batch >= images.shape[1]:
+        return (tf.constant(images), tf.constant(labels))
+    rng = np.random.default_rng([MINIBATCH_TAG, *key])
+    rows = np.stack([[rng.choice(images.shape[1], config.inner_batch, replace=False)
+                      for _ in range(steps)] for _ in range(images.shape[0])])  # [M, T, b]
+    take = np.arange(images.shape[0])[:, None, None]
+    return StepBatches((tf.constant(images[take, rows]), tf.constant(labels[take, rows])))
+
+
+def meta_batch(family, config, seed, step):
+    """The training episodes of a meta-step: (support, query, pooled original labels)."""
+    episodes = [family.train.episode(seed, step * config.meta_batch + m, TRAIN_STREAM)
+                for m in range(config.meta_batch)]
+    support, support_labels, query, query_labels = tasks.stack_episodes(episodes)
+    original = np.stack([e.classes[e.support_labels] for e in episodes])
+    return support, support_labels, query, query_labels, original
+
+
+# ----------------------------------------------------------------------------- one arm
+
+def make_learner(arm, seed, config, family):
+    params = taskmeta.conv_classifier_params(config.n_way, family.image_shape,
+                                             width=config.width, blocks=config.blocks, seed=seed)
+    common = dict(inner_steps=config.inner_steps, inner_learning_rate=config.inner_lr)
+    loss = taskmeta.classification_loss
+    if arm == "scratch":
+        return taskmeta.FromScratch(loss, params, **common)
+    if arm == "pretrain_finetune":
+        # the pre-training head spans the original labels; unused rows stay at zero
+        return taskmeta.MultitaskPretraining(params, 10, optimizer=keras.optimizers.Adam(
+            config.meta_lr), **common)
+    if arm in ("maml", "fomaml"):
+        return taskmeta.MAML(loss, params, meta_optimizer=keras.optimizers.Adam(config.meta_lr),
+                             first_order=arm == "fomaml", **common)
+    if arm == "reptile":
+        return taskmeta.Reptile(loss, params, meta_step_size=config.meta_step_size, **common)
+    return taskmeta.ARUBA(loss, params, meta_step_size=config.meta_step_size,
+                          zeta=config.aruba_zeta, power=config.aruba_power, **common)
+
+
+def test_accuracies(learner, family, config):
+    """{k_shot: [query accuracy of each test task]}."""
+    out = {}
+    for k, sampler in family.test.items():
+        values = []
+        for i in range(config.test_episodes):
+            e = sampler.episode(config.test_seed, i, TEST_STREAM)
+            support = support_batches(e.support[None], e.support_labels[None], config,
+                                      config.test_inner_steps, (config.test_seed, k, i))
+            support = (StepBatches(tf.nest.map_structure(lambda x: x[0], support.batches))
+                       if isinstance(support, StepBatches)
+                       else tuple(x[0] for x in support))
+            params = learner.adapt(support, config.test_inner_steps)
+            values.append(float(taskmeta.classification_accuracy(params, tf.constant(e.query),
+                                                                 tf.constant(e.query_labels))))
+        out[k] = values
+    return out
+
+
+def mean_and_interval(values):
+    """Mean and half-width of its 95% normal interval over tasks (1.96 std / sqrt(n))."""
+    values = np.asarray(values, np.float64)
+    half = 1.96 * values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return float(values.mean()), float(half)
+
+
+def run_arm(config, family, arm, seed):
+    """Meta-trains one arm for config.meta_steps, resuming from its last checkpoint, then
+    tests it on the held-out classes."""
+    directory = runner.run_directory(config, arm, seed)
+    learner = make_learner(arm, seed, config, family)
+    checkpoint = tf.train.Checkpoint(**learner.checkpoint_items())
+    manager = tf.train.CheckpointManager(checkpoint, os.path.join(directory, "ckpt"), 1)
+    history_path = os.path.join(directory, "history.json")
+    history = {"step": [], "seconds_per_step": [], "metrics": []}
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_consumed()
+        done = int(learner.meta_steps.numpy())
+        with open(history_path) as f:
+            stored = json.load(f)
+        keep = [i for i, s in enumerate(stored["step"]) if s <= done]
+        history = {k: [values[i] for i in keep] for k, values in stored.items()}
+        runner.log(f"  resumed at meta-step {done} ({manager.latest_checkpoint})")
+    progbar = keras.utils.Progbar(config.meta_steps, verbose=config.verbose == 1)
+    while int(learner.meta_steps.numpy()) < config.meta_steps:
+        first = int(learner.meta_steps.numpy())
+        last = min(first + config.checkpoint_every, config.meta_steps)
+        start, chunk = time.perf_counter(), []
+        for step in range(first, last):
+            support, support_labels, query, query_labels, original = meta_batch(
+                family, config, seed, step)
+            if arm == "pretrain_finetune":
+                metrics = learner.meta_step((tf.constant(support), tf.constant(original)))
+            else:
+                metrics = learner.meta_step(
+                    support_batches(support, support_labels, config, config.inner_steps,
+                                    (seed, step)),
+                    (tf.constant(query), tf.constant(query_labels)))
+            chunk.append(metrics)
+            progbar.update(step + 1, list(metrics.items()))
+        history["step"].append(last)
+        history["seconds_per_step"].append((time.perf_counter() - start) / (last - first))
+        history["metrics"].append({k: float(np.mean([m[k] for m in chunk])) for k in chunk[0]})
+        if config.verbose == 2:
+            runner.log(f"  meta-step {last}/{config.meta_steps}: {history['metrics'][-1]}")
+        runner.write_json(history_path, history)
+        manager.save()
+    accuracies = test_accuracies(learner, family, config)
+    record = {"history": history,
+              # the first chunk holds the tracing: the later ones time the steps
+              "seconds_per_meta_step": float(np.median(history["seconds_per_step"][1:]
+                                                       or history["seconds_per_step"]))}
+    for k, values in accuracies.items():
+        mean, half = mean_and_interval(values)
+        record[f"test_accuracy_{k}shot"] = mean
+        record[f"test_ci95_{k}shot"] = half
+        record[f"test_task_accuracies_{k}shot"] = values
+    if arm == "aruba":
+        eta = np.concatenate([e.numpy().ravel() for e in learner.eta])
+        record["aruba_step_size_quantiles"] = np.quantile(eta, [0.05, 0.5, 0.95]).tolist()
+    runner.log("  meta-test accuracy: " + ", ".join(
+        f"{k}-shot {record[f'test_accuracy_{k}shot']:.4f} +- {record[f'test_ci95_{k}shot']:.4f}"
+        for k in config.test_shots))
+    return record
+
+
+# ----------------------------------------------------------------------------- report
+
+def method_table(records, config):
+    """Per arm: the mean over seeds of a seed's 95% interval over its test tasks and the
+    seconds per meta-step."""
+    shots = config.test_shots
+    lines = ["", "| arm | " + " | ".join(f"{k}-shot 95% interval over tasks (mean over seeds)"
+                                         for k in shots) + " | s / meta-step |",
+             "|---" + "|---:" * (len(shots) + 1) + "|"]
+    for arm in ARMS:
+        rows = [r for (a, _), r in sorted(records.items()) if a == arm]
+        if rows:
+            cells = [f"+-{np.mean([r[f'test_ci95_{k}shot'] for r in rows]):.4f}" for k in shots]
+            cells.append(f"{np.mean([r['seconds_per_meta_step'] for r in rows]):.4f}")
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records, config, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4))
+    arms = [a for a in ARMS if any(arm == a for arm, _ in records)]
+    width = 0.8 / len(config.test_shots)
+    for j, k in enumerate(config.test_shots):
+        values = [[r[f"test_accuracy_{k}shot"] for (a, _), r in records.items() if a == arm]
+                  for arm in arms]
+        ax.bar(np.arange(len(arms)) + j * width, [np.mean(v) for v in values], width,
+               yerr=[np.std(v) for v in values], capsize=3, label=f"{k}-shot")
+    ax.set_xticks(np.arange(len(arms)) + width * (len(config.test_shots) - 1) / 2, arms)
+    ax.set(ylabel="meta-test accuracy",
+           title=f"{config.family}: {config.n_way}-way, held-out classes, mean +- std over "
+                 "seeds")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    config, _ = runner.setup(Config)
+    family = load_family(config)
+    runner.log(f"{config.family}: meta-training classes {family.train_classes.tolist()}, "
+               f"meta-test classes {family.test_classes.tolist()}")
+    records = runner.run_grid(config, lambda arm, seed, _: run_arm(config, family, arm, seed))
+    modes = tuple(f"{k}shot" for k in config.test_shots)
+    table, _ = runner.summarise(
+        records, config, modes, metric="test_accuracy", rate_column=False,
+        labels={f"{k}shot": f"{config.n_way}-way {k}-shot meta-test accuracy"
+                for k in config.test_shots})
+    table += method_table(records, config)
+    with open(os.path.join(config.output_dir, "summary.md"), "w") as f:
+        f.write(table)
+    print("\n" + table)
+    if config.plot:
+        plot(records, config, os.path.join(config.output_dir, "task_meta_learning.png"))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,61 @@
+"""The task learner of the image families: a conv net with a linear head, as pure functions.
+
+params = [kernel, bn_gamma, bn_beta] per block (`keras_metapt.fewshot.encoder_features`:
+conv 3x3 -> batch normalisation over the batch given -> ReLU -> 2x2 max-pool), then the head
+[W (features x n_way), b (n_way)]. Normalisation uses the statistics of the batch it is
+applied to (the support set while adapting, the query set when testing: the transductive
+setting of MAML's and Reptile's few-shot experiments); there are no running statistics.
+The head starts at zero, so every adapted model starts from uniform predictions and the
+labels' order within a task does not matter to the initialisation.
+"""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from keras_metapt.fewshot import encoder_features
+from keras_metapt.reweighting import per_example_cross_entropy
+
+__all__ = ["conv_classifier_params", "conv_classifier_logits", "classification_loss",
+           "classification_accuracy"]
+
+
+def conv_classifier_params(n_way, image_shape, *, width=32, blocks=4, seed=0):
+    """Initial params (a list of float32 arrays) for images of ``image_shape`` (h, w, c):
+    He-normal kernels drawn from ``seed``, normalisation scale 1 and offset 0, a zero head."""
+    h, w, c = (int(s) for s in image_shape)
+    if min(int(n_way), int(width), int(blocks)) < 1:
+        raise ValueError(f"n_way, width and blocks must be >= 1, got {n_way}, {width}, {blocks}")
+    if min(h, w) < 2 ** int(blocks):
+        raise ValueError(f"{blocks} blocks halve {h}x{w} images {blocks} times: too small; "
+                         f"use at most {int(math.log2(min(h, w)))} blocks")
+    rng = np.random.default_rng([106, int(seed)])
+    params, c_in = [], c
+    for _ in range(int(blocks)):
+        std = math.sqrt(2.0 / (9 * c_in))
+        params += [(rng.standard_normal((3, 3, c_in, int(width))) * std).astype(np.float32),
+                   np.ones(int(width), np.float32), np.zeros(int(width), np.float32)]
+        c_in = int(width)
+    features = (h >> int(blocks)) * (w >> int(blocks)) * int(width)
+    return params + [np.zeros((features, int(n_way)), np.float32),
+                     np.zeros(int(n_way), np.float32)]
+
+
+def conv_classifier_logits(params, images):
+    """[n, n_way] logits of ``images`` [n, h, w, c]."""
+    features = encoder_features(list(params[:-2]), images)
+    return tf.matmul(features, params[-2]) + params[-1]
+
+
+def classification_loss(params, batch):
+    """Mean cross-entropy of ``batch`` = (images, integer labels)."""
+    images, labels = batch
+    return tf.reduce_mean(per_example_cross_entropy(conv_classifier_logits(params, images),
+                                                    labels))
+
+
+def classification_accuracy(params, images, labels):
+    """Fraction of ``images`` whose arg-max logit is the label."""
+    predicted = tf.argmax(conv_classifier_logits(params, images), -1, output_type=tf.int32)
+    return tf.reduce_mean(tf.cast(tf.equal(predicted, tf.cast(labels, tf.int32)), tf.float32))
