@@ -1,0 +1,117 @@
+"""The task meta-learning app end to end on tiny settings: scikit-learn's bundled digits
+(few-shot, every arm) and IDX files in the real Fashion-MNIST format (many-shot minibatches);
+its resumption and repeatability; its --help; a usage error.
+
+References: every summary figure recomputed with NumPy from the stored per-seed records and
+their per-task accuracies; a task's accuracy is a count of correct queries out of
+n_way x test_n_query; an identical second run (--noresume) for "a seed fixes a run, bit for
+bit" (CPU, op determinism).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.data.test_images import write_fashion_like
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+APP = os.path.join(ROOT, "apps", "task_meta_learning.py")
+TINY = {"meta_steps": 4, "checkpoint_every": 2, "width": 4, "blocks": 1, "n_way": 2,
+        "k_shot": 1, "n_query": 2, "inner_steps": 2, "meta_batch": 2, "test_n_query": 2,
+        "test_episodes": 3, "test_inner_steps": 2}
+ARMS = ("scratch", "pretrain_finetune", "maml", "fomaml", "reptile", "aruba")
+FLAG_NAMES = ("output_dir", "resume", "strategy", "devices", "tpu_address", "arms", "seeds",
+              "baseline", "family", "images_dir", "num_test_classes", "split_seed", "n_way",
+              "k_shot", "n_query", "inner_steps", "inner_lr", "inner_batch", "meta_steps",
+              "meta_batch", "meta_lr", "meta_step_size", "aruba_zeta", "aruba_power", "width",
+              "blocks", "test_shots", "test_n_query", "test_inner_steps", "test_episodes",
+              "test_seed", "checkpoint_every", "verbose", "plot")
+
+
+def run_app(out, *extra, timeout=900):
+    return subprocess.run([sys.executable, APP, f"--output_dir={out}", "--verbose=2",
+                           *[f"--{k}={v}" for k, v in TINY.items()], *extra],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_every_arm_on_digits_with_a_paired_summary_resume_and_repeat(tmp_path):
+    out = tmp_path / "out"
+    args = ("--family=digits", "--arms=" + ",".join(ARMS), "--seeds=0,1", "--test_shots=2,1")
+    proc = run_app(out, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "meta-test classes" in proc.stdout
+    summary = json.load(open(out / "summary.json"))
+    queries = TINY["n_way"] * TINY["test_n_query"]
+    records = {arm: [json.load(open(out / "results" / f"{arm}_seed{s}.json")) for s in (0, 1)]
+               for arm in ARMS}
+    for arm in ARMS:
+        for k in (2, 1):
+            per_task = [np.array(r[f"test_task_accuracies_{k}shot"]) for r in records[arm]]
+            for r, values in zip(records[arm], per_task):
+                assert values.shape == (TINY["test_episodes"],)
+                np.testing.assert_allclose(values * queries, np.round(values * queries),
+                                           atol=1e-6)
+                assert r[f"test_accuracy_{k}shot"] == pytest.approx(values.mean())
+            seed_means = [v.mean() for v in per_task]
+            assert summary[arm][f"{k}shot_mean"] == pytest.approx(np.mean(seed_means))
+            if arm != "scratch":
+                base = [summary["scratch"]["per_seed"][s][f"{k}shot"] for s in ("0", "1")]
+                diffs = np.subtract(seed_means, base)
+                paired = summary[arm]["paired"][f"{k}shot"]
+                assert paired["mean_difference"] == pytest.approx(diffs.mean())
+                half = 12.706204736 * diffs.std(ddof=1) / np.sqrt(2)  # t(0.975, 1 d.o.f.)
+                assert paired["ci95"] == pytest.approx([diffs.mean() - half,
+                                                        diffs.mean() + half], abs=1e-9)
+        for r in records[arm]:
+            assert r["history"]["step"] == [2, 4] and r["seconds_per_meta_step"] > 0
+            metrics = r["history"]["metrics"][-1]
+            assert all(np.isfinite(v) for v in metrics.values())
+    assert set(records["maml"][0]["history"]["metrics"][0]) == {"query_loss"}
+    assert set(records["aruba"][0]["history"]["metrics"][0]) == {
+        "support_loss", "distance", "mean_step_size"}
+    low, median, high = records["aruba"][0]["aruba_step_size_quantiles"]
+    assert 0 < low <= median <= high
+    table = (out / "summary.md").read_text()
+    assert "2-way 2-shot meta-test accuracy" in table and "Paired difference to scratch" in table
+    assert os.path.getsize(out / "task_meta_learning.png") > 10_000
+
+    again = run_app(out, *args)  # resume: every result reused
+    assert again.returncode == 0 and again.stdout.count("done earlier") == 2 * len(ARMS)
+    fresh = run_app(tmp_path / "fresh", *args[:1], "--arms=maml,aruba", "--seeds=1",
+                    "--test_shots=2,1", "--plot=false")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    for arm in ("maml", "aruba"):
+        repeat = json.load(open(tmp_path / "fresh" / "results" / f"{arm}_seed1.json"))
+        assert repeat["test_task_accuracies_1shot"] == records[arm][1]["test_task_accuracies_1shot"]
+        assert repeat["history"]["metrics"] == records[arm][1]["history"]["metrics"]
+
+
+def test_many_shot_minibatches_on_idx_files(tmp_path):
+    images = tmp_path / "fashion"
+    write_fashion_like(str(images), n_train=400, n_test=10, seed=5)
+    proc = run_app(tmp_path / "out", f"--images_dir={images}", "--arms=reptile,aruba",
+                   "--seeds=0", "--k_shot=12", "--inner_batch=4", "--inner_steps=6",
+                   "--test_shots=12", "--test_inner_steps=6", "--blocks=2", "--plot=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.load(open(tmp_path / "out" / "results" / "aruba_seed0.json"))
+    assert 0.0 <= record["test_accuracy_12shot"] <= 1.0
+    assert record["history"]["metrics"][-1]["distance"] > 0
+
+
+def test_too_many_ways_for_the_split_is_a_usage_error(tmp_path):
+    proc = run_app(tmp_path / "out", "--family=digits", "--arms=scratch", "--seeds=0",
+                   "--n_way=6", "--num_test_classes=5", timeout=300)
+    assert proc.returncode != 0
+    assert "--n_way=6" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_explains_every_flag():
+    proc = subprocess.run([sys.executable, APP, "--helpshort"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    for name in FLAG_NAMES:
+        flag = f"--{name}" if name not in ("resume", "plot") else f"--[no]{name}"
+        assert flag in proc.stdout, flag
