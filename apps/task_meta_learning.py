@@ -6,7 +6,10 @@ Families (all offline):
 - fashion_mnist: Fashion-MNIST's training images (IDX files in --images_dir, 28x28);
 - digits: scikit-learn's bundled handwritten digits (1,797 8x8 images of 0-9, in [0, 1]).
 --num_test_classes of the ten classes (drawn by --split_seed, the same for every seed) are
-held out for meta-testing; meta-training episodes use only the others.
+held out for meta-testing; meta-training episodes use only the others. With --rotations=4
+every class c also gives three new classes, its images rotated by 90, 180 and 270 degrees
+(c + 10, c + 20, c + 30), on the same side of the split (the class augmentation of the
+Omniglot experiments of Santoro et al. 2016 and MAML): ten classes become forty.
 
 Every arm adapts to a task by SGD (--inner_lr; ARUBA: its learned per-coordinate rates) on
 the task's support set from an initialisation of the same conv classifier
@@ -79,6 +82,8 @@ flags.DEFINE_string("images_dir", image_data.FASHION_MNIST_DIR, "Folder of MNIST
                     "files (--family=fashion_mnist); default Debian's package.")
 flags.DEFINE_integer("num_test_classes", 5, "Classes held out for meta-testing (the rest "
                      "are meta-training classes).")
+flags.DEFINE_enum("rotations", "1", ["1", "2", "4"], "Classes per original class: its "
+                  "images rotated by multiples of 360 / rotations degrees (1: no new classes).")
 flags.DEFINE_integer("split_seed", 0, "Seed of the meta-train / meta-test class split (the "
                      "same for every seed).")
 flags.DEFINE_list("arms", list(ARMS), "Arms to run, out of " + ", ".join(ARMS) + ".")
@@ -127,6 +132,7 @@ class Config(runner.GridConfig):
     family: str
     images_dir: str
     num_test_classes: int
+    rotations: str
     split_seed: int
     n_way: int
     k_shot: int
@@ -175,11 +181,13 @@ class Config(runner.GridConfig):
             raise app.UsageError(f"--test_shots={','.join(map(str, shots))}: distinct "
                                  "integers >= 1")
         object.__setattr__(self, "test_shots", shots)
-        if self.n_way > self.num_test_classes or self.n_way > 10 - self.num_test_classes:
+        r = int(self.rotations)
+        if self.n_way > r * min(self.num_test_classes, 10 - self.num_test_classes):
             raise app.UsageError(
                 f"--n_way={self.n_way} needs that many classes on both sides of the split: "
-                f"--num_test_classes={self.num_test_classes} leaves "
-                f"{10 - self.num_test_classes} meta-training classes")
+                f"--num_test_classes={self.num_test_classes} and --rotations={r} give "
+                f"{r * (10 - self.num_test_classes)} meta-training and "
+                f"{r * self.num_test_classes} meta-test classes")
 
 
 # ----------------------------------------------------------------------------- data
@@ -205,6 +213,11 @@ def load_family(config):
         x = x.astype(np.float32)
     train_classes, test_classes = tasks.split_classes(np.unique(y), config.num_test_classes,
                                                       config.split_seed)
+    r = int(config.rotations)
+    if r > 1:
+        x, y = rotated_classes(x, y, r)
+        train_classes = np.concatenate([train_classes + 10 * i for i in range(r)])
+        test_classes = np.concatenate([test_classes + 10 * i for i in range(r)])
     try:
         train = tasks.EpisodeSampler(x, y, train_classes, n_way=config.n_way,
                                      k_shot=config.k_shot, n_query=config.n_query,
@@ -216,6 +229,15 @@ def load_family(config):
     except ValueError as error:
         raise app.UsageError(str(error)) from None
     return Family(train, test, x.shape[1:], train_classes, test_classes)
+
+
+def rotated_classes(x, y, rotations):
+    """Every image rotated by i * 360 / rotations degrees (i = 0 .. rotations - 1) as class
+    label + 10 i (square images)."""
+    quarter_turns = 4 // rotations
+    xs = [np.rot90(x, i * quarter_turns, axes=(1, 2)) for i in range(rotations)]
+    return (np.ascontiguousarray(np.concatenate(xs)),
+            np.concatenate([y + 10 * i for i in range(rotations)]).astype(np.int32))
 
 
 def support_batches(images, labels, config, steps, key):
@@ -251,8 +273,9 @@ def make_learner(arm, seed, config, family):
         return taskmeta.FromScratch(loss, params, **common)
     if arm == "pretrain_finetune":
         # the pre-training head spans the original labels; unused rows stay at zero
-        return taskmeta.MultitaskPretraining(params, 10, optimizer=keras.optimizers.Adam(
-            config.meta_lr), **common)
+        optimizer = keras.optimizers.Adam(config.meta_lr)
+        return taskmeta.MultitaskPretraining(params, 10 * int(config.rotations),
+                                             optimizer=optimizer, **common)
     if arm in ("maml", "fomaml"):
         return taskmeta.MAML(loss, params, meta_optimizer=keras.optimizers.Adam(config.meta_lr),
                              first_order=arm == "fomaml", **common)

@@ -25,7 +25,7 @@ TINY = {"meta_steps": 4, "checkpoint_every": 2, "width": 4, "blocks": 1, "n_way"
         "test_episodes": 3, "test_inner_steps": 2}
 ARMS = ("scratch", "pretrain_finetune", "maml", "fomaml", "reptile", "aruba")
 FLAG_NAMES = ("output_dir", "resume", "strategy", "devices", "tpu_address", "arms", "seeds",
-              "baseline", "family", "images_dir", "num_test_classes", "split_seed", "n_way",
+              "baseline", "family", "images_dir", "num_test_classes", "rotations", "split_seed", "n_way",
               "k_shot", "n_query", "inner_steps", "inner_lr", "inner_batch", "meta_steps",
               "meta_batch", "meta_lr", "meta_step_size", "aruba_zeta", "aruba_power", "width",
               "blocks", "test_shots", "test_n_query", "test_inner_steps", "test_episodes",

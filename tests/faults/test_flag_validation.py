@@ -16,7 +16,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 APPS = ("multitask_pt", "simclr_augment", "digits_reweighting", "noisy_labels",
-        "cross_domain_fewshot", "lr_schedules")
+        "cross_domain_fewshot", "lr_schedules", "task_meta_learning")
 
 # For one app per process: import it, then parse each case's flags and build its Config;
 # prints {case: error message or null} and the numeric fields without bounds.
@@ -72,13 +72,18 @@ BAD = {
                      ["--outer_momentum=1"], ["--momentum_range=0,0.9"],
                      ["--lr_range=1,0.5"], ["--clip_thresholds=0.1,0.1"],
                      ["--wd_range=-1,0"], ["--strategy=mirrored"], ["--arms=hand_tuned,sgdr"]],
+    "task_meta_learning": [["--meta_steps=0"], ["--n_way=1"], ["--inner_lr=0"],
+                           ["--meta_step_size=1.5"], ["--blocks=0"], ["--test_shots=0"],
+                           ["--n_way=6"], ["--inner_batch=-1"], ["--strategy=mirrored"],
+                           ["--arms=scratch,warpgrad"]],
 }
 GOOD = {"multitask_pt": [[], ["--neumann_terms=0", "--hyper_lr=0"]],
         "simclr_augment": [[], ["--num_pt=0"]],
         "digits_reweighting": [[], ["--label_noise=0", "--checkpoint_every=0"]],
         "noisy_labels": [[], ["--noise_rate=0", "--meta_lr=0", "--num_train=0"]],
         "cross_domain_fewshot": [[], ["--ft_lr=0", "--test_shots=1", "--ft_gamma_init=-2"]],
-        "lr_schedules": [[], ["--outer_steps=0", "--init_lr=0", "--momentum_range=1,1"]]}
+        "lr_schedules": [[], ["--outer_steps=0", "--init_lr=0", "--momentum_range=1,1"]],
+        "task_meta_learning": [[], ["--rotations=4", "--n_way=10", "--inner_batch=0"]]}
 
 
 @pytest.mark.parametrize("name", APPS)

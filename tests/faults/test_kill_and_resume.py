@@ -174,3 +174,31 @@ def test_digits_app_resumes_without_duplicated_history_rows(tmp_path):
     assert [int(r[0]) for r in rows[1:]] == list(range(1, 21))
     assert rows == history_rows(ref)
     assert json.load(open(cut / "summary.json")) == json.load(open(ref / "summary.json"))
+
+
+def test_task_meta_learning_app_resumes_inside_an_arm(tmp_path):
+    """Killed inside the MAML arm after its first checkpoint, and inside ARUBA once its first
+    history row is written (before or after that chunk's checkpoint); results equal the
+    uninterrupted run's (test accuracies per task, metric history, ARUBA's step sizes; not
+    the seconds per step)."""
+    from tests.apps.test_task_meta_learning import TINY as TASK_TINY
+    flags = [f"--{k}={v}" for k, v in dict(TASK_TINY, meta_steps=6).items()] + [
+        "--family=digits", "--arms=scratch,maml,aruba", "--seeds=0", "--test_shots=1",
+        "--plot=false", "--verbose=2"]
+    ref, cut = tmp_path / "reference", tmp_path / "killed"
+    reference = start(command("task_meta_learning.py", ref, flags)[:-1], tmp_path / "ref.log",
+                      "1")
+    out = run_with_kills(command("task_meta_learning.py", cut, flags)[:-1],
+                         tmp_path / "cut.log", [
+        lambda: (cut / "maml_seed0" / "ckpt" / "checkpoint").exists(),
+        lambda: (cut / "aruba_seed0" / "history.json").exists()])
+    finish(reference, tmp_path / "ref.log")
+    assert "resumed at meta-step" in open(tmp_path / "cut.log").read()
+    assert out.count("done earlier") == 2  # scratch and maml, in the last process
+
+    def without_times(records):
+        for record in records.values():
+            record.pop("seconds_per_meta_step")
+            record["history"].pop("seconds_per_step")
+        return records
+    assert_same_results(without_times(results(cut)), without_times(results(ref)))
