@@ -24,7 +24,9 @@ the batch -> ReLU -> max-pool, --width channels, zero linear head):
   --inner_steps SGD steps on their supports;
 - reptile: phi += --meta_step_size * (mean adapted weights - phi);
 - aruba: Reptile whose SGD uses ARUBA's per-coordinate step sizes (--aruba_zeta,
-  --aruba_power; initial rate --inner_lr).
+  --aruba_power; initial rate --inner_lr);
+- cts: Continual Trajectory Shifting: Reptile's step (--cts_meta_step_size) after every
+  --cts_update_every inner steps, each task's trajectory shifted with the initialisation.
 Every arm of a seed starts from the same initialisation and sees the same training episodes,
 for --meta_steps meta-steps (equal steps; the seconds per meta-step are reported, since they
 differ by method).
@@ -71,7 +73,7 @@ from keras_metapt.data import images as image_data  # noqa: E402
 from keras_metapt.hypergrad import StepBatches  # noqa: E402
 
 FLAGS = flags.FLAGS
-ARMS = ("scratch", "pretrain_finetune", "maml", "fomaml", "reptile", "aruba")
+ARMS = ("scratch", "pretrain_finetune", "maml", "fomaml", "reptile", "aruba", "cts")
 FAMILIES = ("fashion_mnist", "digits")
 TRAIN_STREAM, TEST_STREAM = 0, 1
 MINIBATCH_TAG = 107  # the NumPy stream of many-shot inner minibatches
@@ -105,6 +107,10 @@ flags.DEFINE_integer("meta_batch", 4, "Tasks per meta-step.")
 flags.DEFINE_float("meta_lr", 1e-3, "Adam rate of MAML, first-order MAML and the "
                    "pre-training.")
 flags.DEFINE_float("meta_step_size", 0.5, "Reptile's and ARUBA's interpolation step epsilon.")
+flags.DEFINE_float("cts_meta_step_size", 0.1, "CTS: phi's step toward the tasks' mean after "
+                   "each update (beta; --inner_steps / --cts_update_every updates per "
+                   "meta-step).")
+flags.DEFINE_integer("cts_update_every", 1, "CTS: inner steps between initialisation updates.")
 flags.DEFINE_float("aruba_zeta", 1.0, "ARUBA's zeta (G's initial square root).")
 flags.DEFINE_float("aruba_power", 1.0, "ARUBA's p (the (t + 1)^-p smoothing).")
 flags.DEFINE_integer("width", 32, "Channels of every conv block.")
@@ -144,6 +150,8 @@ class Config(runner.GridConfig):
     meta_batch: int
     meta_lr: float
     meta_step_size: float
+    cts_meta_step_size: float
+    cts_update_every: int
     aruba_zeta: float
     aruba_power: float
     width: int
@@ -164,6 +172,7 @@ class Config(runner.GridConfig):
               "k_shot": "[1, inf)", "n_query": "[1, inf)", "inner_steps": "[1, inf)",
               "inner_lr": "(0, inf)", "inner_batch": "[0, inf)", "meta_steps": "[1, inf)",
               "meta_batch": "[1, inf)", "meta_lr": "(0, inf)", "meta_step_size": "(0, 1]",
+              "cts_meta_step_size": "(0, 1]", "cts_update_every": "[1, inf)",
               "aruba_zeta": "(0, inf)", "aruba_power": "(-inf, inf)", "width": "[1, inf)",
               "blocks": "[1, 5]", "test_n_query": "[1, inf)", "test_inner_steps": "[1, inf)",
               "test_episodes": "[1, inf)", "test_seed": "[0, inf)",
@@ -181,6 +190,9 @@ class Config(runner.GridConfig):
             raise app.UsageError(f"--test_shots={','.join(map(str, shots))}: distinct "
                                  "integers >= 1")
         object.__setattr__(self, "test_shots", shots)
+        if self.cts_update_every > self.inner_steps:
+            raise app.UsageError(f"--cts_update_every={self.cts_update_every}: at most "
+                                 f"--inner_steps={self.inner_steps}")
         r = int(self.rotations)
         if self.n_way > r * min(self.num_test_classes, 10 - self.num_test_classes):
             raise app.UsageError(
@@ -281,6 +293,10 @@ def make_learner(arm, seed, config, family):
                              first_order=arm == "fomaml", **common)
     if arm == "reptile":
         return taskmeta.Reptile(loss, params, meta_step_size=config.meta_step_size, **common)
+    if arm == "cts":
+        return taskmeta.ContinualTrajectoryShifting(
+            loss, params, meta_step_size=config.cts_meta_step_size,
+            update_every=config.cts_update_every, **common)
     return taskmeta.ARUBA(loss, params, meta_step_size=config.meta_step_size,
                           zeta=config.aruba_zeta, power=config.aruba_power, **common)
 

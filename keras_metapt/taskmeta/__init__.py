@@ -1,5 +1,6 @@
 """Meta-learning what a family of tasks shares: an initialisation for SGD (MAML, first-order
-MAML, Reptile / federated averaging) and per-coordinate step sizes (ARUBA).
+MAML, Reptile / federated averaging, Continual Trajectory Shifting) and per-coordinate step
+sizes (ARUBA).
 
 The protocol, followed by every method (base class `TaskMetaLearner`):
 
@@ -21,6 +22,7 @@ The protocol, followed by every method (base class `TaskMetaLearner`):
 | FOMAML  | grad L_Q(theta_T)                             | T + 1 gradients        | O(P)    |
 | Reptile | phi += eps (theta_T - phi)                    | T gradients            | O(P)    |
 | ARUBA   | Reptile + eta = sqrt(B / G) per coordinate    | T gradients            | O(P)+3P |
+| CTS     | Reptile's step after every inner step, shifts | T gradients            | O(M*P)  |
 
 References without meta-learning: `FromScratch` (a fixed random initialisation) and
 `MultitaskPretraining` (supervised pre-training over all meta-training classes, then
@@ -31,10 +33,12 @@ from keras_metapt.taskmeta.aruba import ARUBA
 from keras_metapt.taskmeta.baselines import FromScratch, MultitaskPretraining
 from keras_metapt.taskmeta.classifier import (classification_accuracy, classification_loss,
                                               conv_classifier_logits, conv_classifier_params)
+from keras_metapt.taskmeta.cts import ContinualTrajectoryShifting
 from keras_metapt.taskmeta.learner import TaskMetaLearner, sgd_adapt
 from keras_metapt.taskmeta.maml import MAML
 from keras_metapt.taskmeta.reptile import Reptile
 
-__all__ = ["TaskMetaLearner", "sgd_adapt", "MAML", "Reptile", "ARUBA", "FromScratch",
+__all__ = ["TaskMetaLearner", "sgd_adapt", "MAML", "Reptile", "ARUBA",
+           "ContinualTrajectoryShifting", "FromScratch",
            "MultitaskPretraining", "conv_classifier_params", "conv_classifier_logits",
            "classification_loss", "classification_accuracy"]

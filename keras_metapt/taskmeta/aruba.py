@@ -51,12 +51,13 @@ class ARUBA(Reptile):
         self.epsilon = self.inner_learning_rate * self.zeta
         self.train_with_sgd = bool(train_with_sgd)
         leaves = [tf.convert_to_tensor(v) for v in self.initialisation]
-        self.b_squared = [tf.Variable(tf.fill(tf.shape(x), _tree.cast_scalar(self.epsilon ** 2, x.dtype)),
-                                      name=f"b_squared_{i}") for i, x in enumerate(leaves)]
-        self.g_squared = [tf.Variable(tf.fill(tf.shape(x), _tree.cast_scalar(self.zeta ** 2, x.dtype)),
-                                      name=f"g_squared_{i}") for i, x in enumerate(leaves)]
-        self.eta = [tf.Variable(tf.fill(tf.shape(x), _tree.cast_scalar(self.inner_learning_rate, x.dtype)),
-                                name=f"eta_{i}") for i, x in enumerate(leaves)]
+
+        def filled(value, name):
+            return [tf.Variable(tf.fill(tf.shape(x), _tree.cast_scalar(value, x.dtype)),
+                                name=f"{name}_{i}") for i, x in enumerate(leaves)]
+        self.b_squared = filled(self.epsilon ** 2, "b_squared")
+        self.g_squared = filled(self.zeta ** 2, "g_squared")
+        self.eta = filled(self.inner_learning_rate, "eta")
         self.task_count = tf.Variable(1, dtype=tf.int64, name="task_count")
         self._training = False
 

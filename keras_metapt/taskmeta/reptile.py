@@ -42,10 +42,11 @@ class Reptile(TaskMetaLearner):
             theta, sq = sgd_adapt(self.loss_fn, phi, batch, self.inner_steps, self.step_sizes())
             thetas.append(tf.nest.flatten(theta))
             squares.append(tf.nest.flatten(sq))
-            support_loss += tf.cast(w, tf.float32) * tf.cast(self.loss_fn(phi, batch_at(batch, 0)), tf.float32)
-            distance += tf.cast(w, tf.float32) * tf.cast(tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(t - p)) for t, p
-                                                      in zip(thetas[-1], phi_leaves)])),
-                                    tf.float32)
+            share = tf.cast(w, tf.float32)
+            support_loss += share * tf.cast(self.loss_fn(phi, batch_at(batch, 0)), tf.float32)
+            gap = tf.add_n([tf.reduce_sum(tf.square(t - p))
+                            for t, p in zip(thetas[-1], phi_leaves)])
+            distance += share * tf.cast(tf.sqrt(gap), tf.float32)
         self.after_tasks(phi_leaves, thetas, squares)
         for j, v in enumerate(self.initialisation):
             target = tf.add_n([tf.cast(w, v.dtype) * theta[j]

@@ -23,13 +23,14 @@ APP = os.path.join(ROOT, "apps", "task_meta_learning.py")
 TINY = {"meta_steps": 4, "checkpoint_every": 2, "width": 4, "blocks": 1, "n_way": 2,
         "k_shot": 1, "n_query": 2, "inner_steps": 2, "meta_batch": 2, "test_n_query": 2,
         "test_episodes": 3, "test_inner_steps": 2}
-ARMS = ("scratch", "pretrain_finetune", "maml", "fomaml", "reptile", "aruba")
+ARMS = ("scratch", "pretrain_finetune", "maml", "fomaml", "reptile", "aruba", "cts")
 FLAG_NAMES = ("output_dir", "resume", "strategy", "devices", "tpu_address", "arms", "seeds",
-              "baseline", "family", "images_dir", "num_test_classes", "rotations", "split_seed", "n_way",
-              "k_shot", "n_query", "inner_steps", "inner_lr", "inner_batch", "meta_steps",
-              "meta_batch", "meta_lr", "meta_step_size", "aruba_zeta", "aruba_power", "width",
-              "blocks", "test_shots", "test_n_query", "test_inner_steps", "test_episodes",
-              "test_seed", "checkpoint_every", "verbose", "plot")
+              "baseline", "family", "images_dir", "num_test_classes", "rotations", "split_seed",
+              "n_way", "k_shot", "n_query", "inner_steps", "inner_lr", "inner_batch",
+              "meta_steps", "meta_batch", "meta_lr", "meta_step_size", "cts_meta_step_size",
+              "cts_update_every", "aruba_zeta", "aruba_power", "width", "blocks", "test_shots",
+              "test_n_query", "test_inner_steps", "test_episodes", "test_seed",
+              "checkpoint_every", "verbose", "plot")
 
 
 def run_app(out, *extra, timeout=900):
@@ -93,7 +94,7 @@ def test_every_arm_on_digits_with_a_paired_summary_resume_and_repeat(tmp_path):
 def test_many_shot_minibatches_on_idx_files(tmp_path):
     images = tmp_path / "fashion"
     write_fashion_like(str(images), n_train=400, n_test=10, seed=5)
-    proc = run_app(tmp_path / "out", f"--images_dir={images}", "--arms=reptile,aruba",
+    proc = run_app(tmp_path / "out", f"--images_dir={images}", "--arms=reptile,aruba,cts",
                    "--seeds=0", "--k_shot=12", "--inner_batch=4", "--inner_steps=6",
                    "--test_shots=12", "--test_inner_steps=6", "--blocks=2", "--plot=false")
     assert proc.returncode == 0, proc.stderr[-3000:]

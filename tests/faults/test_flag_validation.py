@@ -75,6 +75,7 @@ BAD = {
     "task_meta_learning": [["--meta_steps=0"], ["--n_way=1"], ["--inner_lr=0"],
                            ["--meta_step_size=1.5"], ["--blocks=0"], ["--test_shots=0"],
                            ["--n_way=6"], ["--inner_batch=-1"], ["--strategy=mirrored"],
+                           ["--cts_update_every=6"], ["--cts_meta_step_size=0"],
                            ["--arms=scratch,warpgrad"]],
 }
 GOOD = {"multitask_pt": [[], ["--neumann_terms=0", "--hyper_lr=0"]],
