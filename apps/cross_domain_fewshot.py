@@ -43,7 +43,6 @@ bit-identical on CPU.
 """
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -250,30 +249,13 @@ def test_accuracies(trainer, domains, config):
             for k, sampler in domains.unseen.items()}
 
 
-def mean_and_interval(values):
-    """Mean and half-width of its 95% normal interval over episodes (1.96 std / sqrt(n))."""
-    values = np.asarray(values, np.float64)
-    half = 1.96 * values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return float(values.mean()), float(half)
-
-
 def run_arm(config, domains, arm, seed):
     """Trains one arm for config.num_steps, resuming from its last checkpoint, then tests."""
-    directory = runner.run_directory(config, arm, seed)
     trainer = make_trainer(arm, seed, config)
-    checkpoint = tf.train.Checkpoint(**trainer.checkpoint_items())
-    manager = tf.train.CheckpointManager(checkpoint, os.path.join(directory, "ckpt"), 1)
-    history_path = os.path.join(directory, "history.json")
-    history = {"step": [], "train_loss": [], "pseudo_unseen_loss": [], "seconds_per_step": [],
-               "gamma_scale": [], "beta_scale": []}
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_consumed()
-        done = int(trainer.step.numpy())
-        with open(history_path) as f:
-            stored = json.load(f)
-        keep = [i for i, s in enumerate(stored["step"]) if s <= done]
-        history = {k: [values[i] for i in keep] for k, values in stored.items()}
-        runner.log(f"  resumed at step {done} ({manager.latest_checkpoint})")
+    history, save = runner.resume_run(
+        runner.run_directory(config, arm, seed), trainer.checkpoint_items(),
+        {"step": [], "train_loss": [], "pseudo_unseen_loss": [], "seconds_per_step": [],
+         "gamma_scale": [], "beta_scale": []}, trainer.step.numpy, key="step")
     progbar = keras.utils.Progbar(config.num_steps, verbose=config.verbose == 1,
                                   stateful_metrics=["loss", "pseudo-unseen loss"])
     while int(trainer.step.numpy()) < config.num_steps:
@@ -299,15 +281,14 @@ def run_arm(config, domains, arm, seed):
         if config.verbose == 2:
             runner.log(f"  step {last}/{config.num_steps}: train loss "
                        f"{history['train_loss'][-1]:.4f}")
-        runner.write_json(history_path, history)
-        manager.save()
+        save(history)
     accuracies = test_accuracies(trainer, domains, config)
     record = {"history": history,
               # the first chunk holds the tracing: the later ones time the steps
               "seconds_per_step": float(np.median(history["seconds_per_step"][1:]
                                                   or history["seconds_per_step"]))}
     for k, values in accuracies.items():
-        mean, half = mean_and_interval(values)
+        mean, half = runner.mean_and_interval(values)
         record[f"test_accuracy_{k}shot"] = mean
         record[f"test_ci95_{k}shot"] = half
         record[f"test_episode_accuracies_{k}shot"] = values
@@ -393,10 +374,7 @@ def main(argv):
     table, _ = runner.summarise(
         records, config, modes, metric="test_accuracy", rate_column=False,
         labels={f"{k}shot": f"{config.test_n_way}-way {k}-shot unseen-domain accuracy"
-                for k in config.test_shots})
-    table += method_table(records, config)
-    with open(os.path.join(config.output_dir, "summary.md"), "w") as f:
-        f.write(table)
+                for k in config.test_shots}, appendix=method_table(records, config))
     print("\n" + table)
     if config.plot:
         plot(records, config, os.path.join(config.output_dir, "cross_domain_fewshot.png"))

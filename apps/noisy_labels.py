@@ -41,7 +41,6 @@ finished arms are reused (runner.run_grid). A seed fixes a run: bit-identical on
 """
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -247,18 +246,13 @@ def learning_rate_at(epoch, config):
 
 def run_arm(config, data, arm, seed):
     """Trains one arm for config.epochs, resuming from its last epoch checkpoint."""
-    directory = runner.run_directory(config, arm, seed)
     trainer = make_trainer(arm, seed, config)
     epochs_done = tf.Variable(0, dtype=tf.int64, name="epoch")
-    checkpoint = tf.train.Checkpoint(epoch=epochs_done, **trainer.checkpoint_items())
-    manager = tf.train.CheckpointManager(checkpoint, os.path.join(directory, "ckpt"), 1)
-    history_path = os.path.join(directory, "history.json")
-    history = {"test_accuracy": [], "seconds_per_step": [], "train_loss": [], "meta_loss": []}
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_consumed()
-        with open(history_path) as f:
-            history = {k: v[:int(epochs_done.numpy())] for k, v in json.load(f).items()}
-        runner.log(f"  resumed at epoch {int(epochs_done.numpy())} ({manager.latest_checkpoint})")
+    history, save = runner.resume_run(
+        runner.run_directory(config, arm, seed),
+        dict(epoch=epochs_done, **trainer.checkpoint_items()),
+        {"test_accuracy": [], "seconds_per_step": [], "train_loss": [], "meta_loss": []},
+        epochs_done.numpy, unit="epoch")
     if arm == "clean_only":
         x_fit, y_fit = data.x_meta, data.y_meta
     else:
@@ -299,8 +293,7 @@ def run_arm(config, data, arm, seed):
             runner.log(f"  epoch {epoch + 1}/{config.epochs}: train loss "
                        f"{history['train_loss'][-1]:.4f}, test accuracy "
                        f"{history['test_accuracy'][-1]:.4f}, {seconds:.1f} s")
-        runner.write_json(history_path, history)
-        manager.save()
+        save(history)
     if gpu:
         peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2 ** 20
     else:
@@ -385,10 +378,7 @@ def main(argv):
     records = runner.run_grid(config, lambda arm, seed, _: run_arm(config, data, arm, seed))
     table, _ = runner.summarise(records, config, ("final",), metric="test_accuracy",
                                 labels={"final": "test accuracy (last epoch)"},
-                                rate_column=False)
-    table += method_table(records)
-    with open(os.path.join(config.output_dir, "summary.md"), "w") as f:
-        f.write(table)
+                                rate_column=False, appendix=method_table(records))
     print("\n" + table)
     if config.plot:
         plot(records, os.path.join(config.output_dir, "noisy_labels.png"))

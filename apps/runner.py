@@ -66,7 +66,7 @@ __all__ = ["Config", "GridConfig", "FT_MODES", "FT_SEED_OFFSET", "FineTuned",
            "define_strategy_flags", "define_dtype_policy_flag", "check_in_interval", "data_digest", "setup", "seed_everything", "result_path",
            "config_differences", "run_grid", "run_directory", "claim_directory", "load_results",
            "fine_tune", "export_finetuned", "summarise", "summary_table", "paired_table",
-           "write_json"]
+           "write_json", "resume_run", "mean_and_interval"]
 
 # label in the log, label in the tables
 FT_MODES = {"full": ("full fine-tuning", "full FT test AUROC"),
@@ -385,6 +385,47 @@ def claim_directory(directory, config):
     return False
 
 
+def resume_run(directory, items, history, progress, key=None, unit="step"):
+    """An (arm, seed)'s checkpointed training under ``directory`` (`run_directory`): a
+    checkpoint of ``items`` (name -> trackable; the last one kept) and ``history`` (name ->
+    list, one row per checkpoint) in history.json. When a checkpoint exists it is restored,
+    and the stored history is cut to the rows it covers (a run killed between writing a row
+    and saving its checkpoint left one more): with ``key``, the rows whose ``history[key]`` is
+    at most ``progress()`` (read after the restore), else the first ``progress()`` rows.
+    Returns (history, save); ``save(history)`` writes the history, then the checkpoint."""
+    import tensorflow as tf
+    checkpoint = tf.train.Checkpoint(**items)
+    manager = tf.train.CheckpointManager(checkpoint, os.path.join(directory, "ckpt"), 1)
+    path = os.path.join(directory, "history.json")
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_consumed()
+        done = int(progress())
+        with open(path) as f:
+            stored = json.load(f)
+        rows = len(next(iter(stored.values()), []))
+        keep = ([i for i, value in enumerate(stored[key]) if value <= done] if key
+                else range(min(done, rows)))
+        history = {name: [values[i] for i in keep] for name, values in stored.items()}
+        log(f"  resumed at {unit} {done} ({manager.latest_checkpoint})")
+
+    def save(rows):
+        write_json(path, rows)
+        manager.save()
+    return history, save
+
+
+def mean_and_interval(values):
+    """Mean and the half-width of its 95% normal interval (1.96 std / sqrt(n); NaN for one
+    value), e.g. over a seed's test episodes."""
+    values = [float(v) for v in values]
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, 1.96 * std / math.sqrt(n)
+
+
 def load_results(results_dir, arms, seeds):
     """{(arm, seed): record} of the stored results that exist."""
     records = {}
@@ -459,12 +500,13 @@ def paired_difference(values, baseline_values):
 
 
 def summarise(records, config: GridConfig, modes, output_dir=None, metric="test_auroc",
-              labels=None, rate_column=True):
+              labels=None, rate_column=True, appendix=""):
     """summary.md and summary.json in ``output_dir`` (default config.output_dir) from the
     records of `run_grid`; returns (markdown, summary).
 
     Each record holds ``<metric>_<mode>`` per mode (test_auroc_full, ...); ``labels`` names
-    the table columns per mode (default `FT_MODES`'s).
+    the table columns per mode (default `FT_MODES`'s); ``appendix`` (markdown) is added
+    after the tables.
 
     summary[arm]: <mode>_mean, <mode>_std (over seeds), seeds, pt_examples_per_second (mean,
     None for an arm without PT), per_seed {seed: {mode: AUROC}}, and for an arm other than
@@ -496,7 +538,7 @@ def summarise(records, config: GridConfig, modes, output_dir=None, metric="test_
                     [entry["per_seed"][s][m] for s in seeds],
                     [summary[base]["per_seed"][s][m] for s in seeds]) for m in modes}}
     table = (summary_table(summary, modes, rate_column=rate_column, labels=labels)
-             + paired_table(summary, modes, labels=labels))
+             + paired_table(summary, modes, labels=labels) + appendix)
     output_dir = output_dir or config.output_dir
     with open(os.path.join(output_dir, "summary.md"), "w") as f:
         f.write(table)

@@ -51,7 +51,6 @@ under <output_dir>/<arm>_seed<k> and resumes from there; finished arms are reuse
 """
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -320,30 +319,14 @@ def test_accuracies(learner, family, config):
     return out
 
 
-def mean_and_interval(values):
-    """Mean and half-width of its 95% normal interval over tasks (1.96 std / sqrt(n))."""
-    values = np.asarray(values, np.float64)
-    half = 1.96 * values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return float(values.mean()), float(half)
-
-
 def run_arm(config, family, arm, seed):
     """Meta-trains one arm for config.meta_steps, resuming from its last checkpoint, then
     tests it on the held-out classes."""
-    directory = runner.run_directory(config, arm, seed)
     learner = make_learner(arm, seed, config, family)
-    checkpoint = tf.train.Checkpoint(**learner.checkpoint_items())
-    manager = tf.train.CheckpointManager(checkpoint, os.path.join(directory, "ckpt"), 1)
-    history_path = os.path.join(directory, "history.json")
-    history = {"step": [], "seconds_per_step": [], "metrics": []}
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_consumed()
-        done = int(learner.meta_steps.numpy())
-        with open(history_path) as f:
-            stored = json.load(f)
-        keep = [i for i, s in enumerate(stored["step"]) if s <= done]
-        history = {k: [values[i] for i in keep] for k, values in stored.items()}
-        runner.log(f"  resumed at meta-step {done} ({manager.latest_checkpoint})")
+    history, save = runner.resume_run(
+        runner.run_directory(config, arm, seed), learner.checkpoint_items(),
+        {"step": [], "seconds_per_step": [], "metrics": []}, learner.meta_steps.numpy,
+        key="step", unit="meta-step")
     progbar = keras.utils.Progbar(config.meta_steps, verbose=config.verbose == 1)
     while int(learner.meta_steps.numpy()) < config.meta_steps:
         first = int(learner.meta_steps.numpy())
@@ -366,15 +349,14 @@ def run_arm(config, family, arm, seed):
         history["metrics"].append({k: float(np.mean([m[k] for m in chunk])) for k in chunk[0]})
         if config.verbose == 2:
             runner.log(f"  meta-step {last}/{config.meta_steps}: {history['metrics'][-1]}")
-        runner.write_json(history_path, history)
-        manager.save()
+        save(history)
     accuracies = test_accuracies(learner, family, config)
     record = {"history": history,
               # the first chunk holds the tracing: the later ones time the steps
               "seconds_per_meta_step": float(np.median(history["seconds_per_step"][1:]
                                                        or history["seconds_per_step"]))}
     for k, values in accuracies.items():
-        mean, half = mean_and_interval(values)
+        mean, half = runner.mean_and_interval(values)
         record[f"test_accuracy_{k}shot"] = mean
         record[f"test_ci95_{k}shot"] = half
         record[f"test_task_accuracies_{k}shot"] = values
@@ -439,10 +421,7 @@ def main(argv):
     table, _ = runner.summarise(
         records, config, modes, metric="test_accuracy", rate_column=False,
         labels={f"{k}shot": f"{config.n_way}-way {k}-shot meta-test accuracy"
-                for k in config.test_shots})
-    table += method_table(records, config)
-    with open(os.path.join(config.output_dir, "summary.md"), "w") as f:
-        f.write(table)
+                for k in config.test_shots}, appendix=method_table(records, config))
     print("\n" + table)
     if config.plot:
         plot(records, config, os.path.join(config.output_dir, "task_meta_learning.png"))

@@ -193,3 +193,37 @@ def test_dtype_policy_flag_sets_the_global_keras_policy_in_setup(tmp_path, monke
         keras.mixed_precision.set_global_policy("float32")
     with pytest.raises(flags.IllegalFlagValueError):
         values(["prog", "--dtype_policy=float64"])
+
+
+def test_resume_run_restores_the_checkpoint_and_drops_history_rows_past_it(tmp_path):
+    """Reference: the rows written up to the last checkpoint, by hand; a row written after it
+    (a run killed before saving) is dropped, by key and by count."""
+    import tensorflow as tf
+    for key in ("step", None):
+        directory = tmp_path / f"run_{key}"
+        directory.mkdir()
+        step = tf.Variable(0, dtype=tf.int64)
+        history, save = runner.resume_run(str(directory), {"step": step}, {"step": [], "x": []},
+                                          step.numpy, key=key)
+        assert history == {"step": [], "x": []}
+        for value in (1, 2):
+            step.assign(value)
+            history["step"].append(value)
+            history["x"].append(10.0 * value)
+            save(history)
+        history["step"].append(3)
+        history["x"].append(30.0)
+        runner.write_json(str(directory / "history.json"), history)  # no checkpoint for row 3
+        restored_step = tf.Variable(0, dtype=tf.int64)
+        resumed, _ = runner.resume_run(str(directory), {"step": restored_step},
+                                       {"step": [], "x": []}, restored_step.numpy, key=key)
+        assert int(restored_step) == 2
+        assert resumed == {"step": [1, 2], "x": [10.0, 20.0]}
+
+
+def test_mean_and_interval_is_the_normal_interval_of_the_mean():
+    values = [0.5, 0.75, 1.0, 0.25]
+    mean, half = runner.mean_and_interval(values)
+    assert mean == pytest.approx(np.mean(values))
+    assert half == pytest.approx(1.96 * np.std(values, ddof=1) / 2.0)
+    assert np.isnan(runner.mean_and_interval([0.3])[1])
