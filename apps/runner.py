@@ -66,7 +66,7 @@ __all__ = ["Config", "GridConfig", "FT_MODES", "FT_SEED_OFFSET", "FineTuned",
            "define_strategy_flags", "define_dtype_policy_flag", "check_in_interval", "data_digest", "setup", "seed_everything", "result_path",
            "config_differences", "run_grid", "run_directory", "claim_directory", "load_results",
            "fine_tune", "export_finetuned", "summarise", "summary_table", "paired_table",
-           "write_json", "resume_run", "mean_and_interval"]
+           "write_json", "resume_run", "mean_and_interval", "distinct_counts"]
 
 # label in the log, label in the tables
 FT_MODES = {"full": ("full fine-tuning", "full FT test AUROC"),
@@ -412,6 +412,18 @@ def resume_run(directory, items, history, progress, key=None, unit="step"):
         write_json(path, rows)
         manager.save()
     return history, save
+
+
+def distinct_counts(name, values):
+    """The list flag ``--name`` as a tuple of distinct integers >= 1 (app.UsageError naming
+    the flag otherwise)."""
+    try:
+        counts = tuple(int(v) for v in values)
+    except ValueError:
+        raise app.UsageError(f"--{name}={','.join(map(str, values))}: integers") from None
+    if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
+        raise app.UsageError(f"--{name}={','.join(map(str, counts))}: distinct integers >= 1")
+    return counts
 
 
 def mean_and_interval(values):

@@ -181,14 +181,8 @@ class Config(runner.GridConfig):
         super().__post_init__()
         if self.strategy != "default":
             raise app.UsageError(f"--strategy={self.strategy}: this app runs on one device")
-        try:
-            shots = tuple(int(s) for s in self.test_shots)
-        except ValueError:
-            raise app.UsageError(f"--test_shots={','.join(self.test_shots)}: integers") from None
-        if not shots or min(shots) < 1 or len(set(shots)) != len(shots):
-            raise app.UsageError(f"--test_shots={','.join(map(str, shots))}: distinct "
-                                 "integers >= 1")
-        object.__setattr__(self, "test_shots", shots)
+        object.__setattr__(self, "test_shots", runner.distinct_counts("test_shots",
+                                                                      self.test_shots))
         if self.cts_update_every > self.inner_steps:
             raise app.UsageError(f"--cts_update_every={self.cts_update_every}: at most "
                                  f"--inner_steps={self.inner_steps}")

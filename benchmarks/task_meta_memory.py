@@ -4,7 +4,7 @@ horizon T.
     python -m benchmarks.task_meta_memory            # T = 5, 20, 80 on the Fashion-MNIST-size learner
     python -m benchmarks.task_meta_memory --quick    # tiny sizes, a smoke run
 
-Learner: the conv classifier of the task meta-learning app (keras_metapt.taskmeta.classifier:
+Learner: the conv classifier of the task meta-learning app (keras_metapt.km.taskmeta.classifier:
 4 blocks of conv 3x3 -> batch norm -> ReLU -> max-pool, width 32, on 28x28x1 images; --quick:
 2 blocks, width 4, 8x8), 5-way tasks with 5 support and 15 query images per class, a
 meta-batch of 2 tasks, T inner SGD steps on the support set. Methods: second-order MAML with
@@ -30,12 +30,11 @@ from absl import app, flags, logging
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras_metapt  # noqa: E402,F401  (sets the Keras backend first)
+import keras_metapt as km  # noqa: E402  (sets the Keras backend first)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from benchmarks.memory import first_execution_peak_mib  # noqa: E402
-from keras_metapt import taskmeta  # noqa: E402
 
 FLAGS = flags.FLAGS
 METHODS = ("maml", "maml_mixed", "fomaml", "reptile", "aruba", "cts")
@@ -54,18 +53,18 @@ N_WAY, K_SHOT, N_QUERY, META_BATCH = 5, 5, 15, 2
 
 def learner(method, steps, quick):
     shape, width, blocks = ((8, 8, 1), 4, 2) if quick else ((28, 28, 1), 32, 4)
-    params = taskmeta.conv_classifier_params(N_WAY, shape, width=width, blocks=blocks, seed=0)
-    loss, common = taskmeta.classification_loss, dict(inner_steps=steps, inner_learning_rate=0.05)
+    params = km.taskmeta.conv_classifier_params(N_WAY, shape, width=width, blocks=blocks, seed=0)
+    loss, common = km.taskmeta.classification_loss, dict(inner_steps=steps, inner_learning_rate=0.05)
     if method.startswith("maml") or method == "fomaml":
-        return taskmeta.MAML(loss, params, meta_optimizer=keras.optimizers.SGD(1e-3),
+        return km.taskmeta.MAML(loss, params, meta_optimizer=keras.optimizers.SGD(1e-3),
                              first_order=method == "fomaml",
                              backward="mixed" if method == "maml_mixed" else "reverse",
                              **common), shape
     if method == "reptile":
-        return taskmeta.Reptile(loss, params, **common), shape
+        return km.taskmeta.Reptile(loss, params, **common), shape
     if method == "aruba":
-        return taskmeta.ARUBA(loss, params, **common), shape
-    return taskmeta.ContinualTrajectoryShifting(loss, params, meta_step_size=0.01,
+        return km.taskmeta.ARUBA(loss, params, **common), shape
+    return km.taskmeta.ContinualTrajectoryShifting(loss, params, meta_step_size=0.01,
                                                 **common), shape
 
 
