@@ -277,7 +277,8 @@ def make_learner(arm, seed, config, family):
     if arm == "scratch":
         return taskmeta.FromScratch(loss, params, **common)
     if arm == "pretrain_finetune":
-        # the pre-training head spans the original labels; unused rows stay at zero
+        # the pre-training head spans every original label (10 per rotation); the meta-test
+        # classes never occur in its batches
         optimizer = keras.optimizers.Adam(config.meta_lr)
         return taskmeta.MultitaskPretraining(params, 10 * int(config.rotations),
                                              optimizer=optimizer, **common)
