@@ -63,7 +63,7 @@ def main(argv):
              f"--pt_epochs={FLAGS.pt_epochs}", f"--ft_epochs={FLAGS.ft_epochs}",
              f"--num_test={FLAGS.num_test}"]
     if FLAGS.quick:
-        sizes = ["--num_pt=0", "--label_fraction=0.2", "--pt_epochs=3", "--ft_epochs=1",
+        sizes = ["--num_pt=0", "--label_fraction=0.2", "--pt_epochs=2", "--ft_epochs=1",
                  "--num_test=0", "--batch_size=32", "--ft_batch_size=8", "--hyperstep_every=2"]
     if not {"simclr", "meta"} <= set(FLAGS.arms):
         raise app.UsageError(f"--arms={','.join(FLAGS.arms)}: the report needs simclr and meta")
