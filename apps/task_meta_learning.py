@@ -1,4 +1,5 @@
-r"""Meta-learning across a task family: MAML, first-order MAML, Reptile and ARUBA against
+r"""Meta-learning across a task family: MAML, first-order MAML, Reptile, ARUBA, CTS and
+WarpGrad against
 training from scratch and multitask pre-training + fine-tuning, on N-way K-shot (or
 many-shot) classification tasks with disjoint meta-training and meta-test classes.
 
@@ -26,7 +27,12 @@ the batch -> ReLU -> max-pool, --width channels, zero linear head):
 - aruba: Reptile whose SGD uses ARUBA's per-coordinate step sizes (--aruba_zeta,
   --aruba_power; initial rate --inner_lr);
 - cts: Continual Trajectory Shifting: Reptile's step (--cts_meta_step_size) after every
-  --cts_update_every inner steps, each task's trajectory shifted with the initialisation.
+  --cts_update_every inner steps, each task's trajectory shifted with the initialisation;
+- warpgrad: the classifier with a warp layer (a linear 3x3 convolution, identity at first)
+  after every block; adaptation moves only the task layers; the warps take SGD steps
+  (--warp_lr) on WarpGrad's objective at --warpgrad_points points of each task's
+  trajectory (--warpgrad_batch points per step; the second step on the query set), and the
+  initialisation the authors' simplified Leap step (--warpgrad_init_lr).
 Every arm of a seed starts from the same initialisation and sees the same training episodes,
 for --meta_steps meta-steps (equal steps; the seconds per meta-step are reported, since they
 differ by method).
@@ -72,7 +78,8 @@ from keras_metapt.data import images as image_data  # noqa: E402
 from keras_metapt.hypergrad import StepBatches  # noqa: E402
 
 FLAGS = flags.FLAGS
-ARMS = ("scratch", "pretrain_finetune", "maml", "fomaml", "reptile", "aruba", "cts")
+ARMS = ("scratch", "pretrain_finetune", "maml", "fomaml", "reptile", "aruba", "cts",
+        "warpgrad")
 FAMILIES = ("fashion_mnist", "digits")
 TRAIN_STREAM, TEST_STREAM = 0, 1
 MINIBATCH_TAG = 107  # the NumPy stream of many-shot inner minibatches
@@ -110,6 +117,13 @@ flags.DEFINE_float("cts_meta_step_size", 0.1, "CTS: phi's step toward the tasks'
                    "each update (beta; --inner_steps / --cts_update_every updates per "
                    "meta-step).")
 flags.DEFINE_integer("cts_update_every", 1, "CTS: inner steps between initialisation updates.")
+flags.DEFINE_float("warp_lr", 0.1, "WarpGrad: SGD step size of the warp layers.")
+flags.DEFINE_float("warpgrad_init_lr", 0.1, "WarpGrad: step size of the initialisation's "
+                   "Leap update (0: the initialisation stays at the seed's random one).")
+flags.DEFINE_integer("warpgrad_points", 0, "WarpGrad: trajectory points buffered per task, "
+                     "evenly spaced (0: every inner step).")
+flags.DEFINE_integer("warpgrad_batch", 1, "WarpGrad: buffered points per warp step (the "
+                     "authors: 1; 0: all of a meta-step's points, one step).")
 flags.DEFINE_float("aruba_zeta", 1.0, "ARUBA's zeta (G's initial square root).")
 flags.DEFINE_float("aruba_power", 1.0, "ARUBA's p (the (t + 1)^-p smoothing).")
 flags.DEFINE_integer("width", 32, "Channels of every conv block.")
@@ -151,6 +165,10 @@ class Config(runner.GridConfig):
     meta_step_size: float
     cts_meta_step_size: float
     cts_update_every: int
+    warp_lr: float
+    warpgrad_init_lr: float
+    warpgrad_points: int
+    warpgrad_batch: int
     aruba_zeta: float
     aruba_power: float
     width: int
@@ -172,6 +190,8 @@ class Config(runner.GridConfig):
               "inner_lr": "(0, inf)", "inner_batch": "[0, inf)", "meta_steps": "[1, inf)",
               "meta_batch": "[1, inf)", "meta_lr": "(0, inf)", "meta_step_size": "(0, 1]",
               "cts_meta_step_size": "(0, 1]", "cts_update_every": "[1, inf)",
+              "warp_lr": "(0, inf)", "warpgrad_init_lr": "[0, inf)",
+              "warpgrad_points": "[0, inf)", "warpgrad_batch": "[0, inf)",
               "aruba_zeta": "(0, inf)", "aruba_power": "(-inf, inf)", "width": "[1, inf)",
               "blocks": "[1, 5]", "test_n_query": "[1, inf)", "test_inner_steps": "[1, inf)",
               "test_episodes": "[1, inf)", "test_seed": "[0, inf)",
@@ -287,6 +307,13 @@ def make_learner(arm, seed, config, family):
                              first_order=arm == "fomaml", **common)
     if arm == "reptile":
         return taskmeta.Reptile(loss, params, meta_step_size=config.meta_step_size, **common)
+    if arm == "warpgrad":
+        return taskmeta.WarpGrad(
+            taskmeta.warped_classification_loss, params,
+            taskmeta.identity_warp_params(config.width, config.blocks),
+            warp_learning_rate=config.warp_lr, init_learning_rate=config.warpgrad_init_lr,
+            trajectory_points=config.warpgrad_points or None,
+            warp_batch=config.warpgrad_batch or None, seed=seed, **common)
     if arm == "cts":
         return taskmeta.ContinualTrajectoryShifting(
             loss, params, meta_step_size=config.cts_meta_step_size,
@@ -308,8 +335,9 @@ def test_accuracies(learner, family, config):
                        if isinstance(support, StepBatches)
                        else tuple(x[0] for x in support))
             params = learner.adapt(support, config.test_inner_steps)
-            values.append(float(taskmeta.classification_accuracy(params, tf.constant(e.query),
-                                                                 tf.constant(e.query_labels))))
+            warps = learner.warp_values() if isinstance(learner, taskmeta.WarpGrad) else None
+            values.append(float(taskmeta.classification_accuracy(
+                params, tf.constant(e.query), tf.constant(e.query_labels), warps)))
         out[k] = values
     return out
 

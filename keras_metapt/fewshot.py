@@ -38,6 +38,16 @@ __all__ = ["ConvEncoder", "encoder_features", "prototype_logits", "episode_loss"
 BN_EPSILON = 1e-5
 
 
+def batch_normalised_conv(h, kernel, gamma, beta):
+    """3x3 'SAME' convolution, then normalisation by the statistics of this batch."""
+    h = tf.nn.conv2d(h, kernel, 1, "SAME")
+    # not tf.nn.moments: it stops the gradient of the mean inside the variance, which leaves
+    # first derivatives exact but second derivatives (the one-step look-ahead's) wrong
+    mean = tf.reduce_mean(h, axis=[0, 1, 2])
+    variance = tf.reduce_mean(tf.square(h - mean), axis=[0, 1, 2])
+    return (h - mean) * tf.math.rsqrt(variance + BN_EPSILON) * gamma + beta
+
+
 def encoder_features(params, images, transforms=None, noise_seed=None):
     """Features [n, d] of ``images`` [n, h, w, c]; ``params`` = [kernel, bn_gamma, bn_beta] per
     block; ``transforms`` (phi of `FeatureWiseTransforms`, one layer per block) applied with
@@ -47,14 +57,7 @@ def encoder_features(params, images, transforms=None, noise_seed=None):
              if transforms is not None else None)
     h = images
     for b in range(blocks):
-        kernel, gamma, beta = params[3 * b:3 * b + 3]
-        h = tf.nn.conv2d(h, kernel, 1, "SAME")
-        # not tf.nn.moments: it stops the gradient of the mean inside the variance, which
-        # leaves first derivatives exact but second derivatives (the one-step look-ahead's)
-        # wrong
-        mean = tf.reduce_mean(h, axis=[0, 1, 2])
-        variance = tf.reduce_mean(tf.square(h - mean), axis=[0, 1, 2])
-        h = (h - mean) * tf.math.rsqrt(variance + BN_EPSILON) * gamma + beta
+        h = batch_normalised_conv(h, *params[3 * b:3 * b + 3])
         if transforms is not None:
             h = FeatureWiseTransforms.apply(b, h, transforms, seeds[b])
         h = tf.nn.max_pool2d(tf.nn.relu(h), 2, 2, "VALID")

@@ -1,6 +1,6 @@
 """Meta-learning what a family of tasks shares: an initialisation for SGD (MAML, first-order
-MAML, Reptile / federated averaging, Continual Trajectory Shifting) and per-coordinate step
-sizes (ARUBA).
+MAML, Reptile / federated averaging, Continual Trajectory Shifting), per-coordinate step
+sizes (ARUBA) and a preconditioner made of warp layers (WarpGrad).
 
 The protocol, followed by every method (base class `TaskMetaLearner`):
 
@@ -23,6 +23,7 @@ The protocol, followed by every method (base class `TaskMetaLearner`):
 | Reptile | phi += eps (theta_T - phi)                    | T gradients            | O(P)    |
 | ARUBA   | Reptile + eta = sqrt(B / G) per coordinate    | T gradients            | O(P)+3P |
 | CTS     | Reptile's step after every inner step, shifts | T gradients            | O(M*P)  |
+| WarpGrad| warp layers by J(omega) at S trajectory points; phi by Leap | T + ~4S grads | O(M*S*P) |
 
 References without meta-learning: `FromScratch` (a fixed random initialisation) and
 `MultitaskPretraining` (supervised pre-training over all meta-training classes, then
@@ -32,13 +33,17 @@ fine-tuning). The image families' learner is `conv_classifier_*` (module ``class
 from keras_metapt.taskmeta.aruba import ARUBA
 from keras_metapt.taskmeta.baselines import FromScratch, MultitaskPretraining
 from keras_metapt.taskmeta.classifier import (classification_accuracy, classification_loss,
-                                              conv_classifier_logits, conv_classifier_params)
+                                              conv_classifier_logits, conv_classifier_params,
+                                              identity_warp_params, warped_classification_loss,
+                                              warped_classifier_logits)
 from keras_metapt.taskmeta.cts import ContinualTrajectoryShifting
 from keras_metapt.taskmeta.learner import TaskMetaLearner, sgd_adapt
 from keras_metapt.taskmeta.maml import MAML
 from keras_metapt.taskmeta.reptile import Reptile
+from keras_metapt.taskmeta.warpgrad import WarpGrad
 
 __all__ = ["TaskMetaLearner", "sgd_adapt", "MAML", "Reptile", "ARUBA",
-           "ContinualTrajectoryShifting", "FromScratch",
+           "ContinualTrajectoryShifting", "WarpGrad", "FromScratch",
            "MultitaskPretraining", "conv_classifier_params", "conv_classifier_logits",
-           "classification_loss", "classification_accuracy"]
+           "classification_loss", "classification_accuracy", "identity_warp_params",
+           "warped_classifier_logits", "warped_classification_loss"]

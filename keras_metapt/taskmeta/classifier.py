@@ -7,6 +7,10 @@ applied to (the support set while adapting, the query set when testing: the tran
 setting of MAML's and Reptile's few-shot experiments); there are no running statistics.
 The head starts at zero, so every adapted model starts from uniform predictions and the
 labels' order within a task does not matter to the initialisation.
+
+The warped variant (WarpGrad's learner) adds after every block a warp layer, a linear 3x3
+convolution width -> width with its own parameters omega (not adapted per task), initialised
+to the identity: at omega's first value it computes exactly the plain classifier.
 """
 
 import math
@@ -14,11 +18,12 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from keras_metapt.fewshot import encoder_features
+from keras_metapt.fewshot import batch_normalised_conv, encoder_features
 from keras_metapt.reweighting import per_example_cross_entropy
 
 __all__ = ["conv_classifier_params", "conv_classifier_logits", "classification_loss",
-           "classification_accuracy"]
+           "classification_accuracy", "identity_warp_params", "warped_classifier_logits",
+           "warped_classification_loss"]
 
 
 def conv_classifier_params(n_way, image_shape, *, width=32, blocks=4, seed=0):
@@ -55,7 +60,39 @@ def classification_loss(params, batch):
                                                     labels))
 
 
-def classification_accuracy(params, images, labels):
-    """Fraction of ``images`` whose arg-max logit is the label."""
-    predicted = tf.argmax(conv_classifier_logits(params, images), -1, output_type=tf.int32)
+def classification_accuracy(params, images, labels, warp_params=None):
+    """Fraction of ``images`` whose arg-max logit is the label (of the warped learner when
+    ``warp_params`` are given)."""
+    logits = (conv_classifier_logits(params, images) if warp_params is None
+              else warped_classifier_logits(params, warp_params, images))
+    predicted = tf.argmax(logits, -1, output_type=tf.int32)
     return tf.reduce_mean(tf.cast(tf.equal(predicted, tf.cast(labels, tf.int32)), tf.float32))
+
+
+def identity_warp_params(width=32, blocks=4):
+    """omega's first value: one identity 3x3 kernel [3, 3, width, width] per block."""
+    kernel = np.zeros((3, 3, int(width), int(width)), np.float32)
+    kernel[1, 1] = np.eye(int(width), dtype=np.float32)
+    return [kernel.copy() for _ in range(int(blocks))]
+
+
+def warped_classifier_logits(params, warp_params, images):
+    """[n, n_way] logits with a warp convolution after every block (conv -> normalisation ->
+    ReLU -> 2x2 max-pool -> warp)."""
+    blocks = len(params[:-2]) // 3
+    if len(warp_params) != blocks:
+        raise ValueError(f"{len(warp_params)} warp kernels for {blocks} blocks")
+    h = images
+    for b in range(blocks):
+        h = tf.nn.max_pool2d(tf.nn.relu(batch_normalised_conv(h, *params[3 * b:3 * b + 3])),
+                             2, 2, "VALID")
+        h = tf.nn.conv2d(h, warp_params[b], 1, "SAME")
+    features = tf.reshape(h, [tf.shape(h)[0], -1])
+    return tf.matmul(features, params[-2]) + params[-1]
+
+
+def warped_classification_loss(params, warp_params, batch):
+    """Mean cross-entropy of ``batch`` = (images, integer labels), warped learner."""
+    images, labels = batch
+    return tf.reduce_mean(per_example_cross_entropy(
+        warped_classifier_logits(params, warp_params, images), labels))

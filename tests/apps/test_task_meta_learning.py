@@ -23,12 +23,14 @@ APP = os.path.join(ROOT, "apps", "task_meta_learning.py")
 TINY = {"meta_steps": 4, "checkpoint_every": 2, "width": 4, "blocks": 1, "n_way": 2,
         "k_shot": 1, "n_query": 2, "inner_steps": 2, "meta_batch": 2, "test_n_query": 2,
         "test_episodes": 3, "test_inner_steps": 2}
-ARMS = ("scratch", "pretrain_finetune", "maml", "fomaml", "reptile", "aruba", "cts")
+ARMS = ("scratch", "pretrain_finetune", "maml", "fomaml", "reptile", "aruba", "cts",
+        "warpgrad")
 FLAG_NAMES = ("output_dir", "resume", "strategy", "devices", "tpu_address", "arms", "seeds",
               "baseline", "family", "images_dir", "num_test_classes", "rotations", "split_seed",
               "n_way", "k_shot", "n_query", "inner_steps", "inner_lr", "inner_batch",
               "meta_steps", "meta_batch", "meta_lr", "meta_step_size", "cts_meta_step_size",
-              "cts_update_every", "aruba_zeta", "aruba_power", "width", "blocks", "test_shots",
+              "cts_update_every", "warp_lr", "warpgrad_init_lr", "warpgrad_points",
+              "warpgrad_batch", "aruba_zeta", "aruba_power", "width", "blocks", "test_shots",
               "test_n_query", "test_inner_steps", "test_episodes", "test_seed",
               "checkpoint_every", "verbose", "plot")
 
@@ -74,6 +76,8 @@ def test_every_arm_on_digits_with_a_paired_summary_resume_and_repeat(tmp_path):
     assert set(records["maml"][0]["history"]["metrics"][0]) == {"query_loss"}
     assert set(records["aruba"][0]["history"]["metrics"][0]) == {
         "support_loss", "distance", "mean_step_size"}
+    assert set(records["warpgrad"][0]["history"]["metrics"][0]) == {
+        "support_loss", "warp_objective", "distance"}
     low, median, high = records["aruba"][0]["aruba_step_size_quantiles"]
     assert 0 < low <= median <= high
     table = (out / "summary.md").read_text()
@@ -94,7 +98,8 @@ def test_every_arm_on_digits_with_a_paired_summary_resume_and_repeat(tmp_path):
 def test_many_shot_minibatches_on_idx_files(tmp_path):
     images = tmp_path / "fashion"
     write_fashion_like(str(images), n_train=400, n_test=10, seed=5)
-    proc = run_app(tmp_path / "out", f"--images_dir={images}", "--arms=reptile,aruba,cts",
+    proc = run_app(tmp_path / "out", f"--images_dir={images}", "--arms=reptile,aruba,cts,warpgrad",
+                   "--warpgrad_points=2", "--warpgrad_batch=0",
                    "--seeds=0", "--k_shot=12", "--inner_batch=4", "--inner_steps=6",
                    "--test_shots=12", "--test_inner_steps=6", "--blocks=2", "--plot=false")
     assert proc.returncode == 0, proc.stderr[-3000:]

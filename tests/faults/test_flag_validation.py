@@ -76,7 +76,8 @@ BAD = {
                            ["--meta_step_size=1.5"], ["--blocks=0"], ["--test_shots=0"],
                            ["--n_way=6"], ["--inner_batch=-1"], ["--strategy=mirrored"],
                            ["--cts_update_every=6"], ["--cts_meta_step_size=0"],
-                           ["--arms=scratch,warpgrad"]],
+                           ["--arms=scratch,warp"], ["--warp_lr=0"],
+                           ["--warpgrad_batch=-1"]],
 }
 GOOD = {"multitask_pt": [[], ["--neumann_terms=0", "--hyper_lr=0"]],
         "simclr_augment": [[], ["--num_pt=0"]],
