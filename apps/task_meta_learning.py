@@ -80,6 +80,7 @@ from keras_metapt.hypergrad import StepBatches  # noqa: E402
 FLAGS = flags.FLAGS
 ARMS = ("scratch", "pretrain_finetune", "maml", "fomaml", "reptile", "aruba", "cts",
         "warpgrad")
+SUPPORT_ONLY = ("pretrain_finetune", "reptile", "aruba", "cts")  # no use of query sets
 FAMILIES = ("fashion_mnist", "digits")
 TRAIN_STREAM, TEST_STREAM = 0, 1
 MINIBATCH_TAG = 107  # the NumPy stream of many-shot inner minibatches
@@ -117,6 +118,12 @@ flags.DEFINE_float("cts_meta_step_size", 0.1, "CTS: phi's step toward the tasks'
                    "each update (beta; --inner_steps / --cts_update_every updates per "
                    "meta-step).")
 flags.DEFINE_integer("cts_update_every", 1, "CTS: inner steps between initialisation updates.")
+flags.DEFINE_bool("zero_head", False, "Meta-learning arms learn the encoder's initialisation "
+                  "only: the linear head starts every task at zero (labels are permuted from "
+                  "task to task, so a learned head initialisation can only be a bias).")
+flags.DEFINE_bool("query_in_support", False, "Meta-training: pretrain_finetune, reptile, "
+                  "aruba and cts, which use no query set, train on each task's support and "
+                  "query examples (the labelled examples MAML and WarpGrad see).")
 flags.DEFINE_float("warp_lr", 0.1, "WarpGrad: SGD step size of the warp layers.")
 flags.DEFINE_float("warpgrad_init_lr", 0.1, "WarpGrad: step size of the initialisation's "
                    "Leap update (0: the initialisation stays at the seed's random one).")
@@ -165,6 +172,8 @@ class Config(runner.GridConfig):
     meta_step_size: float
     cts_meta_step_size: float
     cts_update_every: int
+    zero_head: bool
+    query_in_support: bool
     warp_lr: float
     warpgrad_init_lr: float
     warpgrad_points: int
@@ -236,9 +245,11 @@ def load_family(config):
     else:
         (x, y), _ = image_data.load_idx_dataset(config.images_dir)
         x = x.astype(np.float32)
-    train_classes, test_classes = tasks.split_classes(np.unique(y), config.num_test_classes,
-                                                      config.split_seed)
     r = int(config.rotations)
+    # a 6 turned by 180 degrees is a 9: with rotations, both on one side of the split
+    together = ((6, 9),) if config.family == "digits" and r > 1 else ()
+    train_classes, test_classes = tasks.split_classes(np.unique(y), config.num_test_classes,
+                                                      config.split_seed, together)
     if r > 1:
         x, y = rotated_classes(x, y, r)
         train_classes = np.concatenate([train_classes + 10 * i for i in range(r)])
@@ -278,12 +289,19 @@ def support_batches(images, labels, config, steps, key):
     return StepBatches((tf.constant(images[take, rows]), tf.constant(labels[take, rows])))
 
 
-def meta_batch(family, config, seed, step):
-    """The training episodes of a meta-step: (support, query, pooled original labels)."""
+def meta_batch(family, config, seed, step, query_in_support=False):
+    """The training episodes of a meta-step: (support, support labels, query, query labels,
+    the support's original labels); with ``query_in_support`` each task's query examples
+    join its support set (after its own examples)."""
     episodes = [family.train.episode(seed, step * config.meta_batch + m, TRAIN_STREAM)
                 for m in range(config.meta_batch)]
     support, support_labels, query, query_labels = tasks.stack_episodes(episodes)
     original = np.stack([e.classes[e.support_labels] for e in episodes])
+    if query_in_support:
+        support = np.concatenate([support, query], 1)
+        support_labels = np.concatenate([support_labels, query_labels], 1)
+        original = np.concatenate([original, np.stack([e.classes[e.query_labels]
+                                                       for e in episodes])], 1)
     return support, support_labels, query, query_labels, original
 
 
@@ -346,6 +364,8 @@ def run_arm(config, family, arm, seed):
     """Meta-trains one arm for config.meta_steps, resuming from its last checkpoint, then
     tests it on the held-out classes."""
     learner = make_learner(arm, seed, config, family)
+    if config.zero_head and arm not in ("scratch", "pretrain_finetune"):
+        learner.keep_at_initial_value([-2, -1])  # the head: [W, b], zero at first
     history, save = runner.resume_run(
         runner.run_directory(config, arm, seed), learner.checkpoint_items(),
         {"step": [], "seconds_per_step": [], "metrics": []}, learner.meta_steps.numpy,
@@ -357,7 +377,7 @@ def run_arm(config, family, arm, seed):
         start, chunk = time.perf_counter(), []
         for step in range(first, last):
             support, support_labels, query, query_labels, original = meta_batch(
-                family, config, seed, step)
+                family, config, seed, step, config.query_in_support and arm in SUPPORT_ONLY)
             if arm == "pretrain_finetune":
                 metrics = learner.meta_step((tf.constant(support), tf.constant(original)))
             else:

@@ -9,8 +9,9 @@ Learner: the conv classifier of the task meta-learning app (keras_metapt.km.task
 2 blocks, width 4, 8x8), 5-way tasks with 5 support and 15 query images per class, a
 meta-batch of 2 tasks, T inner SGD steps on the support set. Methods: second-order MAML with
 `Unrolled`'s reverse-over-reverse backward ("maml") and its mixed-mode one ("maml_mixed"),
-first-order MAML, Reptile, ARUBA and Continual Trajectory Shifting (an initialisation update
-after every inner step). Each (method, T) runs in a fresh subprocess (TensorFlow pools freed
+first-order MAML, Reptile, ARUBA, Continual Trajectory Shifting (an initialisation update
+after every inner step) and WarpGrad (warp layers after every block; 5 buffered points per
+task whatever T, one warp step per point, the second step on the query set). Each (method, T) runs in a fresh subprocess (TensorFlow pools freed
 CPU memory): the meta-step is traced, the kernel's peak-RSS counter reset, and the figure is
 the peak resident memory of the first meta-step minus the resident memory before it
 (`benchmarks.memory`). Time: median of --repeats further meta-steps (tf.function, no XLA).
@@ -37,7 +38,8 @@ import tensorflow as tf  # noqa: E402
 from benchmarks.memory import first_execution_peak_mib  # noqa: E402
 
 FLAGS = flags.FLAGS
-METHODS = ("maml", "maml_mixed", "fomaml", "reptile", "aruba", "cts")
+METHODS = ("maml", "maml_mixed", "fomaml", "reptile", "aruba", "cts", "warpgrad")
+WARPGRAD_POINTS = 5  # buffered trajectory points per task, fixed as T grows
 flags.DEFINE_list("steps", ["5", "20", "80"], "Inner horizons T.")
 flags.DEFINE_list("methods", list(METHODS), "Methods, out of " + ", ".join(METHODS) + ".")
 flags.DEFINE_integer("repeats", 3, "Timed meta-steps after the measured first one (median).")
@@ -64,6 +66,11 @@ def learner(method, steps, quick):
         return km.taskmeta.Reptile(loss, params, **common), shape
     if method == "aruba":
         return km.taskmeta.ARUBA(loss, params, **common), shape
+    if method == "warpgrad":
+        return km.taskmeta.WarpGrad(
+            km.taskmeta.warped_classification_loss, params,
+            km.taskmeta.identity_warp_params(width, blocks), init_learning_rate=0.01,
+            trajectory_points=WARPGRAD_POINTS, **common), shape
     return km.taskmeta.ContinualTrajectoryShifting(loss, params, meta_step_size=0.01,
                                                 **common), shape
 

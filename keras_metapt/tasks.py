@@ -76,16 +76,36 @@ class EpisodeSampler:
                                                   int(index)]))
 
 
-def split_classes(classes, num_test, seed=0):
+def split_classes(classes, num_test, seed=0, together=()):
     """(meta-train classes, meta-test classes): ``num_test`` of ``classes`` drawn without
     replacement by the NumPy generator seeded (tag, seed), the rest for meta-training; both
-    sorted and disjoint. Raises ValueError unless 1 <= num_test < len(classes)."""
+    sorted and disjoint. ``together``: groups of classes that must fall on one side (e.g.
+    (6, 9) when classes are rotated: a 6 turned by 180 degrees is a 9); a group the draw
+    splits moves wholly to the meta-test side, each of its meta-training members swapping
+    with the last-drawn meta-test class in no group. A draw that splits no group is kept as
+    it is. Raises ValueError unless 1 <= num_test < len(classes), or when the swaps cannot
+    be made."""
     classes = np.unique(np.asarray(classes))
     if not 1 <= int(num_test) < len(classes):
         raise ValueError(f"num_test must be in [1, {len(classes) - 1}] for {len(classes)} "
                          f"classes, got {num_test}")
     rng = np.random.default_rng([_EPISODE_TAG, 1, int(seed)])
-    test = np.sort(rng.choice(classes, int(num_test), replace=False))
+    drawn = list(rng.choice(classes, int(num_test), replace=False))
+    grouped = {int(c) for group in together for c in group}
+    for group in together:
+        members = [c for c in group if c in classes]
+        inside = [c for c in members if c in drawn]
+        if not inside or len(inside) == len(members):
+            continue
+        for c in members:
+            if c in drawn:
+                continue
+            free = [d for d in drawn if int(d) not in grouped]
+            if not free:
+                raise ValueError(f"cannot keep classes {tuple(group)} together: no free "
+                                 f"meta-test class left to swap with")
+            drawn[drawn.index(free[-1])] = c
+    test = np.sort(np.asarray(drawn, classes.dtype))
     return np.setdiff1d(classes, test), test
 
 

@@ -81,3 +81,26 @@ def test_stacked_episodes_carry_class_major_support_labels():
         rows = e.support[:, 0].astype(int)
         np.testing.assert_array_equal(labels[rows], e.classes[support_labels[i]])
         np.testing.assert_array_equal(query_labels[i], e.query_labels)
+
+
+def test_split_keeps_groups_on_one_side_and_leaves_other_draws_alone():
+    """Reference: the plain draw (no groups), and the rule written out: a split group moves
+    to the meta-test side, swapping with the last-drawn free meta-test classes."""
+    classes = np.arange(10)
+    for seed in range(40):
+        plain_train, plain_test = split_classes(classes, 4, seed=seed)
+        train, test = split_classes(classes, 4, seed=seed, together=((6, 9),))
+        assert (6 in test) == (9 in test) and len(test) == 4
+        np.testing.assert_array_equal(np.sort(np.concatenate([train, test])), classes)
+        if (6 in plain_test) == (9 in plain_test):
+            np.testing.assert_array_equal(test, plain_test)
+        else:
+            assert set(test) - set(plain_test) == {6, 9} - set(plain_test)
+            assert len(set(plain_test) - set(test)) == 1
+    # digits with rotations, split seed 0 (the README's runs): 6 and 9 are both held out
+    assert {6, 9} <= set(split_classes(classes, 5, seed=0, together=((6, 9),))[1])
+    # one meta-test class, drawn from the group: no free class to swap with
+    small = np.array([1, 6, 9])
+    seed = next(s for s in range(100) if split_classes(small, 1, seed=s)[1][0] in (6, 9))
+    with pytest.raises(ValueError, match=r"\(6, 9\)"):
+        split_classes(small, 1, seed=seed, together=((6, 9),))

@@ -80,7 +80,8 @@ class TaskMetaLearner(tf.Module):
         meta-batch of M tasks (query ignored by the methods that use only support sets);
       ``adapt(support, num_steps=None) -> params`` adapts phi to one task (no update of phi);
       ``step_sizes()`` the inner SGD step sizes (a scalar, or per coordinate);
-      ``initial_values()`` phi as a nest of tensors; ``checkpoint_items()`` the state.
+      ``initial_values()`` phi as a nest of tensors; ``checkpoint_items()`` the state;
+      ``keep_at_initial_value(leaves)`` excludes leaves of phi from meta-learning.
 
     Args (shared):
       loss_fn: ``loss_fn(params, batch) -> scalar``, pure.
@@ -104,8 +105,16 @@ class TaskMetaLearner(tf.Module):
         self.initialisation = [tf.Variable(x, name=f"phi_{i}") for i, x in
                                enumerate(tf.nest.flatten(structure))]
         self.meta_steps = tf.Variable(0, dtype=tf.int64, name="meta_steps")
+        self._held = {}
         self._adapt = {}
         self._meta_update = tf.function(self._meta_step_arrays)
+
+    def keep_at_initial_value(self, leaves):
+        """Holds phi's leaves at these flat indices (e.g. [-2, -1], a zero linear head) at
+        their present values: after every meta-step they are restored, so every task starts
+        from them and only the other leaves are meta-learned."""
+        for i in leaves:
+            self._held[int(i) % len(self.initialisation)] = tf.identity(self.initialisation[i])
 
     def initial_values(self):
         return self.pack([tf.convert_to_tensor(v) for v in self.initialisation])
@@ -144,6 +153,8 @@ class TaskMetaLearner(tf.Module):
         per_step = isinstance(support, StepBatches)
         metrics = self._meta_update(support.batches if per_step else support, query,
                                     tf.constant(weights, tf.float64), per_step)
+        for i, value in self._held.items():
+            self.initialisation[i].assign(value)
         return {k: float(v) for k, v in metrics.items()}
 
     def _meta_step_arrays(self, support, query, weights, per_step):

@@ -29,7 +29,8 @@ FLAG_NAMES = ("output_dir", "resume", "strategy", "devices", "tpu_address", "arm
               "baseline", "family", "images_dir", "num_test_classes", "rotations", "split_seed",
               "n_way", "k_shot", "n_query", "inner_steps", "inner_lr", "inner_batch",
               "meta_steps", "meta_batch", "meta_lr", "meta_step_size", "cts_meta_step_size",
-              "cts_update_every", "warp_lr", "warpgrad_init_lr", "warpgrad_points",
+              "cts_update_every", "zero_head", "query_in_support", "warp_lr", "warpgrad_init_lr",
+              "warpgrad_points",
               "warpgrad_batch", "aruba_zeta", "aruba_power", "width", "blocks", "test_shots",
               "test_n_query", "test_inner_steps", "test_episodes", "test_seed",
               "checkpoint_every", "verbose", "plot")
@@ -99,13 +100,15 @@ def test_many_shot_minibatches_on_idx_files(tmp_path):
     images = tmp_path / "fashion"
     write_fashion_like(str(images), n_train=400, n_test=10, seed=5)
     proc = run_app(tmp_path / "out", f"--images_dir={images}", "--arms=reptile,aruba,cts,warpgrad",
-                   "--warpgrad_points=2", "--warpgrad_batch=0",
+                   "--warpgrad_points=2", "--warpgrad_batch=0", "--query_in_support",
+                   "--zero_head",
                    "--seeds=0", "--k_shot=12", "--inner_batch=4", "--inner_steps=6",
                    "--test_shots=12", "--test_inner_steps=6", "--blocks=2", "--plot=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.load(open(tmp_path / "out" / "results" / "aruba_seed0.json"))
     assert 0.0 <= record["test_accuracy_12shot"] <= 1.0
     assert record["history"]["metrics"][-1]["distance"] > 0
+    assert record["config"]["query_in_support"] is True  # ARUBA trained on support + query
 
 
 def test_too_many_ways_for_the_split_is_a_usage_error(tmp_path):
@@ -119,5 +122,6 @@ def test_help_explains_every_flag():
     proc = subprocess.run([sys.executable, APP, "--helpshort"], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
     for name in FLAG_NAMES:
-        flag = f"--{name}" if name not in ("resume", "plot") else f"--[no]{name}"
+        flag = (f"--{name}" if name not in ("resume", "plot", "zero_head", "query_in_support")
+                else f"--[no]{name}")
         assert flag in proc.stdout, flag

@@ -194,3 +194,25 @@ def test_bad_settings_are_named():
         Reptile(least_squares, params_of(w0, b0), meta_step_size=1.5)
     with pytest.raises(ValueError, match="zeta"):
         ARUBA(least_squares, params_of(w0, b0), zeta=0.0)
+
+
+def test_leaves_kept_at_their_initial_value_stay_there_and_the_others_learn_as_before():
+    """Reference: a plain Reptile whose b is assigned back to its first value after every
+    meta-step, by hand; ``keep_at_initial_value`` must give the same w, and b unchanged."""
+    x, y = family(5, 2)
+    phi = {"w": np.zeros(FEATURES), "b": np.array(0.5)}
+    held = Reptile(least_squares, phi, inner_steps=STEPS, inner_learning_rate=0.05,
+                   meta_step_size=0.5)
+    held.keep_at_initial_value([0])  # flat order: b, w
+    plain = Reptile(least_squares, phi, inner_steps=STEPS, inner_learning_rate=0.05,
+                    meta_step_size=0.5)
+    support = StepBatches((tf.constant(x), tf.constant(y)))
+    for _ in range(3):
+        held.meta_step(support)
+        plain.meta_step(support)
+        assert plain.initialisation[0].numpy() != 0.5  # b would move
+        plain.initialisation[0].assign(0.5)
+        np.testing.assert_array_equal(held.initialisation[0].numpy(), 0.5)
+        np.testing.assert_allclose(held.initialisation[1].numpy(),
+                                   plain.initialisation[1].numpy(), rtol=1e-12)
+    assert np.abs(held.initialisation[1].numpy()).max() > 0
