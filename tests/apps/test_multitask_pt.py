@@ -70,15 +70,6 @@ def check_run(run_dir, stdout):
         assert scores.shape == (len(smiles), 1) and np.all(np.isfinite(scores))
 
 
-def test_help_explains_flags():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "apps", "multitask_pt.py"), "--helpshort"],
-                          capture_output=True, text=True, timeout=120)
-    for flag in ("--pt_csv", "--ft_csv", "--hyperstep_every", "--unroll_steps", "--neumann_terms",
-                 "--seeds", "--[no]full", "--output_dir", "--[no]resume", "--on_error",
-                 "--strategy", "--devices", "--dtype_policy"):
-        assert flag in proc.stdout
-
-
 def test_app_pretrains_from_a_graph_tfds_directory(tmp_path):
     # PT data: 64 RDKit-shipped molecules with two fragment tasks, stored as a TFDS dataset.
     from keras_metapt.data import GraphDataset, embedded, smiles_to_graph

@@ -1,6 +1,6 @@
-"""The SimCLR / learned-augmentation app end to end on tiny presets: images from IDX files
-written here in the real format, ECG from a PTB-XL-layout folder written with wfdb from the
-real PTB record (tests/data/ptbxl_fixture.py).
+"""The SimCLR / learned-augmentation app end to end on tiny presets: ECG from a PTB-XL-layout
+folder written with wfdb from the real PTB record (tests/data/ptbxl_fixture.py); images
+from IDX files in the real format in tests/faults/test_kill_and_resume.py.
 
 References: the files, table rows and SavedModels the run must produce (`check_run`; the
 image run, killed and resumed, is checked in tests/faults/test_kill_and_resume.py); the
@@ -16,7 +16,6 @@ import numpy as np
 import tensorflow as tf
 
 from tests.data.ptbxl_fixture import write_ptbxl_folder
-from tests.data.test_images import write_fashion_like
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--num_pt=0", "--pt_epochs=2", "--ft_epochs=1", "--seeds=0", "--verbose=0",
@@ -66,12 +65,3 @@ def test_ecg_app_on_a_ptbxl_layout_folder(tmp_path):
     # in tests/faults/test_kill_and_resume.py; each ResNet1D-18 arm costs a minute of tracing.
     assert "10 PT examples (1024, 12), 8 labelled, 4 test, 5 classes" in out
     check_run(tmp_path / "run", (1024, 12), arms=("meta",))
-
-
-def test_help_explains_flags():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "apps", "simclr_augment.py"),
-                           "--helpshort"], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    for flag in ("--modality", "--ptbxl_dir", "--images_dir", "--label_fraction", "--arms",
-                 "--warp_strength", "--strength_lr", "--magnitude_lr", "--solver", "--strategy",
-                 "--[no]resume", "--output_dir", "--dtype_policy"):
-        assert flag in proc.stdout, flag

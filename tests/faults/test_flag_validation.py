@@ -6,7 +6,7 @@ rates > 0), written out here per case; "before any work" = the process exits wit
 creating its output directory.
 """
 
-import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -39,8 +39,18 @@ import typing
 numeric = (int, float, typing.Optional[int], typing.Optional[float])
 unbounded = [f.name for f in dataclasses.fields(m.Config)
              if f.type in numeric and f.name not in m.Config.BOUNDS]
-print(json.dumps({{"cases": out, "unbounded": unbounded}}))
+# what --helpshort lists: the app module's flags and the ones it adopts
+helps = {{f.name: flags.FLAGS[f.name].help if f.name in flags.FLAGS else None
+         for f in dataclasses.fields(m.Config)}}
+print(json.dumps({{"cases": out, "unbounded": unbounded, "helps": helps,
+                  "module_help": flags.FLAGS.module_help(m)}}))
 """
+
+
+@functools.lru_cache(maxsize=None)
+def probe_app(name):
+    """One process per app: its BAD and GOOD cases, and the help of its Config's flags."""
+    return probe(name, BAD[name] + GOOD[name])
 
 
 def probe(name, cases):
@@ -90,7 +100,7 @@ GOOD = {"multitask_pt": [[], ["--neumann_terms=0", "--hyper_lr=0"]],
 
 @pytest.mark.parametrize("name", APPS)
 def test_every_numeric_flag_is_range_checked_with_a_message_naming_it(name):
-    result = probe(name, BAD[name] + GOOD[name])
+    result = probe_app(name)
     assert result["unbounded"] == []
     for case in BAD[name]:
         message = result["cases"][" ".join(case)]
@@ -98,6 +108,25 @@ def test_every_numeric_flag_is_range_checked_with_a_message_naming_it(name):
         assert message is not None and message.startswith(flag), (case, message)
     for case in GOOD[name]:
         assert result["cases"][" ".join(case)] is None, case
+
+
+@pytest.mark.parametrize("name", APPS)
+def test_every_setting_is_a_flag_explained_in_the_help(name):
+    """Every field of the app's Config is a flag with a help text, listed by --helpshort
+    (absl's module help of the app: its flags and the runner's it adopts)."""
+    result = probe_app(name)
+    for field, text in result["helps"].items():
+        assert text, f"{name}: --{field} is not a flag, or has no help text"
+        assert (f"--{field}:" in result["module_help"]
+                or f"--[no]{field}:" in result["module_help"]), (name, field)
+
+
+def test_helpshort_prints_the_usage_and_the_flags():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "apps", "task_meta_learning.py"),
+                           "--helpshort"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert "Meta-learning across a task family" in proc.stdout
+    for flag in ("--warpgrad_points:", "--[no]zero_head:", "--output_dir:", "--[no]resume:"):
+        assert flag in proc.stdout, flag
 
 
 def test_a_bad_flag_stops_the_app_before_any_work(tmp_path):
