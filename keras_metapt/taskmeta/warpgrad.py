@@ -22,6 +22,16 @@ A meta-step on M tasks:
    phi <- phi + beta * sum_m w_m sum_t (theta_{t+1} - theta_t) / ||theta_{t+1} - theta_t||
    (``init_learning_rate`` beta; 0 keeps phi fixed; ``leap_norm=False`` drops the norm).
 
+Where this differs from the authors' code (`warp_on_same_loss`, `simplified_leap`): their
+two steps at a point use two fresh batches of the task's training data (the same loss); here
+the first is the batch of that inner step and the second the query set when one is given (a
+held-out objective, as in the paper's few-shot experiments; without a query, the next inner
+step's batch). Their Leap step sums the T - 1 segments between buffered states, this one all
+T steps (the last step, theta_{T-1} -> theta_T, included). A last partial chunk is averaged
+over its points, theirs over the chunk size. Task weights are an addition (uniform weights
+give their rule). Not built: their learned inner step sizes and momentum (``learn_opt``),
+several passes over the buffer (``epochs``), an on-disk buffer.
+
 Cost per meta-step: M T gradients for the trajectories, and per buffered point one
 gradient, its backward (a Hessian-vector product's worth) and a forward-backward at the
 stepped point: ~4 gradients per point. Memory: the buffer, M S copies of theta; flat in T

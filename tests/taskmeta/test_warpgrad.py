@@ -1,6 +1,7 @@
 """WarpGrad against an independent NumPy transcription of its update rules (Flennerhag et al.
-2020, the authors' `warp_on_same_loss` and `simplified_leap`), on a warped linear regression
-in float64: prediction (x A) . w with task weights w (adapted) and a warp matrix A.
+2020: the authors' `warp_on_same_loss` and `simplified_leap`, with the differences listed in
+the module's docstring), on a warped linear regression in float64: prediction (x A) . w
+with task weights w (adapted) and a warp matrix A.
 
 Reference, per meta-step: the T-step SGD trajectories on w (closed-form gradients), the
 buffered points (evenly spaced steps), the warp objective's gradient
