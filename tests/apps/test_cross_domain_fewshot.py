@@ -24,6 +24,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TINY = {"num_steps": 4, "checkpoint_every": 2, "width": 4, "train_n_way": 2, "k_shot": 1,
         "n_query": 2, "test_n_way": 3, "test_n_query": 2, "test_episodes": 5}
 ARMS = ("protonet", "ft_fixed", "ft_evograd", "ft_second_order")
+FLAG_NAMES = ("output_dir", "resume", "strategy", "devices", "tpu_address", "arms", "seeds",
+              "baseline", "images_dir", "num_steps", "width", "train_n_way", "k_shot",
+              "n_query", "lr", "ft_lr", "ft_gamma_init", "ft_beta_init", "evograd_copies",
+              "evograd_sigma", "evograd_temperature", "evograd_noise", "test_n_way",
+              "test_shots", "test_n_query", "test_episodes", "test_seed", "checkpoint_every",
+              "xla", "verbose", "plot")  # the Config's fields (cross_domain_fewshot_inprocess)
 
 
 @pytest.fixture(scope="module")
