@@ -343,6 +343,7 @@ def make_learner(arm, seed, config, family):
 def test_accuracies(learner, family, config):
     """{k_shot: [query accuracy of each test task]}."""
     out = {}
+    warps = learner.warp_values() if isinstance(learner, taskmeta.WarpGrad) else None
     for k, sampler in family.test.items():
         values = []
         for i in range(config.test_episodes):
@@ -353,7 +354,6 @@ def test_accuracies(learner, family, config):
                        if isinstance(support, StepBatches)
                        else tuple(x[0] for x in support))
             params = learner.adapt(support, config.test_inner_steps)
-            warps = learner.warp_values() if isinstance(learner, taskmeta.WarpGrad) else None
             values.append(float(taskmeta.classification_accuracy(
                 params, tf.constant(e.query), tf.constant(e.query_labels), warps)))
         out[k] = values

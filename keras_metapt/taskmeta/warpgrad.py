@@ -185,15 +185,13 @@ class WarpGrad(TaskMetaLearner):
         chunk = n if self.warp_batch is None else min(self.warp_batch, n)
         chunks = -(-n // chunk)
         order = self.point_order(n)
-        warp_leaves = self.warp
 
         def warp_step(c, total):
             positions = c * chunk + tf.range(chunk)
             valid = positions < n
             picked = tf.gather(order, tf.minimum(positions, n - 1))
             with tf.GradientTape() as tape:
-                omega_now = tf.nest.pack_sequence_as(self._warp_structure[0],
-                                                     [tf.convert_to_tensor(v) for v in warp_leaves])
+                omega_now = self.warp_values()  # read inside the tape: d/d omega
                 losses = []
                 for j in range(chunk):
                     k = picked[j]
@@ -206,9 +204,9 @@ class WarpGrad(TaskMetaLearner):
                 mask = tf.cast(valid, dtype)
                 weight = mask * tf.gather(scale, picked)
                 loss = tf.reduce_sum(weight * losses) / tf.reduce_sum(mask)
-            grads = tape.gradient(loss, warp_leaves,
+            grads = tape.gradient(loss, self.warp,
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            for v, g in zip(warp_leaves, grads):
+            for v, g in zip(self.warp, grads):
                 v.assign_sub(tf.cast(self.warp_learning_rate, v.dtype) * g)
             return c + 1, total + tf.cast(tf.reduce_sum(mask * losses), tf.float32)
 
