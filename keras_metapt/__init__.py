@@ -34,7 +34,8 @@ from keras_metapt.errors import (HypergradientError, InputMismatchError,  # noqa
 from keras_metapt.meta_pretrainer import (HyperstepSchedule, MetaPretrainer,  # noqa: E402
                                           meta_dataset)
 from keras_metapt.hypergrad import (PTFT, BilevelProblem, EvoGrad, Forward,  # noqa: E402
-                                    HypergradResult, Implicit, PretrainFinetuneProblem,
+                                    HypergradResult, HyperDistill, Implicit,
+                                    PretrainFinetuneProblem,
                                     PTFTParams, Reversible, SAMA, StepBatches, Unrolled,
                                     ensure_finite)
 
@@ -47,8 +48,8 @@ __all__ = [
     "MetaPretrainer", "HyperstepSchedule", "meta_dataset",
     # the calling convention and the estimators
     "BilevelProblem", "StepBatches", "HypergradResult", "ensure_finite",
-    "Unrolled", "Forward", "Implicit", "EvoGrad", "SAMA", "Reversible", "PretrainFinetuneProblem",
-    "PTFTParams", "PTFT",
+    "Unrolled", "Forward", "Implicit", "EvoGrad", "SAMA", "Reversible", "HyperDistill",
+    "PretrainFinetuneProblem", "PTFTParams", "PTFT",
     # errors
     "HypergradientError", "InputMismatchError", "UnconnectedHyperparameterError",
     "NonFiniteHypergradientError",

@@ -33,10 +33,12 @@ The protocol, followed by every estimator (base class `Estimator`):
 | PTFT      | K FT steps + solver HVPs + 1 mixed VJP        | O(P + K * P_psi)  |
 | SAMA      | 1 outer + 2 first-order gradients (+1, +1 JVP) | O(P)             |
 | Reversible | T gradients forward, T gradient VJPs back (exact) | O(P) + ~log2(1/gamma) bits/weight/step |
+| HyperDistill | online, per step: 1 step + 1 outer gradient + 1 step VJP (+ a reference every N steps) | O(P) |
 """
 
 from keras_metapt.hypergrad.evograd import EvoGrad
 from keras_metapt.hypergrad.forward import Forward
+from keras_metapt.hypergrad.hyperdistill import HyperDistill
 from keras_metapt.hypergrad.implicit import Implicit, implicit_indirect_term
 from keras_metapt.hypergrad.problem import (BilevelProblem, Estimator, HypergradResult,
                                             StepBatches, ensure_finite, train_inner)
@@ -61,6 +63,7 @@ __all__ = [
     "EvoGrad",
     "Reversible",
     "ReversalCheck",
+    "HyperDistill",
     "PretrainFinetuneProblem",
     "PTFTParams",
     "FinetuneBatches",

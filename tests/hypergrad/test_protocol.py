@@ -49,6 +49,9 @@ ESTIMATORS = {
     "evograd": (lambda **kw: km.EvoGrad(3, sigma=0.1, temperature=0.5, **kw), ridge_case),
     "sama": (lambda **kw: km.SAMA(optim.sgd(0.1), **kw), ridge_case),
     "ptft": (lambda **kw: km.PTFT(optim.sgd(0.1), 2, km.linalg.neumann(2), **kw), ptft_case),
+    # online: started at the run's initial weights (those of ridge_case), one reference per call
+    "hyperdistill": (lambda **kw: km.HyperDistill(optim.sgd(0.1), 0.9, distill_every=1, **kw)
+                     .start([np.zeros(6)]), ridge_case),
 }
 
 
@@ -80,6 +83,8 @@ def test_forward_refuses_gradient_reduction_by_name():
         km.Forward(optim.sgd(0.1), 3, gradient_reduction=km.distribute.replica_sum)
     with pytest.raises(ValueError, match="Reversible runs on one replica"):
         km.Reversible(3, gradient_reduction=km.distribute.replica_sum)
+    with pytest.raises(ValueError, match="HyperDistill runs on one replica"):
+        km.HyperDistill(optim.sgd(0.1), gradient_reduction=km.distribute.replica_sum)
 
 
 def test_estimators_without_steps_return_opt_state_unchanged():

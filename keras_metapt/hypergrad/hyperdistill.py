@@ -1,0 +1,248 @@
+"""Online hypergradients by hypergradient distillation (HyperDistill; Lee et al., ICLR 2022).
+
+Online hyperparameter learning takes a hypergradient at every inner step t of one training
+run, w_t = Phi(w_{t-1}, phi; D_t). With A_j = dPhi_j / dw_{j-1}, B_s = dPhi_s / dphi and
+alpha_t = dL_out(w_t) / dw_t, the online hypergradient over the whole past (phi held fixed
+along it), damped by gamma in [0, 1], is
+
+    d L_out / d phi = direct + alpha_t^T sum_{s=1..t} gamma^(t-s) A_t ... A_{s+1} B_s .
+
+gamma = 1 is the undamped full-horizon term; gamma = 0 keeps s = t only, the greedy one-step
+hypergradient (``Unrolled(optimizer, 1)``), which is biased toward the short horizon.
+HyperDistill replaces the sum by ONE vector-Jacobian product of the step, taken at a
+distilled point with a distilled scale:
+
+    second-order term ~= pi_t * alpha_t^T B(w_hat_t; D_t)
+    w_hat_t = w_0 + p_t (w_{t-1} - w_0)
+    p_t     = sum_s gamma^(t-s) (s - 1) / ((t - 1) c_t),   c_t = sum_s gamma^(t-s) = (1 - gamma^t) / (1 - gamma)
+    pi_t    = theta * c_t
+
+w_hat_t is the gamma-weighted mean of the past points w_{s-1} when the trajectory is a line
+from w_0 to w_{t-1} (DrMAD's assumption) and B is linear in w over it: the point needs only
+w_0 and the current weights, so memory is constant in t. The scale theta absorbs what the
+replacement A_j ~ I ignores; it is distilled: every ``distill_every`` steps a reference
+term y_t is computed by a DrMAD-style backward pass (the damped sum above, over the last
+``reference_steps`` steps, on weights interpolated linearly from w_0 to w_t and on the current
+inner batch), and theta is the least-squares fit of theta c_t v_t to y_t over every reference
+so far (v_t = alpha_t^T B(w_hat_t)): theta = sum c <v, y> / sum c^2 |v|^2.
+
+The official repository of the paper holds no code; this follows the paper's description:
+the distilled point on the line from w_0 to w_{t-1}, a scale proportional to the geometric
+sum c_t fitted to DrMAD-style references. What is ours: the least-squares fit over all
+references so far, the reference horizon cap, and the current inner batch at every reference
+step (no batches are stored).
+
+Cost per call: one inner step (1 gradient) and one outer gradient, as the one-step estimator,
+plus one vector-Jacobian product of the step at w_hat (a gradient of a gradient) in place of
+the one-step estimator's backward pass through its step; a reference adds min(t,
+reference_steps) such products every ``distill_every`` calls. Memory: O(P) (w_0 is kept).
+
+State: ``start(params)`` records w_0 and resets the step count and the fit; every call
+advances the step. `checkpoint_items()` holds the state for `tf.train.Checkpoint`.
+"""
+
+import tensorflow as tf
+
+from keras_metapt import _tree, distribute
+from keras_metapt.hypergrad import problem as _p
+
+__all__ = ["HyperDistill", "distilled_point_fraction", "geometric_sum",
+           "damped_second_order_term"]
+
+_ONE_REPLICA = ("HyperDistill runs on one replica (its references are a tf.while_loop, where "
+                "strategies forbid cross-replica sums). Under a tf.distribute strategy use "
+                "Unrolled, Implicit, EvoGrad or PTFT with gradient_reduction="
+                "keras_metapt.distribute.replica_sum")
+
+
+def geometric_sum(t, gamma):
+    """c_t = sum_{k=0}^{t-1} gamma^k (float64; t a scalar tensor >= 1, gamma a Python float)."""
+    t = tf.cast(t, tf.float64)
+    if gamma == 1.0:
+        return t
+    return (1.0 - tf.pow(tf.constant(gamma, tf.float64), t)) / (1.0 - gamma)
+
+
+def distilled_point_fraction(t, gamma):
+    """p_t = sum_{s=1}^t gamma^(t-s) (s-1) / ((t-1) c_t), the position of w_hat_t on the line
+    from w_0 (p = 0) to w_{t-1} (p = 1); p_1 = 1 (both ends coincide). gamma = 1 gives 1/2,
+    gamma = 0 gives 1. Closed form: sum_s gamma^(t-s) (s-1) = (t-1) c_t - sum_{k<t} k gamma^k,
+    sum_{k<n} k g^k = g (1 - n g^(n-1) + (n-1) g^n) / (1-g)^2. float64."""
+    t = tf.cast(t, tf.float64)
+    if gamma == 1.0:
+        return tf.where(t > 1.0, tf.constant(0.5, tf.float64), tf.constant(1.0, tf.float64))
+    g = tf.constant(gamma, tf.float64)
+    c = geometric_sum(t, gamma)
+    weighted_k = g * (1.0 - t * tf.pow(g, t - 1.0) + (t - 1.0) * tf.pow(g, t)) / (1.0 - g) ** 2
+    numerator = (t - 1.0) * c - weighted_k
+    return tf.where(t > 1.0, numerator / tf.maximum((t - 1.0) * c, 1e-300), 1.0)
+
+
+def damped_second_order_term(step_vjp, point_at, num_points, cotangent, gamma, hparams):
+    """y = sum_{k=0}^{n-1} gamma^(n-1-k) a_k^T B_k by one backward pass over n steps.
+
+    ``point_at(k)`` is the weight point before step k (k = 0 .. n-1, the last is the newest);
+    ``step_vjp(w, a) -> (a^T dPhi/dw, a^T dPhi/dphi)`` at w. Backward: a <- cotangent; for
+    k = n-1 .. 0: y += a^T B_k, a <- gamma a^T A_k (``hparams`` gives y's structure; leaves
+    the step does not reach get zeros). Cost: n step VJPs (gradients of gradients), one at a
+    time in a `tf.while_loop`; memory O(P).
+    """
+
+    def body(k, a, y):
+        a_w, a_phi = step_vjp(point_at(k), a)
+        y = _tree.tree_add(y, _tree.zeros_for_none(a_phi, hparams))
+        a = tf.nest.map_structure(lambda x: _tree.cast_scalar(gamma, x.dtype) * x, a_w)
+        return k - 1, a, y
+
+    y0 = tf.nest.map_structure(tf.zeros_like, hparams)
+    _, _, y = tf.while_loop(lambda k, a, y: k >= 0, body,
+                            (tf.cast(num_points, tf.int32) - 1, cotangent, y0),
+                            parallel_iterations=1)
+    return y
+
+
+class _State(tf.Module):
+    """w_0, the step count and the running sums of the scale's least-squares fit."""
+
+    def __init__(self, params):
+        super().__init__(name="hyperdistill")
+        self.initial_params = [tf.Variable(x, trainable=False, name="initial_params")
+                               for x in tf.nest.flatten(params)]
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        self.fit_cross = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="fit_cross")
+        self.fit_square = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="fit_square")
+        self.references = tf.Variable(0, dtype=tf.int64, trainable=False, name="references")
+
+
+class HyperDistill(_p.Estimator):
+    """Online hypergradient at the current step: one step VJP at a distilled point, scaled
+    by a distilled factor (module docstring).
+
+    Args:
+      optimizer: the `keras_metapt.optim.InnerOptimizer` of the inner step (as the one-step
+        estimator's look-ahead: ``Unrolled(optimizer, 1)``).
+      gamma: the damping of the online hypergradient, in [0, 1].
+      distill_every: a reference (and a refit of theta) every this many calls, at calls
+        distill_every, 2 distill_every, ...; 0: never (theta stays ``initial_scale``).
+      reference_steps: the reference's horizon cap, in steps.
+      initial_scale: theta before the first reference.
+      gradient_reduction: must be None (one replica; refused with a ValueError).
+      check_finite: see `Estimator`. ``seed`` is accepted and ignored.
+    Call ``start(params)`` before the first call, with the run's initial weights w_0.
+    ``params`` of a call are w_{t-1}; ``result.params`` are w_t after one step of
+    ``optimizer`` on ``inner_batch`` (the look-ahead the hypergradient is taken at).
+    """
+
+    def __init__(self, optimizer, gamma=0.99, *, distill_every=100, reference_steps=100,
+                 initial_scale=1.0, gradient_reduction=None, check_finite=True):
+        if gradient_reduction is not None:
+            raise ValueError(_ONE_REPLICA)
+        super().__init__(check_finite=check_finite)
+        if not 0.0 <= float(gamma) <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        if int(distill_every) < 0 or int(reference_steps) < 1:
+            raise ValueError(f"distill_every must be >= 0 and reference_steps >= 1, got "
+                             f"{distill_every} and {reference_steps}")
+        self.optimizer = optimizer
+        self.gamma = float(gamma)
+        self.distill_every = int(distill_every)
+        self.reference_steps = int(reference_steps)
+        self.initial_scale = float(initial_scale)
+        self.state = None
+
+    def start(self, params):
+        """Records w_0 = ``params`` and resets the step count and the scale's fit."""
+        params = _tree.to_tensors(params)
+        if self.state is None:
+            self.state = _State(params)
+        else:
+            for var, x in zip(self.state.initial_params, tf.nest.flatten(params)):
+                var.assign(x)
+            for var in (self.state.step, self.state.references):
+                var.assign(0)
+            for var in (self.state.fit_cross, self.state.fit_square):
+                var.assign(0.0)
+        return self
+
+    def checkpoint_items(self):
+        self._require_started()
+        return {"hyperdistill": self.state}
+
+    @property
+    def scale(self):
+        """theta: the fitted scale (``initial_scale`` before any reference)."""
+        self._require_started()
+        return tf.where(self.state.fit_square > 0.0,
+                        self.state.fit_cross / tf.maximum(self.state.fit_square, 1e-300),
+                        tf.constant(self.initial_scale, tf.float64))
+
+    def _require_started(self):
+        if self.state is None:
+            raise ValueError("HyperDistill needs start(initial_params) before its first call: "
+                             "it keeps the run's initial weights w_0")
+
+    @_p.names_shape_errors
+    def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
+                 seed=None):
+        self._require_started()
+        if distribute.num_replicas() > 1:
+            raise ValueError(_ONE_REPLICA)
+        params, hparams = _p.prepare(params, hparams)
+        if isinstance(inner_batch, _p.StepBatches):
+            raise ValueError("HyperDistill takes the one inner batch of the current step; got "
+                             "StepBatches")
+        if opt_state is None:
+            opt_state = self.optimizer.init(params)
+        state = self.state
+        t = state.step + 1
+        w0 = tf.nest.pack_sequence_as(params, [v.read_value() for v in state.initial_params])
+
+        def step(w, h):
+            return _p.inner_step(problem, self.optimizer, w, opt_state, h, inner_batch,
+                                 tf.constant(0), 1)
+
+        new_params, new_state = step(params, hparams)
+        new_params = tf.nest.map_structure(tf.stop_gradient, new_params)
+        outer_loss, alpha, direct = _p.outer_gradients(problem, new_params, hparams, outer_batch)
+
+        def step_vjp(w, cotangent):
+            with tf.GradientTape() as tape:
+                tape.watch(tf.nest.flatten(w) + tf.nest.flatten(hparams))
+                stepped, _ = step(w, hparams)
+            a_w, a_phi = tape.gradient(stepped, (w, hparams), output_gradients=cotangent)
+            a_w = tf.nest.map_structure(tf.convert_to_tensor, _tree.zeros_for_none(a_w, w))
+            return a_w, a_phi  # a_phi: None where phi does not reach the step
+
+        def on_line(start, end, fraction):
+            return tf.nest.map_structure(
+                lambda a, b: a + tf.cast(fraction, a.dtype) * (b - a), start, end)
+
+        w_hat = on_line(w0, params, distilled_point_fraction(t, self.gamma))
+        _, v = step_vjp(w_hat, alpha)
+        c = geometric_sum(t, self.gamma)
+
+        if self.distill_every:
+            def distill():
+                n = tf.minimum(t, self.reference_steps)
+                t_float = tf.cast(t, tf.float64)
+
+                def point_at(k):  # w_{s-1} for s = t - n + 1 + k, on the line w_0 -> w_t
+                    s = tf.cast(t - n + 1, tf.float64) + tf.cast(k, tf.float64)
+                    return on_line(w0, new_params, (s - 1.0) / t_float)
+
+                y = damped_second_order_term(step_vjp, point_at, n, alpha, self.gamma, hparams)
+                v_flat = tf.nest.flatten(_tree.zeros_for_none(v, hparams))
+                cross = tf.cast(_tree.tree_vdot(v_flat, tf.nest.flatten(y)), tf.float64)
+                square = tf.cast(_tree.tree_vdot(v_flat, v_flat), tf.float64)
+                state.fit_cross.assign_add(c * cross)
+                state.fit_square.assign_add(c * c * square)
+                state.references.assign_add(1)
+                return tf.constant(True)
+
+            tf.cond(tf.equal(t % self.distill_every, 0), distill, lambda: tf.constant(False))
+        pi = self.scale * c
+        indirect = tf.nest.map_structure(
+            lambda x: None if x is None else tf.cast(pi, x.dtype) * x, v)
+        state.step.assign_add(1)
+        return self._finish(hparams, direct, indirect, outer_loss, new_params, new_state)
+
