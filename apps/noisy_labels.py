@@ -10,11 +10,15 @@ and batch order of a seed:
 
 - uniform: plain cross-entropy on the noisy training set;
 - clean_only: cross-entropy on the clean meta set alone;
-- mwn_one_step, mwn_evograd, mwn_implicit: the loss of each training example is weighted by
-  v_i = MWN(l_i), a 1-100-1 MLP (keras_metapt.hyper.MetaWeightNet), with the loss
-  sum_i l_i v_i / sum_i v_i. Every step: the hypergradient of the clean meta batch's loss
-  with respect to the MWN weights (keras_metapt.Unrolled with one SGD step at the current
-  learning rate, keras_metapt.EvoGrad, or keras_metapt.Implicit with a Neumann series), an
+- mwn_one_step, mwn_evograd, mwn_implicit, mwn_hyperdistill, mwn_lookahead5: the loss of
+  each training example is weighted by v_i = MWN(l_i), a 1-100-1 MLP
+  (keras_metapt.hyper.MetaWeightNet), with the loss sum_i l_i v_i / sum_i v_i. Every step:
+  the hypergradient of the clean meta batch's loss with respect to the MWN weights
+  (keras_metapt.Unrolled with one SGD step at the current learning rate, keras_metapt.EvoGrad,
+  keras_metapt.Implicit with a Neumann series, keras_metapt.HyperDistill -- the online
+  hypergradient over the whole run so far, damped by --hyperdistill_gamma, distilled into one
+  step VJP -- or the truncated hypergradient of horizon 5: Unrolled through 5 SGD steps on
+  the current batch from the current weights), an
   Adam step on them (--meta_lr; epsilon 1e-12, so that the step does not depend on the
   hypergradient's scale, which differs by estimator: EvoGrad's is about sigma^2 / (2 tau lr)
   of the one-step one), then the real SGD step with the updated weights.
@@ -63,7 +67,7 @@ from keras_metapt.data import images as image_data  # noqa: E402
 from keras_metapt.data import label_noise  # noqa: E402
 
 FLAGS = flags.FLAGS
-ESTIMATORS = ("one_step", "evograd", "implicit")
+ESTIMATORS = ("one_step", "evograd", "implicit", "hyperdistill", "lookahead5")
 ARMS = ("uniform", "clean_only") + tuple(f"mwn_{e}" for e in ESTIMATORS)
 NUM_CLASSES = 10
 LR_DECAY_AT = (0.6, 0.8)  # fractions of the epochs where the SGD rate is multiplied by 0.1
@@ -107,6 +111,12 @@ flags.DEFINE_float("evograd_sigma", 1e-3, "EvoGrad: noise scale of the copies.")
 flags.DEFINE_float("evograd_temperature", 0.05, "EvoGrad: softmax temperature tau.")
 flags.DEFINE_integer("neumann_terms", 1, "mwn_implicit: Hessian-vector products of the "
                      "Neumann series (n gives the terms (I - lr H)^0 .. ^n).")
+flags.DEFINE_float("hyperdistill_gamma", 0.99, "mwn_hyperdistill: damping gamma of the online "
+                   "hypergradient it distils (1: the whole past undamped; 0: one step).")
+flags.DEFINE_integer("hyperdistill_every", 500, "mwn_hyperdistill: a DrMAD-style reference, and a "
+                     "refit of the scale theta, every this many steps (0: never; theta stays 1).")
+flags.DEFINE_integer("hyperdistill_reference_steps", 100, "mwn_hyperdistill: horizon cap of a "
+                     "reference, in steps (each costs one step VJP).")
 flags.DEFINE_bool("xla", False, "Compile the training steps with XLA (runs then need not repeat "
                   "bit for bit; see apps/runner.py).")
 flags.DEFINE_string("output_dir", "runs/noisy_labels", "Results, plot and checkpoints.")
@@ -141,6 +151,9 @@ class Config(runner.GridConfig):
     evograd_sigma: float
     evograd_temperature: float
     neumann_terms: int
+    hyperdistill_gamma: float
+    hyperdistill_every: int
+    hyperdistill_reference_steps: int
     xla: bool
     verbose: int
     plot: bool
@@ -154,6 +167,8 @@ class Config(runner.GridConfig):
               "weight_decay": "[0, inf)", "meta_lr": "[0, inf)", "mwn_hidden": "[1, inf)",
               "evograd_copies": "[2, inf)", "evograd_sigma": "(0, inf)",
               "evograd_temperature": "(0, inf)", "neumann_terms": "[1, inf)",
+              "hyperdistill_gamma": "[0, 1]", "hyperdistill_every": "[0, inf)",
+              "hyperdistill_reference_steps": "[1, inf)",
               "verbose": "[0, 2]"}
 
     def __post_init__(self):
@@ -220,6 +235,12 @@ def make_estimator(arm, config):
     name = arm[len("mwn_"):]
     if name == "one_step":
         return km.Unrolled(optim.sgd(config.lr), num_steps=1)
+    if name == "lookahead5":  # the truncated hypergradient of horizon K = 5
+        return km.Unrolled(optim.sgd(config.lr), num_steps=5)
+    if name == "hyperdistill":
+        return km.HyperDistill(optim.sgd(config.lr), config.hyperdistill_gamma,
+                               distill_every=config.hyperdistill_every,
+                               reference_steps=config.hyperdistill_reference_steps)
     if name == "evograd":
         return km.EvoGrad(num_copies=config.evograd_copies, sigma=config.evograd_sigma,
                           temperature=config.evograd_temperature)
@@ -317,6 +338,9 @@ def run_arm(config, data, arm, seed):
             if data.corrupted.any() else None,
             weight_curve=trainer.mwn(tf.constant(WEIGHT_CURVE_LOSSES, tf.float32)
                                      ).numpy().tolist())
+    if isinstance(trainer.estimator, km.HyperDistill):
+        record.update(hyperdistill_scale=float(trainer.estimator.scale),
+                      hyperdistill_references=int(trainer.estimator.state.references.numpy()))
     runner.log(f"  final test accuracy {record['test_accuracy_final']:.4f}")
     return record
 

@@ -63,6 +63,8 @@ class MetaWeightNetTrainer:
         self.mwn, self.meta_optimizer, self.estimator = mwn, meta_optimizer, estimator
         if mwn is not None:
             meta_optimizer.build(mwn.weight_variables())
+        if hasattr(estimator, "start"):  # an online estimator (HyperDistill) keeps w_0
+            estimator.start([v.value for v in model.trainable_variables])
         self.seed = int(seed)
         self.step = tf.Variable(0, dtype=tf.int64, name="step")
         self.train_step = tf.function(self._train_step, jit_compile=jit_compile)
@@ -73,6 +75,7 @@ class MetaWeightNetTrainer:
         items = {"model": self.model, "optimizer": self.optimizer, "step": self.step}
         if self.mwn is not None:
             items.update(mwn=self.mwn, meta_optimizer=self.meta_optimizer)
+            items.update(getattr(self.estimator, "checkpoint_items", dict)())
         return items
 
     def problem(self):

@@ -22,7 +22,8 @@ def tiny_config(tmp_path, images, **changes):
                   baseline="uniform", images_dir=images, noise="uniform", noise_rate=0.4,
                   split_seed=0, network="cnn", lr=0.05, weight_decay=5e-4, meta_lr=1e-3,
                   evograd_copies=2, evograd_sigma=1e-3, evograd_temperature=0.05,
-                  neumann_terms=1, xla=False, verbose=0, plot=False, **TINY)
+                  neumann_terms=1, hyperdistill_gamma=0.9, hyperdistill_every=2,
+                  hyperdistill_reference_steps=3, xla=False, verbose=0, plot=False, **TINY)
     values.update(changes)
     return noisy_labels.Config(**values)
 
@@ -41,14 +42,19 @@ def test_config_fields_are_the_flags_the_help_test_expects():
     assert noisy_labels.ARMS == ARMS_EXPECTED and len(noisy_labels.WEIGHT_CURVE_LOSSES) == 81
 
 
-ARMS_EXPECTED = ("uniform", "clean_only", "mwn_one_step", "mwn_evograd", "mwn_implicit")
+ARMS_EXPECTED = ("uniform", "clean_only", "mwn_one_step", "mwn_evograd", "mwn_implicit",
+                 "mwn_hyperdistill", "mwn_lookahead5")
 
 
-def test_an_interrupted_arm_resumes_to_the_same_result(tmp_path, images, monkeypatch, capsys):
+@pytest.mark.parametrize("arm", ["mwn_evograd", "mwn_hyperdistill"])
+def test_an_interrupted_arm_resumes_to_the_same_result(tmp_path, images, monkeypatch, capsys,
+                                                       arm):
+    """mwn_hyperdistill: its estimator's state (w_0, step count, the scale's fit, with
+    references at steps 2, 4, 6, 8 of 9) must be checkpointed too."""
     config = tiny_config(tmp_path, images, epochs=3)
     data = noisy_labels.load_data(config)
     runner.seed_everything(0)
-    reference = noisy_labels.run_arm(config, data, "mwn_evograd", 0)
+    reference = noisy_labels.run_arm(config, data, arm, 0)
 
     config = tiny_config(tmp_path, images, epochs=3, output_dir=str(tmp_path / "cut"))
     save = tf.train.CheckpointManager.save
@@ -65,10 +71,10 @@ def test_an_interrupted_arm_resumes_to_the_same_result(tmp_path, images, monkeyp
     monkeypatch.setattr(tf.train.CheckpointManager, "save", stop_before_second_save)
     runner.seed_everything(0)
     with pytest.raises(KeyboardInterrupt):
-        noisy_labels.run_arm(config, data, "mwn_evograd", 0)
+        noisy_labels.run_arm(config, data, arm, 0)
     monkeypatch.undo()
     runner.seed_everything(0)
-    resumed = noisy_labels.run_arm(config, data, "mwn_evograd", 0)
+    resumed = noisy_labels.run_arm(config, data, arm, 0)
     assert "resumed at epoch 1" in capsys.readouterr().out
     for key in ("test_accuracy_by_epoch", "train_loss_by_epoch", "weight_curve",
                 "mean_weight_clean", "mean_weight_corrupted"):

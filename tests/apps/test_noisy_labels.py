@@ -25,12 +25,14 @@ TINY = {"num_train": 60, "num_meta": 20, "num_test": 40, "epochs": 2, "batch_siz
         "width": 4, "mwn_hidden": 8}
 
 
-ARMS = ("uniform", "clean_only", "mwn_one_step", "mwn_evograd", "mwn_implicit")
+ARMS = ("uniform", "clean_only", "mwn_one_step", "mwn_evograd", "mwn_implicit",
+        "mwn_hyperdistill", "mwn_lookahead5")
 FLAG_NAMES = ("output_dir", "resume", "strategy", "devices", "tpu_address", "arms", "seeds",
               "baseline", "images_dir", "noise", "noise_rate", "num_train", "num_meta",
               "num_test", "split_seed", "network", "width", "epochs", "batch_size", "lr",
               "weight_decay", "meta_lr", "mwn_hidden", "evograd_copies", "evograd_sigma",
-              "evograd_temperature", "neumann_terms", "xla", "verbose", "plot")
+              "evograd_temperature", "neumann_terms", "hyperdistill_gamma", "hyperdistill_every",
+              "hyperdistill_reference_steps", "xla", "verbose", "plot")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def test_app_end_to_end_on_idx_files(tmp_path, images):
     flags = [f"--{k}={v}" for k, v in TINY.items()]
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "apps", "noisy_labels.py"), f"--images_dir={images}",
-         f"--output_dir={out}", "--arms=uniform,clean_only,mwn_one_step,mwn_evograd,mwn_implicit",
+         f"--output_dir={out}", f"--arms={','.join(ARMS)}", "--hyperdistill_every=2",
          "--seeds=0", "--verbose=0", "--noise=flip", *flags],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -87,4 +89,4 @@ def test_in_process_checks_resume_and_pairing():
                            os.path.join("tests", "apps", "noisy_labels_inprocess.py")],
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "3 passed" in proc.stdout
+    assert "4 passed" in proc.stdout
