@@ -25,6 +25,7 @@ import csv
 import dataclasses
 import os
 import sys
+import time
 from typing import Optional
 
 from absl import app, flags
@@ -42,13 +43,20 @@ from apps import runner  # noqa: E402
 from keras_metapt import functional, optim  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("estimator", "unrolled", ["unrolled", "implicit", "evograd"],
+flags.DEFINE_enum("estimator", "unrolled", ["unrolled", "implicit", "evograd", "hyperdistill"],
                   "Hypergradient estimator: reverse-mode through the inner steps, IFT with a "
-                  "Neumann series at the current parameters, or first-order EvoGrad.")
+                  "Neumann series at the current parameters, first-order EvoGrad, or the online "
+                  "HyperDistill (one inner step per outer step: needs --inner_steps=1).")
 flags.DEFINE_integer("outer_steps", 150, "Number of hypergradient (outer) steps.")
 flags.DEFINE_integer("inner_steps", 5, "Inner SGD steps per outer step (unrolled: the horizon T).")
 flags.DEFINE_integer("truncate", None, "Unrolled only: differentiate through the last K inner "
                      "steps (1 = greedy one-step); default all.")
+flags.DEFINE_float("hyperdistill_gamma", 0.99, "hyperdistill: damping gamma of the online "
+                   "hypergradient it distils (1: the whole past undamped; 0: one step).")
+flags.DEFINE_integer("hyperdistill_every", 100, "hyperdistill: a DrMAD-style reference, and a "
+                     "refit of the scale theta, every this many steps (0: never; theta stays 1).")
+flags.DEFINE_integer("hyperdistill_reference_steps", 100, "hyperdistill: horizon cap of a "
+                     "reference, in steps (each costs one step VJP).")
 flags.DEFINE_float("inner_lr", 0.5, "Inner SGD learning rate.")
 flags.DEFINE_float("hyper_lr", 0.1, "Adam learning rate on the weight logits.")
 flags.DEFINE_float("label_noise", 0.4, "Fraction of training labels replaced by a random class.")
@@ -76,6 +84,9 @@ class Config(runner.Config):
     outer_steps: int
     inner_steps: int
     truncate: Optional[int]
+    hyperdistill_gamma: float
+    hyperdistill_every: int
+    hyperdistill_reference_steps: int
     inner_lr: float
     hyper_lr: float
     label_noise: float
@@ -90,6 +101,8 @@ class Config(runner.Config):
     NOT_IN_RESULTS = runner.Config.NOT_IN_RESULTS + ("outer_steps", "log_every",
                                                      "checkpoint_every", "plot")
     BOUNDS = {"outer_steps": "[1, inf)", "inner_steps": "[1, inf)", "truncate": "[1, inf)",
+              "hyperdistill_gamma": "[0, 1]", "hyperdistill_every": "[0, inf)",
+              "hyperdistill_reference_steps": "[1, inf)",
               "inner_lr": "(0, inf)", "hyper_lr": "[0, inf)", "label_noise": "[0, 1]",
               "num_train": "[10, 1496]", "hidden": "[1, inf)", "seed": "[0, inf)",
               "log_every": "[1, inf)", "checkpoint_every": "[0, inf)"}
@@ -148,9 +161,15 @@ def make_problem(model, non_trainable):
     return km.BilevelProblem(inner_loss, outer_loss), predict
 
 
-def make_estimator(name, inner_steps, truncate, inner_lr, reduce=None):
+def make_estimator(config, reduce=None):
+    name, inner_steps, inner_lr = config.estimator, config.inner_steps, config.inner_lr
+    if name == "hyperdistill":
+        return km.HyperDistill(optim.sgd(inner_lr), config.hyperdistill_gamma,
+                               distill_every=config.hyperdistill_every,
+                               reference_steps=config.hyperdistill_reference_steps,
+                               gradient_reduction=reduce)
     if name == "unrolled":
-        return km.Unrolled(optim.sgd(inner_lr), num_steps=inner_steps, truncate=truncate,
+        return km.Unrolled(optim.sgd(inner_lr), num_steps=inner_steps, truncate=config.truncate,
                            gradient_reduction=reduce)
     if name == "implicit":
         return km.Implicit(km.linalg.neumann(inner_steps, alpha=inner_lr),
@@ -177,8 +196,13 @@ def main(argv):
     trainable, non_trainable = functional.model_state(model)
     problem, predict = make_problem(model, non_trainable)
     replicas = strategy.num_replicas_in_sync
-    estimator = make_estimator(config.estimator, config.inner_steps, config.truncate,
-                               config.inner_lr, km.distribute.replica_sum if replicas > 1 else None)
+    if config.estimator == "hyperdistill" and config.inner_steps != 1:
+        raise app.UsageError(f"--estimator=hyperdistill takes one inner step per outer step "
+                             f"(an online hypergradient); got --inner_steps={config.inner_steps}")
+    try:
+        estimator = make_estimator(config, km.distribute.replica_sum if replicas > 1 else None)
+    except ValueError as error:
+        raise app.UsageError(f"--estimator={config.estimator}: {error}") from None
     if replicas > 1:
         print(f"{replicas} replicas ({config.strategy}): each hypergradient is data-parallel")
     sgd = optim.sgd(config.inner_lr)
@@ -190,8 +214,11 @@ def main(argv):
     hyper_opt = keras.optimizers.Adam(config.hyper_lr)
     hyper_opt.build([logits])
     step = tf.Variable(0, dtype=tf.int64)
+    items = {}
+    if config.estimator == "hyperdistill":  # keeps w_0, the step count and its scale's fit
+        items = estimator.start([p.read_value() for p in params]).checkpoint_items()
     ckpt = tf.train.Checkpoint(params=params, baseline=baseline, logits=logits, step=step,
-                               hyper_opt=hyper_opt)
+                               hyper_opt=hyper_opt, **items)
     os.makedirs(config.output_dir, exist_ok=True)
     ckpt_dir = os.path.join(config.output_dir, "ckpt")
     resumable = runner.claim_directory(ckpt_dir, config)
@@ -255,15 +282,18 @@ def main(argv):
     print(f"{'step':>6} {'val loss (meta-learned weights)':>32} {'val loss (uniform weights)':>28}")
     with open(history_path, "a", newline="") as f:
         writer = csv.writer(f)
+        step_seconds = []
         while int(step.numpy()) < config.outer_steps:
+            started = time.perf_counter()
             result = km.ensure_finite(meta_step())
             hyper_opt.apply_gradients([(result.hypergrad[0], logits)])
-            if config.estimator == "unrolled":
+            if config.estimator in ("unrolled", "hyperdistill"):
                 new_params = result.params
             else:
                 new_params = inner_sgd_steps()
             for var, value in zip(params, new_params):
                 var.assign(value)
+            step_seconds.append(time.perf_counter() - started)  # the meta-learned run's step
             base_params, base_val = baseline_steps()
             for var, value in zip(baseline, base_params):
                 var.assign(value)
@@ -282,6 +312,14 @@ def main(argv):
 
     summary = summarise(problem, predict, params, baseline, logits, (x_te, y_te), val,
                         corrupted)
+    # the mean over the steps after the first (which traces and compiles); it includes any
+    # periodic work (HyperDistill's references)
+    summary["seconds_per_outer_step"] = (float(np.mean(step_seconds[1:] or step_seconds))
+                                         if step_seconds else None)
+    summary["inner_steps_total"] = config.outer_steps * config.inner_steps
+    if config.estimator == "hyperdistill":
+        summary["hyperdistill_scale"] = float(estimator.scale)
+        summary["hyperdistill_references"] = int(estimator.state.references.numpy())
     runner.write_json(os.path.join(config.output_dir, "summary.json"), summary)
     print("\n" + "\n".join(f"{k}: {v}" for k, v in summary.items()))
     if config.plot:
