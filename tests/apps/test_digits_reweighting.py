@@ -57,3 +57,22 @@ def test_mirrored_two_devices_reproduce_the_one_device_run(tmp_path):
     assert len(h1) == len(h2) == 6
     for a, b in zip(h1, h2):
         assert abs(a[1] - b[1]) <= 2e-5 and a[2] == b[2]
+
+
+def test_hyperdistill_online_run_fits_its_scale_and_refuses_several_inner_steps(tmp_path):
+    """--estimator=hyperdistill: one inner step per outer step, references at steps 10, 20,
+    30 (the summary reports them and the fitted scale); the meta-learned run ends below the
+    uniform one's validation loss (reference: the run's own uniform baseline)."""
+    out = str(tmp_path / "hd")
+    run_app(out, "--estimator=hyperdistill", "--inner_steps=1", "--outer_steps=30",
+            "--hyperdistill_every=10", "--checkpoint_every=0", "--noplot")
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["hyperdistill_references"] == 3 and summary["inner_steps_total"] == 30
+    assert 0 < summary["hyperdistill_scale"] < float("inf") and summary["hyperdistill_scale"] != 1
+    assert summary["seconds_per_outer_step"] > 0
+    assert summary["val_loss_meta"] < summary["val_loss_uniform"]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "apps", "digits_reweighting.py"),
+                           f"--output_dir={tmp_path / 'bad'}", "--estimator=hyperdistill",
+                           "--inner_steps=5"], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode != 0 and "--inner_steps=5" in proc.stderr
