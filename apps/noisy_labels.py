@@ -117,6 +117,9 @@ flags.DEFINE_integer("hyperdistill_every", 500, "mwn_hyperdistill: a DrMAD-style
                      "refit of the scale theta, every this many steps (0: never; theta stays 1).")
 flags.DEFINE_integer("hyperdistill_reference_steps", 100, "mwn_hyperdistill: horizon cap of a "
                      "reference, in steps (each costs one step VJP).")
+flags.DEFINE_integer("hyperdistill_anchor_every", 0, "mwn_hyperdistill: move the anchor of the "
+                     "distilled point's line to the current weights every this many steps (0: "
+                     "the line runs from the initial weights, as in the paper).")
 flags.DEFINE_bool("xla", False, "Compile the training steps with XLA (runs then need not repeat "
                   "bit for bit; see apps/runner.py).")
 flags.DEFINE_string("output_dir", "runs/noisy_labels", "Results, plot and checkpoints.")
@@ -154,6 +157,7 @@ class Config(runner.GridConfig):
     hyperdistill_gamma: float
     hyperdistill_every: int
     hyperdistill_reference_steps: int
+    hyperdistill_anchor_every: int
     xla: bool
     verbose: int
     plot: bool
@@ -168,7 +172,7 @@ class Config(runner.GridConfig):
               "evograd_copies": "[2, inf)", "evograd_sigma": "(0, inf)",
               "evograd_temperature": "(0, inf)", "neumann_terms": "[1, inf)",
               "hyperdistill_gamma": "[0, 1]", "hyperdistill_every": "[0, inf)",
-              "hyperdistill_reference_steps": "[1, inf)",
+              "hyperdistill_reference_steps": "[1, inf)", "hyperdistill_anchor_every": "[0, inf)",
               "verbose": "[0, 2]"}
 
     def __post_init__(self):
@@ -240,7 +244,8 @@ def make_estimator(arm, config):
     if name == "hyperdistill":
         return km.HyperDistill(optim.sgd(config.lr), config.hyperdistill_gamma,
                                distill_every=config.hyperdistill_every,
-                               reference_steps=config.hyperdistill_reference_steps)
+                               reference_steps=config.hyperdistill_reference_steps,
+                               anchor_every=config.hyperdistill_anchor_every or None)
     if name == "evograd":
         return km.EvoGrad(num_copies=config.evograd_copies, sigma=config.evograd_sigma,
                           temperature=config.evograd_temperature)

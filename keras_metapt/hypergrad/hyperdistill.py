@@ -102,12 +102,14 @@ def damped_second_order_term(step_vjp, point_at, num_points, cotangent, gamma, h
 
 
 class _State(tf.Module):
-    """w_0, the step count and the running sums of the scale's least-squares fit."""
+    """The anchor (w_0, or the latest moved anchor) and its step, the step count and the
+    running sums of the scale's least-squares fit."""
 
     def __init__(self, params):
         super().__init__(name="hyperdistill")
-        self.initial_params = [tf.Variable(x, trainable=False, name="initial_params")
-                               for x in tf.nest.flatten(params)]
+        self.anchor_params = [tf.Variable(x, trainable=False, name="anchor_params")
+                              for x in tf.nest.flatten(params)]
+        self.anchor_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="anchor_step")
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.fit_cross = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="fit_cross")
         self.fit_square = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="fit_square")
@@ -126,6 +128,12 @@ class HyperDistill(_p.Estimator):
         distill_every, 2 distill_every, ...; 0: never (theta stays ``initial_scale``).
       reference_steps: the reference's horizon cap, in steps.
       initial_scale: theta before the first reference.
+      anchor_every: None (the paper's): the line runs from w_0. An integer N: the anchor
+        moves to the current weights every N steps (at steps N+1, 2N+1, ...), and the
+        distilled point and the references use the line from it, over the m = t - t_anchor
+        steps since (p_m in place of p_t; the scale keeps c_t). For one long run whose
+        damped horizon 1 / (1 - gamma) is much shorter than the run, where the line from w_0
+        would mix in the random initialisation. One more copy of the weights.
       gradient_reduction: must be None (one replica; refused with a ValueError).
       check_finite: see `Estimator`. ``seed`` is accepted and ignored.
     Call ``start(params)`` before the first call, with the run's initial weights w_0.
@@ -134,7 +142,8 @@ class HyperDistill(_p.Estimator):
     """
 
     def __init__(self, optimizer, gamma=0.99, *, distill_every=100, reference_steps=100,
-                 initial_scale=1.0, gradient_reduction=None, check_finite=True):
+                 initial_scale=1.0, anchor_every=None, gradient_reduction=None,
+                 check_finite=True):
         if gradient_reduction is not None:
             raise ValueError(_ONE_REPLICA)
         super().__init__(check_finite=check_finite)
@@ -148,6 +157,9 @@ class HyperDistill(_p.Estimator):
         self.distill_every = int(distill_every)
         self.reference_steps = int(reference_steps)
         self.initial_scale = float(initial_scale)
+        if anchor_every is not None and int(anchor_every) < 1:
+            raise ValueError(f"anchor_every must be None or >= 1, got {anchor_every}")
+        self.anchor_every = None if anchor_every is None else int(anchor_every)
         self.state = None
 
     def start(self, params):
@@ -156,9 +168,9 @@ class HyperDistill(_p.Estimator):
         if self.state is None:
             self.state = _State(params)
         else:
-            for var, x in zip(self.state.initial_params, tf.nest.flatten(params)):
+            for var, x in zip(self.state.anchor_params, tf.nest.flatten(params)):
                 var.assign(x)
-            for var in (self.state.step, self.state.references):
+            for var in (self.state.step, self.state.references, self.state.anchor_step):
                 var.assign(0)
             for var in (self.state.fit_cross, self.state.fit_square):
                 var.assign(0.0)
@@ -195,7 +207,18 @@ class HyperDistill(_p.Estimator):
             opt_state = self.optimizer.init(params)
         state = self.state
         t = state.step + 1
-        w0 = tf.nest.pack_sequence_as(params, [v.read_value() for v in state.initial_params])
+        if self.anchor_every:
+            def move_anchor():
+                for var, x in zip(state.anchor_params, tf.nest.flatten(params)):
+                    var.assign(x)
+                state.anchor_step.assign(t - 1)
+                return tf.constant(True)
+
+            tf.cond((t > 1) & tf.equal((t - 1) % self.anchor_every, 0), move_anchor,
+                    lambda: tf.constant(False))
+        anchor = tf.nest.pack_sequence_as(params, [v.read_value() for v in state.anchor_params])
+        anchor_step = state.anchor_step.read_value()
+        m = t - anchor_step  # steps since the anchor (t without anchor_every)
 
         def step(w, h):
             return _p.inner_step(problem, self.optimizer, w, opt_state, h, inner_batch,
@@ -217,18 +240,18 @@ class HyperDistill(_p.Estimator):
             return tf.nest.map_structure(
                 lambda a, b: a + tf.cast(fraction, a.dtype) * (b - a), start, end)
 
-        w_hat = on_line(w0, params, distilled_point_fraction(t, self.gamma))
+        w_hat = on_line(anchor, params, distilled_point_fraction(m, self.gamma))
         _, v = step_vjp(w_hat, alpha)
         c = geometric_sum(t, self.gamma)
 
         if self.distill_every:
             def distill():
-                n = tf.minimum(t, self.reference_steps)
-                t_float = tf.cast(t, tf.float64)
+                n = tf.minimum(m, self.reference_steps)
 
-                def point_at(k):  # w_{s-1} for s = t - n + 1 + k, on the line w_0 -> w_t
+                def point_at(k):  # w_{s-1} for s = t - n + 1 + k, on the line anchor -> w_t
                     s = tf.cast(t - n + 1, tf.float64) + tf.cast(k, tf.float64)
-                    return on_line(w0, new_params, (s - 1.0) / t_float)
+                    position = (s - 1.0 - tf.cast(anchor_step, tf.float64)) / tf.cast(m, tf.float64)
+                    return on_line(anchor, new_params, position)
 
                 y = damped_second_order_term(step_vjp, point_at, n, alpha, self.gamma, hparams)
                 v_flat = tf.nest.flatten(_tree.zeros_for_none(v, hparams))

@@ -23,7 +23,7 @@ def tiny_config(tmp_path, images, **changes):
                   split_seed=0, network="cnn", lr=0.05, weight_decay=5e-4, meta_lr=1e-3,
                   evograd_copies=2, evograd_sigma=1e-3, evograd_temperature=0.05,
                   neumann_terms=1, hyperdistill_gamma=0.9, hyperdistill_every=2,
-                  hyperdistill_reference_steps=3, xla=False, verbose=0, plot=False, **TINY)
+                  hyperdistill_reference_steps=3, hyperdistill_anchor_every=0, xla=False, verbose=0, plot=False, **TINY)
     values.update(changes)
     return noisy_labels.Config(**values)
 

@@ -103,23 +103,28 @@ def test_reference_pass_on_the_true_trajectory_equals_the_direct_sum(gamma):
                                rtol=1e-10, atol=1e-13)
 
 
-def numpy_hyperdistill(points, gamma, distill_every, reference_steps, initial_scale):
+def numpy_hyperdistill(points, gamma, distill_every, reference_steps, initial_scale,
+                       anchor_every=None):
     """The module's formulas, transcribed: the indirect term at every step t = 1..T."""
     cross = square = 0.0
+    anchor, anchor_step = W0, 0
     out = []
     for t in range(1, len(points)):
         w_prev, w_t = points[t - 1], points[t]
+        if anchor_every and t > 1 and (t - 1) % anchor_every == 0:
+            anchor, anchor_step = w_prev, t - 1
+        m = t - anchor_step
         alpha = w_t - W_STAR
-        weights = np.array([gamma ** (t - s) for s in range(1, t + 1)])
-        c = weights.sum()
-        p = 1.0 if t == 1 else np.dot(weights, np.arange(t)) / ((t - 1) * c)
-        w_hat = W0 + p * (w_prev - W0)
+        c = sum(gamma ** (t - s) for s in range(1, t + 1))
+        weights = np.array([gamma ** (m - s) for s in range(1, m + 1)])
+        p = 1.0 if m == 1 else np.dot(weights, np.arange(m)) / ((m - 1) * weights.sum())
+        w_hat = anchor + p * (w_prev - anchor)
         v = alpha * (-ETA * DECAY * w_hat)
         if distill_every and t % distill_every == 0:
-            n = min(t, reference_steps)
+            n = min(m, reference_steps)
             y, a = np.zeros(P), alpha.copy()
-            for s in range(t, t - n, -1):  # point w_{s-1} on the line w_0 -> w_t
-                point = W0 + (s - 1) / t * (w_t - W0)
+            for s in range(t, t - n, -1):  # point w_{s-1} on the line anchor -> w_t
+                point = anchor + (s - 1 - anchor_step) / m * (w_t - anchor)
                 y += a * (-ETA * DECAY * point)
                 a = gamma * A_MAT.T @ a
             cross += c * np.dot(v, y)
@@ -129,14 +134,15 @@ def numpy_hyperdistill(points, gamma, distill_every, reference_steps, initial_sc
     return out
 
 
-@pytest.mark.parametrize("mode", ["eager", "function"])
-def test_every_call_equals_a_numpy_transcription(mode):
+@pytest.mark.parametrize("mode,anchor_every", [("eager", None), ("function", None),
+                                               ("function", 6)])
+def test_every_call_equals_a_numpy_transcription(mode, anchor_every):
     steps, gamma = 25, 0.9
     points = trajectory(steps)
     expected = numpy_hyperdistill(points, gamma, distill_every=7, reference_steps=10,
-                                  initial_scale=0.5)
+                                  initial_scale=0.5, anchor_every=anchor_every)
     estimator = km.HyperDistill(optim.sgd(ETA), gamma, distill_every=7, reference_steps=10,
-                                initial_scale=0.5).start([W0])
+                                initial_scale=0.5, anchor_every=anchor_every).start([W0])
     call = lambda w: estimator(PROBLEM, [w], [tf.constant(PHI)], INNER, OUTER)  # noqa: E731
     if mode == "function":
         call = tf.function(call)
