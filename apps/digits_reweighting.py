@@ -51,12 +51,6 @@ flags.DEFINE_integer("outer_steps", 150, "Number of hypergradient (outer) steps.
 flags.DEFINE_integer("inner_steps", 5, "Inner SGD steps per outer step (unrolled: the horizon T).")
 flags.DEFINE_integer("truncate", None, "Unrolled only: differentiate through the last K inner "
                      "steps (1 = greedy one-step); default all.")
-flags.DEFINE_float("hyperdistill_gamma", 0.99, "hyperdistill: damping gamma of the online "
-                   "hypergradient it distils (1: the whole past undamped; 0: one step).")
-flags.DEFINE_integer("hyperdistill_every", 100, "hyperdistill: a DrMAD-style reference, and a "
-                     "refit of the scale theta, every this many steps (0: never; theta stays 1).")
-flags.DEFINE_integer("hyperdistill_reference_steps", 100, "hyperdistill: horizon cap of a "
-                     "reference, in steps (each costs one step VJP).")
 flags.DEFINE_float("inner_lr", 0.5, "Inner SGD learning rate.")
 flags.DEFINE_float("hyper_lr", 0.1, "Adam learning rate on the weight logits.")
 flags.DEFINE_float("label_noise", 0.4, "Fraction of training labels replaced by a random class.")
@@ -71,6 +65,7 @@ flags.DEFINE_integer("checkpoint_every", 50, "Checkpoint every this many outer s
 flags.DEFINE_bool("resume", True, "Resume from the latest checkpoint in --output_dir (when it "
                   "was made with the same settings; --outer_steps may grow).")
 runner.define_strategy_flags("each hypergradient")
+runner.define_hyperdistill_flags("--estimator=hyperdistill", every_default=100)
 flags.adopt_module_key_flags(runner)
 flags.DEFINE_bool("plot", True, "Write reweighting.png (validation loss curves and the learned "
                   "weights of clean vs corrupted examples).")
@@ -87,6 +82,7 @@ class Config(runner.Config):
     hyperdistill_gamma: float
     hyperdistill_every: int
     hyperdistill_reference_steps: int
+    hyperdistill_anchor_every: int
     inner_lr: float
     hyper_lr: float
     label_noise: float
@@ -101,8 +97,7 @@ class Config(runner.Config):
     NOT_IN_RESULTS = runner.Config.NOT_IN_RESULTS + ("outer_steps", "log_every",
                                                      "checkpoint_every", "plot")
     BOUNDS = {"outer_steps": "[1, inf)", "inner_steps": "[1, inf)", "truncate": "[1, inf)",
-              "hyperdistill_gamma": "[0, 1]", "hyperdistill_every": "[0, inf)",
-              "hyperdistill_reference_steps": "[1, inf)",
+              **runner.HYPERDISTILL_BOUNDS,
               "inner_lr": "(0, inf)", "hyper_lr": "[0, inf)", "label_noise": "[0, 1]",
               "num_train": "[10, 1496]", "hidden": "[1, inf)", "seed": "[0, inf)",
               "log_every": "[1, inf)", "checkpoint_every": "[0, inf)"}
@@ -164,10 +159,7 @@ def make_problem(model, non_trainable):
 def make_estimator(config, reduce=None):
     name, inner_steps, inner_lr = config.estimator, config.inner_steps, config.inner_lr
     if name == "hyperdistill":
-        return km.HyperDistill(optim.sgd(inner_lr), config.hyperdistill_gamma,
-                               distill_every=config.hyperdistill_every,
-                               reference_steps=config.hyperdistill_reference_steps,
-                               gradient_reduction=reduce)
+        return runner.hyperdistill_estimator(config, inner_lr, reduce)
     if name == "unrolled":
         return km.Unrolled(optim.sgd(inner_lr), num_steps=inner_steps, truncate=config.truncate,
                            gradient_reduction=reduce)

@@ -111,15 +111,6 @@ flags.DEFINE_float("evograd_sigma", 1e-3, "EvoGrad: noise scale of the copies.")
 flags.DEFINE_float("evograd_temperature", 0.05, "EvoGrad: softmax temperature tau.")
 flags.DEFINE_integer("neumann_terms", 1, "mwn_implicit: Hessian-vector products of the "
                      "Neumann series (n gives the terms (I - lr H)^0 .. ^n).")
-flags.DEFINE_float("hyperdistill_gamma", 0.99, "mwn_hyperdistill: damping gamma of the online "
-                   "hypergradient it distils (1: the whole past undamped; 0: one step).")
-flags.DEFINE_integer("hyperdistill_every", 500, "mwn_hyperdistill: a DrMAD-style reference, and a "
-                     "refit of the scale theta, every this many steps (0: never; theta stays 1).")
-flags.DEFINE_integer("hyperdistill_reference_steps", 100, "mwn_hyperdistill: horizon cap of a "
-                     "reference, in steps (each costs one step VJP).")
-flags.DEFINE_integer("hyperdistill_anchor_every", 0, "mwn_hyperdistill: move the anchor of the "
-                     "distilled point's line to the current weights every this many steps (0: "
-                     "the line runs from the initial weights, as in the paper).")
 flags.DEFINE_bool("xla", False, "Compile the training steps with XLA (runs then need not repeat "
                   "bit for bit; see apps/runner.py).")
 flags.DEFINE_string("output_dir", "runs/noisy_labels", "Results, plot and checkpoints.")
@@ -128,6 +119,7 @@ flags.DEFINE_bool("resume", True, "Reuse finished (arm, seed) results and resume
 flags.DEFINE_integer("verbose", 1, "0: silent; 1: a progress bar per epoch; 2: a line per epoch.")
 flags.DEFINE_bool("plot", True, "Write noisy_labels.png.")
 runner.define_strategy_flags("training (only the default, one device, is supported here)")
+runner.define_hyperdistill_flags("mwn_hyperdistill", every_default=500)
 flags.adopt_module_key_flags(runner)
 
 
@@ -171,8 +163,7 @@ class Config(runner.GridConfig):
               "weight_decay": "[0, inf)", "meta_lr": "[0, inf)", "mwn_hidden": "[1, inf)",
               "evograd_copies": "[2, inf)", "evograd_sigma": "(0, inf)",
               "evograd_temperature": "(0, inf)", "neumann_terms": "[1, inf)",
-              "hyperdistill_gamma": "[0, 1]", "hyperdistill_every": "[0, inf)",
-              "hyperdistill_reference_steps": "[1, inf)", "hyperdistill_anchor_every": "[0, inf)",
+              **runner.HYPERDISTILL_BOUNDS,
               "verbose": "[0, 2]"}
 
     def __post_init__(self):
@@ -242,10 +233,7 @@ def make_estimator(arm, config):
     if name == "lookahead5":  # the truncated hypergradient of horizon K = 5
         return km.Unrolled(optim.sgd(config.lr), num_steps=5)
     if name == "hyperdistill":
-        return km.HyperDistill(optim.sgd(config.lr), config.hyperdistill_gamma,
-                               distill_every=config.hyperdistill_every,
-                               reference_steps=config.hyperdistill_reference_steps,
-                               anchor_every=config.hyperdistill_anchor_every or None)
+        return runner.hyperdistill_estimator(config, config.lr)
     if name == "evograd":
         return km.EvoGrad(num_copies=config.evograd_copies, sigma=config.evograd_sigma,
                           temperature=config.evograd_temperature)

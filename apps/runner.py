@@ -97,6 +97,42 @@ def define_strategy_flags(what, flag_values=flags.FLAGS):
                         flag_values=flag_values)
 
 
+HYPERDISTILL_BOUNDS = {"hyperdistill_gamma": "[0, 1]", "hyperdistill_every": "[0, inf)",
+                       "hyperdistill_reference_steps": "[1, inf)",
+                       "hyperdistill_anchor_every": "[0, inf)"}
+
+
+def define_hyperdistill_flags(arm, every_default, flag_values=flags.FLAGS):
+    """Defines the settings of `keras_metapt.HyperDistill` for an app's ``arm`` (its Config
+    then has the fields of HYPERDISTILL_BOUNDS); `hyperdistill_estimator` builds it."""
+    if "hyperdistill_gamma" in flag_values:
+        return
+    flags.DEFINE_float("hyperdistill_gamma", 0.99, f"{arm}: damping gamma of the online "
+                       "hypergradient it distils (1: the whole past undamped; 0: one step).",
+                       flag_values=flag_values)
+    flags.DEFINE_integer("hyperdistill_every", every_default, f"{arm}: a DrMAD-style reference, "
+                         "and a refit of the scale theta, every this many steps (0: never; "
+                         "theta stays 1).", flag_values=flag_values)
+    flags.DEFINE_integer("hyperdistill_reference_steps", 100, f"{arm}: horizon cap of a "
+                         "reference, in steps (each costs one step VJP).",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("hyperdistill_anchor_every", 0, f"{arm}: move the anchor of the "
+                         "distilled point's line to the current weights every this many steps "
+                         "(0: the line runs from the initial weights, as in the paper).",
+                         flag_values=flag_values)
+
+
+def hyperdistill_estimator(config, learning_rate, reduce=None):
+    """`keras_metapt.HyperDistill` with inner SGD at ``learning_rate`` and the config's
+    hyperdistill_* settings (see `define_hyperdistill_flags`)."""
+    import keras_metapt as km
+    return km.HyperDistill(km.optim.sgd(learning_rate), config.hyperdistill_gamma,
+                           distill_every=config.hyperdistill_every,
+                           reference_steps=config.hyperdistill_reference_steps,
+                           anchor_every=config.hyperdistill_anchor_every or None,
+                           gradient_reduction=reduce)
+
+
 DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 
 

@@ -13,7 +13,7 @@ The protocol, followed by every estimator (base class `Estimator`):
   whose ``outer_batch`` is `FinetuneBatches(train, val)`; phi is always ``hparams``.
 - inner_batch: one batch, or `StepBatches` (one per inner step) for estimators that step.
 - gradient_reduction: a cross-replica sum (`distribute.replica_sum`) to run data-parallel;
-  `Forward` refuses it (ValueError naming the alternatives).
+  `Forward`, `Reversible` and `HyperDistill` refuse it (ValueError naming the alternatives).
 - check_finite: raise on a NaN/Inf hypergradient; False only reports ``result.is_finite``.
 - opt_state: inner optimizer state to continue from; returned unchanged where no steps run.
 - seed: shape-[2] int tensor for the stochastic `EvoGrad`; ignored by the others.

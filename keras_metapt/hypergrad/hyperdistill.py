@@ -35,7 +35,8 @@ step (no batches are stored).
 Cost per call: one inner step (1 gradient) and one outer gradient, as the one-step estimator,
 plus one vector-Jacobian product of the step at w_hat (a gradient of a gradient) in place of
 the one-step estimator's backward pass through its step; a reference adds min(t,
-reference_steps) such products every ``distill_every`` calls. Memory: O(P) (w_0 is kept).
+reference_steps) such products every ``distill_every`` calls (min(m, reference_steps)
+with a moving anchor, m the steps since it). Memory: O(P) (w_0 is kept).
 
 State: ``start(params)`` records w_0 and resets the step count and the fit; every call
 advances the step. `checkpoint_items()` holds the state for `tf.train.Checkpoint`.
@@ -147,8 +148,9 @@ class HyperDistill(_p.Estimator):
         if gradient_reduction is not None:
             raise ValueError(_ONE_REPLICA)
         super().__init__(check_finite=check_finite)
-        if not 0.0 <= float(gamma) <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        if not (0.0 <= float(gamma) <= 1.0 - 1e-4 or float(gamma) == 1.0):
+            # the closed form of p_t loses digits as gamma -> 1 (1e-3 relative at 1 - 1e-7)
+            raise ValueError(f"gamma must be in [0, 0.9999] or exactly 1, got {gamma}")
         if int(distill_every) < 0 or int(reference_steps) < 1:
             raise ValueError(f"distill_every must be >= 0 and reference_steps >= 1, got "
                              f"{distill_every} and {reference_steps}")
@@ -168,6 +170,11 @@ class HyperDistill(_p.Estimator):
         if self.state is None:
             self.state = _State(params)
         else:
+            kept = [tuple(v.shape) for v in self.state.anchor_params]
+            given = [tuple(x.shape) for x in tf.nest.flatten(params)]
+            if kept != given:
+                raise ValueError(f"start(params): the weights' shapes {given} differ from those "
+                                 f"this HyperDistill was started with, {kept}; make a new one")
             for var, x in zip(self.state.anchor_params, tf.nest.flatten(params)):
                 var.assign(x)
             for var in (self.state.step, self.state.references, self.state.anchor_step):
@@ -257,9 +264,12 @@ class HyperDistill(_p.Estimator):
                 v_flat = tf.nest.flatten(_tree.zeros_for_none(v, hparams))
                 cross = tf.cast(_tree.tree_vdot(v_flat, tf.nest.flatten(y)), tf.float64)
                 square = tf.cast(_tree.tree_vdot(v_flat, v_flat), tf.float64)
-                state.fit_cross.assign_add(c * cross)
-                state.fit_square.assign_add(c * c * square)
-                state.references.assign_add(1)
+                # a non-finite reference is skipped: it would spoil the fit for the whole run
+                finite = tf.math.is_finite(cross) & tf.math.is_finite(square)
+                zero = tf.constant(0.0, tf.float64)
+                state.fit_cross.assign_add(tf.where(finite, c * cross, zero))
+                state.fit_square.assign_add(tf.where(finite, c * c * square, zero))
+                state.references.assign_add(tf.cast(finite, tf.int64))
                 return tf.constant(True)
 
             tf.cond(tf.equal(t % self.distill_every, 0), distill, lambda: tf.constant(False))

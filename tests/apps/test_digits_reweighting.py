@@ -68,7 +68,8 @@ def test_hyperdistill_online_run_fits_its_scale_and_refuses_several_inner_steps(
             "--hyperdistill_every=10", "--checkpoint_every=0", "--noplot")
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["hyperdistill_references"] == 3 and summary["inner_steps_total"] == 30
-    assert 0 < summary["hyperdistill_scale"] < float("inf") and summary["hyperdistill_scale"] != 1
+    scale = summary["hyperdistill_scale"]
+    assert abs(scale) < float("inf") and scale != 1  # fitted (it may be negative)
     assert summary["seconds_per_outer_step"] > 0
     assert summary["val_loss_meta"] < summary["val_loss_uniform"]
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "apps", "digits_reweighting.py"),

@@ -134,15 +134,18 @@ def numpy_hyperdistill(points, gamma, distill_every, reference_steps, initial_sc
     return out
 
 
-@pytest.mark.parametrize("mode,anchor_every", [("eager", None), ("function", None),
-                                               ("function", 6)])
-def test_every_call_equals_a_numpy_transcription(mode, anchor_every):
+@pytest.mark.parametrize("mode,anchor_every,every,horizon", [
+    ("eager", None, 7, 10), ("function", None, 7, 10),
+    # references at t = 6, 12, .. at the end of each anchor's segment (m = 6), truncated to 4
+    ("function", 6, 6, 4)])
+def test_every_call_equals_a_numpy_transcription(mode, anchor_every, every, horizon):
     steps, gamma = 25, 0.9
     points = trajectory(steps)
-    expected = numpy_hyperdistill(points, gamma, distill_every=7, reference_steps=10,
+    expected = numpy_hyperdistill(points, gamma, distill_every=every, reference_steps=horizon,
                                   initial_scale=0.5, anchor_every=anchor_every)
-    estimator = km.HyperDistill(optim.sgd(ETA), gamma, distill_every=7, reference_steps=10,
-                                initial_scale=0.5, anchor_every=anchor_every).start([W0])
+    estimator = km.HyperDistill(optim.sgd(ETA), gamma, distill_every=every,
+                                reference_steps=horizon, initial_scale=0.5,
+                                anchor_every=anchor_every).start([W0])
     call = lambda w: estimator(PROBLEM, [w], [tf.constant(PHI)], INNER, OUTER)  # noqa: E731
     if mode == "function":
         call = tf.function(call)
@@ -153,7 +156,20 @@ def test_every_call_equals_a_numpy_transcription(mode, anchor_every):
         np.testing.assert_allclose(result.indirect[0].numpy(), expected[t - 1], rtol=1e-9,
                                    atol=1e-14)
         w = result.params[0]
-    assert int(estimator.state.references.numpy()) == 3  # t = 7, 14, 21
+    assert int(estimator.state.references.numpy()) == steps // every
+
+
+def test_gamma_zero_is_the_one_step_hypergradient():
+    """Reference: Unrolled(sgd, 1), the one-step look-ahead: with gamma = 0, p_t = 1 and
+    c_t = 1, so the distilled term is the one-step term exactly (theta fixed at 1)."""
+    estimator = km.HyperDistill(optim.sgd(ETA), 0.0, distill_every=0).start([W0])
+    points = trajectory(5)
+    for t in range(1, 6):
+        args = ([tf.constant(points[t - 1])], [tf.constant(PHI)], INNER, OUTER)
+        ours = estimator(PROBLEM, *args)
+        greedy = km.Unrolled(optim.sgd(ETA), 1)(PROBLEM, *args)
+        np.testing.assert_allclose(ours.hypergrad[0].numpy(), greedy.hypergrad[0].numpy(),
+                                   rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -211,7 +227,7 @@ def test_cost_is_one_step_vjp_on_top_of_the_one_step_terms():
         assert counts == {"inner": expected_inner, "outer": 1}, call
 
 
-def test_state_checkpoints_and_a_start_is_required():
+def test_state_checkpoints_and_a_start_is_required(tmp_path):
     with pytest.raises(ValueError, match="start"):
         km.HyperDistill(optim.sgd(ETA))(PROBLEM, [tf.constant(W0)], [tf.constant(PHI)], INNER,
                                         OUTER)
@@ -219,10 +235,14 @@ def test_state_checkpoints_and_a_start_is_required():
     w = [tf.constant(W0)]
     for _ in range(3):
         w = first(PROBLEM, w, [tf.constant(PHI)], INNER, OUTER).params
-    path = tf.train.Checkpoint(**first.checkpoint_items()).write("/tmp/_hd_ckpt/x")
+    path = tf.train.Checkpoint(**first.checkpoint_items()).write(str(tmp_path / "ckpt"))
     second = km.HyperDistill(optim.sgd(ETA), 0.9, distill_every=2).start([np.zeros(P)])
     tf.train.Checkpoint(**second.checkpoint_items()).read(path).assert_consumed()
     a = first(PROBLEM, w, [tf.constant(PHI)], INNER, OUTER).hypergrad[0].numpy()
     b = second(PROBLEM, w, [tf.constant(PHI)], INNER, OUTER).hypergrad[0].numpy()
     np.testing.assert_array_equal(a, b)
     assert float(first.scale) == float(second.scale) != 1.0
+    with pytest.raises(ValueError, match="shapes"):
+        second.start([np.zeros(P + 1)])
+    with pytest.raises(ValueError, match="gamma"):
+        km.HyperDistill(optim.sgd(ETA), 0.99999)
