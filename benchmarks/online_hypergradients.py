@@ -50,15 +50,20 @@ METRICS = (("test_accuracy_meta", "test accuracy", "+.4f"), ("test_loss_meta", "
            ("auroc_weights_vs_clean", "AUROC clean vs corrupted", "+.4f"))
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("arms", list(ARMS), "Arms, out of " + ", ".join(ARMS) + ".")
-flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds (split, noise, initialisation).")
-flags.DEFINE_integer("inner_steps_total", 750, "SGD steps of every run (a multiple of 5).")
-flags.DEFINE_float("hyperdistill_gamma", 0.99, "HyperDistill's damping gamma.")
-flags.DEFINE_integer("hyperdistill_every", 100, "HyperDistill: a reference every this many "
-                     "steps.")
-flags.DEFINE_bool("quick", False, "2 seeds, 20 inner steps, a reference every 5: a smoke run.")
-flags.DEFINE_string("output_dir", os.path.join(ROOT, "benchmarks", "results"),
-                    "Where online_hypergradients.{md,json,png} and the runs go.")
+
+
+def define_flags():
+    """The flags (defined only when run as a program: tests import this module next to other
+    benchmarks whose flags share names)."""
+    flags.DEFINE_list("arms", list(ARMS), "Arms, out of " + ", ".join(ARMS) + ".")
+    flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds (split, noise, initialisation).")
+    flags.DEFINE_integer("inner_steps_total", 750, "SGD steps of every run (a multiple of 5).")
+    flags.DEFINE_float("hyperdistill_gamma", 0.99, "HyperDistill's damping gamma.")
+    flags.DEFINE_integer("hyperdistill_every", 100, "HyperDistill: a reference every this many "
+                         "steps.")
+    flags.DEFINE_bool("quick", False, "2 seeds, 20 inner steps, a reference every 5: a smoke run.")
+    flags.DEFINE_string("output_dir", os.path.join(ROOT, "benchmarks", "results"),
+                        "Where online_hypergradients.{md,json,png} and the runs go.")
 
 
 def run_flags(arm, seed, total, gamma, every):
@@ -189,4 +194,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
