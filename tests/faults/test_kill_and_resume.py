@@ -173,7 +173,10 @@ def test_digits_app_resumes_without_duplicated_history_rows(tmp_path):
     rows = history_rows(cut)
     assert [int(r[0]) for r in rows[1:]] == list(range(1, 21))
     assert rows == history_rows(ref)
-    assert json.load(open(cut / "summary.json")) == json.load(open(ref / "summary.json"))
+    summaries = [json.load(open(path / "summary.json")) for path in (cut, ref)]
+    for summary in summaries:
+        assert summary.pop("seconds_per_outer_step") > 0  # measured, so not compared
+    assert summaries[0] == summaries[1]
 
 
 def test_task_meta_learning_app_resumes_inside_an_arm(tmp_path):
