@@ -164,16 +164,6 @@ class Config(runner.GridConfig):
 
 # ----------------------------------------------------------------------------- data
 
-def load_digits_28():
-    """scikit-learn's digits as [1797, 28, 28, 1] float32 in [0, 1] (bilinear upsampling of
-    the 8x8 images, whose values are 0..16) and their labels."""
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    small = (digits.images.astype(np.float32) / 16.0)[..., None]
-    large = tf.image.resize(small, [28, 28], method="bilinear").numpy()
-    return np.clip(large, 0.0, 1.0), digits.target.astype(np.int32)
-
-
 @dataclasses.dataclass
 class Domains:
     seen: dict       # name -> EpisodeSampler (training episodes)
@@ -188,7 +178,7 @@ def load_domains(config):
                                            k_shot=config.k_shot, n_query=config.n_query,
                                            name=f"seen domain {name}")
                 for name, classes in SEEN_DOMAINS.items()}
-        digits, labels = load_digits_28()
+        digits, labels = image_data.load_digits_28x28()
         unseen = {k: tasks.EpisodeSampler(digits, labels, n_way=config.test_n_way, k_shot=k,
                                           n_query=config.test_n_query,
                                           name=f"unseen domain digits ({k}-shot)")

@@ -38,9 +38,10 @@ __all__ = ["ConvEncoder", "encoder_features", "prototype_logits", "episode_loss"
 BN_EPSILON = 1e-5
 
 
-def batch_normalised_conv(h, kernel, gamma, beta):
-    """3x3 'SAME' convolution, then normalisation by the statistics of this batch."""
-    h = tf.nn.conv2d(h, kernel, 1, "SAME")
+def batch_normalised_conv(h, kernel, gamma, beta, stride=1):
+    """'SAME' convolution (``kernel``'s size, ``stride``), then normalisation by the statistics
+    of this batch."""
+    h = tf.nn.conv2d(h, kernel, stride, "SAME")
     # not tf.nn.moments: it stops the gradient of the mean inside the variance, which leaves
     # first derivatives exact but second derivatives (the one-step look-ahead's) wrong
     mean = tf.reduce_mean(h, axis=[0, 1, 2])

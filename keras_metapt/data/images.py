@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 __all__ = ["ImageFileError", "read_idx", "load_idx_dataset", "load_image_folder",
-           "labelled_subset", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES"]
+           "labelled_subset", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "load_digits_28x28"]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -113,3 +113,14 @@ def labelled_subset(num_examples, fraction=None, count=None, seed=0):
     if count > num_examples:
         raise ValueError(f"count {count} exceeds the {num_examples} examples")
     return np.random.default_rng(seed).permutation(num_examples)[:count]
+
+
+def load_digits_28x28():
+    """scikit-learn's digits as [1797, 28, 28, 1] float32 in [0, 1] (bilinear upsampling of
+    the 8x8 images, whose values are 0..16) and their labels."""
+    import tensorflow as tf
+    from sklearn.datasets import load_digits  # ships with scikit-learn: nothing downloads
+    digits = load_digits()
+    small = (digits.images.astype(np.float32) / 16.0)[..., None]
+    large = tf.image.resize(small, [28, 28], method="bilinear").numpy()
+    return np.clip(large, 0.0, 1.0), digits.target.astype(np.int32)

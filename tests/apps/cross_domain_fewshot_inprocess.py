@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 from apps import cross_domain_fewshot as cdfs, runner
+from keras_metapt.data import images as image_data
 from tests.apps.test_cross_domain_fewshot import ARMS, FLAG_NAMES, TINY, write_fashion_like
 
 
@@ -45,7 +46,7 @@ def test_config_fields_are_the_flags_the_help_test_expects():
 def test_unseen_domain_is_sklearn_digits_upsampled():
     from sklearn.datasets import load_digits
     digits = load_digits()
-    images, labels = cdfs.load_digits_28()
+    images, labels = image_data.load_digits_28x28()
     assert images.shape == (1797, 28, 28, 1) and images.dtype == np.float32
     assert images.min() >= 0 and images.max() <= 1
     np.testing.assert_array_equal(labels, digits.target)

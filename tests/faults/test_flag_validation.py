@@ -16,7 +16,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 APPS = ("multitask_pt", "simclr_augment", "digits_reweighting", "noisy_labels",
-        "cross_domain_fewshot", "lr_schedules", "task_meta_learning")
+        "cross_domain_fewshot", "lr_schedules", "task_meta_learning", "metaperturb_transfer")
 
 # For one app per process: import it, then parse each case's flags and build its Config;
 # prints {case: error message or null} and the numeric fields without bounds.
@@ -88,6 +88,11 @@ BAD = {
                            ["--cts_update_every=6"], ["--cts_meta_step_size=0"],
                            ["--arms=scratch,warp"], ["--warp_lr=0"],
                            ["--warpgrad_batch=-1"]],
+    "metaperturb_transfer": [["--source_steps=0"], ["--source_batch=1"],
+                             ["--source_batch=600"], ["--perturb_lr=-1"],
+                             ["--dropout_rate=1"], ["--anneal_fraction=1.5"],
+                             ["--test_samples=0"], ["--target_width=0"],
+                             ["--strategy=mirrored"], ["--arms=base,warp"]],
 }
 GOOD = {"multitask_pt": [[], ["--neumann_terms=0", "--hyper_lr=0"]],
         "simclr_augment": [[], ["--num_pt=0"]],
@@ -95,7 +100,9 @@ GOOD = {"multitask_pt": [[], ["--neumann_terms=0", "--hyper_lr=0"]],
         "noisy_labels": [[], ["--noise_rate=0", "--meta_lr=0", "--num_train=0"]],
         "cross_domain_fewshot": [[], ["--ft_lr=0", "--test_shots=1", "--ft_gamma_init=-2"]],
         "lr_schedules": [[], ["--outer_steps=0", "--init_lr=0", "--momentum_range=1,1"]],
-        "task_meta_learning": [[], ["--rotations=4", "--n_way=10", "--inner_batch=0"]]}
+        "task_meta_learning": [[], ["--rotations=4", "--n_way=10", "--inner_batch=0"]],
+        "metaperturb_transfer": [[], ["--perturb_lr=0", "--dropout_rate=0",
+                                      "--anneal_fraction=0", "--source_estimator=one_step"]]}
 
 
 @pytest.mark.parametrize("name", APPS)
