@@ -27,8 +27,8 @@ if keras.backend.backend() != "tensorflow":
         f"Keras was already imported with the {keras.backend.backend()!r} backend. {_BACKEND_HELP}")
 
 from keras_metapt import (callbacks, distribute, errors, export, fewshot,  # noqa: E402
-                          functional, hyper, hypergrad, linalg, losses, optim, reweighting,
-                          simclr, tasks, taskmeta)
+                          functional, hyper, hypergrad, linalg, losses, optim,
+                          perturb_transfer, reweighting, simclr, tasks, taskmeta)
 from keras_metapt.errors import (HypergradientError, InputMismatchError,  # noqa: E402
                                  NonFiniteHypergradientError, UnconnectedHyperparameterError)
 from keras_metapt.meta_pretrainer import (HyperstepSchedule, MetaPretrainer,  # noqa: E402
@@ -43,7 +43,7 @@ __all__ = [
     "__version__",
     # modules
     "callbacks", "distribute", "errors", "export", "fewshot", "functional", "hyper", "hypergrad",
-    "linalg", "losses", "optim", "reweighting", "simclr", "tasks", "taskmeta",
+    "linalg", "losses", "optim", "perturb_transfer", "reweighting", "simclr", "tasks", "taskmeta",
     # meta-pre-training inside model.fit()
     "MetaPretrainer", "HyperstepSchedule", "meta_dataset",
     # the calling convention and the estimators
