@@ -20,18 +20,21 @@ Arms, each with the same target split, initial network and batches for a seed:
 - dropout: element-wise dropout (--dropout_rate) at the perturbation's sites;
 - finetune: the ResNet first trained on the source images (all ten Fashion-MNIST classes,
   --source_steps steps), then its body fine-tuned on the target with a new head;
-- metaperturb: the perturbation meta-trained with the four source tasks (--source_steps steps,
-  first-order as the original's code; --source_estimator=one_step for the second-order
-  one-step look-ahead), then frozen in the target ResNet; test predictions average the softmax
-  over --test_samples noise draws.
+- metaperturb: the perturbation meta-trained with the four source tasks (--source_steps steps)
+  by the first-order hypergradient of the original's code (the validation loss's gradient at
+  the updated networks), then frozen in the target ResNet; test predictions average the
+  softmax over --test_samples noise draws;
+- metaperturb_one_step: the same with the second-order one-step look-ahead hypergradient
+  (keras_metapt.Unrolled through one SGD step at --source_lr): the perturbation's effect on the
+  validation loss through the networks' training step.
 
-    python apps/metaperturb_transfer.py                     # CPU default, 5 seeds, 4 arms
+    python apps/metaperturb_transfer.py                     # CPU default, 5 seeds, 5 arms
     python apps/metaperturb_transfer.py --arms=base,metaperturb --seeds=0,1,2
 
 Writes <output_dir>/summary.md (per arm: test accuracy mean +- std over seeds; paired
 differences to --baseline with 95% t intervals; seconds per step of each stage),
-summary.json, and metaperturb_transfer.png (the channel scale and mean noise of the learned
-perturbation over source training; test accuracy per arm). Every (arm, seed) checkpoints its
+summary.json, and metaperturb_transfer.png (the learned perturbation's mean channel scale on
+fixed probe maps over source training; test accuracy per arm). Every (arm, seed) checkpoints its
 stages every --checkpoint_every steps under <output_dir>/<arm>_seed<k> and resumes there;
 finished arms are reused (runner.run_grid). A seed fixes a run: bit-identical on CPU.
 """
@@ -58,7 +61,7 @@ from keras_metapt.data import images as image_data  # noqa: E402
 from keras_metapt.hyper.metaperturb import channel_scale  # noqa: E402
 
 FLAGS = flags.FLAGS
-ARMS = ("base", "dropout", "finetune", "metaperturb")
+ARMS = ("base", "dropout", "finetune", "metaperturb", "metaperturb_one_step")
 SOURCE_TASKS = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (0, 2, 4, 6, 8), (1, 3, 5, 7, 9))
 DATA_TAG, BATCH_TAG = 109, 110
 SOURCE_STREAM, VALIDATION_STREAM, TARGET_STREAM, PRETRAIN_STREAM = 0, 1, 2, 3
@@ -84,10 +87,6 @@ flags.DEFINE_float("perturb_lr", 1e-2, "Adam learning rate of the perturbation's
                    "The original's 1e-3 over its 750 steps, raised for the CPU default's 400 "
                    "steps: phi starts at N(0, 0.01^2), and the channel scale sigmoid(f . v) "
                    "needs |v| of order 1 to leave 0.5.")
-flags.DEFINE_enum("source_estimator", "first_order", ["first_order", "one_step"],
-                  "Hypergradient of the perturbation: first_order (the validation loss's "
-                  "gradient at the updated networks, as the original's code) or one_step "
-                  "(keras_metapt.Unrolled through one SGD step at --source_lr).")
 flags.DEFINE_integer("target_train_per_class", 20, "Training images per digit class.")
 flags.DEFINE_integer("target_steps", 300, "Adam steps on the target (75 epochs of the "
                      "default 200 training images).")
@@ -108,12 +107,7 @@ flags.DEFINE_integer("eval_batch", 500, "Images per evaluation batch (batch norm
 flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints (and log lines).")
 flags.DEFINE_bool("xla", False, "Compile the steps with XLA (runs then need not repeat bit for "
                   "bit; see apps/runner.py).")
-flags.DEFINE_string("output_dir", "runs/metaperturb_transfer", "Results, plot and "
-                    "checkpoints.")
-flags.DEFINE_bool("resume", True, "Reuse finished (arm, seed) results and resume unfinished ones "
-                  "from their last checkpoint, when made with the same settings.")
-flags.DEFINE_integer("verbose", 1, "0: silent; 1: a progress bar; 2: a line per checkpoint.")
-flags.DEFINE_bool("plot", True, "Write metaperturb_transfer.png.")
+runner.define_run_flags("metaperturb_transfer")
 runner.define_strategy_flags("training (only the default, one device, is supported here)")
 flags.adopt_module_key_flags(runner)
 
@@ -130,7 +124,6 @@ class Config(runner.GridConfig):
     source_batch: int
     source_lr: float
     perturb_lr: float
-    source_estimator: str
     target_train_per_class: int
     target_steps: int
     target_width: int
@@ -265,13 +258,13 @@ def perturbation_summary(perturb):
     return out
 
 
-def meta_train_perturbation(config, data, seed, directory):
+def meta_train_perturbation(config, data, seed, directory, one_step):
     classifiers = [perturb_transfer.ConvClassifier(len(classes), config.source_width,
                                                    seed=1000 * seed + t)
                    for t, classes in enumerate(SOURCE_TASKS)]
     perturb = km.hyper.MetaPerturb(seed=seed)
     estimator = (km.Unrolled(optim.sgd(config.source_lr), num_steps=1)
-                 if config.source_estimator == "one_step" else None)
+                 if one_step else None)
     trainer = perturb_transfer.SourceMetaTrainer(
         classifiers, perturb, learning_rate=config.source_lr,
         perturb_learning_rate=config.perturb_lr, estimator=estimator,
@@ -339,9 +332,10 @@ def _median_seconds(history):
 def run_arm(config, data, arm, seed):
     directory = runner.run_directory(config, arm, seed)
     record, perturb, body, regulariser = {}, None, None, "none"
-    if arm == "metaperturb":
+    if arm.startswith("metaperturb"):
         perturb, history = meta_train_perturbation(config, data, seed,
-                                                   os.path.join(directory, "source"))
+                                                   os.path.join(directory, "source"),
+                                                   one_step=arm == "metaperturb_one_step")
         record.update(source_history=history, source_seconds_per_step=_median_seconds(history),
                       perturbation=history["perturbation"][-1],
                       perturb_weights=[v.numpy().tolist() for v in perturb.weight_variables()])
@@ -380,27 +374,33 @@ def cost_table(records):
     return "\n".join(lines) + "\n"
 
 
+def records_seed(records):
+    return min(seed for _, seed in records)
+
+
 def plot(records, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    meta = [r for (a, _), r in sorted(records.items()) if a == "metaperturb"]
-    for r in meta:
-        steps = r["source_history"]["step"]
-        for key, style in (("probe_28x28_gain", "-"), ("probe_7x7_gain", "--")):
-            left.plot(steps, [p[key] for p in r["source_history"]["perturbation"]], style,
-                      label=f"seed {r['seed']} {key[:-5]}")
+    for arm, color in (("metaperturb", "C0"), ("metaperturb_one_step", "C1")):
+        for r in [r for (a, _), r in sorted(records.items()) if a == arm]:
+            steps = r["source_history"]["step"]
+            for key, style in (("probe_28x28_scale", "-"), ("probe_7x7_scale", "--")):
+                left.plot(steps, [p[key] for p in r["source_history"]["perturbation"]],
+                          style, color=color, alpha=0.7,
+                          label=f"{arm} {key[:-6]}" if r["seed"] == records_seed(records)
+                          else None)
     arms = [a for a in ARMS if any(arm == a for arm, _ in records)]
     values = [[r["test_accuracy_digits"] for (a, _), r in records.items() if a == arm]
               for arm in arms]
     right.bar(range(len(arms)), [np.mean(v) for v in values],
               yerr=[np.std(v) for v in values], capsize=3)
-    right.set_xticks(range(len(arms)), arms)
+    right.set_xticks(range(len(arms)), arms, rotation=20, ha="right")
     low = min(min(v) for v in values)
     right.set_ylim(max(0.0, low - 0.05), 1.0)
-    left.set(xlabel="source step", ylabel="sum(y x) / sum(x x)",
-             title="learned perturbation: mean gain on probe maps")
+    left.set(xlabel="source step", ylabel="mean channel scale s",
+             title="learned perturbation on probe maps (one line per seed)")
     right.set(ylabel="digits test accuracy", title="target (ResNet), mean +- std over seeds")
     for ax in (left, right):
         ax.grid(alpha=0.3)

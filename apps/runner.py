@@ -97,6 +97,20 @@ def define_strategy_flags(what, flag_values=flags.FLAGS):
                         flag_values=flag_values)
 
 
+def define_run_flags(name, flag_values=flags.FLAGS):
+    """Defines --output_dir (default runs/<name>), --resume, --verbose (0, 1 or 2) and --plot
+    (writes <name>.png), the run flags of a grid app; they belong to this module (see
+    `define_strategy_flags`)."""
+    flags.DEFINE_string("output_dir", f"runs/{name}", "Results, plot and checkpoints.",
+                        flag_values=flag_values)
+    flags.DEFINE_bool("resume", True, "Reuse finished (arm, seed) results and resume unfinished "
+                      "ones from their last checkpoint, when made with the same settings.",
+                      flag_values=flag_values)
+    flags.DEFINE_integer("verbose", 1, "0: silent; 1: a progress bar; 2: a line per checkpoint.",
+                         flag_values=flag_values)
+    flags.DEFINE_bool("plot", True, f"Write {name}.png.", flag_values=flag_values)
+
+
 HYPERDISTILL_BOUNDS = {"hyperdistill_gamma": "[0, 1]", "hyperdistill_every": "[0, inf)",
                        "hyperdistill_reference_steps": "[1, inf)",
                        "hyperdistill_anchor_every": "[0, inf)"}

@@ -102,7 +102,7 @@ GOOD = {"multitask_pt": [[], ["--neumann_terms=0", "--hyper_lr=0"]],
         "lr_schedules": [[], ["--outer_steps=0", "--init_lr=0", "--momentum_range=1,1"]],
         "task_meta_learning": [[], ["--rotations=4", "--n_way=10", "--inner_batch=0"]],
         "metaperturb_transfer": [[], ["--perturb_lr=0", "--dropout_rate=0",
-                                      "--anneal_fraction=0", "--source_estimator=one_step"]]}
+                                      "--anneal_fraction=0", "--arms=metaperturb_one_step"]]}
 
 
 @pytest.mark.parametrize("name", APPS)
