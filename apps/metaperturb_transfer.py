@@ -155,11 +155,14 @@ class Config(runner.GridConfig):
         super().__post_init__()
         if self.strategy != "default":
             raise app.UsageError(f"--strategy={self.strategy}: this app runs on one device")
-        for name in ("source_batch",):
-            for limit in ("source_train_per_task", "source_val_per_task"):
-                if getattr(self, name) > getattr(self, limit):
-                    raise app.UsageError(f"--{name}={getattr(self, name)} exceeds "
-                                         f"--{limit}={getattr(self, limit)}")
+        for limit in ("source_train_per_task", "source_val_per_task"):
+            if self.source_batch > getattr(self, limit):
+                raise app.UsageError(f"--source_batch={self.source_batch} exceeds "
+                                     f"--{limit}={getattr(self, limit)}")
+        if self.target_batch > 10 * self.target_train_per_class:
+            raise app.UsageError(f"--target_batch={self.target_batch} exceeds the "
+                                 f"{10 * self.target_train_per_class} target training images "
+                                 "(10 x --target_train_per_class)")
 
 
 # ----------------------------------------------------------------------------- data
@@ -289,7 +292,7 @@ def meta_train_perturbation(config, data, seed, directory, one_step):
 
 def train_target(config, data, seed, directory, regulariser, perturb=None, body=None):
     classifier = perturb_transfer.ResNetClassifier(10, config.target_width, seed=seed)
-    if body is not None and not os.path.exists(os.path.join(directory, "history.json")):
+    if body is not None:  # a resumed run's checkpoint overwrites it
         classifier.copy_body_from(body)
     trainer = perturb_transfer.TargetTrainer(
         classifier, regulariser=regulariser, learning_rate=config.target_lr, perturb=perturb,

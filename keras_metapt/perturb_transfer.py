@@ -316,7 +316,15 @@ class TargetTrainer:
 
     def accuracy(self, images, labels, samples=1, batch_size=500, seed=0):
         """Test accuracy: the softmax averaged over ``samples`` noise draws for "metaperturb"
-        (one deterministic pass otherwise), in batches of ``batch_size``."""
+        (one deterministic pass otherwise), in batches of ``batch_size`` (a last batch of one
+        image joins the one before: batch statistics need two)."""
+        if batch_size < 2 or len(images) < 2:
+            raise ValueError(f"accuracy needs batches and a set of at least 2 images, got "
+                             f"batch_size={batch_size} and {len(images)} images")
+        starts = list(range(0, len(images), batch_size))
+        if len(images) - starts[-1] == 1 and len(starts) > 1:
+            starts.pop()
+        ends = starts[1:] + [len(images)]
         draws = samples if self.regulariser == "metaperturb" else 1
         if self._probabilities is None:  # any batch size, one trace
             self._probabilities = tf.function(
@@ -324,11 +332,10 @@ class TargetTrainer:
                     tf.TensorSpec([None, *images.shape[1:]], tf.float32),
                     tf.TensorSpec([2], tf.int64)])
         hits = 0
-        for start in range(0, len(images), batch_size):
-            x = tf.constant(images[start:start + batch_size])
+        for start, end in zip(starts, ends):
+            x = tf.constant(images[start:end])
             probabilities = sum(self._probabilities(x, tf.constant([seed, start * 1000 + i],
                                                                    tf.int64))
                                 for i in range(draws)) / draws
-            hits += int(np.sum(np.argmax(probabilities.numpy(), -1)
-                               == labels[start:start + batch_size]))
+            hits += int(np.sum(np.argmax(probabilities.numpy(), -1) == labels[start:end]))
         return hits / len(images)

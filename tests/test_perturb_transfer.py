@@ -158,11 +158,28 @@ def test_target_trainer_anneals_freezes_phi_and_averages_draws():
         trainer.train_step(x, y)
     for v, p in zip(perturb.weight_variables(), phi):
         np.testing.assert_array_equal(v.numpy(), p)
-    xs, ys = RNG.random((7, 8, 8, 1)).astype(np.float32), RNG.integers(0, 3, 7)
+    xs, ys = RNG.random((9, 8, 8, 1)).astype(np.float32), RNG.integers(0, 3, 9)
     accuracy = trainer.accuracy(xs, ys, samples=3, batch_size=4)
-    assert accuracy * 7 == pytest.approx(round(accuracy * 7))
-    # the same draws give the same accuracy; "none" is deterministic without draws
-    assert trainer.accuracy(xs, ys, samples=3, batch_size=4) == accuracy
+    # the softmax averaged over draws (seed, start * 1000 + i), batches [0:4] and [4:9] (a
+    # last batch of one joins the one before)
+    params, hits = trainer.classifier.values(), 0
+    for start, end in ((0, 4), (4, 9)):
+        mean = sum(tf.nn.softmax(trainer.classifier.logits(params, tf.constant(xs[start:end]),
+                   pt.metaperturb_regulariser(perturb, trainer.phi,
+                                              tf.constant([0, start * 1000 + i], tf.int64), 4)))
+                   for i in range(3)) / 3
+        hits += int(np.sum(np.argmax(mean.numpy(), -1) == ys[start:end]))
+    assert accuracy == hits / 9
+    assert trainer.accuracy(xs, ys, samples=3, batch_size=4) == accuracy  # same draws
+
+
+def test_unregularised_accuracy_is_one_pass_of_the_logits():
+    trainer = pt.TargetTrainer(pt.ResNetClassifier(3, width=2, seed=0))
+    xs, ys = RNG.random((6, 8, 8, 1)).astype(np.float32), RNG.integers(0, 3, 6)
+    logits = trainer.classifier.logits(trainer.classifier.values(), tf.constant(xs)).numpy()
+    assert trainer.accuracy(xs, ys, samples=5, batch_size=6) == np.mean(logits.argmax(-1) == ys)
+    with pytest.raises(ValueError, match="at least 2"):
+        trainer.accuracy(xs, ys, batch_size=1)
 
 
 def test_target_trainer_refuses_bad_settings():

@@ -92,7 +92,8 @@ BAD = {
                              ["--source_batch=600"], ["--perturb_lr=-1"],
                              ["--dropout_rate=1"], ["--anneal_fraction=1.5"],
                              ["--test_samples=0"], ["--target_width=0"],
-                             ["--strategy=mirrored"], ["--arms=base,warp"]],
+                             ["--strategy=mirrored"], ["--arms=base,warp"],
+                             ["--target_batch=50", "--target_train_per_class=4"]],
 }
 GOOD = {"multitask_pt": [[], ["--neumann_terms=0", "--hyper_lr=0"]],
         "simclr_augment": [[], ["--num_pt=0"]],
