@@ -39,7 +39,12 @@ reference_steps) such products every ``distill_every`` calls (min(m, reference_s
 with a moving anchor, m the steps since it). Memory: O(P) (w_0 is kept).
 
 State: ``start(params)`` records w_0 and resets the step count and the fit; every call
-advances the step. `checkpoint_items()` holds the state for `tf.train.Checkpoint`.
+advances the step. Steps the run takes without the estimator (plain training steps between
+hypersteps) are counted by ``advance(n)``, so t, p_t and c_t stay in inner steps; a reference
+is then taken at the first call at or after each multiple of ``distill_every``, and the anchor
+moves at the first call at or after each multiple of ``anchor_every`` (with a call at every
+step: exactly at the multiples). `checkpoint_items()` holds the state for
+`tf.train.Checkpoint`.
 """
 
 import tensorflow as tf
@@ -115,6 +120,8 @@ class _State(tf.Module):
         self.fit_cross = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="fit_cross")
         self.fit_square = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="fit_square")
         self.references = tf.Variable(0, dtype=tf.int64, trainable=False, name="references")
+        self.pending_steps = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                         name="pending_steps")
 
 
 class HyperDistill(_p.Estimator):
@@ -177,10 +184,22 @@ class HyperDistill(_p.Estimator):
                                  f"this HyperDistill was started with, {kept}; make a new one")
             for var, x in zip(self.state.anchor_params, tf.nest.flatten(params)):
                 var.assign(x)
-            for var in (self.state.step, self.state.references, self.state.anchor_step):
+            for var in (self.state.step, self.state.references, self.state.anchor_step,
+                        self.state.pending_steps):
                 var.assign(0)
             for var in (self.state.fit_cross, self.state.fit_square):
                 var.assign(0.0)
+        return self
+
+    def advance(self, num_steps):
+        """Counts ``num_steps`` inner steps the run took without calling the estimator (e.g.
+        the plain steps between two hypersteps): the next call's weights are then
+        w_(t-1) with t - 1 = the steps taken in all. Costs nothing."""
+        self._require_started()
+        num_steps = tf.convert_to_tensor(num_steps, tf.int64)
+        tf.debugging.assert_non_negative(num_steps, "advance(num_steps) needs num_steps >= 0")
+        self.state.step.assign_add(num_steps)
+        self.state.pending_steps.assign_add(num_steps)
         return self
 
     def checkpoint_items(self):
@@ -214,6 +233,11 @@ class HyperDistill(_p.Estimator):
             opt_state = self.optimizer.init(params)
         state = self.state
         t = state.step + 1
+        previous_t = t - 1 - state.pending_steps  # the previous call's t (0 before the first)
+
+        def crossed(t_now, t_before, every):  # a multiple of ``every`` in (t_before, t_now]
+            return tf.math.floordiv(t_now, every) > tf.math.floordiv(t_before, every)
+
         if self.anchor_every:
             def move_anchor():
                 for var, x in zip(state.anchor_params, tf.nest.flatten(params)):
@@ -221,8 +245,8 @@ class HyperDistill(_p.Estimator):
                 state.anchor_step.assign(t - 1)
                 return tf.constant(True)
 
-            tf.cond((t > 1) & tf.equal((t - 1) % self.anchor_every, 0), move_anchor,
-                    lambda: tf.constant(False))
+            tf.cond((t > 1) & crossed(t - 1, tf.maximum(previous_t - 1, 0), self.anchor_every),
+                    move_anchor, lambda: tf.constant(False))
         anchor = tf.nest.pack_sequence_as(params, [v.read_value() for v in state.anchor_params])
         anchor_step = state.anchor_step.read_value()
         m = t - anchor_step  # steps since the anchor (t without anchor_every)
@@ -272,10 +296,12 @@ class HyperDistill(_p.Estimator):
                 state.references.assign_add(tf.cast(finite, tf.int64))
                 return tf.constant(True)
 
-            tf.cond(tf.equal(t % self.distill_every, 0), distill, lambda: tf.constant(False))
+            tf.cond(crossed(t, previous_t, self.distill_every), distill,
+                    lambda: tf.constant(False))
         pi = self.scale * c
         indirect = tf.nest.map_structure(
             lambda x: None if x is None else tf.cast(pi, x.dtype) * x, v)
         state.step.assign_add(1)
+        state.pending_steps.assign(0)
         return self._finish(hparams, direct, indirect, outer_loss, new_params, new_state)
 

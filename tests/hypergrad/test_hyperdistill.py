@@ -104,14 +104,20 @@ def test_reference_pass_on_the_true_trajectory_equals_the_direct_sum(gamma):
 
 
 def numpy_hyperdistill(points, gamma, distill_every, reference_steps, initial_scale,
-                       anchor_every=None):
-    """The module's formulas, transcribed: the indirect term at every step t = 1..T."""
+                       anchor_every=None, call_steps=None):
+    """The module's formulas, transcribed: the indirect term at every call, at steps
+    t = ``call_steps`` (default 1..T; the steps between calls are taken without the
+    estimator). A reference at the first call at or after each multiple of distill_every; the
+    anchor moves to w_(t-1) at the first call with t - 1 at or after each multiple of
+    anchor_every."""
     cross = square = 0.0
     anchor, anchor_step = W0, 0
     out = []
-    for t in range(1, len(points)):
+    previous_t = 0
+    for t in call_steps or range(1, len(points)):
         w_prev, w_t = points[t - 1], points[t]
-        if anchor_every and t > 1 and (t - 1) % anchor_every == 0:
+        if anchor_every and t > 1 and any(
+                (k % anchor_every == 0) for k in range(max(previous_t - 1, 0) + 1, t)):
             anchor, anchor_step = w_prev, t - 1
         m = t - anchor_step
         alpha = w_t - W_STAR
@@ -120,7 +126,7 @@ def numpy_hyperdistill(points, gamma, distill_every, reference_steps, initial_sc
         p = 1.0 if m == 1 else np.dot(weights, np.arange(m)) / ((m - 1) * weights.sum())
         w_hat = anchor + p * (w_prev - anchor)
         v = alpha * (-ETA * DECAY * w_hat)
-        if distill_every and t % distill_every == 0:
+        if distill_every and any(k % distill_every == 0 for k in range(previous_t + 1, t + 1)):
             n = min(m, reference_steps)
             y, a = np.zeros(P), alpha.copy()
             for s in range(t, t - n, -1):  # point w_{s-1} on the line anchor -> w_t
@@ -131,6 +137,7 @@ def numpy_hyperdistill(points, gamma, distill_every, reference_steps, initial_sc
             square += c * c * np.dot(v, v)
         theta = cross / square if square > 0 else initial_scale
         out.append(theta * c * v)
+        previous_t = t
     return out
 
 
@@ -157,6 +164,36 @@ def test_every_call_equals_a_numpy_transcription(mode, anchor_every, every, hori
                                    atol=1e-14)
         w = result.params[0]
     assert int(estimator.state.references.numpy()) == steps // every
+
+
+@pytest.mark.parametrize("anchor_every", [None, 7])
+def test_calls_every_few_steps_with_advance_equal_the_numpy_transcription(anchor_every):
+    """The run takes 3 plain steps between calls (counted by advance(3) after each call's own
+    step): t = 1, 5, 9, ..; references at the first call at or after each multiple of 6
+    (t = 9, 13, 21, 25, ..), truncated to 4 steps; with anchor_every the anchor moves at the
+    first call with t - 1 at or after each multiple of 7. Reference: the transcription with
+    those call steps, on the true SGD trajectory."""
+    steps, gamma, every = 40, 0.9, 6
+    call_steps = list(range(1, steps + 1, 4))
+    points = trajectory(steps)
+    expected = numpy_hyperdistill(points, gamma, distill_every=every, reference_steps=4,
+                                  initial_scale=0.5, anchor_every=anchor_every,
+                                  call_steps=call_steps)
+    estimator = km.HyperDistill(optim.sgd(ETA), gamma, distill_every=every, reference_steps=4,
+                                initial_scale=0.5, anchor_every=anchor_every).start([W0])
+    call = tf.function(lambda w: estimator(PROBLEM, [w], [tf.constant(PHI)], INNER, OUTER))
+    for k, t in enumerate(call_steps):
+        result = call(tf.constant(points[t - 1]))
+        np.testing.assert_allclose(result.params[0].numpy(), points[t], rtol=1e-12)
+        np.testing.assert_allclose(result.indirect[0].numpy(), expected[k], rtol=1e-9,
+                                   atol=1e-14)
+        estimator.advance(3)
+    assert int(estimator.state.step.numpy()) == 4 * len(call_steps)
+    assert int(estimator.state.references.numpy()) == len(
+        [t for k, t in enumerate(call_steps)
+         if (t // every) > ((call_steps[k - 1] if k else 0) // every)])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="num_steps >= 0"):
+        estimator.advance(-1)
 
 
 def test_gamma_zero_is_the_one_step_hypergradient():
