@@ -14,6 +14,10 @@ Arms (--arms), all from the same initial schedule (--init_*) except hand_tuned:
 - greedy: one training run in which every --greedy_every steps the one-step look-ahead
   hypergradient (validation minibatch of --greedy_val_batch) moves a single lr, momentum and
   wd (the same clipped rule): online and short-horizon;
+- hyperdistill: the greedy run with `km.HyperDistill` in place of the one-step look-ahead: the
+  online hypergradient over the whole run so far (damped by --hyperdistill_gamma), distilled
+  into one step VJP at an interpolated point, its scale fitted to DrMAD-style references every
+  --hyperdistill_every steps; the steps between hyper-updates are counted by its `advance`;
 - forward: the hypergradient through the whole horizon by `km.Forward` (tangents carried
   forward: memory constant in the horizon, one JVP per hyperparameter and step);
 - reversible: the same hypergradient by `km.Reversible` (the run undone exactly: memory O(P)
@@ -59,7 +63,7 @@ from keras_metapt.data import images as image_data  # noqa: E402
 from keras_metapt.hyper import clipped_schedule_step, piecewise_constant  # noqa: E402
 
 FLAGS = flags.FLAGS
-ARMS = ("hand_tuned", "greedy", "forward", "reversible")
+ARMS = ("hand_tuned", "greedy", "hyperdistill", "forward", "reversible")
 SCHEDULES = ("lr", "momentum", "wd")
 EVAL_STREAM, OUTER_STREAM, GREEDY_STREAM = 0, 1, 2
 
@@ -99,8 +103,12 @@ flags.DEFINE_list("lr_range", ["0", "2"], "Learning rates are clamped into this 
 flags.DEFINE_list("momentum_range", ["0.01", "0.99"], "Momenta are clamped into this range "
                   "(> 0: reversal divides by gamma).")
 flags.DEFINE_list("wd_range", ["0", "0.005"], "Weight decays are clamped into this range.")
-flags.DEFINE_integer("greedy_every", 20, "greedy: inner steps between hyper-updates.")
-flags.DEFINE_integer("greedy_val_batch", 500, "greedy: validation examples per look-ahead.")
+flags.DEFINE_integer("greedy_every", 20, "greedy and hyperdistill: inner steps between "
+                     "hyper-updates.")
+flags.DEFINE_integer("greedy_val_batch", 500, "greedy and hyperdistill: validation examples per "
+                     "hypergradient.")
+# gamma 0.9: picked on the validation split of seed 0 from 0.9, 0.99 and 0.999 (README)
+runner.define_hyperdistill_flags("hyperdistill", every_default=100, gamma_default=0.9)
 flags.DEFINE_bool("full", False, "The GPU-size run: --inner_steps=10000, --hidden=256 and "
                   "--outer_steps=50 in place of their values (about 10^4 steps, as the FDS "
                   "paper's runs).")
@@ -146,6 +154,10 @@ class Config(runner.GridConfig):
     wd_range: tuple
     greedy_every: int
     greedy_val_batch: int
+    hyperdistill_gamma: float
+    hyperdistill_every: int
+    hyperdistill_reference_steps: int
+    hyperdistill_anchor_every: int
     full: bool
     float64: bool
     verbose: int
@@ -160,7 +172,8 @@ class Config(runner.GridConfig):
               "init_momentum": "(0, 1]", "init_wd": "[0, inf)", "hand_lr": "[0, inf)",
               "hand_momentum": "(0, 1]", "hand_wd": "[0, inf)", "outer_lr": "(0, inf)",
               "outer_momentum": "[0, 1)", "clip_relative": "[0, inf)",
-              "greedy_every": "[1, inf)", "greedy_val_batch": "[1, inf)", "verbose": "[0, 2]"}
+              "greedy_every": "[1, inf)", "greedy_val_batch": "[1, inf)",
+              **runner.HYPERDISTILL_BOUNDS, "verbose": "[0, 2]"}
 
     def __post_init__(self):
         if self.full:  # the GPU-size run
@@ -336,6 +349,12 @@ class Experiment:
         self._one_step = km.Unrolled(self.optimizer, 1)
         self._look_ahead = tf.function(lambda p, h, b, s, v: self._one_step(
             self.problem, p, h, b, v, opt_state=s))
+        self.distiller = km.HyperDistill(
+            self.optimizer, config.hyperdistill_gamma, distill_every=config.hyperdistill_every,
+            reference_steps=config.hyperdistill_reference_steps,
+            anchor_every=config.hyperdistill_anchor_every or None)
+        self._distilled = tf.function(lambda p, h, b, s, v: self.distiller(
+            self.problem, p, h, b, v, opt_state=s))
 
     def outer_step(self, arm, schedule, velocity, seed, stream, index):
         """One outer step of ``arm`` (forward or reversible): a full run from the fresh start
@@ -435,14 +454,22 @@ def run_outer_loop(exp, arm, seed):
             "seconds_per_hypergradient": float(np.median(per)) if per else None}
 
 
-def run_greedy(exp, seed):
-    """One online run from the evaluation start: every --greedy_every steps a one-step
-    look-ahead hypergradient on a validation minibatch moves (lr, momentum, wd)."""
+def run_online(exp, arm, seed):
+    """One online run from the evaluation start: every --greedy_every steps a hypergradient on
+    a validation minibatch moves (lr, momentum, wd). greedy: the one-step look-ahead;
+    hyperdistill: `km.HyperDistill` (started at the run's first weights; the steps between
+    two hyper-updates are counted by its advance), taken at the same step from the same
+    weights as greedy's look-ahead."""
     config, d = exp.config, exp.data
     start_time = time.perf_counter()
     params = exp.init(seed, EVAL_STREAM, 0)
     order = batch_order(config, seed, EVAL_STREAM, 0)
     velocity = exp.optimizer.init(params)
+    if arm == "hyperdistill":
+        hypergradient = exp._distilled
+        exp.distiller.start(params)
+    else:
+        hypergradient = exp._look_ahead
     values = constant_schedule(config, config.init_lr, config.init_momentum, config.init_wd, 1)
     outer_velocity = {k: tf.zeros([1], config.dtype) for k in SCHEDULES}
     rng = np.random.default_rng([seed, GREEDY_STREAM])
@@ -451,7 +478,9 @@ def run_greedy(exp, seed):
         val_index = rng.integers(0, config.num_val, config.greedy_val_batch)
         val = (tf.gather(d.x_val, val_index), tf.gather(d.y_val, val_index))
         step_batch = (order.batches[0][t], tf.constant(t))
-        result = km.ensure_finite(exp._look_ahead(params, values, step_batch, velocity, val))
+        result = km.ensure_finite(hypergradient(params, values, step_batch, velocity, val))
+        if arm == "hyperdistill":  # its call took step t + 1; training takes the chunk below
+            exp.distiller.advance(config.greedy_every - 1)
         history.append({"step": t, "schedule": listed(values),
                         "hypergrad": listed(result.hypergrad)})
         values, outer_velocity = outer_update(config, values, result.hypergrad, outer_velocity)
@@ -460,16 +489,20 @@ def run_greedy(exp, seed):
             lambda x: x[t:t + config.greedy_every], order.batches))
         params, velocity = exp.train(params, values, chunk, velocity)
     out = exp.evaluate(params, seed, trained=True)
+    extra = {}
+    if arm == "hyperdistill":
+        extra = {"hyperdistill_scale": float(exp.distiller.scale),
+                 "hyperdistill_references": int(exp.distiller.state.references.numpy())}
     return {**out, "schedule": listed(values), "history": history,
             "seconds": time.perf_counter() - start_time,
-            "seconds_per_hypergradient": None}
+            "seconds_per_hypergradient": None, **extra}
 
 
 def run_arm(exp, arm, seed):
     if arm == "hand_tuned":
         return run_hand_tuned(exp, seed)
-    if arm == "greedy":
-        return run_greedy(exp, seed)
+    if arm in ("greedy", "hyperdistill"):
+        return run_online(exp, arm, seed)
     return run_outer_loop(exp, arm, seed)
 
 
@@ -506,7 +539,7 @@ def plot(records, config, path):
         if record is None:
             continue
         for ax, name in zip(axes[:3], SCHEDULES):
-            if arm == "greedy" and record["history"]:
+            if arm in ("greedy", "hyperdistill") and record["history"]:
                 steps = [h["step"] for h in record["history"]] + [T]
                 values = [h["schedule"][name][0] for h in record["history"]]
                 ax.step(steps, values + values[-1:], where="post", label=arm)

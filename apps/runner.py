@@ -116,12 +116,12 @@ HYPERDISTILL_BOUNDS = {"hyperdistill_gamma": "[0, 1]", "hyperdistill_every": "[0
                        "hyperdistill_anchor_every": "[0, inf)"}
 
 
-def define_hyperdistill_flags(arm, every_default, flag_values=flags.FLAGS):
+def define_hyperdistill_flags(arm, every_default, flag_values=flags.FLAGS, gamma_default=0.99):
     """Defines the settings of `keras_metapt.HyperDistill` for an app's ``arm`` (its Config
     then has the fields of HYPERDISTILL_BOUNDS); `hyperdistill_estimator` builds it."""
     if "hyperdistill_gamma" in flag_values:
         return
-    flags.DEFINE_float("hyperdistill_gamma", 0.99, f"{arm}: damping gamma of the online "
+    flags.DEFINE_float("hyperdistill_gamma", gamma_default, f"{arm}: damping gamma of the online "
                        "hypergradient it distils (1: the whole past undamped; 0: one step).",
                        flag_values=flag_values)
     flags.DEFINE_integer("hyperdistill_every", every_default, f"{arm}: a DrMAD-style reference, "

@@ -5,8 +5,9 @@ References: the hand-tuned arm's final training run transcribed in NumPy (float6
 784-h-10 with ReLU, softmax cross-entropy, wd/2 ||kernels||^2, v <- gamma v - (1 - gamma) g,
 w <- w + lr v, on the documented split and batch order) and its test accuracy; the forward and
 reversible arms, two independent estimators of the same hypergradient, ending with the same
-schedules; the summary recomputed from the stored records; an uninterrupted run for "a resumed
-arm gives the same result".
+schedules; the hyperdistill arm at gamma 0 without references against the greedy arm (the
+one-step look-ahead, which HyperDistill then equals); the summary recomputed from the stored
+records; an uninterrupted run for "a resumed arm gives the same result".
 """
 
 import json
@@ -24,7 +25,7 @@ from tests.data.test_images import write_fashion_like
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = {"num_train": 120, "num_val": 40, "hidden": 8, "batch_size": 16, "inner_steps": 24,
         "blocks": 2, "outer_steps": 2, "greedy_every": 8, "greedy_val_batch": 20}
-ARMS = "hand_tuned,greedy,forward,reversible"
+ARMS = "hand_tuned,greedy,hyperdistill,forward,reversible"
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,8 @@ def numpy_hand_tuned_accuracy(images, seed, lr, momentum, wd):
 
 def test_app_end_to_end_on_idx_files(tmp_path, images):
     out = tmp_path / "out"
-    run_app(images, out, f"--arms={ARMS}", "--hand_lr=0.5", "--hand_wd=1e-3")
+    run_app(images, out, f"--arms={ARMS}", "--hand_lr=0.5", "--hand_wd=1e-3",
+            "--hyperdistill_gamma=0", "--hyperdistill_every=0")
     records = {arm: json.load(open(out / "results" / f"{arm}_seed0.json"))
                for arm in ARMS.split(",")}
     # the hand-tuned run against its NumPy transcription
@@ -97,6 +99,17 @@ def test_app_end_to_end_on_idx_files(tmp_path, images):
     assert len(rev["history"]) == TINY["outer_steps"]
     assert rev["history"][0]["schedule"]["lr"] == [0.05, 0.05]  # --init_lr
     assert len(records["greedy"]["history"]) == TINY["inner_steps"] // TINY["greedy_every"]
+    # gamma 0, no references: HyperDistill's point is w_(t-1) (p_t = 1, up to the rounding of
+    # w_0 + (w - w_0)) and its scale c_t theta = 1, the one-step hypergradient at every update
+    distilled, greedy = records["hyperdistill"], records["greedy"]
+    assert distilled["hyperdistill_references"] == 0 and distilled["hyperdistill_scale"] == 1.0
+    assert len(distilled["history"]) == len(greedy["history"])
+    for ours, theirs in zip(distilled["history"], greedy["history"]):
+        for name in ("lr", "momentum", "wd"):
+            np.testing.assert_allclose(ours["hypergrad"][name], theirs["hypergrad"][name],
+                                       rtol=1e-6, atol=1e-12)
+    assert distilled["test_accuracy_final"] == pytest.approx(greedy["test_accuracy_final"],
+                                                             abs=1e-9)
     for r in records.values():
         assert 0 <= r["test_accuracy_final"] <= 1 and r["seconds"] > 0
         lows, highs = (0.0, 0.01, 0.0), (2.0, 0.99, 0.005)
