@@ -492,7 +492,8 @@ def run_online(exp, arm, seed):
     extra = {}
     if arm == "hyperdistill":
         extra = {"hyperdistill_scale": float(exp.distiller.scale),
-                 "hyperdistill_references": int(exp.distiller.state.references.numpy())}
+                 "hyperdistill_references": int(exp.distiller.state.references.numpy()),
+                 "hyperdistill_steps": int(exp.distiller.state.step.numpy())}
     return {**out, "schedule": listed(values), "history": history,
             "seconds": time.perf_counter() - start_time,
             "seconds_per_hypergradient": None, **extra}

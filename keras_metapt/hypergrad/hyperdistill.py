@@ -35,15 +35,18 @@ step (no batches are stored).
 Cost per call: one inner step (1 gradient) and one outer gradient, as the one-step estimator,
 plus one vector-Jacobian product of the step at w_hat (a gradient of a gradient) in place of
 the one-step estimator's backward pass through its step; a reference adds min(t,
-reference_steps) such products every ``distill_every`` calls (min(m, reference_steps)
+reference_steps) such products every ``distill_every`` steps (min(m, reference_steps)
 with a moving anchor, m the steps since it). Memory: O(P) (w_0 is kept).
 
 State: ``start(params)`` records w_0 and resets the step count and the fit; every call
 advances the step. Steps the run takes without the estimator (plain training steps between
 hypersteps) are counted by ``advance(n)``, so t, p_t and c_t stay in inner steps; a reference
 is then taken at the first call at or after each multiple of ``distill_every``, and the anchor
-moves at the first call at or after each multiple of ``anchor_every`` (with a call at every
-step: exactly at the multiples). `checkpoint_items()` holds the state for
+moves at the first call with t - 1 at or after each multiple of ``anchor_every`` (with a call
+at every step: exactly at the multiples; a gap over several multiples gives one reference). A
+reference and an anchor move at the same call: the reference runs over the segment that ends
+there, from the anchor before the move. Checkpoints written before `advance` existed lack
+its counter and do not restore with ``assert_consumed``. `checkpoint_items()` holds the state for
 `tf.train.Checkpoint`.
 """
 
@@ -132,12 +135,14 @@ class HyperDistill(_p.Estimator):
       optimizer: the `keras_metapt.optim.InnerOptimizer` of the inner step (as the one-step
         estimator's look-ahead: ``Unrolled(optimizer, 1)``).
       gamma: the damping of the online hypergradient, in [0, 1].
-      distill_every: a reference (and a refit of theta) every this many calls, at calls
-        distill_every, 2 distill_every, ...; 0: never (theta stays ``initial_scale``).
+      distill_every: a reference (and a refit of theta) every this many steps, at the first
+        call at or after steps distill_every, 2 distill_every, ... (with a call at every
+        step: at those calls); 0: never (theta stays ``initial_scale``).
       reference_steps: the reference's horizon cap, in steps.
       initial_scale: theta before the first reference.
       anchor_every: None (the paper's): the line runs from w_0. An integer N: the anchor
-        moves to the current weights every N steps (at steps N+1, 2N+1, ...), and the
+        moves to the current weights every N steps (at the first call with t - 1 at or
+        after N, 2N, ...; with a call at every step: t = N+1, 2N+1, ...), and the
         distilled point and the references use the line from it, over the m = t - t_anchor
         steps since (p_m in place of p_t; the scale keeps c_t). For one long run whose
         damped horizon 1 / (1 - gamma) is much shorter than the run, where the line from w_0
@@ -196,7 +201,7 @@ class HyperDistill(_p.Estimator):
         the plain steps between two hypersteps): the next call's weights are then
         w_(t-1) with t - 1 = the steps taken in all. Costs nothing."""
         self._require_started()
-        num_steps = tf.convert_to_tensor(num_steps, tf.int64)
+        num_steps = tf.cast(num_steps, tf.int64)
         tf.debugging.assert_non_negative(num_steps, "advance(num_steps) needs num_steps >= 0")
         self.state.step.assign_add(num_steps)
         self.state.pending_steps.assign_add(num_steps)
@@ -238,6 +243,10 @@ class HyperDistill(_p.Estimator):
         def crossed(t_now, t_before, every):  # a multiple of ``every`` in (t_before, t_now]
             return tf.math.floordiv(t_now, every) > tf.math.floordiv(t_before, every)
 
+        # a reference at this call runs over the segment from the anchor before any move
+        reference_anchor = tf.nest.pack_sequence_as(
+            params, [v.read_value() for v in state.anchor_params])
+        reference_anchor_step = state.anchor_step.read_value()
         if self.anchor_every:
             def move_anchor():
                 for var, x in zip(state.anchor_params, tf.nest.flatten(params)):
@@ -277,12 +286,14 @@ class HyperDistill(_p.Estimator):
 
         if self.distill_every:
             def distill():
-                n = tf.minimum(m, self.reference_steps)
+                reference_m = t - reference_anchor_step
+                n = tf.minimum(reference_m, self.reference_steps)
 
                 def point_at(k):  # w_{s-1} for s = t - n + 1 + k, on the line anchor -> w_t
                     s = tf.cast(t - n + 1, tf.float64) + tf.cast(k, tf.float64)
-                    position = (s - 1.0 - tf.cast(anchor_step, tf.float64)) / tf.cast(m, tf.float64)
-                    return on_line(anchor, new_params, position)
+                    position = ((s - 1.0 - tf.cast(reference_anchor_step, tf.float64))
+                                / tf.cast(reference_m, tf.float64))
+                    return on_line(reference_anchor, new_params, position)
 
                 y = damped_second_order_term(step_vjp, point_at, n, alpha, self.gamma, hparams)
                 v_flat = tf.nest.flatten(_tree.zeros_for_none(v, hparams))

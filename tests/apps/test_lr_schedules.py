@@ -103,6 +103,8 @@ def test_app_end_to_end_on_idx_files(tmp_path, images):
     # w_0 + (w - w_0)) and its scale c_t theta = 1, the one-step hypergradient at every update
     distilled, greedy = records["hyperdistill"], records["greedy"]
     assert distilled["hyperdistill_references"] == 0 and distilled["hyperdistill_scale"] == 1.0
+    # its step count: every real step, its own (the first of each chunk) and the advanced ones
+    assert distilled["hyperdistill_steps"] == TINY["inner_steps"]
     assert len(distilled["history"]) == len(greedy["history"])
     for ours, theirs in zip(distilled["history"], greedy["history"]):
         for name in ("lr", "momentum", "wd"):

@@ -116,6 +116,7 @@ def numpy_hyperdistill(points, gamma, distill_every, reference_steps, initial_sc
     previous_t = 0
     for t in call_steps or range(1, len(points)):
         w_prev, w_t = points[t - 1], points[t]
+        reference_anchor, reference_anchor_step = anchor, anchor_step  # before any move
         if anchor_every and t > 1 and any(
                 (k % anchor_every == 0) for k in range(max(previous_t - 1, 0) + 1, t)):
             anchor, anchor_step = w_prev, t - 1
@@ -127,10 +128,12 @@ def numpy_hyperdistill(points, gamma, distill_every, reference_steps, initial_sc
         w_hat = anchor + p * (w_prev - anchor)
         v = alpha * (-ETA * DECAY * w_hat)
         if distill_every and any(k % distill_every == 0 for k in range(previous_t + 1, t + 1)):
-            n = min(m, reference_steps)
+            m_ref = t - reference_anchor_step
+            n = min(m_ref, reference_steps)
             y, a = np.zeros(P), alpha.copy()
             for s in range(t, t - n, -1):  # point w_{s-1} on the line anchor -> w_t
-                point = anchor + (s - 1 - anchor_step) / m * (w_t - anchor)
+                point = reference_anchor + (s - 1 - reference_anchor_step) / m_ref * (
+                    w_t - reference_anchor)
                 y += a * (-ETA * DECAY * point)
                 a = gamma * A_MAT.T @ a
             cross += c * np.dot(v, y)
@@ -171,8 +174,10 @@ def test_calls_every_few_steps_with_advance_equal_the_numpy_transcription(anchor
     """The run takes 3 plain steps between calls (counted by advance(3) after each call's own
     step): t = 1, 5, 9, ..; references at the first call at or after each multiple of 6
     (t = 9, 13, 21, 25, ..), truncated to 4 steps; with anchor_every the anchor moves at the
-    first call with t - 1 at or after each multiple of 7. Reference: the transcription with
-    those call steps, on the true SGD trajectory."""
+    first call with t - 1 at or after each multiple of 7; at t = 9, 25 and 37 both happen, and
+    the reference runs over the segment from the anchor before the move (not over the one
+    step since the new anchor, where it would equal the distilled term). Reference: the
+    transcription with those call steps, on the true SGD trajectory."""
     steps, gamma, every = 40, 0.9, 6
     call_steps = list(range(1, steps + 1, 4))
     points = trajectory(steps)
@@ -192,6 +197,11 @@ def test_calls_every_few_steps_with_advance_equal_the_numpy_transcription(anchor
     assert int(estimator.state.references.numpy()) == len(
         [t for k, t in enumerate(call_steps)
          if (t // every) > ((call_steps[k - 1] if k else 0) // every)])
+    if anchor_every:
+        both = [t for k, t in enumerate(call_steps[1:], 1)
+                if t // every > call_steps[k - 1] // every
+                and (t - 1) // anchor_every > (call_steps[k - 1] - 1) // anchor_every]
+        assert both == [9, 25, 37]
     with pytest.raises(tf.errors.InvalidArgumentError, match="num_steps >= 0"):
         estimator.advance(-1)
 
