@@ -38,12 +38,19 @@ import numpy as np  # noqa: E402
 from apps import runner  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds; every arm runs each.")
-flags.DEFINE_string("output_dir", os.path.join(ROOT, "benchmarks", "results", "online_schedules"),
-                    "Where online_schedules.md, .json and .png are written.")
-flags.DEFINE_string("runs_dir", os.path.join(ROOT, "runs", "online_schedules"),
-                    "The app's output folder of each arm (resumable; finished runs reused).")
-flags.DEFINE_list("app_flags", [], "Extra flags passed to every app run (e.g. --images_dir=...).")
+
+
+def define_flags():
+    """The flags (defined only when run as a program: tests import this module next to other
+    benchmarks whose flags share names)."""
+    flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds; every arm runs each.")
+    flags.DEFINE_string("output_dir",
+                        os.path.join(ROOT, "benchmarks", "results", "online_schedules"),
+                        "Where online_schedules.md, .json and .png are written.")
+    flags.DEFINE_string("runs_dir", os.path.join(ROOT, "runs", "online_schedules"),
+                        "The app's output folder of each arm (resumable; finished runs reused).")
+    flags.DEFINE_list("app_flags", [], "Extra flags passed to every app run (e.g. "
+                      "--images_dir=...).")
 
 # arm: (the app's arm, its flags)
 ARMS = {"greedy": ("greedy", ["--greedy_every=20"]),
@@ -170,4 +177,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
