@@ -227,15 +227,44 @@ class HyperDistill(_p.Estimator):
     @_p.names_shape_errors
     def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
                  seed=None):
+        self._check_call(inner_batch)
+        params, hparams = _p.prepare(params, hparams)
+        if opt_state is None:
+            opt_state = self.optimizer.init(params)
+        new_params, new_state = _p.inner_step(problem, self.optimizer, params, opt_state,
+                                              hparams, inner_batch, tf.constant(0), 1)
+        new_params = tf.nest.map_structure(tf.stop_gradient, new_params)
+        outer_loss, alpha, direct = _p.outer_gradients(problem, new_params, hparams, outer_batch)
+        indirect = self._distilled(problem, params, hparams, inner_batch, alpha, opt_state,
+                                   new_params)
+        return self._finish(hparams, direct, indirect, outer_loss, new_params, new_state)
+
+    def distilled_term(self, problem, params, hparams, inner_batch, cotangent, *,
+                       opt_state=None):
+        """The second-order term alone, for a caller with its own outer gradient:
+        pi_t cotangent^T B(w_hat_t) with ``params`` as both w_(t-1) and the end of the
+        references' line, ``cotangent`` = d L_out / d params there (e.g. `PTFT`'s PT stage,
+        where the FT unroll gives it). Advances the step as a call does; returns a nest like
+        ``hparams`` (None where phi does not reach the step). Cost: one step VJP, plus a
+        reference's step VJPs when one is due."""
+        self._check_call(inner_batch)
+        params, hparams = _p.prepare(params, hparams)
+        if opt_state is None:
+            opt_state = self.optimizer.init(params)
+        return self._distilled(problem, params, hparams, inner_batch, cotangent, opt_state,
+                               params)
+
+    def _check_call(self, inner_batch):
         self._require_started()
         if distribute.num_replicas() > 1:
             raise ValueError(_ONE_REPLICA)
-        params, hparams = _p.prepare(params, hparams)
         if isinstance(inner_batch, _p.StepBatches):
             raise ValueError("HyperDistill takes the one inner batch of the current step; got "
                              "StepBatches")
-        if opt_state is None:
-            opt_state = self.optimizer.init(params)
+
+    def _distilled(self, problem, params, hparams, inner_batch, alpha, opt_state, line_end):
+        """pi_t alpha^T B(w_hat_t) at w_(t-1) = ``params``; references run on the line from
+        the anchor to ``line_end`` (w_t). Advances the step."""
         state = self.state
         t = state.step + 1
         previous_t = t - 1 - state.pending_steps  # the previous call's t (0 before the first)
@@ -264,10 +293,6 @@ class HyperDistill(_p.Estimator):
             return _p.inner_step(problem, self.optimizer, w, opt_state, h, inner_batch,
                                  tf.constant(0), 1)
 
-        new_params, new_state = step(params, hparams)
-        new_params = tf.nest.map_structure(tf.stop_gradient, new_params)
-        outer_loss, alpha, direct = _p.outer_gradients(problem, new_params, hparams, outer_batch)
-
         def step_vjp(w, cotangent):
             with tf.GradientTape() as tape:
                 tape.watch(tf.nest.flatten(w) + tf.nest.flatten(hparams))
@@ -293,7 +318,7 @@ class HyperDistill(_p.Estimator):
                     s = tf.cast(t - n + 1, tf.float64) + tf.cast(k, tf.float64)
                     position = ((s - 1.0 - tf.cast(reference_anchor_step, tf.float64))
                                 / tf.cast(reference_m, tf.float64))
-                    return on_line(reference_anchor, new_params, position)
+                    return on_line(reference_anchor, line_end, position)
 
                 y = damped_second_order_term(step_vjp, point_at, n, alpha, self.gamma, hparams)
                 v_flat = tf.nest.flatten(_tree.zeros_for_none(v, hparams))
@@ -314,5 +339,5 @@ class HyperDistill(_p.Estimator):
             lambda x: None if x is None else tf.cast(pi, x.dtype) * x, v)
         state.step.assign_add(1)
         state.pending_steps.assign(0)
-        return self._finish(hparams, direct, indirect, outer_loss, new_params, new_state)
+        return indirect
 

@@ -106,10 +106,20 @@ class PTFT(_p.Estimator):
         global batches, on every replica; the loops are then traced in Python.
       check_finite: see `Estimator` (MetaPretrainer passes False, skips a non-finite update
         itself, then stops fit with that error). ``seed`` is accepted and ignored.
+      online: None (the PT stage is implicit, by ``solve``), or a started
+        `keras_metapt.HyperDistill` whose optimizer models the PT step (e.g.
+        ``optim.sgd(pt_learning_rate)``): the PT stage is then its online term over the PT
+        run so far, pi_t d <Phi(theta_hat_t, phi), [g_FT; 0]> / d phi with Phi the PT step
+        and theta_hat_t on the line from the run's start to theta_P (`HyperDistill.
+        distilled_term`; one step VJP, plus its periodic references). Each call counts one
+        PT step; the caller counts the PT steps between calls with its ``advance``. With SGD
+        at rate alpha, gamma 0 and no references this is the Neumann(1) term exactly.
+        ``solve`` and ``hvp_mode`` are then unused. One replica only.
     """
 
     def __init__(self, ft_optimizer, unroll_steps=1, solve=linalg.neumann(1),
-                 hvp_mode="reverse_over_reverse", *, gradient_reduction=None, check_finite=True):
+                 hvp_mode="reverse_over_reverse", *, gradient_reduction=None, check_finite=True,
+                 online=None):
         super().__init__(gradient_reduction=gradient_reduction, check_finite=check_finite)
         if int(unroll_steps) < 1:
             raise ValueError(f"unroll_steps must be >= 1, got {unroll_steps}")
@@ -117,6 +127,12 @@ class PTFT(_p.Estimator):
         self.unroll_steps = int(unroll_steps)
         self.solve = check_solver(solve)
         self.hvp_mode = check_hvp_mode(hvp_mode)
+        if online is not None and not hasattr(online, "distilled_term"):
+            raise TypeError(f"online must be None or a keras_metapt.HyperDistill, got {online!r}")
+        if online is not None and gradient_reduction is not None:
+            raise ValueError("PTFT(online=HyperDistill(...)) runs on one replica; "
+                             "gradient_reduction must be None")
+        self.online = online
 
     @_p.names_shape_errors
     def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
@@ -167,16 +183,26 @@ class PTFT(_p.Estimator):
                 "hparams": phi, "params.encoder": tp[0], "params.pt_head": tp[1],
                 "inner_batch": inner_batch}, tp[0], tp[1], phi, inner_batch)
 
-        indirect = implicit_indirect_term(pt_of, theta_p, hparams,
-                                          (g_ft, _tree.tree_zeros_like(theta_h)), self.solve,
-                                          problem.pt_learning_rate, self.gradient_reduction,
-                                          self.hvp_mode)
+        cotangent = (g_ft, _tree.tree_zeros_like(theta_h))
+        if self.online is not None:
+            pt_stage = _p.BilevelProblem(inner_loss=lambda tp, phi, _: pt_of(tp, phi),
+                                         outer_loss=_no_outer_loss)
+            indirect = self.online.distilled_term(pt_stage, theta_p, hparams, inner_batch,
+                                                  cotangent)
+        else:
+            indirect = implicit_indirect_term(pt_of, theta_p, hparams, cotangent, self.solve,
+                                              problem.pt_learning_rate, self.gradient_reduction,
+                                              self.hvp_mode)
         if scale is not None:  # S * indirect -> indirect
             indirect = _tree.tree_map(lambda m: None if m is None else m / scale, indirect)
         no_direct_term = tf.nest.map_structure(lambda _: None, hparams)
         return self._finish(hparams, no_direct_term, indirect, val_loss,
                             PTFTParams(theta_e, theta_h, _tree.tree_stop_gradient(psi_k)),
                             _tree.tree_stop_gradient(opt_state_k))
+
+
+def _no_outer_loss(*_):
+    raise AssertionError("the PT stage of an online PTFT has no outer loss of its own")
 
 
 def split_xy(batch):

@@ -5,7 +5,9 @@ References:
   matrices of L_PT (GradientTape.jacobian over flattened parameters), an FT unroll written
   out step by step, and the Neumann sum alpha sum_j (I - alpha H)^j g evaluated with NumPy;
 * for a convex case (linear encoder, quadratic losses), central finite differences of the
-  FT validation loss after solving PT exactly (normal equations in NumPy) and K FT steps.
+  FT validation loss after solving PT exactly (normal equations in NumPy) and K FT steps;
+* for the online PT stage (HyperDistill), the same explicit Hessians and mixed derivatives
+  taken at every point of its line, and the one-step term.
 """
 
 import numpy as np
@@ -231,3 +233,99 @@ def test_outer_loss_scale_leaves_the_hypergradient_unchanged(solver):
     if solver == "neumann":
         expected, _ = independent_hypergradient(2, 3, 0.05)
         assert rel_err(scaled.hypergrad[0], expected) < 1e-10
+
+
+# --------------------------------------------------------------------------- online PT stage
+
+def explicit_pt_derivatives(point_vec):
+    """H = d2 L_PT / d theta_P2 and M = d (grad L_PT) / d phi at a flattened point (float64,
+    GradientTape.jacobian), phi = PHI, on the PT batch."""
+    p_vec, phi = tf.constant(point_vec), tf.constant(PHI)
+    with tf.GradientTape(persistent=True) as outer:
+        outer.watch([p_vec, phi])
+        with tf.GradientTape() as inner:
+            inner.watch(p_vec)
+            parts = unflat(p_vec, THETA_E + THETA_H)
+            loss = pt_loss(parts[:2], parts[2:], [phi], (X_PT, Y_PT))
+        grad = inner.gradient(loss, p_vec)
+    return outer.jacobian(grad, p_vec).numpy(), outer.jacobian(grad, phi).numpy()
+
+
+def online_call(estimator, params):
+    return estimator(PROBLEM, params, [PHI], (X_PT, Y_PT), ((X_MT, Y_MT), (X_MV, Y_MV)))
+
+
+def test_online_pt_stage_at_gamma_zero_is_the_one_step_term():
+    """Reference: the explicit float64 computation above with no Neumann term beyond the
+    first, -M^T alpha [g_FT; 0]: with gamma 0 (p_t = 1, c_t = 1) and no references,
+    HyperDistill's PT stage is the one-step term at theta_P."""
+    alpha = 0.05
+    online = km.HyperDistill(optim.sgd(alpha), 0.0, distill_every=0).start((THETA_E, THETA_H))
+    estimator = km.PTFT(optim.sgd(FT_LR), unroll_steps=2, online=online)
+    result = online_call(estimator, (THETA_E, THETA_H, PSI))
+    expected, val = independent_hypergradient(2, 0, alpha)
+    assert rel_err(result.hypergrad[0], expected) < 1e-10
+    assert float(result.outer_loss) == pytest.approx(val, rel=1e-12)
+    assert int(online.state.step.numpy()) == 1
+
+
+def ft_gradient_at_theta_e():
+    """g_FT = d L_FT(theta_E, psi_K; MetaVal) / d theta_E after the K = 2 FT steps, written
+    out (flattened, float64)."""
+    e_vec = tf.constant(flat(THETA_E))
+    with tf.GradientTape() as tape:
+        tape.watch(e_vec)
+        e = unflat(e_vec, THETA_E)
+        psi = [tf.constant(p) for p in PSI]
+        for _ in range(2):
+            with tf.GradientTape() as inner:
+                inner.watch(psi)
+                loss = ft_loss(e, psi, (X_MT, Y_MT))
+            psi = [p - FT_LR * g for p, g in zip(psi, inner.gradient(loss, psi))]
+        val = ft_loss(e, psi, (X_MV, Y_MV))
+    return tape.gradient(val, e_vec).numpy()
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_online_pt_stage_equals_its_transcription_with_a_reference(mode):
+    """HyperDistill as the PT stage after 4 advanced PT steps (t = 5, a reference due at 5,
+    truncated to 3 steps): transcribed with explicit Hessians and mixed derivatives at every
+    point of the line from the run's start theta_0 to theta_P. With Phi = theta - alpha grad
+    L_PT: B(w)^T a = -alpha M(w)^T a and A(w)^T a = a - alpha H(w) a;
+    v = B(theta_hat)^T [g_FT; 0], theta_hat = theta_0 + p_5 (theta_P - theta_0);
+    y = sum_k gamma^(2-k) a_k^T B(point_k) backward over the points at (s - 1) / 5, s = 3..5;
+    the result is theta c_5 v with theta = <v, y> / (c_5 |v|^2)."""
+    alpha, gamma, t = 0.05, 0.8, 5
+    rng = np.random.default_rng(11)  # the run's start theta_0, away from theta_P
+    start = [p + 0.3 * rng.normal(size=np.shape(p)) for p in THETA_E + THETA_H]
+    online = km.HyperDistill(optim.sgd(alpha), gamma, distill_every=5, reference_steps=3)
+    online.start((start[:2], start[2:]))
+    online.advance(t - 1)
+    estimator = km.PTFT(optim.sgd(FT_LR), unroll_steps=2, online=online)
+    result = compiled(lambda params: online_call(estimator, params), mode)(
+        (THETA_E, THETA_H, PSI))
+    # reference
+    theta_p, theta_0 = flat(THETA_E + THETA_H).numpy(), flat(start).numpy()
+    g_ft = ft_gradient_at_theta_e()
+    a0 = np.concatenate([g_ft, np.zeros(theta_p.size - g_ft.size)])
+    weights = np.array([gamma ** (t - s) for s in range(1, t + 1)])
+    c, p = weights.sum(), np.dot(weights, np.arange(t)) / ((t - 1) * weights.sum())
+    _, m_hat = explicit_pt_derivatives(theta_0 + p * (theta_p - theta_0))
+    v = -alpha * m_hat.T @ a0
+    y, a = np.zeros_like(v), a0.copy()
+    for s in range(t, t - 3, -1):
+        h, m = explicit_pt_derivatives(theta_0 + (s - 1) / t * (theta_p - theta_0))
+        y += -alpha * m.T @ a
+        a = gamma * (a - alpha * h @ a)
+    expected = (np.dot(v, y) / np.dot(v, v)) * v
+    assert rel_err(result.hypergrad[0], expected) < 1e-9
+    assert int(online.state.references.numpy()) == 1 and int(online.state.step.numpy()) == t
+
+
+def test_online_pt_stage_refuses_several_replicas_and_other_objects():
+    with pytest.raises(TypeError, match="HyperDistill"):
+        km.PTFT(optim.sgd(FT_LR), online=km.linalg.neumann(1))
+    online = km.HyperDistill(optim.sgd(0.1)).start((THETA_E, THETA_H))
+    with pytest.raises(ValueError, match="one replica"):
+        km.PTFT(optim.sgd(FT_LR), online=online,
+                gradient_reduction=km.distribute.replica_sum)
