@@ -164,6 +164,13 @@ class MetaPretrainer(keras.Model):
         ``pt_lambda_max`` (Neumann needs alpha * lambda_max < 2); costs that many + 1 HVPs.
       hyper_loss_scale: the initial dynamic loss scale of the hyperstep when a part computes
         in float16 (default 2^15, Keras' initial scale); ignored otherwise.
+      online: None (the PT stage is implicit, by ``solve``), or a `keras_metapt.HyperDistill`
+        (not yet started) whose optimizer models the PT step, e.g. ``optim.sgd(pt_lr)``:
+        the PT stage of every hyperstep is then its online term over the PT run since
+        `compile` (`PTFT`'s ``online``; one step VJP in place of the solver's HVPs, plus a
+        reference every ``distill_every`` PT steps). `compile` starts it at the current PT
+        weights, every PT step counts, and its state is part of `state_variables` (resumes
+        with `MetaCheckpoint`). One replica, float32 parts.
 
     Cost per hyperstep: K FT-head gradients through the encoder + 1 backward, the solver's
     HVPs of the PT loss, 1 mixed VJP. Memory: O(P + K * P_psi), as `PTFT`.
@@ -173,7 +180,7 @@ class MetaPretrainer(keras.Model):
                  hyperstep_every=10, unroll_steps=1, solve=linalg.neumann(1),
                  hvp_mode="reverse_over_reverse", warmup_steps=None,
                  ft_unroll_optimizer=None, hyperstep_training=True, curvature_iterations=0,
-                 hyper_loss_scale=2.0 ** 15, **kwargs):
+                 hyper_loss_scale=2.0 ** 15, online=None, **kwargs):
         super().__init__(**kwargs)
         if meta_role not in META_ROLES:
             raise ValueError(f"meta_role must be one of {META_ROLES}, got {meta_role!r}")
@@ -210,6 +217,14 @@ class MetaPretrainer(keras.Model):
                 f"solve={self.solve!r} needs float32 parts: {', '.join(half)} compute in half "
                 "precision, below the resolution of its finite-difference step (radius / "
                 "||v||, about 1e-4 per weight). Use linalg.neumann(...) or linalg.cg(...)")
+        if online is not None:
+            if not hasattr(online, "distilled_term"):
+                raise TypeError(f"online must be None or a keras_metapt.HyperDistill, got "
+                                f"{online!r}")
+            if half:
+                raise ValueError(f"online=HyperDistill(...) needs float32 parts: "
+                                 f"{', '.join(half)} compute in half precision")
+        self.online = online
         if self.float16:
             if not float(hyper_loss_scale) >= 1.0:
                 raise ValueError(f"hyper_loss_scale must be >= 1, got {hyper_loss_scale}")
@@ -285,6 +300,12 @@ class MetaPretrainer(keras.Model):
                 "inside tf.cond); use steps_per_execution=1")
         self._multi_worker = distribute.is_multi_worker(self.distribute_strategy)
         self._reduction = distribute.replica_sum if replicas > 1 else None
+        if self.online is not None:
+            if replicas > 1:
+                raise ValueError(f"online=HyperDistill(...) runs on one replica, not "
+                                 f"{replicas}: use the implicit PT stage (solve=...)")
+            self.online.start(([v.value for v in self.encoder.trainable_variables],
+                               [v.value for v in self.pt_head.trainable_variables]))
         self._compiled = True
 
     def _parameter_groups(self, hyper_optimizer):
@@ -338,6 +359,9 @@ class MetaPretrainer(keras.Model):
         for label, opt in optimizers:
             if opt is not None:
                 groups.append((label, opt.variables))
+        if self.online is not None and self.online.state is not None:
+            groups.append(("online", [_TFVariableState(v)
+                                      for v in self.online.state.variables]))
         seen, named = set(), []
         for label, variables in groups:
             position = 0
@@ -455,7 +479,7 @@ class MetaPretrainer(keras.Model):
             solve = solve.with_optimizer(*self._pt_optimizer_twin())
         estimator = PTFT(unroll_opt, self.unroll_steps, solve, self.hvp_mode,
                          check_finite=False,
-                         gradient_reduction=self._reduction)
+                         gradient_reduction=self._reduction, online=self.online)
         return estimator(problem, params, phi, data["pt_fresh"], batches, opt_state=state)
 
     def _pt_optimizer_twin(self):
@@ -549,17 +573,23 @@ class MetaPretrainer(keras.Model):
         self._pt_step(data["pt"])
         if hyper is None:
             tf.cond(self.schedule.is_hyperstep(self.meta_step.value, self.warmup_steps.value),
-                    lambda: self._hyperstep(data), lambda: self._ft_head_step(data["meta_train"]))
+                    lambda: self._hyperstep(data), lambda: self._regular_tail(data))
         elif hyper:
-            self._hyperstep(data)
+            self._hyperstep(data)  # with online: its PT stage counts this PT step
         else:
-            self._ft_head_step(data["meta_train"])
+            self._regular_tail(data)
         self.meta_step.assign_add(1)
         logs = {m.name: m.result() for m in self.metrics}
         if self._multi_worker:
             # Keras reduces step outputs over workers with reduce(MEAN, axis=0): give an axis.
             logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
         return logs
+
+    def _regular_tail(self, data):
+        """After a regular step's PT step: the FT-head step; the PT step counted by online."""
+        if self.online is not None:
+            self.online.advance(1)
+        return self._ft_head_step(data["meta_train"])
 
     def _regular_train_step(self, data):
         return self._train_step(data, hyper=False)
@@ -613,6 +643,29 @@ class MetaPretrainer(keras.Model):
     def meta_parameters(self):
         """phi as NumPy arrays (one per trainable weight of the meta layer)."""
         return [np.array(v.numpy()) for v in self.meta_layer.trainable_variables]
+
+
+class _TFVariableState:
+    """A tf.Variable (HyperDistill's state) seen as `MetaCheckpoint` sees Keras variables:
+    path, shape, value, assign."""
+
+    def __init__(self, variable):
+        self.variable = variable
+
+    @property
+    def path(self):
+        return self.variable.name.split(":")[0]
+
+    @property
+    def shape(self):
+        return self.variable.shape
+
+    @property
+    def value(self):
+        return self.variable.numpy()
+
+    def assign(self, value):
+        self.variable.assign(value)
 
 
 def _loss_scaled(optimizer, label):

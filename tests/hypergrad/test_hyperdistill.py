@@ -202,8 +202,10 @@ def test_calls_every_few_steps_with_advance_equal_the_numpy_transcription(anchor
                 if t // every > call_steps[k - 1] // every
                 and (t - 1) // anchor_every > (call_steps[k - 1] - 1) // anchor_every]
         assert both == [9, 25, 37]
-    with pytest.raises(tf.errors.InvalidArgumentError, match="num_steps >= 0"):
+    with pytest.raises(ValueError, match="num_steps >= 0"):
         estimator.advance(-1)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="num_steps >= 0"):
+        estimator.advance(tf.constant(-1))
 
 
 def test_gamma_zero_is_the_one_step_hypergradient():
