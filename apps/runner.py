@@ -357,6 +357,16 @@ def write_json(path, value):
     os.replace(tmp, path)
 
 
+def write_report(output_dir, stem, markdown, payload):
+    """<output_dir>/<stem>.md (the table) and <stem>.json (the figures), written atomically."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, f"{stem}.md")
+    with open(f"{path}.tmp", "w") as f:
+        f.write(markdown)
+    os.replace(f"{path}.tmp", path)
+    write_json(os.path.join(output_dir, f"{stem}.json"), payload)
+
+
 def config_differences(stored, wanted):
     """'name: stored -> wanted' for every setting that differs (None: no stored config)."""
     if stored is None:

@@ -19,7 +19,6 @@ intervals), and seconds per epoch of hypersteps (the median over the epochs afte
 Writes <output_dir>/online_meta_pt.{md,json}.
 """
 
-import json
 import os
 import sys
 import time
@@ -129,13 +128,9 @@ def main(argv):
     header = ("## MetaPretrainer's PT stage: implicit against HyperDistill's online term\n\n"
               f"`python -m benchmarks.online_meta_pt` ({len(seeds)} seeds, {FLAGS.epochs} epochs "
               "of 50 steps; synthetic tasks of tests/meta_pt_toy.py).\n\n")
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.output_dir, "online_meta_pt.md"), "w") as f:
-        f.write(header + text)
-    with open(os.path.join(FLAGS.output_dir, "online_meta_pt.json"), "w") as f:
-        json.dump({"epochs": FLAGS.epochs, "paired": paired,
-                   "per_seed": {arm: {str(s): r for s, r in v.items()}
-                                for arm, v in results.items()}}, f, indent=1)
+    runner.write_report(FLAGS.output_dir, "online_meta_pt", header + text, {
+        "epochs": FLAGS.epochs, "paired": paired,
+        "per_seed": {arm: {str(s): r for s, r in v.items()} for arm, v in results.items()}})
     print(header + text)
 
 

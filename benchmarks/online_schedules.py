@@ -161,16 +161,12 @@ def main(argv):
     header = ("## Online schedules: HyperDistill against the one-step hypergradient\n\n"
               f"`python -m benchmarks.online_schedules` ({len(seeds)} seeds; app flags per arm "
               "in online_schedules.json).\n\n")
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.output_dir, "online_schedules.md"), "w") as f:
-        f.write(header + text)
-    with open(os.path.join(FLAGS.output_dir, "online_schedules.json"), "w") as f:
-        json.dump({"app_flags": config, "paired": paired,
-                   "per_seed": {arm: {str(s): {k: records[arm][s][k] for k, _ in METRICS}
-                                      | {"seconds": records[arm][s]["seconds"],
-                                         "hyperdistill_scale": records[arm][s].get(
-                                             "hyperdistill_scale")}
-                                      for s in seeds} for arm in ARMS}}, f, indent=1)
+    runner.write_report(FLAGS.output_dir, "online_schedules", header + text, {
+        "app_flags": config, "paired": paired,
+        "per_seed": {arm: {str(s): {k: records[arm][s][k] for k, _ in METRICS}
+                           | {"seconds": records[arm][s]["seconds"],
+                              "hyperdistill_scale": records[arm][s].get("hyperdistill_scale")}
+                           for s in seeds} for arm in ARMS}})
     plot(records, list(ARMS), seeds, inner_steps,
          os.path.join(FLAGS.output_dir, "online_schedules.png"))
     print(header + text)

@@ -65,7 +65,9 @@ def unflat(vec, like):
     return out
 
 
-def independent_hypergradient(K, num_terms, alpha):
+def ft_gradient(K):
+    """g_FT = d L_FT(theta_E, psi_K; MetaVal) / d theta_E after K FT steps written out
+    (flattened), and the MetaVal loss."""
     e_vec = tf.constant(flat(THETA_E))
     with tf.GradientTape() as tape:
         tape.watch(e_vec)
@@ -77,10 +79,13 @@ def independent_hypergradient(K, num_terms, alpha):
                 loss = ft_loss(e, psi, (X_MT, Y_MT))
             psi = [p - FT_LR * g for p, g in zip(psi, inner.gradient(loss, psi))]
         val = ft_loss(e, psi, (X_MV, Y_MV))
-    g_e = tape.gradient(val, e_vec).numpy()
+    return tape.gradient(val, e_vec).numpy(), float(val)
 
-    p_vec = tf.constant(flat(THETA_E + THETA_H))
-    phi = tf.constant(PHI)
+
+def explicit_pt_derivatives(point_vec):
+    """H = d2 L_PT / d theta_P2 and M = d (grad L_PT) / d phi at a flattened point (float64,
+    GradientTape.jacobian), phi = PHI, on the PT batch."""
+    p_vec, phi = tf.constant(point_vec), tf.constant(PHI)
     with tf.GradientTape(persistent=True) as outer:
         outer.watch([p_vec, phi])
         with tf.GradientTape() as inner:
@@ -88,15 +93,19 @@ def independent_hypergradient(K, num_terms, alpha):
             parts = unflat(p_vec, THETA_E + THETA_H)
             loss = pt_loss(parts[:2], parts[2:], [phi], (X_PT, Y_PT))
         grad = inner.gradient(loss, p_vec)
-    hessian = outer.jacobian(grad, p_vec).numpy()
-    mixed = outer.jacobian(grad, phi).numpy()  # d grad / d phi: (P, n_phi)
+    return outer.jacobian(grad, p_vec).numpy(), outer.jacobian(grad, phi).numpy()
+
+
+def independent_hypergradient(K, num_terms, alpha):
+    g_e, val = ft_gradient(K)
+    hessian, mixed = explicit_pt_derivatives(flat(THETA_E + THETA_H).numpy())
     rhs = np.concatenate([g_e, np.zeros(hessian.shape[0] - g_e.size)])
     term, total = rhs.copy(), rhs.copy()
     for _ in range(num_terms):
         term = term - alpha * hessian @ term
         total += term
     v = alpha * total
-    return -mixed.T @ v, float(val)
+    return -mixed.T @ v, val
 
 
 @pytest.mark.parametrize("K,num_terms", [(1, 1), (2, 3)])
@@ -237,20 +246,6 @@ def test_outer_loss_scale_leaves_the_hypergradient_unchanged(solver):
 
 # --------------------------------------------------------------------------- online PT stage
 
-def explicit_pt_derivatives(point_vec):
-    """H = d2 L_PT / d theta_P2 and M = d (grad L_PT) / d phi at a flattened point (float64,
-    GradientTape.jacobian), phi = PHI, on the PT batch."""
-    p_vec, phi = tf.constant(point_vec), tf.constant(PHI)
-    with tf.GradientTape(persistent=True) as outer:
-        outer.watch([p_vec, phi])
-        with tf.GradientTape() as inner:
-            inner.watch(p_vec)
-            parts = unflat(p_vec, THETA_E + THETA_H)
-            loss = pt_loss(parts[:2], parts[2:], [phi], (X_PT, Y_PT))
-        grad = inner.gradient(loss, p_vec)
-    return outer.jacobian(grad, p_vec).numpy(), outer.jacobian(grad, phi).numpy()
-
-
 def online_call(estimator, params):
     return estimator(PROBLEM, params, [PHI], (X_PT, Y_PT), ((X_MT, Y_MT), (X_MV, Y_MV)))
 
@@ -267,23 +262,6 @@ def test_online_pt_stage_at_gamma_zero_is_the_one_step_term():
     assert rel_err(result.hypergrad[0], expected) < 1e-10
     assert float(result.outer_loss) == pytest.approx(val, rel=1e-12)
     assert int(online.state.step.numpy()) == 1
-
-
-def ft_gradient_at_theta_e():
-    """g_FT = d L_FT(theta_E, psi_K; MetaVal) / d theta_E after the K = 2 FT steps, written
-    out (flattened, float64)."""
-    e_vec = tf.constant(flat(THETA_E))
-    with tf.GradientTape() as tape:
-        tape.watch(e_vec)
-        e = unflat(e_vec, THETA_E)
-        psi = [tf.constant(p) for p in PSI]
-        for _ in range(2):
-            with tf.GradientTape() as inner:
-                inner.watch(psi)
-                loss = ft_loss(e, psi, (X_MT, Y_MT))
-            psi = [p - FT_LR * g for p, g in zip(psi, inner.gradient(loss, psi))]
-        val = ft_loss(e, psi, (X_MV, Y_MV))
-    return tape.gradient(val, e_vec).numpy()
 
 
 @pytest.mark.parametrize("mode", ["eager", "graph"])
@@ -306,7 +284,7 @@ def test_online_pt_stage_equals_its_transcription_with_a_reference(mode):
         (THETA_E, THETA_H, PSI))
     # reference
     theta_p, theta_0 = flat(THETA_E + THETA_H).numpy(), flat(start).numpy()
-    g_ft = ft_gradient_at_theta_e()
+    g_ft, _ = ft_gradient(2)
     a0 = np.concatenate([g_ft, np.zeros(theta_p.size - g_ft.size)])
     weights = np.array([gamma ** (t - s) for s in range(1, t + 1)])
     c, p = weights.sum(), np.dot(weights, np.arange(t)) / ((t - 1) * weights.sum())
