@@ -15,7 +15,8 @@ others. Arms differ only in the PT stage of the hyperstep:
 - hyperdistill: gamma 0.99, a reference of 10 steps every 50, the anchor moved every 50 steps;
 - hyperdistill_from_w0: the same with the line from the weights at compile (the paper's).
 Reports the AUROC per arm (mean +- std), paired differences to one_step and to neumann (95% t
-intervals), and seconds per epoch of hypersteps (the median over the epochs after the first).
+intervals), and seconds per epoch of hypersteps (the median over the epochs after the first
+two: the warm-up epoch and the one that compiles the hyperstep).
 Writes <output_dir>/online_meta_pt.{md,json}.
 """
 

@@ -7,8 +7,9 @@ The training loop of Raghu et al. (2021), one PT batch per step:
      MetaTrain batch;
   3. on the `HyperstepSchedule` (every N steps after warm-up), a hyperstep: the `PTFT`
      hypergradient (K differentiable FT-head steps with the features attached, an inverse-HVP
-     solve over the PT Hessian on a fresh PT batch, one mixed VJP) and one hyper-optimizer
-     step on phi; the FT head takes the K-step value psi_K;
+     solve over the PT Hessian on a fresh PT batch, one mixed VJP; or, with ``online``,
+     HyperDistill's online term in place of the solve) and one hyper-optimizer step on phi;
+     the FT head takes the K-step value psi_K;
   4. other steps: an FT-head step on detached features of a MetaTrain batch.
 
 Data: one element per step from `meta_dataset(pt, meta_train, meta_val, unroll_steps)`.
@@ -165,19 +166,22 @@ class MetaPretrainer(keras.Model):
       hyper_loss_scale: the initial dynamic loss scale of the hyperstep when a part computes
         in float16 (default 2^15, Keras' initial scale); ignored otherwise.
       online: None (the PT stage is implicit, by ``solve``), or a `keras_metapt.HyperDistill`
-        (not yet started) whose optimizer models the PT step, e.g. ``optim.sgd(pt_lr)``:
-        the PT stage of every hyperstep is then its online term over the PT run since
-        `compile` (`PTFT`'s ``online``; one step VJP in place of the solver's HVPs, plus a
-        reference every ``distill_every`` PT steps). `compile` starts it at the current PT
-        weights, every PT step counts, and its state is part of `state_variables` (resumes
-        with `MetaCheckpoint`). One replica, float32 parts.
+        whose (stateless) optimizer models the PT step, e.g. ``optim.sgd(pt_lr)``: the PT
+        stage of every hyperstep is then its online term over the PT run since `compile`
+        (`PTFT`'s ``online``; one step VJP in place of the solver's HVPs, plus a reference
+        every ``distill_every`` PT steps). The first `compile` (meta_step 0) starts it at
+        the current PT weights; every PT step counts; its state is part of
+        `state_variables` (resumes with `MetaCheckpoint`). ``solve`` and ``hvp_mode`` must
+        then be left at their defaults. One replica, float32 parts.
 
     Cost per hyperstep: K FT-head gradients through the encoder + 1 backward, the solver's
-    HVPs of the PT loss, 1 mixed VJP. Memory: O(P + K * P_psi), as `PTFT`.
+    HVPs of the PT loss, 1 mixed VJP (with ``online``: 1 step VJP, plus a reference's step
+    VJPs every ``distill_every`` PT steps). Memory: O(P + K * P_psi), as `PTFT` (``online``
+    keeps one more copy of theta_P).
     """
 
     def __init__(self, encoder, pt_head, ft_head, meta_layer, pt_loss, ft_loss, meta_role="loss",
-                 hyperstep_every=10, unroll_steps=1, solve=linalg.neumann(1),
+                 hyperstep_every=10, unroll_steps=1, solve=None,
                  hvp_mode="reverse_over_reverse", warmup_steps=None,
                  ft_unroll_optimizer=None, hyperstep_training=True, curvature_iterations=0,
                  hyper_loss_scale=2.0 ** 15, online=None, **kwargs):
@@ -198,7 +202,11 @@ class MetaPretrainer(keras.Model):
         self.pt_loss_fn, self.ft_loss_fn, self.meta_role = pt_loss, ft_loss, meta_role
         self.schedule = HyperstepSchedule(int(hyperstep_every), warmup_steps)
         self.unroll_steps = int(unroll_steps)
-        self.solve = check_solver(solve)
+        if online is not None and (solve is not None or hvp_mode != "reverse_over_reverse"):
+            raise ValueError("online=HyperDistill(...) replaces the PT stage's solve: leave "
+                             f"solve and hvp_mode at their defaults (got solve={solve!r}, "
+                             f"hvp_mode={hvp_mode!r})")
+        self.solve = check_solver(linalg.neumann(1) if solve is None else solve)
         self.hvp_mode = check_hvp_mode(hvp_mode)
         self.ft_unroll_optimizer = ft_unroll_optimizer
         self.hyperstep_training = bool(hyperstep_training)
@@ -304,8 +312,10 @@ class MetaPretrainer(keras.Model):
             if replicas > 1:
                 raise ValueError(f"online=HyperDistill(...) runs on one replica, not "
                                  f"{replicas}: use the implicit PT stage (solve=...)")
-            self.online.start(([v.value for v in self.encoder.trainable_variables],
-                               [v.value for v in self.pt_head.trainable_variables]))
+            if self.online.state is None or int(self.meta_step.numpy()) == 0:
+                # the run's start; a compile later in the run keeps the online state
+                self.online.start(([v.value for v in self.encoder.trainable_variables],
+                                   [v.value for v in self.pt_head.trainable_variables]))
         self._compiled = True
 
     def _parameter_groups(self, hyper_optimizer):
@@ -459,9 +469,11 @@ class MetaPretrainer(keras.Model):
             return g + nan
         return [poison(g) for g in grads]
 
-    def hypergradient(self, data):
-        """The PT/FT hypergradient for one data element (a `HypergradResult`); updates nothing.
-        A Neumann solver without alpha uses the PT optimizer's current learning rate."""
+    def hypergradient(self, data, _count_online_step=False):
+        """The PT/FT hypergradient for one data element (a `HypergradResult`); updates nothing
+        (with ``online``: the term at its current state, without a reference, an anchor move
+        or a counted step; hypersteps count). A Neumann solver without alpha uses the PT
+        optimizer's current learning rate."""
         problem, params, phi = keras_problem(
             self.encoder, self.pt_head, self.ft_head, self.meta_layer, self.pt_loss_fn,
             self.ft_loss_fn, self.meta_role, self.hyperstep_training,
@@ -475,11 +487,13 @@ class MetaPretrainer(keras.Model):
         else:
             unroll_opt, state = self.ft_unroll_optimizer, None
         solve = self.solve
-        if hasattr(solve, "with_optimizer"):  # first order: P = the live PT optimizer's Jacobian
+        if self.online is None and hasattr(solve, "with_optimizer"):
+            # first order: P = the live PT optimizer's Jacobian
             solve = solve.with_optimizer(*self._pt_optimizer_twin())
         estimator = PTFT(unroll_opt, self.unroll_steps, solve, self.hvp_mode,
                          check_finite=False,
-                         gradient_reduction=self._reduction, online=self.online)
+                         gradient_reduction=self._reduction, online=self.online,
+                         update_online=_count_online_step)
         return estimator(problem, params, phi, data["pt_fresh"], batches, opt_state=state)
 
     def _pt_optimizer_twin(self):
@@ -511,7 +525,7 @@ class MetaPretrainer(keras.Model):
                                      unroll=self._reduction is not None)
 
     def _hyperstep(self, data):
-        result = self.hypergradient(data)
+        result = self.hypergradient(data, _count_online_step=True)
         phi_vars, psi_vars = self.meta_layer.trainable_variables, self.ft_head.trainable_variables
         replicas = self.distribute_strategy.num_replicas_in_sync
 
@@ -662,6 +676,13 @@ class _TFVariableState:
 
     @property
     def value(self):
+        return self.variable.numpy()
+
+    @property
+    def dtype(self):
+        return self.variable.dtype
+
+    def numpy(self):
         return self.variable.numpy()
 
     def assign(self, value):

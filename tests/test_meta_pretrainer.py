@@ -43,7 +43,9 @@ def tiny_float64_model(unroll_steps, neumann_terms, alpha, ft_unroll_optimizer="
         encoder, pt_head, ft_head, weights,
         pt_loss=lambda y, p, w: masked_multitask_bce(y, p, w),
         ft_loss=lambda y, p: 0.5 * tf.reduce_mean((p - y) ** 2),
-        unroll_steps=unroll_steps, solve=solve or km.linalg.neumann(neumann_terms, alpha),
+        unroll_steps=unroll_steps,
+        solve=solve if solve is not None or online is not None
+        else km.linalg.neumann(neumann_terms, alpha),
         ft_unroll_optimizer=km.optim.sgd(0.2) if ft_unroll_optimizer == "sgd" else None,
         online=online)
     model.compile(pt_optimizer, jit_compile=False)
@@ -666,7 +668,8 @@ def test_first_order_hyperstep_is_refused_under_a_mixed_policy():
 def test_online_hyperstep_at_gamma_zero_is_the_one_step_term():
     """Reference: the explicit float64 computation with no Neumann term beyond alpha I (the
     one-step term, -M^T alpha [g_FT; 0]): HyperDistill as the PT stage, gamma 0 and no
-    references (p_t = c_t = theta = 1), after 3 regular steps that it counts."""
+    references (p_t = c_t = theta = 1), after 3 regular steps that it counts; hypergradient()
+    reads its state and counts nothing."""
     online = km.HyperDistill(km.optim.sgd(0.1), 0.0, distill_every=0)
     model = tiny_float64_model(1, 0, None, online=online)
     data = tiny_data(1)
@@ -677,20 +680,23 @@ def test_online_hyperstep_at_gamma_zero_is_the_one_step_term():
     assert rel_err(result.hypergrad[0], expected) < 1e-10
     for got, ref in zip(result.params[2], psi_k):
         np.testing.assert_allclose(got, ref, rtol=1e-10)
-    assert int(online.state.step.numpy()) == 4
+    assert int(online.state.step.numpy()) == 3
     with pytest.raises(TypeError, match="HyperDistill"):
         tiny_float64_model(1, 0, None, online=km.linalg.neumann(1))
+    with pytest.raises(ValueError, match="leave solve and hvp_mode"):
+        tiny_float64_model(1, 0, None, solve=km.linalg.cg(3), online=online)
 
 
 def test_online_fit_counts_every_pt_step_learns_the_helpful_tasks_and_resumes(tmp_path):
     """Ground truth as in test_learned_weights_separate_helpful_tasks (tasks 0-9 help; measured
     AUROC 0.91 with the anchor moved every 50 steps; 0.14 with the line from the random
-    initialisation, see the README); the step count against the PT steps taken; a run
-    stopped after 2 epochs and resumed from its MetaCheckpoint (HyperDistill's state
-    included) against the uninterrupted run."""
-    def online():
-        return km.HyperDistill(km.optim.sgd(1e-2), 0.99, distill_every=50, reference_steps=10,
-                               anchor_every=50)
+    initialisation, see the README); the step count against the PT steps taken, also with
+    XLA and 5 steps per execution (the in-graph choice); a run stopped after 2 epochs (with
+    hypersteps, references and anchor moves before the stop) and resumed from its
+    MetaCheckpoint against the uninterrupted run."""
+    def online(every=50):
+        return km.HyperDistill(km.optim.sgd(1e-2), 0.99, distill_every=every,
+                               reference_steps=10, anchor_every=every)
 
     model, history, helpful = run_toy(0, epochs=12, online=online())
     assert history.history["hypersteps"][-1] == 50
@@ -700,11 +706,19 @@ def test_online_fit_counts_every_pt_step_learns_the_helpful_tasks_and_resumes(tm
     keys = [k for k, _ in model.state_variables() if k.startswith("online/")]
     assert any("anchor_params" in k for k in keys) and any("fit_cross" in k for k in keys)
 
-    full, _, _ = run_toy(1, epochs=3, steps=20, online=online())
-    ckpt = MetaCheckpoint(str(tmp_path / "ckpt"))
-    run_toy(1, epochs=2, steps=20, online=online(), callbacks=[ckpt])
-    resumed, _, _ = run_toy(1, epochs=3, steps=20, online=online(),
+    xla, _, _ = run_toy(2, epochs=2, steps=10, online=online(5), jit_compile=True,
+                        steps_per_execution=5, warmup_steps=5)
+    assert int(xla.online.state.step.numpy()) == 20 == int(xla.meta_step.numpy())
+    # hypersteps from t = 6; references at the first call past each multiple of 5: t = 6
+    # (5 was passed in the warm-up), 10, 15, 20
+    assert int(xla.online.state.references.numpy()) == 4
+
+    full, _, _ = run_toy(1, epochs=3, steps=20, warmup_steps=10, online=online(10))
+    run_toy(1, epochs=2, steps=20, warmup_steps=10, online=online(10),
+            callbacks=[MetaCheckpoint(str(tmp_path / "ckpt"))])
+    resumed, _, _ = run_toy(1, epochs=3, steps=20, warmup_steps=10, online=online(10),
                             callbacks=[MetaCheckpoint(str(tmp_path / "ckpt"))])
     np.testing.assert_array_equal(resumed.meta_parameters()[0], full.meta_parameters()[0])
+    assert int(full.online.state.references.numpy()) == 6  # t = 11 (past 10), 20, .., 60
     for a, b in zip(resumed.online.state.variables, full.online.state.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -243,19 +243,21 @@ class HyperDistill(_p.Estimator):
         return self._finish(hparams, direct, indirect, outer_loss, new_params, new_state)
 
     def distilled_term(self, problem, params, hparams, inner_batch, cotangent, *,
-                       opt_state=None):
+                       opt_state=None, update_state=True):
         """The second-order term alone, for a caller with its own outer gradient:
         pi_t cotangent^T B(w_hat_t) with ``params`` as both w_(t-1) and the end of the
         references' line, ``cotangent`` = d L_out / d params there (e.g. `PTFT`'s PT stage,
         where the FT unroll gives it). Advances the step as a call does; returns a nest like
-        ``hparams`` (None where phi does not reach the step). Cost: one step VJP, plus a
+        ``hparams`` (None where phi does not reach the step). ``update_state=False``: the
+        term at the current state (t = step + 1, the current anchor and scale), with no
+        reference, no anchor move and no step counted. Cost: one step VJP, plus a
         reference's step VJPs when one is due."""
         self._check_call(inner_batch)
         params, hparams = _p.prepare(params, hparams)
         if opt_state is None:
             opt_state = self.optimizer.init(params)
         return self._distilled(problem, params, hparams, inner_batch, cotangent, opt_state,
-                               params)
+                               params, update_state)
 
     def _check_call(self, inner_batch):
         self._require_started()
@@ -265,9 +267,10 @@ class HyperDistill(_p.Estimator):
             raise ValueError("HyperDistill takes the one inner batch of the current step; got "
                              "StepBatches")
 
-    def _distilled(self, problem, params, hparams, inner_batch, alpha, opt_state, line_end):
+    def _distilled(self, problem, params, hparams, inner_batch, alpha, opt_state, line_end,
+                   update_state=True):
         """pi_t alpha^T B(w_hat_t) at w_(t-1) = ``params``; references run on the line from
-        the anchor to ``line_end`` (w_t). Advances the step."""
+        the anchor to ``line_end`` (w_t). Advances the step (unless not ``update_state``)."""
         state = self.state
         t = state.step + 1
         previous_t = t - 1 - state.pending_steps  # the previous call's t (0 before the first)
@@ -279,7 +282,7 @@ class HyperDistill(_p.Estimator):
         reference_anchor = tf.nest.pack_sequence_as(
             params, [v.read_value() for v in state.anchor_params])
         reference_anchor_step = state.anchor_step.read_value()
-        if self.anchor_every:
+        if self.anchor_every and update_state:
             def move_anchor():
                 for var, x in zip(state.anchor_params, tf.nest.flatten(params)):
                     var.assign(x)
@@ -312,7 +315,7 @@ class HyperDistill(_p.Estimator):
         _, v = step_vjp(w_hat, alpha)
         c = geometric_sum(t, self.gamma)
 
-        if self.distill_every:
+        if self.distill_every and update_state:
             def distill():
                 reference_m = t - reference_anchor_step
                 n = tf.minimum(reference_m, self.reference_steps)
@@ -340,7 +343,8 @@ class HyperDistill(_p.Estimator):
         pi = self.scale * c
         indirect = tf.nest.map_structure(
             lambda x: None if x is None else tf.cast(pi, x.dtype) * x, v)
-        state.step.assign_add(1)
-        state.pending_steps.assign(0)
+        if update_state:
+            state.step.assign_add(1)
+            state.pending_steps.assign(0)
         return indirect
 

@@ -112,14 +112,18 @@ class PTFT(_p.Estimator):
         run so far, pi_t d <Phi(theta_hat_t, phi), [g_FT; 0]> / d phi with Phi the PT step
         and theta_hat_t on the line from the run's start to theta_P (`HyperDistill.
         distilled_term`; one step VJP, plus its periodic references). Each call counts one
-        PT step; the caller counts the PT steps between calls with its ``advance``. With SGD
-        at rate alpha, gamma 0 and no references this is the Neumann(1) term exactly.
-        ``solve`` and ``hvp_mode`` are then unused. One replica only.
+        PT step; the caller counts the PT steps between calls with its ``advance``. theta_P
+        stands for both w_(t-1) and w_t (the caller has taken its PT step), so the step
+        modelled at gamma 0 is the one on ``pt_batch`` from theta_P. With SGD at rate alpha,
+        gamma 0 and no references this is the one-step term -alpha d <grad L_PT, [g_FT; 0]> /
+        d phi, i.e. the Neumann series with no HVP term (``linalg.neumann(0, alpha)``). The
+        optimizer's state starts fresh at every call: use a stateless one such as
+        ``optim.sgd``. ``solve`` and ``hvp_mode`` are then unused. One replica only.
     """
 
     def __init__(self, ft_optimizer, unroll_steps=1, solve=linalg.neumann(1),
                  hvp_mode="reverse_over_reverse", *, gradient_reduction=None, check_finite=True,
-                 online=None):
+                 online=None, update_online=True):
         super().__init__(gradient_reduction=gradient_reduction, check_finite=check_finite)
         if int(unroll_steps) < 1:
             raise ValueError(f"unroll_steps must be >= 1, got {unroll_steps}")
@@ -133,6 +137,7 @@ class PTFT(_p.Estimator):
             raise ValueError("PTFT(online=HyperDistill(...)) runs on one replica; "
                              "gradient_reduction must be None")
         self.online = online
+        self.update_online = bool(update_online)  # False: HyperDistill's state is only read
 
     @_p.names_shape_errors
     def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
@@ -188,7 +193,7 @@ class PTFT(_p.Estimator):
             pt_stage = _p.BilevelProblem(inner_loss=lambda tp, phi, _: pt_of(tp, phi),
                                          outer_loss=_no_outer_loss)
             indirect = self.online.distilled_term(pt_stage, theta_p, hparams, inner_batch,
-                                                  cotangent)
+                                                  cotangent, update_state=self.update_online)
         else:
             indirect = implicit_indirect_term(pt_of, theta_p, hparams, cotangent, self.solve,
                                               problem.pt_learning_rate, self.gradient_reduction,

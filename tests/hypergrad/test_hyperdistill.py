@@ -295,3 +295,22 @@ def test_state_checkpoints_and_a_start_is_required(tmp_path):
         second.start([np.zeros(P + 1)])
     with pytest.raises(ValueError, match="gamma"):
         km.HyperDistill(optim.sgd(ETA), 0.99999)
+
+
+def test_distilled_term_alone_and_without_updating_the_state():
+    """Reference: the transcription's indirect term at t = 5 after 4 advanced steps (no
+    reference due), cotangent alpha = w_5 - w* given by the caller; update_state=False gives
+    the same term and leaves step, anchor and fit as they were."""
+    points = trajectory(5)
+    expected = numpy_hyperdistill(points, 0.9, distill_every=0, reference_steps=1,
+                                  initial_scale=0.5, call_steps=[5])[0]
+    estimator = km.HyperDistill(optim.sgd(ETA), 0.9, distill_every=0, initial_scale=0.5)
+    estimator.start([W0]).advance(4)
+    args = (PROBLEM, [tf.constant(points[4])], [tf.constant(PHI)], INNER,
+            [tf.constant(points[5] - W_STAR)])
+    read_only = estimator.distilled_term(*args, update_state=False)
+    assert int(estimator.state.step.numpy()) == 4
+    counted = estimator.distilled_term(*args)
+    assert int(estimator.state.step.numpy()) == 5
+    for got in (read_only, counted):
+        np.testing.assert_allclose(got[0].numpy(), expected, rtol=1e-9, atol=1e-14)
