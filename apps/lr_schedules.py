@@ -109,6 +109,10 @@ flags.DEFINE_integer("greedy_val_batch", 500, "greedy and hyperdistill: validati
                      "hypergradient.")
 # gamma 0.9: picked on the validation split of seed 0 from 0.9, 0.99 and 0.999 (README)
 runner.define_hyperdistill_flags("hyperdistill", every_default=100, gamma_default=0.9)
+flags.DEFINE_enum("hyperdistill_scale_fit", "least_squares", ["least_squares", "median"],
+                  "hyperdistill: how the scale theta is fitted to the references: least squares "
+                  "over all of them, or the median of the last 64 per-reference fits (robust "
+                  "to one reference that blows up).")
 flags.DEFINE_bool("full", False, "The GPU-size run: --inner_steps=10000, --hidden=256 and "
                   "--outer_steps=50 in place of their values (about 10^4 steps, as the FDS "
                   "paper's runs).")
@@ -158,6 +162,7 @@ class Config(runner.GridConfig):
     hyperdistill_every: int
     hyperdistill_reference_steps: int
     hyperdistill_anchor_every: int
+    hyperdistill_scale_fit: str
     full: bool
     float64: bool
     verbose: int
@@ -352,7 +357,8 @@ class Experiment:
         self.distiller = km.HyperDistill(
             self.optimizer, config.hyperdistill_gamma, distill_every=config.hyperdistill_every,
             reference_steps=config.hyperdistill_reference_steps,
-            anchor_every=config.hyperdistill_anchor_every or None)
+            anchor_every=config.hyperdistill_anchor_every or None,
+            scale_fit=config.hyperdistill_scale_fit)
         self._distilled = tf.function(lambda p, h, b, s, v: self.distiller(
             self.problem, p, h, b, v, opt_state=s))
 

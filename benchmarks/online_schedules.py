@@ -13,7 +13,9 @@ finished runs):
 - greedy_every5: the same every 5 steps, about as many seconds per run as HyperDistill's runs
   (the equal-wall-clock arm: the one-step estimator spending the time on more updates);
 - hyperdistill_gamma0.9 / hyperdistill_gamma0.99: `km.HyperDistill` every 20 steps (the app's
-  hyperdistill arm), a reference of up to 100 step VJPs every 100 steps.
+  hyperdistill arm), a reference of up to 100 step VJPs every 100 steps;
+- hyperdistill_gamma0.99_median: the same with the scale fitted as the median of the last 64
+  per-reference fits (``scale_fit="median"``) in place of least squares.
 Every arm of a seed starts from the same weights and batch order and draws its validation
 minibatches from the same stream (the arms every 20 steps draw the same ones); it is judged on
 the Fashion-MNIST test set by the weights its online run ends with. Reports test and
@@ -58,7 +60,9 @@ ARMS = {"greedy": ("greedy", ["--greedy_every=20"]),
         "hyperdistill_gamma0.9": ("hyperdistill", ["--greedy_every=20",
                                                    "--hyperdistill_gamma=0.9"]),
         "hyperdistill_gamma0.99": ("hyperdistill", ["--greedy_every=20",
-                                                    "--hyperdistill_gamma=0.99"])}
+                                                    "--hyperdistill_gamma=0.99"]),
+        "hyperdistill_gamma0.99_median": ("hyperdistill", [
+            "--greedy_every=20", "--hyperdistill_gamma=0.99", "--hyperdistill_scale_fit=median"])}
 BASELINES = ("greedy", "greedy_every5")
 METRICS = (("test_accuracy_final", "test accuracy"),
            ("val_accuracy_final", "validation accuracy"))

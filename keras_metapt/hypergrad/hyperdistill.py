@@ -24,7 +24,11 @@ replacement A_j ~ I ignores; it is distilled: every ``distill_every`` steps a re
 term y_t is computed by a DrMAD-style backward pass (the damped sum above, over the last
 ``reference_steps`` steps, on weights interpolated linearly from w_0 to w_t and on the current
 inner batch), and theta is the least-squares fit of theta c_t v_t to y_t over every reference
-so far (v_t = alpha_t^T B(w_hat_t)): theta = sum c <v, y> / sum c^2 |v|^2.
+so far (v_t = alpha_t^T B(w_hat_t)): theta = sum c <v, y> / sum c^2 |v|^2. One reference
+far larger than the others (a line whose step Jacobians expand) then sets theta for the rest
+of the run; ``scale_fit="median"`` takes the median of the per-reference fits
+<v, y> / (c |v|^2) over the last ``median_window`` references instead, which such an outlier
+does not move.
 
 The official repository of the paper holds no code; this follows the paper's description:
 the distilled point on the line from w_0 to w_{t-1}, a scale proportional to the geometric
@@ -114,7 +118,7 @@ class _State(tf.Module):
     """The anchor (w_0, or the latest moved anchor) and its step, the step count and the
     running sums of the scale's least-squares fit."""
 
-    def __init__(self, params):
+    def __init__(self, params, median_window=None):
         super().__init__(name="hyperdistill")
         self.anchor_params = [tf.Variable(x, trainable=False, name="anchor_params")
                               for x in tf.nest.flatten(params)]
@@ -125,6 +129,11 @@ class _State(tf.Module):
         self.references = tf.Variable(0, dtype=tf.int64, trainable=False, name="references")
         self.pending_steps = tf.Variable(0, dtype=tf.int64, trainable=False,
                                          name="pending_steps")
+        if median_window:  # the last per-reference fits (scale_fit="median")
+            self.ratios = tf.Variable(tf.zeros([median_window], tf.float64), trainable=False,
+                                      name="ratios")
+            self.ratio_count = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                           name="ratio_count")
 
 
 class HyperDistill(_p.Estimator):
@@ -140,6 +149,9 @@ class HyperDistill(_p.Estimator):
         step: at those calls); 0: never (theta stays ``initial_scale``).
       reference_steps: the reference's horizon cap, in steps.
       initial_scale: theta before the first reference.
+      scale_fit: "least_squares" (default): theta fitted over every reference so far;
+        "median": the median of the last ``median_window`` per-reference fits (robust to a
+        reference that blows up; ours).
       anchor_every: None (the paper's): the line runs from w_0. An integer N: the anchor
         moves to the current weights every N steps (at the first call with t - 1 at or
         after N, 2N, ...; with a call at every step: t = N+1, 2N+1, ...), and the
@@ -155,7 +167,8 @@ class HyperDistill(_p.Estimator):
     """
 
     def __init__(self, optimizer, gamma=0.99, *, distill_every=100, reference_steps=100,
-                 initial_scale=1.0, anchor_every=None, gradient_reduction=None,
+                 initial_scale=1.0, anchor_every=None, scale_fit="least_squares",
+                 median_window=64, gradient_reduction=None,
                  check_finite=True):
         if gradient_reduction is not None:
             raise ValueError(_ONE_REPLICA)
@@ -171,6 +184,11 @@ class HyperDistill(_p.Estimator):
         self.distill_every = int(distill_every)
         self.reference_steps = int(reference_steps)
         self.initial_scale = float(initial_scale)
+        if scale_fit not in ("least_squares", "median") or int(median_window) < 1:
+            raise ValueError(f"scale_fit must be 'least_squares' or 'median' and median_window "
+                             f">= 1, got {scale_fit!r} and {median_window}")
+        self.scale_fit = scale_fit
+        self.median_window = int(median_window) if scale_fit == "median" else None
         if anchor_every is not None and int(anchor_every) < 1:
             raise ValueError(f"anchor_every must be None or >= 1, got {anchor_every}")
         self.anchor_every = None if anchor_every is None else int(anchor_every)
@@ -180,7 +198,7 @@ class HyperDistill(_p.Estimator):
         """Records w_0 = ``params`` and resets the step count and the scale's fit."""
         params = _tree.to_tensors(params)
         if self.state is None:
-            self.state = _State(params)
+            self.state = _State(params, self.median_window)
         else:
             kept = [tuple(v.shape) for v in self.state.anchor_params]
             given = [tuple(x.shape) for x in tf.nest.flatten(params)]
@@ -194,6 +212,9 @@ class HyperDistill(_p.Estimator):
                 var.assign(0)
             for var in (self.state.fit_cross, self.state.fit_square):
                 var.assign(0.0)
+            if self.median_window:
+                self.state.ratios.assign(tf.zeros_like(self.state.ratios))
+                self.state.ratio_count.assign(0)
         return self
 
     def advance(self, num_steps):
@@ -218,6 +239,13 @@ class HyperDistill(_p.Estimator):
     def scale(self):
         """theta: the fitted scale (``initial_scale`` before any reference)."""
         self._require_started()
+        if self.median_window:
+            state = self.state
+            n = tf.minimum(state.ratio_count, self.median_window)
+            ordered = tf.sort(state.ratios[:tf.maximum(n, 1)])  # one (unused) entry at n = 0
+            median = 0.5 * (tf.gather(ordered, tf.maximum(n - 1, 0) // 2)
+                            + tf.gather(ordered, n // 2))
+            return tf.where(n > 0, median, tf.constant(self.initial_scale, tf.float64))
         return tf.where(self.state.fit_square > 0.0,
                         self.state.fit_cross / tf.maximum(self.state.fit_square, 1e-300),
                         tf.constant(self.initial_scale, tf.float64))
@@ -336,6 +364,14 @@ class HyperDistill(_p.Estimator):
                 state.fit_cross.assign_add(tf.where(finite, c * cross, zero))
                 state.fit_square.assign_add(tf.where(finite, c * c * square, zero))
                 state.references.assign_add(tf.cast(finite, tf.int64))
+                if self.median_window:
+                    usable = finite & (square > 0.0)
+                    ratio = cross / tf.maximum(c * square, 1e-300)
+                    index = tf.math.floormod(state.ratio_count, self.median_window)
+                    state.ratios.assign(tf.where(
+                        usable & tf.equal(tf.range(self.median_window, dtype=tf.int64), index),
+                        ratio, state.ratios))
+                    state.ratio_count.assign_add(tf.cast(usable, tf.int64))
                 return tf.constant(True)
 
             tf.cond(crossed(t, previous_t, self.distill_every), distill,

@@ -16,7 +16,8 @@ from benchmarks import online_schedules as bench
 def test_each_arm_runs_the_app_arm_and_cadence_it_names():
     expected = {"greedy": ("greedy", "20", None), "greedy_every5": ("greedy", "5", None),
                 "hyperdistill_gamma0.9": ("hyperdistill", "20", "0.9"),
-                "hyperdistill_gamma0.99": ("hyperdistill", "20", "0.99")}
+                "hyperdistill_gamma0.99": ("hyperdistill", "20", "0.99"),
+                "hyperdistill_gamma0.99_median": ("hyperdistill", "20", "0.99")}
     assert set(bench.ARMS) == set(expected)
     for arm, (app_arm, every, gamma) in expected.items():
         flags = bench.run_flags(arm, [0, 3], "/runs", ["--images_dir=/x"])
@@ -24,6 +25,7 @@ def test_each_arm_runs_the_app_arm_and_cadence_it_names():
         assert f"--greedy_every={every}" in flags and "--output_dir=/runs/" + arm in flags
         assert (f"--hyperdistill_gamma={gamma}" in flags) == (gamma is not None)
         assert flags[-1] == "--images_dir=/x"  # extra flags last: they win
+        assert ("--hyperdistill_scale_fit=median" in flags) == arm.endswith("median")
 
 
 def test_paired_differences_and_intervals_against_scipy():
@@ -34,7 +36,8 @@ def test_paired_differences_and_intervals_against_scipy():
                          "schedule": {"lr": [0.1]}} for s in seeds} for arm in bench.ARMS}
     table, paired = bench.tables(records, list(bench.ARMS), seeds)
     for baseline in bench.BASELINES:
-        assert set(paired[baseline]) == {"hyperdistill_gamma0.9", "hyperdistill_gamma0.99"}
+        assert set(paired[baseline]) == {"hyperdistill_gamma0.9", "hyperdistill_gamma0.99",
+                                         "hyperdistill_gamma0.99_median"}
         for arm, by_metric in paired[baseline].items():
             for key, _ in bench.METRICS:
                 d = np.array([records[arm][s][key] - records[baseline][s][key] for s in seeds])

@@ -104,13 +104,15 @@ def test_reference_pass_on_the_true_trajectory_equals_the_direct_sum(gamma):
 
 
 def numpy_hyperdistill(points, gamma, distill_every, reference_steps, initial_scale,
-                       anchor_every=None, call_steps=None):
+                       anchor_every=None, call_steps=None, median_window=None):
     """The module's formulas, transcribed: the indirect term at every call, at steps
     t = ``call_steps`` (default 1..T; the steps between calls are taken without the
     estimator). A reference at the first call at or after each multiple of distill_every; the
     anchor moves to w_(t-1) at the first call with t - 1 at or after each multiple of
-    anchor_every."""
+    anchor_every. With ``median_window``: theta is the median of the last median_window
+    per-reference fits <v, y> / (c |v|^2)."""
     cross = square = 0.0
+    ratios = []
     anchor, anchor_step = W0, 0
     out = []
     previous_t = 0
@@ -138,7 +140,10 @@ def numpy_hyperdistill(points, gamma, distill_every, reference_steps, initial_sc
                 a = gamma * A_MAT.T @ a
             cross += c * np.dot(v, y)
             square += c * c * np.dot(v, v)
+            ratios.append(np.dot(v, y) / (c * np.dot(v, v)))
         theta = cross / square if square > 0 else initial_scale
+        if median_window:
+            theta = float(np.median(ratios[-median_window:])) if ratios else initial_scale
         out.append(theta * c * v)
         previous_t = t
     return out
@@ -295,6 +300,8 @@ def test_state_checkpoints_and_a_start_is_required(tmp_path):
         second.start([np.zeros(P + 1)])
     with pytest.raises(ValueError, match="gamma"):
         km.HyperDistill(optim.sgd(ETA), 0.99999)
+    with pytest.raises(ValueError, match="scale_fit"):
+        km.HyperDistill(optim.sgd(ETA), scale_fit="mean")
 
 
 def test_distilled_term_alone_and_without_updating_the_state():
@@ -314,3 +321,24 @@ def test_distilled_term_alone_and_without_updating_the_state():
     assert int(estimator.state.step.numpy()) == 5
     for got in (read_only, counted):
         np.testing.assert_allclose(got[0].numpy(), expected, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("window", [3, 4])
+def test_median_scale_fit_equals_its_transcription(window):
+    """Reference: the transcription with theta the median of the last `window` per-reference
+    fits <v, y> / (c |v|^2) (odd and even windows; the window fills, then slides over 8
+    references); initial_scale before the first."""
+    steps, gamma, every = 24, 0.9, 3
+    points = trajectory(steps)
+    expected = numpy_hyperdistill(points, gamma, distill_every=every, reference_steps=4,
+                                  initial_scale=0.5, median_window=window)
+    estimator = km.HyperDistill(optim.sgd(ETA), gamma, distill_every=every, reference_steps=4,
+                                initial_scale=0.5, scale_fit="median",
+                                median_window=window).start([W0])
+    call = tf.function(lambda w: estimator(PROBLEM, [w], [tf.constant(PHI)], INNER, OUTER))
+    assert float(estimator.scale) == 0.5
+    for t in range(1, steps + 1):
+        result = call(tf.constant(points[t - 1]))
+        np.testing.assert_allclose(result.indirect[0].numpy(), expected[t - 1], rtol=1e-9,
+                                   atol=1e-14)
+    assert int(estimator.state.ratio_count.numpy()) == steps // every
