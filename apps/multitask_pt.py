@@ -5,6 +5,9 @@ Compares, for each seed, three ways to obtain a GIN encoder:
   (b) uniform: multitask supervised PT with every task weighted 1;
   (c) meta:    the same PT with per-task weights meta-learned by MetaPretrainer
                (Raghu et al. 2021: Neumann IFT over PT + K unrolled FT-head steps);
+  (d) meta_online (optional): as meta, with the PT stage of every hyperstep replaced by
+               HyperDistill's online term over the PT run so far (MetaPretrainer(online=...):
+               the PT steps modelled as SGD at --pt_lr, damped by --hyperdistill_gamma);
 then fine-tunes each on the FT task in two ways, full fine-tuning and linear evaluation
 (frozen encoder), and reports test AUROC (mean +- std over seeds) and PT throughput.
 
@@ -67,7 +70,7 @@ from keras_metapt.losses import masked_multitask_bce  # noqa: E402
 from keras_metapt.nets import GIN  # noqa: E402
 
 FLAGS = flags.FLAGS
-ARMS = ("no_pt", "uniform", "oracle", "meta")
+ARMS = ("no_pt", "uniform", "oracle", "meta", "meta_online")
 flags.DEFINE_string("pt_csv", None, "PT molecules: CSV with a SMILES column and 0/1 label columns "
                     "(empty cell = missing label). Default: the embedded RDKit benchmark.")
 flags.DEFINE_string("pt_tfds", None, "PT molecules as a graph TFDS dataset directory (written by "
@@ -128,7 +131,8 @@ flags.DEFINE_list("seeds", ["0"], "Seeds (model initialisation, data order); a s
                   "cores; python -m benchmarks.multitask_graphs runs 5, paired by seed.")
 flags.DEFINE_list("arms", ["no_pt", "uniform", "meta"], "Arms to run, out of " + ", ".join(ARMS)
                   + "; oracle pre-trains on the real tasks only (the permuted controls, known "
-                  "to be useless, weighted 0).")
+                  "to be useless, weighted 0); meta_online is meta with HyperDistill's online "
+                  "term (the --hyperdistill_* flags) in place of the Neumann solve over PT.")
 flags.DEFINE_enum("baseline", "uniform", list(ARMS), "Arm that summary.md/json compare every "
                   "other arm with (mean paired per-seed difference, 95% t interval).")
 flags.DEFINE_bool("xla", False, "Compile training steps with XLA (jit_compile). Keras compiles "
@@ -141,6 +145,10 @@ flags.DEFINE_string("saved_models_dir", "saved_models", "Where SavedModels are e
 flags.DEFINE_string("run_name", "multitask_pt", "Name prefix of the exported SavedModels.")
 flags.DEFINE_bool("resume", True, "Skip runs whose results exist in --output_dir and were made "
                   "with the same settings (others run again).")
+# defaults chosen before any run: a horizon of ~100 PT steps (gamma 0.99), the line's start
+# moved every PT epoch (~100 steps), a 20-step reference every 100 steps (+10% step VJPs)
+runner.define_hyperdistill_flags("meta_online", every_default=100, gamma_default=0.99,
+                                 reference_steps_default=20, anchor_every_default=100)
 runner.define_strategy_flags("pre-training")
 runner.define_dtype_policy_flag()
 flags.adopt_module_key_flags(runner)
@@ -182,6 +190,10 @@ class Config(runner.GridConfig):
     linear_lr: float
     meta_val_batch_size: int
     agreement_batches: int
+    hyperdistill_gamma: float
+    hyperdistill_every: int
+    hyperdistill_reference_steps: int
+    hyperdistill_anchor_every: int
     xla: bool
     dtype_policy: str
     full: bool
@@ -200,10 +212,14 @@ class Config(runner.GridConfig):
               "unroll_steps": "[1, inf)", "neumann_terms": "[0, inf)", "ft_epochs": "[1, inf)",
               "ft_lr": "(0, inf)", "verbose": "[0, 2]", "min_task_rate": "(0, 0.5)",
               "permuted_task_fraction": "[0, 1)", "linear_lr": "(0, inf)",
-              "meta_val_batch_size": "[0, inf)", "agreement_batches": "[0, inf)"}
+              "meta_val_batch_size": "[0, inf)", "agreement_batches": "[0, inf)",
+              **runner.HYPERDISTILL_BOUNDS}
 
     def __post_init__(self):
         super().__post_init__()
+        if "meta_online" in self.arms and self.dtype_policy != "float32":
+            raise app.UsageError(f"--arms=meta_online runs in float32: HyperDistill's online "
+                                 f"term does not take --dtype_policy={self.dtype_policy}")
         if self.agreement_batches == 1:
             raise app.UsageError("--agreement_batches=1: give 0 (skip) or at least 2")
         unknown = [f for f in self.task_families if f not in embedded.TASK_FAMILIES]
@@ -436,9 +452,10 @@ def pretrain_fixed(config, encoder, pt_ds, steps, tasks, strategy, task_weights=
             "pt_epoch_seconds": timer.seconds, "jit_compile": bool(model.jit_compile)}
 
 
-def pretrain_meta(config, encoder, pt_ds, steps, data, ft_train, seed, strategy):
-    """MetaPretrainer with TaskWeights; returns the record fields (throughput, weights, their
-    AUROC for "task is real", per-epoch distribution, hypergradient agreement)."""
+def pretrain_meta(config, encoder, pt_ds, steps, data, ft_train, seed, strategy, arm="meta"):
+    """MetaPretrainer with TaskWeights (arm meta_online: with HyperDistill's online term in
+    place of the Neumann solve); returns the record fields (throughput, weights, their AUROC
+    for "task is real", per-epoch distribution, hypergradient agreement)."""
     tasks = data.tasks
     replicas = strategy.num_replicas_in_sync
     pt_loss, ft_loss = replica_losses(replicas)
@@ -449,12 +466,14 @@ def pretrain_meta(config, encoder, pt_ds, steps, data, ft_train, seed, strategy)
         wrapped = ReplicaBatch(encoder, replicas)
         x, _ = next(iter(per_replica(pt_ds, replicas)))
         wrapped(x if replicas == 1 else tf.nest.map_structure(lambda t: t[:1], x))  # builds
-        # alpha=None: the Neumann step is the PT optimizer's learning rate at each hyperstep
+        if arm == "meta_online":  # PT modelled as SGD at the PT learning rate
+            stage = {"online": runner.hyperdistill_estimator(config, config.pt_lr)}
+        else:  # alpha=None: the Neumann step is the PT optimizer's learning rate at each hyperstep
+            stage = {"solve": km.linalg.neumann(config.neumann_terms)}
         model = km.MetaPretrainer(wrapped, pt_head, ft_head, weights,
                                   pt_loss=pt_loss, ft_loss=ft_loss,
                                   hyperstep_every=config.hyperstep_every,
-                                  unroll_steps=config.unroll_steps,
-                                  solve=km.linalg.neumann(config.neumann_terms))
+                                  unroll_steps=config.unroll_steps, **stage)
         model.compile(keras.optimizers.Adam(config.pt_lr), keras.optimizers.Adam(config.ft_lr),
                       keras.optimizers.Adam(config.hyper_lr),
                       jit_compile=config.xla and replicas == 1)
@@ -462,14 +481,15 @@ def pretrain_meta(config, encoder, pt_ds, steps, data, ft_train, seed, strategy)
     stream = km.meta_dataset(*(per_replica(ds, replicas) for ds in (pt_ds, meta_train, meta_val)),
                              config.unroll_steps)
     steps //= replicas
-    run_dir = runner.run_directory(config, "meta", seed)
+    run_dir = runner.run_directory(config, arm, seed)
     timer = EpochTimer()
     is_real = data.is_real if not data.is_real.all() else None
     history = TaskWeightsHistory(is_real, os.path.join(run_dir, "task_weight_history.json"),
                                  verbose=config.verbose > 0)
     groups = task_groups(tasks, bool(config.pt_csv or config.pt_tfds))
     callbacks = [history, MetaCheckpoint(os.path.join(run_dir, "ckpt")), timer,
-                 TaskWeightsPlot(os.path.join(config.output_dir, f"task_weights_seed{seed}.png"),
+                 TaskWeightsPlot(os.path.join(config.output_dir, f"task_weights_{arm}_seed{seed}.png"
+                                              if arm != "meta" else f"task_weights_seed{seed}.png"),
                                  groups=groups, is_real=is_real)]
     model.fit(stream, epochs=config.pt_epochs, steps_per_epoch=steps, callbacks=callbacks,
               verbose=config.verbose)
@@ -482,6 +502,10 @@ def pretrain_meta(config, encoder, pt_ds, steps, data, ft_train, seed, strategy)
         "task_weights": {t: float(w) for t, w in zip(tasks, learned)},
         "task_weight_history": history.epochs,
         "jit_compile": bool(model.jit_compile),
+        **({"hyperdistill_scale": float(model.online.scale),
+            "hyperdistill_references": int(model.online.state.references.numpy()),
+            "hyperdistill_steps": int(model.online.state.step.numpy())}
+           if model.online is not None else {}),
         "mean_task_weight": {f"{g} {kind}": float(learned[mask].mean())
                              for g in dict.fromkeys(groups)
                              for kind, mask in (("real", (np.array(groups) == g) & data.is_real),
@@ -553,10 +577,10 @@ def run_arm(config, data, strategy, arm, seed, shared):
         weights = data.is_real.astype(np.float32) * len(tasks) / data.is_real.sum()
         record.update(pretrain_fixed(config, encoder, pt_ds, pt_steps, tasks, strategy,
                                      tf.constant(weights)))
-    elif arm == "meta":
+    elif arm in ("meta", "meta_online"):
         ft_train = (shared["ft"]["meta_train"][0], shared["ft"]["meta_val"][0])
         record.update(pretrain_meta(config, encoder, pt_ds, pt_steps, data, ft_train, seed,
-                                    strategy))
+                                    strategy, arm))
     else:
         build_on(encoder, pt_ds)
     weights = encoder.get_weights()
@@ -579,6 +603,9 @@ def main(argv):
         data = load_data(config)
     except (GraphFileError, SplitError) as error:
         sys.exit(f"multitask_pt: {error}")
+    if "meta_online" in config.arms and strategy.num_replicas_in_sync > 1:
+        raise app.UsageError(f"--arms=meta_online runs on one replica, not "
+                             f"{strategy.num_replicas_in_sync} (--strategy={config.strategy})")
     if "oracle" in config.arms and data.is_real.all():
         raise app.UsageError("--arms=oracle needs permuted control tasks "
                              "(--permuted_task_fraction > 0)")

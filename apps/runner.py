@@ -116,7 +116,8 @@ HYPERDISTILL_BOUNDS = {"hyperdistill_gamma": "[0, 1]", "hyperdistill_every": "[0
                        "hyperdistill_anchor_every": "[0, inf)"}
 
 
-def define_hyperdistill_flags(arm, every_default, flag_values=flags.FLAGS, gamma_default=0.99):
+def define_hyperdistill_flags(arm, every_default, flag_values=flags.FLAGS, gamma_default=0.99,
+                              reference_steps_default=100, anchor_every_default=0):
     """Defines the settings of `keras_metapt.HyperDistill` for an app's ``arm`` (its Config
     then has the fields of HYPERDISTILL_BOUNDS); `hyperdistill_estimator` builds it."""
     if "hyperdistill_gamma" in flag_values:
@@ -127,10 +128,10 @@ def define_hyperdistill_flags(arm, every_default, flag_values=flags.FLAGS, gamma
     flags.DEFINE_integer("hyperdistill_every", every_default, f"{arm}: a DrMAD-style reference, "
                          "and a refit of the scale theta, every this many steps (0: never; "
                          "theta stays 1).", flag_values=flag_values)
-    flags.DEFINE_integer("hyperdistill_reference_steps", 100, f"{arm}: horizon cap of a "
+    flags.DEFINE_integer("hyperdistill_reference_steps", reference_steps_default, f"{arm}: horizon cap of a "
                          "reference, in steps (each costs one step VJP).",
                          flag_values=flag_values)
-    flags.DEFINE_integer("hyperdistill_anchor_every", 0, f"{arm}: move the anchor of the "
+    flags.DEFINE_integer("hyperdistill_anchor_every", anchor_every_default, f"{arm}: move the anchor of the "
                          "distilled point's line to the current weights every this many steps "
                          "(0: the line runs from the initial weights, as in the paper).",
                          flag_values=flag_values)

@@ -102,6 +102,26 @@ def test_app_pretrains_on_two_mirrored_devices(tmp_path):
     assert np.all(np.isfinite(weights)) and np.abs(weights - 1.0).max() > 0  # hypersteps moved phi
 
 
+def test_meta_online_arm_runs_hyperdistill_over_every_pt_step(tmp_path):
+    """--arms=meta_online: MetaPretrainer(online=HyperDistill(...)). References: the PT run's
+    step count (96 molecules / 16 = 6 steps per epoch, 2 epochs, the warm-up epoch's steps
+    counted by `advance`), the reference schedule (one at the first hyperstep at or after each
+    multiple of --hyperdistill_every = 4 steps; the hypersteps are PT steps 7, 9 and 11, so
+    references at 7 (for 4) and 9 (for 8); 12 is a regular step), and weights that moved from
+    1."""
+    out = run(tmp_path, "--arms=meta_online", "--baseline=meta_online", "--agreement_batches=0",
+              "--hyperdistill_every=4", "--hyperdistill_reference_steps=2",
+              "--hyperdistill_anchor_every=4")
+    record = json.load(open(tmp_path / "run" / "results" / "meta_online_seed0.json"))
+    assert record["hyperdistill_steps"] == 12
+    assert record["hyperdistill_references"] == 2
+    assert np.isfinite(record["hyperdistill_scale"])
+    weights = np.array(list(record["task_weights"].values()))
+    assert np.all(np.isfinite(weights)) and np.abs(weights - 1.0).max() > 1e-4
+    assert "| meta_online |" in out
+    assert (tmp_path / "run" / "task_weights_meta_online_seed0.png").exists()
+
+
 def test_xla_flag_really_compiles_with_xla(tmp_path):
     """Keras drops jit_compile (with a UserWarning) while op determinism is on; --xla must
     leave op determinism off so that the PT and FT steps compile with XLA. Reference: Keras'
