@@ -1,5 +1,6 @@
 r"""Experiment 1 as a benchmark: no PT, uniform-weight PT, oracle PT (real tasks only) and
-meta-learned task weights.
+meta-learned task weights, with the implicit PT stage (meta: Neumann) and with HyperDistill's
+online term over the PT run (meta_online: the app's --hyperdistill_* defaults).
 
     python -m benchmarks.multitask_graphs               # CPU-sized default, 5 seeds
     python -m benchmarks.multitask_graphs --full        # the app's --full preset (GPU)
@@ -7,8 +8,8 @@ meta-learned task weights.
 Runs apps/multitask_pt.py on the embedded benchmark (RDKit-shipped PT molecules and the FT
 training molecules, with fragment, Morgan-bit and descriptor tasks of which --app_flags'
 --permuted_task_fraction (default 25%) are permuted controls; CHEMBL2321810 FT task, scaffold
-split) for --seeds, arms paired by seed (paired differences with 95% t intervals), and reports
-how well the meta arm's weights find the permuted tasks (AUROC of the weights for "task is
+split) for --seeds, arms paired by seed (paired differences with 95% t intervals, to uniform
+and meta_online - meta), and reports how well each meta arm's weights find the permuted tasks (AUROC of the weights for "task is
 real", mean weight per family, hypergradient agreement across batches). The control tasks are
 chosen once (by the split seed), so the intervals over seeds leave out the choice of control
 set. Then the PT arms once more with and without XLA for throughput (the app's --xla, which
@@ -37,6 +38,7 @@ flags.DEFINE_string("output_dir", os.path.join(os.path.dirname(__file__), "resul
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("full", "linear")  # the app's fine-tuning modes, in its table order
+META_ARMS = ("meta", "meta_online")
 
 
 def run_app(output_dir, *flags_):
@@ -54,16 +56,19 @@ def mean_interval(values):
     return out["mean_difference"], out["ci95"]
 
 
-def meta_diagnostics(records):
-    """Markdown rows on the meta arm's task weights from its per-seed records."""
+def meta_diagnostics(records, arm="meta"):
+    """Markdown rows on a meta arm's task weights from its per-seed records."""
     def cell(values, digits=3):
         mean, ci = mean_interval(values)
         return f"{mean:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
-    lines = ["| meta arm, over seeds | mean [95% t interval] |", "|---|---:|",
+    lines = [f"| {arm} arm, over seeds | mean [95% t interval] |", "|---|---:|",
              f"| AUROC of the learned weights for \"task is real\" | "
              f"{cell([r['task_weight_auroc_real'] for r in records])} |",
              f"| AUROC of \\|weight - 1\\| for \"task is real\" (real tasks moved further) | "
              f"{cell([r['task_weight_moved_auroc_real'] for r in records])} |"]
+    if all("hyperdistill_scale" in r for r in records):
+        lines.append("| HyperDistill's fitted scale theta at the end | "
+                     f"{cell([r['hyperdistill_scale'] for r in records])} |")
     if all("hypergradient_agreement" in r for r in records):
         for key, label in (("mean_cosine", "hypergradient cosine between batches"),
                            ("mean_centred_cosine", "the same, each centred over tasks"),
@@ -79,28 +84,46 @@ def meta_diagnostics(records):
     return "\n".join(lines) + "\n"
 
 
+def online_against_implicit(comparison):
+    """Markdown row: meta_online - meta per fine-tuning mode, paired by seed (95% t interval)."""
+    def cell(mode):
+        seeds = sorted(set(comparison["meta"]["per_seed"]) & set(comparison["meta_online"]["per_seed"]))
+        diff = runner.paired_difference(
+            [comparison["meta_online"]["per_seed"][s][mode] for s in seeds],
+            [comparison["meta"]["per_seed"][s][mode] for s in seeds])
+        ci = diff["ci95"]
+        return f"{diff['mean_difference']:+.4f}" + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
+    return ("| meta_online - meta, paired by seed | full FT test AUROC | linear eval test AUROC |\n"
+            "|---|---:|---:|\n| mean [95% t interval] | " + " | ".join(cell(m) for m in MODES)
+            + " |\n")
+
+
 def main(argv):
     del argv
     base = os.path.join(FLAGS.output_dir, "multitask_graphs")
     comparison = run_app(os.path.join(base, "comparison"), f"--seeds={','.join(FLAGS.seeds)}",
-                         "--arms=no_pt,uniform,oracle,meta")
+                         "--arms=no_pt,uniform,oracle," + ",".join(META_ARMS))
     throughput = {}
     for xla in (True, False):
         summary = run_app(os.path.join(base, f"throughput_{'xla' if xla else 'noxla'}"),
-                          "--seeds=0", "--arms=uniform,meta", "--ft_epochs=1", "--pt_epochs=4",
+                          "--seeds=0", "--arms=uniform," + ",".join(META_ARMS), "--ft_epochs=1",
+                          "--pt_epochs=4",
                           "--xla" if xla else "--noxla")
         throughput["xla" if xla else "no_xla"] = {arm: summary[arm]["pt_examples_per_second"]
-                                                  for arm in ("uniform", "meta")}
+                                                  for arm in ("uniform", *META_ARMS)}
     lines = ["## Multitask graph PT benchmark (embedded RDKit molecules)", "",
              f"`python -m benchmarks.multitask_graphs{' --full' if FLAGS.full else ''}`; seeds "
              f"{','.join(FLAGS.seeds)}; test AUROC on the scaffold-split CHEMBL2321810 test set.", "",
              (runner.summary_table(comparison, MODES, seeds_column=False, rate_column=False)
-              + runner.paired_table(comparison, MODES)).rstrip("\n")]
-    meta_records = [json.load(open(os.path.join(base, "comparison", "results",
-                                                f"meta_seed{seed}.json"))) for seed in FLAGS.seeds]
-    lines += ["", meta_diagnostics(meta_records).rstrip("\n")]
+              + runner.paired_table(comparison, MODES)).rstrip("\n"), "",
+             online_against_implicit(comparison).rstrip("\n")]
+    meta_records = {arm: [json.load(open(os.path.join(base, "comparison", "results",
+                                                      f"{arm}_seed{seed}.json")))
+                          for seed in FLAGS.seeds] for arm in META_ARMS}
+    for arm in META_ARMS:
+        lines += ["", meta_diagnostics(meta_records[arm], arm).rstrip("\n")]
     lines += ["", "| PT throughput (examples/s, CPU) | XLA | no XLA |", "|---|---:|---:|"]
-    for arm in ("uniform", "meta"):
+    for arm in ("uniform", *META_ARMS):
         lines.append(f"| {arm} | {throughput['xla'][arm]:.0f} | {throughput['no_xla'][arm]:.0f} |")
     report = "\n".join(lines) + "\n"
     print("\n" + report)
@@ -108,11 +131,11 @@ def main(argv):
         f.write(report)
     with open(os.path.join(FLAGS.output_dir, "multitask_graphs.json"), "w") as f:
         json.dump({"comparison": comparison, "throughput": throughput, "seeds": FLAGS.seeds,
-                   "meta_weights": [{k: r[k] for k in ("seed", "task_weight_auroc_real",
-                                                      "task_weight_moved_auroc_real",
-                                                      "hypergradient_agreement",
-                                                      "mean_task_weight", "task_weight_history")
-                                     if k in r} for r in meta_records],
+                   "meta_weights": {arm: [{k: r[k] for k in (
+                       "seed", "task_weight_auroc_real", "task_weight_moved_auroc_real",
+                       "hypergradient_agreement", "mean_task_weight", "task_weight_history",
+                       "hyperdistill_scale", "hyperdistill_references") if k in r}
+                       for r in records] for arm, records in meta_records.items()},
                    "full": FLAGS.full}, f, indent=1)
 
 

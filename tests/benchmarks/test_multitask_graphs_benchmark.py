@@ -24,3 +24,17 @@ def test_meta_diagnostics_rows_hold_means_and_t_intervals():
     assert "| final weights 10% / 50% / 90% quantile (mean) | 0.900 / 1.000 / 3.100 |" in table
     assert "| mean weight, morgan permuted tasks | 0.990 [0.990, 0.990] |" in table
     assert "hypergradient cosine between batches | 0.200 [" in table
+
+
+def test_online_against_implicit_is_the_paired_difference_with_a_t_interval():
+    """meta_online - meta per mode, paired by seed; reference: scipy's one-sample t interval
+    of the per-seed differences."""
+    from benchmarks.multitask_graphs import online_against_implicit
+    meta = {"0": {"full": 0.80, "linear": 0.70}, "1": {"full": 0.82, "linear": 0.75},
+            "2": {"full": 0.79, "linear": 0.72}}
+    online = {"0": {"full": 0.81, "linear": 0.69}, "1": {"full": 0.85, "linear": 0.74},
+              "2": {"full": 0.80, "linear": 0.73}}
+    row = online_against_implicit({"meta": {"per_seed": meta}, "meta_online": {"per_seed": online}})
+    diffs = np.array([online[s]["full"] - meta[s]["full"] for s in "012"])
+    low, high = stats.t.interval(0.95, 2, loc=diffs.mean(), scale=stats.sem(diffs))
+    assert f"| {diffs.mean():+.4f} [{low:+.4f}, {high:+.4f}] |" in row
