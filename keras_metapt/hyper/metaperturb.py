@@ -22,6 +22,7 @@ channel, and a C x (2K + 2) product.
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 __all__ = ["MetaPerturb", "metaperturb", "channel_equivariant_conv", "channel_scale"]
@@ -71,6 +72,14 @@ def metaperturb(phi, x, normal_noise, noise_coeff=1.0, channel_norm=64.0, spatia
 
 
 @keras.saving.register_keras_serializable(package="keras_metapt")
+def initial_weight_seed(seed, index):
+    """The initializer seed of phi's weight ``index`` for layer ``seed``: a hash of
+    (seed, index), so no two (seed, index) pairs share a draw (``seed + index`` would give seed
+    k's weight 1 the draw of seed k + 1's weight 0)."""
+    return int(np.random.SeedSequence([0x4D50, int(seed), int(index)]).generate_state(1)[0]
+               & 0x7FFFFFFF)
+
+
 class MetaPerturb(keras.layers.Layer):
     """The weights phi of one shared perturbation function (``statistics_dim`` = K), initialised
     N(0, 0.01^2) as the original. ``hparams()`` gives phi as tensors in the order `metaperturb`
@@ -91,8 +100,8 @@ class MetaPerturb(keras.layers.Layer):
                                        (2 * self.statistics_dim + 2,)]
         self._weights_list = [
             self.add_weight(shape=shape, name=name,
-                            initializer=keras.initializers.RandomNormal(0.0, 0.01,
-                                                                        seed=self.seed + i))
+                            initializer=keras.initializers.RandomNormal(
+                                0.0, 0.01, seed=initial_weight_seed(self.seed, i)))
             for i, (name, shape) in enumerate(zip(PHI_NAMES, shapes))]
         self.built = True
 

@@ -100,6 +100,20 @@ def test_one_phi_serves_maps_of_any_channel_count_and_size():
                                   layer.apply(phi, x, tf.constant([1, 2])).numpy())
 
 
+def test_initial_weights_of_different_seeds_share_no_draw():
+    """Replicates over seeds start from independent draws. Reference: every initial weight
+    tensor of seeds 0-3 compared with every other one of the same shape (none equal)."""
+    layers = [MetaPerturb(seed=s) for s in range(4)]
+    tensors = [(s, i, v.numpy()) for s, layer in enumerate(layers)
+               for i, v in enumerate(layer.weight_variables())]
+    for a, (s1, i1, x) in enumerate(tensors):
+        for s2, i2, y in tensors[a + 1:]:
+            if x.shape == y.shape:
+                assert not np.allclose(x, y), (s1, i1, s2, i2)
+    np.testing.assert_array_equal(MetaPerturb(seed=2).weight_variables()[0].numpy(),
+                                  tensors[2 * 6][2])  # the same seed: the same draw
+
+
 def test_gradients_with_respect_to_phi_match_central_differences():
     rng = np.random.default_rng(4)
     phi = random_phi(rng)
