@@ -26,7 +26,9 @@ Arms, each with the same target split, initial network and batches for a seed:
   softmax over --test_samples noise draws;
 - metaperturb_one_step: the same with the second-order one-step look-ahead hypergradient
   (keras_metapt.Unrolled through one SGD step at --source_lr): the perturbation's effect on the
-  validation loss through the networks' training step.
+  validation loss through the networks' training step;
+- metaperturb_adam_lookahead: the same look-ahead through the step the networks really take,
+  their Adam at its current moments and step count (optim.mirror_keras), not an SGD step.
 
     python apps/metaperturb_transfer.py                     # CPU default, 5 seeds, 5 arms
     python apps/metaperturb_transfer.py --arms=base,metaperturb --seeds=0,1,2
@@ -61,7 +63,8 @@ from keras_metapt.data import images as image_data  # noqa: E402
 from keras_metapt.hyper.metaperturb import channel_scale  # noqa: E402
 
 FLAGS = flags.FLAGS
-ARMS = ("base", "dropout", "finetune", "metaperturb", "metaperturb_one_step")
+ARMS = ("base", "dropout", "finetune", "metaperturb", "metaperturb_one_step",
+        "metaperturb_adam_lookahead")
 SOURCE_TASKS = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (0, 2, 4, 6, 8), (1, 3, 5, 7, 9))
 DATA_TAG, BATCH_TAG = 109, 110
 SOURCE_STREAM, VALIDATION_STREAM, TARGET_STREAM, PRETRAIN_STREAM = 0, 1, 2, 3
@@ -261,16 +264,20 @@ def perturbation_summary(perturb):
     return out
 
 
-def meta_train_perturbation(config, data, seed, directory, one_step):
+def meta_train_perturbation(config, data, seed, directory, look_ahead=None):
+    """look_ahead: None (first order), "sgd" (one SGD step at --source_lr) or "adam" (the
+    networks' Adam step from its current state)."""
     classifiers = [perturb_transfer.ConvClassifier(len(classes), config.source_width,
                                                    seed=1000 * seed + t)
                    for t, classes in enumerate(SOURCE_TASKS)]
     perturb = km.hyper.MetaPerturb(seed=seed)
     estimator = (km.Unrolled(optim.sgd(config.source_lr), num_steps=1)
-                 if one_step else None)
+                 if look_ahead == "sgd" else None)
+    from_optimizer = (lambda twin: km.Unrolled(twin, num_steps=1)) if look_ahead == "adam" else None
     trainer = perturb_transfer.SourceMetaTrainer(
         classifiers, perturb, learning_rate=config.source_lr,
         perturb_learning_rate=config.perturb_lr, estimator=estimator,
+        estimator_from_optimizer=from_optimizer,
         clip_value=config.clip_value, seed=seed, jit_compile=config.xla)
 
     def step_fn(step):
@@ -338,7 +345,9 @@ def run_arm(config, data, arm, seed):
     if arm.startswith("metaperturb"):
         perturb, history = meta_train_perturbation(config, data, seed,
                                                    os.path.join(directory, "source"),
-                                                   one_step=arm == "metaperturb_one_step")
+                                                   look_ahead={"metaperturb_one_step": "sgd",
+                                                               "metaperturb_adam_lookahead": "adam"
+                                                               }.get(arm))
         record.update(source_history=history, source_seconds_per_step=_median_seconds(history),
                       perturbation=history["perturbation"][-1],
                       perturb_weights=[v.numpy().tolist() for v in perturb.weight_variables()])
@@ -386,7 +395,8 @@ def plot(records, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for arm, color in (("metaperturb", "C0"), ("metaperturb_one_step", "C1")):
+    for arm, color in (("metaperturb", "C0"), ("metaperturb_one_step", "C1"),
+                       ("metaperturb_adam_lookahead", "C2")):
         for r in [r for (a, _), r in sorted(records.items()) if a == arm]:
             steps = r["source_history"]["step"]
             for key, style in (("probe_28x28_scale", "-"), ("probe_7x7_scale", "--")):

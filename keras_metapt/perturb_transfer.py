@@ -20,7 +20,11 @@ Meta-training step (`SourceMetaTrainer.train_step`), tasks t = 1..T with their o
   the perturbation on (fresh noise). Cost: 2 gradients per task.
 - any estimator of `keras_metapt.hypergrad` (e.g. ``Unrolled(sgd(lr), 1)``, the second-order
   one-step look-ahead): its hypergradient of the same validation loss through one inner step on
-  the sum of the tasks' training losses, then the Adam step on every theta_t.
+  the sum of the tasks' training losses, then the Adam step on every theta_t;
+- ``estimator_from_optimizer=lambda opt: Unrolled(opt, 1)``: the same through the step the
+  networks really take: ``opt`` is the differentiable twin of their Keras Adam
+  (`optim.mirror_keras`), started from its current moments and step count. Cost as one-step
+  SGD plus Adam's elementwise work.
 Target training (`TargetTrainer`): Adam on the classifier's loss with the frozen perturbation
 (noise coefficient annealed linearly from 0 to 1 over ``anneal_steps``, as the original), with
 dropout at the same sites, or with nothing; test predictions of the perturbed network average
@@ -33,6 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_metapt import optim
 from keras_metapt.fewshot import batch_normalised_conv
 from keras_metapt.hypergrad.problem import BilevelProblem
 from keras_metapt.reweighting import per_example_cross_entropy
@@ -164,13 +169,19 @@ class SourceMetaTrainer:
     """Joint meta-training of ``perturb`` (a `MetaPerturb`) with one classifier per source task
     (module docstring). ``train_step(train_batches, val_batches)`` takes one (images, labels)
     pair per task in each tuple and returns (mean training loss, mean validation loss).
-    ``checkpoint_items()`` names the state to checkpoint."""
+    ``checkpoint_items()`` names the state to checkpoint. ``estimator_from_optimizer``
+    (instead of ``estimator``): a function of an inner optimizer returning the estimator, given
+    at every step the twin of the networks' Adam, with its state as ``opt_state``."""
 
     def __init__(self, classifiers, perturb, *, learning_rate=1e-3, perturb_learning_rate=1e-3,
-                 estimator=None, clip_value=None, seed=0, jit_compile=False):
+                 estimator=None, estimator_from_optimizer=None, clip_value=None, seed=0,
+                 jit_compile=False):
         if not classifiers:
             raise ValueError("give at least one source classifier")
+        if estimator is not None and estimator_from_optimizer is not None:
+            raise ValueError("give estimator or estimator_from_optimizer, not both")
         self.classifiers, self.perturb, self.estimator = list(classifiers), perturb, estimator
+        self.estimator_from_optimizer = estimator_from_optimizer
         self.learning_rate, self.clip_value, self.seed = learning_rate, clip_value, int(seed)
         self.variables = [v for c in self.classifiers for v in c.weight_list]
         self.optimizer = keras.optimizers.Adam(learning_rate)
@@ -235,7 +246,7 @@ class SourceMetaTrainer:
     def _train_step(self, train_batches, val_batches):
         train_seed, val_seed, estimator_seed = _step_seeds(self.seed, self.step, 3)
         phi = self.perturb.hparams()
-        if self.estimator is None:
+        if self.estimator is None and self.estimator_from_optimizer is None:
             loss = self._theta_step(phi, train_batches, train_seed)
             params = [tf.convert_to_tensor(v) for v in self.variables]
             with tf.GradientTape() as tape:
@@ -244,9 +255,14 @@ class SourceMetaTrainer:
             hypergrad = tape.gradient(outer, phi)
         else:
             params = [tf.convert_to_tensor(v) for v in self.variables]
-            result = self.estimator(self.problem(), params, phi,
-                                    tuple(train_batches) + (train_seed,),
-                                    tuple(val_batches) + (val_seed,), seed=estimator_seed)
+            estimator, opt_state = self.estimator, None
+            if estimator is None:  # through the networks' own Adam, from its current state
+                twin, opt_state = optim.mirror_keras(self.optimizer, self.variables)
+                estimator = self.estimator_from_optimizer(twin)
+            result = estimator(self.problem(), params, phi,
+                               tuple(train_batches) + (train_seed,),
+                               tuple(val_batches) + (val_seed,), opt_state=opt_state,
+                               seed=estimator_seed)
             hypergrad, outer = result.hypergrad, result.outer_loss
             loss = self._theta_step(phi, train_batches, train_seed)
         self.perturb_optimizer.apply_gradients(zip(hypergrad, self.perturb.weight_variables()))

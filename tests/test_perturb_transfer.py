@@ -136,6 +136,87 @@ def test_one_step_hypergradient_matches_float64_finite_differences():
                                        (f_up - f_down) / (2 * h), rtol=1e-5, atol=1e-9)
 
 
+def keras_adam_step(param, grad, m, v, count, lr, b1=0.9, b2=0.999, eps=1e-7):
+    """Keras 3's Adam update written out: m, v moved, then
+    param - lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps), t = count + 1."""
+    t = count + 1
+    m = b1 * m + (1 - b1) * grad
+    v = b2 * v + (1 - b2) * grad * grad
+    return param - lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (tf.sqrt(v) + eps)
+
+
+def test_adam_lookahead_hypergradient_matches_float64_finite_differences():
+    """The look-ahead through the networks' own Adam (the twin of `optim.mirror_keras` after
+    two real steps, so the moments are not zero) against float64 central differences of
+    F(phi) = L_val(keras_adam_step(theta, grad L_train(theta, phi)), phi), the step written
+    out above from the Keras optimizer's slots (the twin's eps_root = 1e-8 inside the square
+    root is the only difference: rtol 1e-3)."""
+    trainer, train, val = small_trainer()
+    for _ in range(2):
+        trainer.train_step(train, val)
+    twin, (count, ms, vs) = optim.mirror_keras(trainer.optimizer, trainer.variables)
+    assert int(count) == 2
+    problem = trainer.problem()
+    cast = lambda tree: tf.nest.map_structure(
+        lambda t: tf.cast(t, tf.float64) if t.dtype.is_floating else t, tree)
+    params = cast([tf.convert_to_tensor(v) for v in trainer.variables])
+    ms, vs = cast(ms), cast(vs)
+    phi = [tf.constant(RNG.standard_normal(v.shape) * 0.3) for v in
+           trainer.perturb.weight_variables()]
+    seeds = pt._step_seeds(3, tf.constant(5, tf.int64), 2)
+    inner_batch, outer_batch = cast(train) + (seeds[0],), cast(val) + (seeds[1],)
+    result = km.Unrolled(twin, 1)(problem, params, phi, inner_batch, outer_batch,
+                                  opt_state=(count, ms, vs))
+
+    def objective(values):
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            inner = problem.inner_loss(params, values, inner_batch)
+        stepped = [keras_adam_step(p, g, m, v, 2, 0.01) for p, g, m, v in
+                   zip(params, tape.gradient(inner, params), ms, vs)]
+        return float(problem.outer_loss(stepped, values, outer_batch))
+
+    h = 1e-5
+    for i in (0, 4, 5):
+        flat = phi[i].numpy().reshape(-1)
+        for j in (0, flat.size - 1):
+            up, down = flat.copy(), flat.copy()
+            up[j] += h
+            down[j] -= h
+            shape = phi[i].shape
+            f_up = objective(phi[:i] + [tf.constant(up.reshape(shape))] + phi[i + 1:])
+            f_down = objective(phi[:i] + [tf.constant(down.reshape(shape))] + phi[i + 1:])
+            np.testing.assert_allclose(result.hypergrad[i].numpy().reshape(-1)[j],
+                                       (f_up - f_down) / (2 * h), rtol=1e-3, atol=1e-8)
+
+
+def test_trainer_with_estimator_from_optimizer_steps_phi_by_the_adam_lookahead():
+    """estimator_from_optimizer: phi moves by -rate x the hypergradient of
+    Unrolled(twin, 1) at the pre-step state (reference: that call made here, with the twin
+    and state of `optim.mirror_keras` read before the step), and the networks then take their
+    Adam step."""
+    trainer, train, val = small_trainer(perturb_lr=0.5, sgd_phi=True)
+    trainer.train_step(train, val)  # moments not zero
+    trainer.estimator_from_optimizer = lambda opt: km.Unrolled(opt, 1)
+    trainer.train_step = tf.function(trainer._train_step)  # retrace with the new setting
+    phi0 = [v.numpy() for v in trainer.perturb.weight_variables()]
+    twin, state = optim.mirror_keras(trainer.optimizer, trainer.variables)
+    seeds = pt._step_seeds(3, tf.constant(1, tf.int64), 3)
+    want = km.Unrolled(twin, 1)(
+        trainer.problem(), [tf.convert_to_tensor(v) for v in trainer.variables],
+        trainer.perturb.hparams(), tuple(train) + (seeds[0],), tuple(val) + (seeds[1],),
+        opt_state=state, seed=seeds[2]).hypergrad
+    iterations = int(trainer.optimizer.iterations.numpy())
+    trainer.train_step(train, val)
+    for got, p, g in zip(trainer.perturb.weight_variables(), phi0, want):
+        np.testing.assert_allclose(got.numpy(), p - 0.5 * g.numpy(), rtol=1e-4, atol=1e-7)
+    assert int(trainer.optimizer.iterations.numpy()) == iterations + 1
+    with pytest.raises(ValueError, match="not both"):
+        pt.SourceMetaTrainer(trainer.classifiers, trainer.perturb,
+                             estimator=km.Unrolled(optim.sgd(0.01), 1),
+                             estimator_from_optimizer=lambda opt: km.Unrolled(opt, 1))
+
+
 def test_one_step_trainer_runs_and_moves_phi():
     trainer, train, val = small_trainer(estimator=km.Unrolled(optim.sgd(0.01), 1),
                                         perturb_lr=0.01)

@@ -19,7 +19,8 @@ import pytest
 from tests.data.test_images import write_fashion_like
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ARMS = ("base", "dropout", "finetune", "metaperturb", "metaperturb_one_step")
+ARMS = ("base", "dropout", "finetune", "metaperturb", "metaperturb_one_step",
+        "metaperturb_adam_lookahead")
 TINY = {"source_steps": 4, "target_steps": 4, "checkpoint_every": 2, "source_train_per_task": 8,
         "source_val_per_task": 4, "source_width": 2, "source_batch": 4, "target_width": 2,
         "target_batch": 10, "target_train_per_class": 2, "test_samples": 2, "eval_batch": 700}
@@ -77,7 +78,7 @@ def test_app_end_to_end_and_reuse(tmp_path, images):
                                          "probe_7x7_scale", "probe_7x7_gain"}
     assert os.path.getsize(out / "metaperturb_transfer.png") > 0
     assert "digits test accuracy" in open(out / "summary.md").read()
-    # every arm on seed 0: the two finished results are reused, the other three run
+    # every arm on seed 0: the two finished results are reused, the other four run
     again = run_app(out, images, ARMS, (0,), "--noplot")
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done earlier") + again.stderr.count("done earlier") == 2
