@@ -103,6 +103,22 @@ def test_first_order_step_updates_each_task_by_adam_and_phi_by_the_validation_gr
         np.testing.assert_allclose(got.numpy(), p - 0.5 * g.numpy(), rtol=1e-4, atol=1e-7)
 
 
+def assert_central_differences(hypergrad, phi, objective, tensors, rtol, atol, h=1e-5):
+    """hypergrad[i] at the first and last entry of each phi[i], i in ``tensors``, against
+    (objective(phi + h e) - objective(phi - h e)) / 2h."""
+    for i in tensors:
+        flat = phi[i].numpy().reshape(-1)
+        for j in (0, flat.size - 1):
+            up, down = flat.copy(), flat.copy()
+            up[j] += h
+            down[j] -= h
+            shape = phi[i].shape
+            f_up = objective(phi[:i] + [tf.constant(up.reshape(shape))] + phi[i + 1:])
+            f_down = objective(phi[:i] + [tf.constant(down.reshape(shape))] + phi[i + 1:])
+            np.testing.assert_allclose(hypergrad[i].numpy().reshape(-1)[j],
+                                       (f_up - f_down) / (2 * h), rtol=rtol, atol=atol)
+
+
 def test_one_step_hypergradient_matches_float64_finite_differences():
     trainer, train, val = small_trainer(estimator=km.Unrolled(optim.sgd(0.01), 1))
     problem = trainer.problem()
@@ -122,18 +138,8 @@ def test_one_step_hypergradient_matches_float64_finite_differences():
         stepped = [p - 0.01 * g for p, g in zip(params, tape.gradient(inner, params))]
         return float(problem.outer_loss(stepped, values, outer_batch))
 
-    h = 1e-5
-    for i in (0, 3, 4, 5):
-        flat = phi[i].numpy().reshape(-1)
-        for j in (0, flat.size - 1):
-            up, down = flat.copy(), flat.copy()
-            up[j] += h
-            down[j] -= h
-            shape = phi[i].shape
-            f_up = objective(phi[:i] + [tf.constant(up.reshape(shape))] + phi[i + 1:])
-            f_down = objective(phi[:i] + [tf.constant(down.reshape(shape))] + phi[i + 1:])
-            np.testing.assert_allclose(result.hypergrad[i].numpy().reshape(-1)[j],
-                                       (f_up - f_down) / (2 * h), rtol=1e-5, atol=1e-9)
+    assert_central_differences(result.hypergrad, phi, objective, (0, 3, 4, 5), rtol=1e-5,
+                               atol=1e-9)
 
 
 def keras_adam_step(param, grad, m, v, count, lr, b1=0.9, b2=0.999, eps=1e-7):
@@ -176,18 +182,8 @@ def test_adam_lookahead_hypergradient_matches_float64_finite_differences():
                    zip(params, tape.gradient(inner, params), ms, vs)]
         return float(problem.outer_loss(stepped, values, outer_batch))
 
-    h = 1e-5
-    for i in (0, 4, 5):
-        flat = phi[i].numpy().reshape(-1)
-        for j in (0, flat.size - 1):
-            up, down = flat.copy(), flat.copy()
-            up[j] += h
-            down[j] -= h
-            shape = phi[i].shape
-            f_up = objective(phi[:i] + [tf.constant(up.reshape(shape))] + phi[i + 1:])
-            f_down = objective(phi[:i] + [tf.constant(down.reshape(shape))] + phi[i + 1:])
-            np.testing.assert_allclose(result.hypergrad[i].numpy().reshape(-1)[j],
-                                       (f_up - f_down) / (2 * h), rtol=1e-3, atol=1e-8)
+    assert_central_differences(result.hypergrad, phi, objective, (0, 4, 5), rtol=1e-3,
+                               atol=1e-8)
 
 
 def test_trainer_with_estimator_from_optimizer_steps_phi_by_the_adam_lookahead():
