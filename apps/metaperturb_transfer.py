@@ -30,7 +30,7 @@ Arms, each with the same target split, initial network and batches for a seed:
 - metaperturb_adam_lookahead: the same look-ahead through the step the networks really take,
   their Adam at its current moments and step count (optim.mirror_keras), not an SGD step.
 
-    python apps/metaperturb_transfer.py                     # CPU default, 5 seeds, 5 arms
+    python apps/metaperturb_transfer.py                     # CPU default, 5 seeds, 6 arms
     python apps/metaperturb_transfer.py --arms=base,metaperturb --seeds=0,1,2
 
 Writes <output_dir>/summary.md (per arm: test accuracy mean +- std over seeds; paired

@@ -145,8 +145,9 @@ flags.DEFINE_string("saved_models_dir", "saved_models", "Where SavedModels are e
 flags.DEFINE_string("run_name", "multitask_pt", "Name prefix of the exported SavedModels.")
 flags.DEFINE_bool("resume", True, "Skip runs whose results exist in --output_dir and were made "
                   "with the same settings (others run again).")
-# defaults chosen before any run: a horizon of ~100 PT steps (gamma 0.99), the line's start
-# moved every PT epoch (~100 steps), a 20-step reference every 100 steps (+10% step VJPs)
+# defaults chosen before any run: damping gamma 0.99 (a horizon of ~100 PT steps; the scale
+# is fitted to 20-step references), the line's start moved about every PT epoch (100 steps),
+# a 20-step reference every 100 PT steps (20 step VJPs on top of the ~50 of the hypersteps)
 runner.define_hyperdistill_flags("meta_online", every_default=100, gamma_default=0.99,
                                  reference_steps_default=20, anchor_every_default=100)
 runner.define_strategy_flags("pre-training")
@@ -483,13 +484,14 @@ def pretrain_meta(config, encoder, pt_ds, steps, data, ft_train, seed, strategy,
     steps //= replicas
     run_dir = runner.run_directory(config, arm, seed)
     timer = EpochTimer()
+    plot_name = (f"task_weights_seed{seed}.png" if arm == "meta"
+                 else f"task_weights_{arm}_seed{seed}.png")
     is_real = data.is_real if not data.is_real.all() else None
     history = TaskWeightsHistory(is_real, os.path.join(run_dir, "task_weight_history.json"),
                                  verbose=config.verbose > 0)
     groups = task_groups(tasks, bool(config.pt_csv or config.pt_tfds))
     callbacks = [history, MetaCheckpoint(os.path.join(run_dir, "ckpt")), timer,
-                 TaskWeightsPlot(os.path.join(config.output_dir, f"task_weights_{arm}_seed{seed}.png"
-                                              if arm != "meta" else f"task_weights_seed{seed}.png"),
+                 TaskWeightsPlot(os.path.join(config.output_dir, plot_name),
                                  groups=groups, is_real=is_real)]
     model.fit(stream, epochs=config.pt_epochs, steps_per_epoch=steps, callbacks=callbacks,
               verbose=config.verbose)
@@ -596,6 +598,9 @@ def run_arm(config, data, strategy, arm, seed, shared):
 def main(argv):
     del argv
     config, strategy = runner.setup(Config)
+    if "meta_online" in config.arms and strategy.num_replicas_in_sync > 1:
+        raise app.UsageError(f"--arms=meta_online runs on one replica, not "
+                             f"{strategy.num_replicas_in_sync} (--strategy={config.strategy})")
     if strategy.num_replicas_in_sync > 1:
         print(f"Pre-training on {strategy.num_replicas_in_sync} replicas ({config.strategy}); "
               f"global batch {strategy.num_replicas_in_sync} x {config.batch_size} graphs")
@@ -603,9 +608,6 @@ def main(argv):
         data = load_data(config)
     except (GraphFileError, SplitError) as error:
         sys.exit(f"multitask_pt: {error}")
-    if "meta_online" in config.arms and strategy.num_replicas_in_sync > 1:
-        raise app.UsageError(f"--arms=meta_online runs on one replica, not "
-                             f"{strategy.num_replicas_in_sync} (--strategy={config.strategy})")
     if "oracle" in config.arms and data.is_real.all():
         raise app.UsageError("--arms=oracle needs permuted control tasks "
                              "(--permuted_task_fraction > 0)")

@@ -128,13 +128,13 @@ def define_hyperdistill_flags(arm, every_default, flag_values=flags.FLAGS, gamma
     flags.DEFINE_integer("hyperdistill_every", every_default, f"{arm}: a DrMAD-style reference, "
                          "and a refit of the scale theta, every this many steps (0: never; "
                          "theta stays 1).", flag_values=flag_values)
-    flags.DEFINE_integer("hyperdistill_reference_steps", reference_steps_default, f"{arm}: horizon cap of a "
-                         "reference, in steps (each costs one step VJP).",
-                         flag_values=flag_values)
-    flags.DEFINE_integer("hyperdistill_anchor_every", anchor_every_default, f"{arm}: move the anchor of the "
-                         "distilled point's line to the current weights every this many steps "
-                         "(0: the line runs from the initial weights, as in the paper).",
-                         flag_values=flag_values)
+    flags.DEFINE_integer("hyperdistill_reference_steps", reference_steps_default,
+                         f"{arm}: horizon cap of a reference, in steps (each costs one step "
+                         "VJP).", flag_values=flag_values)
+    flags.DEFINE_integer("hyperdistill_anchor_every", anchor_every_default,
+                         f"{arm}: move the anchor of the distilled point's line to the current "
+                         "weights every this many steps (0: the line runs from the initial "
+                         "weights, as in the paper).", flag_values=flag_values)
 
 
 def hyperdistill_estimator(config, learning_rate, reduce=None):

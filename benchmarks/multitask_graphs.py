@@ -9,8 +9,9 @@ Runs apps/multitask_pt.py on the embedded benchmark (RDKit-shipped PT molecules 
 training molecules, with fragment, Morgan-bit and descriptor tasks of which --app_flags'
 --permuted_task_fraction (default 25%) are permuted controls; CHEMBL2321810 FT task, scaffold
 split) for --seeds, arms paired by seed (paired differences with 95% t intervals, to uniform
-and meta_online - meta), and reports how well each meta arm's weights find the permuted tasks (AUROC of the weights for "task is
-real", mean weight per family, hypergradient agreement across batches). The control tasks are
+and meta_online - meta), and reports how well each meta arm's weights find the permuted tasks
+(AUROC of the weights for "task is real", mean weight per family, hypergradient agreement
+across batches). The control tasks are
 chosen once (by the split seed), so the intervals over seeds leave out the choice of control
 set. Then the PT arms once more with and without XLA for throughput (the app's --xla, which
 leaves op determinism off; 4 PT epochs; examples/s over the epochs that compile nothing: after
@@ -87,7 +88,8 @@ def meta_diagnostics(records, arm="meta"):
 def online_against_implicit(comparison):
     """Markdown row: meta_online - meta per fine-tuning mode, paired by seed (95% t interval)."""
     def cell(mode):
-        seeds = sorted(set(comparison["meta"]["per_seed"]) & set(comparison["meta_online"]["per_seed"]))
+        seeds = sorted(set(comparison["meta"]["per_seed"])
+                       & set(comparison["meta_online"]["per_seed"]))
         diff = runner.paired_difference(
             [comparison["meta_online"]["per_seed"][s][mode] for s in seeds],
             [comparison["meta"]["per_seed"][s][mode] for s in seeds])

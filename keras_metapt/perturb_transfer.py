@@ -215,9 +215,11 @@ class SourceMetaTrainer:
             losses.append(classifier.loss(theta, *batches[t], regularise))
         return tf.add_n(losses) / len(losses)
 
-    def problem(self):
+    def problem(self, learning_rate=True):
         """Inner: the sum over tasks of the perturbed training losses (each batch tuple carries
-        its noise seed last); outer: the mean perturbed validation loss."""
+        its noise seed last); outer: the mean perturbed validation loss. ``learning_rate``:
+        the inner step's rate is the trainer's (False: the inner optimizer's own, as for the
+        twin of the networks' Adam, which reads the Keras optimizer's current rate)."""
         tasks = len(self.classifiers)
 
         def inner_loss(params, phi, batch):
@@ -226,6 +228,8 @@ class SourceMetaTrainer:
         def outer_loss(params, phi, batch):
             return self._mean_loss(params, phi, batch[:-1], batch[-1])
 
+        if not learning_rate:
+            return BilevelProblem(inner_loss, outer_loss)
         rate = self.learning_rate
         return BilevelProblem(inner_loss, outer_loss,
                               inner_optimizer_hparams=lambda h, s, n: {"learning_rate": rate},
@@ -259,7 +263,7 @@ class SourceMetaTrainer:
             if estimator is None:  # through the networks' own Adam, from its current state
                 twin, opt_state = optim.mirror_keras(self.optimizer, self.variables)
                 estimator = self.estimator_from_optimizer(twin)
-            result = estimator(self.problem(), params, phi,
+            result = estimator(self.problem(learning_rate=opt_state is None), params, phi,
                                tuple(train_batches) + (train_seed,),
                                tuple(val_batches) + (val_seed,), opt_state=opt_state,
                                seed=estimator_seed)

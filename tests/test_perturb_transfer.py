@@ -155,8 +155,9 @@ def test_adam_lookahead_hypergradient_matches_float64_finite_differences():
     """The look-ahead through the networks' own Adam (the twin of `optim.mirror_keras` after
     two real steps, so the moments are not zero) against float64 central differences of
     F(phi) = L_val(keras_adam_step(theta, grad L_train(theta, phi)), phi), the step written
-    out above from the Keras optimizer's slots (the twin's eps_root = 1e-8 inside the square
-    root is the only difference: rtol 1e-3)."""
+    out above from the Keras optimizer's slots (the twin differs by O(epsilon): its
+    eps_root = 1e-8 inside the square root, and Keras' epsilon sits outside the bias
+    correction: rtol 1e-3)."""
     trainer, train, val = small_trainer()
     for _ in range(2):
         trainer.train_step(train, val)
@@ -182,15 +183,17 @@ def test_adam_lookahead_hypergradient_matches_float64_finite_differences():
                    zip(params, tape.gradient(inner, params), ms, vs)]
         return float(problem.outer_loss(stepped, values, outer_batch))
 
-    assert_central_differences(result.hypergrad, phi, objective, (0, 4, 5), rtol=1e-3,
+    assert_central_differences(result.hypergrad, phi, objective, (0, 3, 4, 5), rtol=1e-3,
                                atol=1e-8)
 
 
 def test_trainer_with_estimator_from_optimizer_steps_phi_by_the_adam_lookahead():
-    """estimator_from_optimizer: phi moves by -rate x the hypergradient of
+    """estimator_from_optimizer, a wiring check: phi moves by -rate x the hypergradient of
     Unrolled(twin, 1) at the pre-step state (reference: that call made here, with the twin
-    and state of `optim.mirror_keras` read before the step), and the networks then take their
-    Adam step."""
+    and state of `optim.mirror_keras` read before the step; the hypergradient itself is
+    checked against finite differences above), and the networks then take their Adam step
+    (reference: `keras_adam_step` written out from the pre-step moments, on each task's own
+    gradient at the pre-step phi)."""
     trainer, train, val = small_trainer(perturb_lr=0.5, sgd_phi=True)
     trainer.train_step(train, val)  # moments not zero
     trainer.estimator_from_optimizer = lambda opt: km.Unrolled(opt, 1)
@@ -203,7 +206,17 @@ def test_trainer_with_estimator_from_optimizer_steps_phi_by_the_adam_lookahead()
         trainer.perturb.hparams(), tuple(train) + (seeds[0],), tuple(val) + (seeds[1],),
         opt_state=state, seed=seeds[2]).hypergrad
     iterations = int(trainer.optimizer.iterations.numpy())
+    theta0 = [tf.convert_to_tensor(v) for v in trainer.variables]
+    _, (_, ms, vs) = optim.mirror_keras(trainer.optimizer, trainer.variables)
+    phi_t = [tf.constant(p) for p in phi0]
+    with tf.GradientTape() as tape:
+        tape.watch(theta0)
+        loss = trainer._mean_loss(theta0, phi_t, train, seeds[0])
+    theta_want = [keras_adam_step(t, 2 * g, m, v, iterations, 0.01) for t, g, m, v in
+                  zip(theta0, tape.gradient(loss, theta0), ms, vs)]
     trainer.train_step(train, val)
+    for got, expected in zip(trainer.variables, theta_want):
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
     for got, p, g in zip(trainer.perturb.weight_variables(), phi0, want):
         np.testing.assert_allclose(got.numpy(), p - 0.5 * g.numpy(), rtol=1e-4, atol=1e-7)
     assert int(trainer.optimizer.iterations.numpy()) == iterations + 1

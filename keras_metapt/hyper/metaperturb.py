@@ -71,7 +71,6 @@ def metaperturb(phi, x, normal_noise, noise_coeff=1.0, channel_norm=64.0, spatia
     return y if clip_value is None else tf.minimum(y, clip_value)
 
 
-@keras.saving.register_keras_serializable(package="keras_metapt")
 def initial_weight_seed(seed, index):
     """The initializer seed of phi's weight ``index`` for layer ``seed``: a hash of
     (seed, index), so no two (seed, index) pairs share a draw (``seed + index`` would give seed
@@ -80,6 +79,7 @@ def initial_weight_seed(seed, index):
                & 0x7FFFFFFF)
 
 
+@keras.saving.register_keras_serializable(package="keras_metapt")
 class MetaPerturb(keras.layers.Layer):
     """The weights phi of one shared perturbation function (``statistics_dim`` = K), initialised
     N(0, 0.01^2) as the original. ``hparams()`` gives phi as tensors in the order `metaperturb`

@@ -122,6 +122,18 @@ def test_meta_online_arm_runs_hyperdistill_over_every_pt_step(tmp_path):
     assert (tmp_path / "run" / "task_weights_meta_online_seed0.png").exists()
 
 
+def test_meta_online_on_several_replicas_stops_before_any_work(tmp_path):
+    """HyperDistill runs on one replica: --arms=meta_online with 2 mirrored devices is a usage
+    error naming the arm and the strategy, raised before the molecules are loaded."""
+    cmd = [sys.executable, "-m", "tests.two_cpus", os.path.join(ROOT, "apps", "multitask_pt.py"),
+           f"--output_dir={tmp_path / 'run'}", f"--saved_models_dir={tmp_path / 'models'}", *TINY,
+           "--arms=meta_online", "--strategy=mirrored", "--devices=/cpu:0,/cpu:1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 1
+    assert "--arms=meta_online runs on one replica, not 2 (--strategy=mirrored)" in proc.stderr
+    assert "PT: " not in proc.stdout and not (tmp_path / "run" / "results").exists()
+
+
 def test_xla_flag_really_compiles_with_xla(tmp_path):
     """Keras drops jit_compile (with a UserWarning) while op determinism is on; --xla must
     leave op determinism off so that the PT and FT steps compile with XLA. Reference: Keras'

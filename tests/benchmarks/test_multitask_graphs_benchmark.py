@@ -35,6 +35,9 @@ def test_online_against_implicit_is_the_paired_difference_with_a_t_interval():
     online = {"0": {"full": 0.81, "linear": 0.69}, "1": {"full": 0.85, "linear": 0.74},
               "2": {"full": 0.80, "linear": 0.73}}
     row = online_against_implicit({"meta": {"per_seed": meta}, "meta_online": {"per_seed": online}})
-    diffs = np.array([online[s]["full"] - meta[s]["full"] for s in "012"])
-    low, high = stats.t.interval(0.95, 2, loc=diffs.mean(), scale=stats.sem(diffs))
-    assert f"| {diffs.mean():+.4f} [{low:+.4f}, {high:+.4f}] |" in row
+    cells = []
+    for mode in ("full", "linear"):
+        diffs = np.array([online[s][mode] - meta[s][mode] for s in "012"])
+        low, high = stats.t.interval(0.95, 2, loc=diffs.mean(), scale=stats.sem(diffs))
+        cells.append(f"{diffs.mean():+.4f} [{low:+.4f}, {high:+.4f}]")
+    assert row.splitlines()[-1] == f"| mean [95% t interval] | {cells[0]} | {cells[1]} |"

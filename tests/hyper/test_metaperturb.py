@@ -100,6 +100,15 @@ def test_one_phi_serves_maps_of_any_channel_count_and_size():
                                   layer.apply(phi, x, tf.constant([1, 2])).numpy())
 
 
+def test_layer_is_registered_for_keras_saving():
+    """Reference: Keras' registry by the registered name, and a config round trip."""
+    import keras
+    assert keras.saving.get_registered_object("keras_metapt>MetaPerturb") is MetaPerturb
+    layer = MetaPerturb(statistics_dim=3, seed=4)
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert type(again) is MetaPerturb and again.statistics_dim == 3 and again.seed == 4
+
+
 def test_initial_weights_of_different_seeds_share_no_draw():
     """Replicates over seeds start from independent draws. Reference: every initial weight
     tensor of seeds 0-3 compared with every other one of the same shape (none equal)."""
