@@ -65,6 +65,8 @@ from keras_metapt.hyper.metaperturb import channel_scale  # noqa: E402
 FLAGS = flags.FLAGS
 ARMS = ("base", "dropout", "finetune", "metaperturb", "metaperturb_one_step",
         "metaperturb_adam_lookahead")
+# the look-ahead of each MetaPerturb arm's hypergradient (the others: first order)
+LOOK_AHEADS = {"metaperturb_one_step": "sgd", "metaperturb_adam_lookahead": "adam"}
 SOURCE_TASKS = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (0, 2, 4, 6, 8), (1, 3, 5, 7, 9))
 DATA_TAG, BATCH_TAG = 109, 110
 SOURCE_STREAM, VALIDATION_STREAM, TARGET_STREAM, PRETRAIN_STREAM = 0, 1, 2, 3
@@ -273,7 +275,8 @@ def meta_train_perturbation(config, data, seed, directory, look_ahead=None):
     perturb = km.hyper.MetaPerturb(seed=seed)
     estimator = (km.Unrolled(optim.sgd(config.source_lr), num_steps=1)
                  if look_ahead == "sgd" else None)
-    from_optimizer = (lambda twin: km.Unrolled(twin, num_steps=1)) if look_ahead == "adam" else None
+    from_optimizer = ((lambda twin: km.Unrolled(twin, num_steps=1)) if look_ahead == "adam"
+                      else None)
     trainer = perturb_transfer.SourceMetaTrainer(
         classifiers, perturb, learning_rate=config.source_lr,
         perturb_learning_rate=config.perturb_lr, estimator=estimator,
@@ -345,9 +348,7 @@ def run_arm(config, data, arm, seed):
     if arm.startswith("metaperturb"):
         perturb, history = meta_train_perturbation(config, data, seed,
                                                    os.path.join(directory, "source"),
-                                                   look_ahead={"metaperturb_one_step": "sgd",
-                                                               "metaperturb_adam_lookahead": "adam"
-                                                               }.get(arm))
+                                                   look_ahead=LOOK_AHEADS.get(arm))
         record.update(source_history=history, source_seconds_per_step=_median_seconds(history),
                       perturbation=history["perturbation"][-1],
                       perturb_weights=[v.numpy().tolist() for v in perturb.weight_variables()])

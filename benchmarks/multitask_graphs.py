@@ -87,9 +87,10 @@ def meta_diagnostics(records, arm="meta"):
 
 def online_against_implicit(comparison):
     """Markdown row: meta_online - meta per fine-tuning mode, paired by seed (95% t interval)."""
+    seeds = sorted(set(comparison["meta"]["per_seed"])
+                   & set(comparison["meta_online"]["per_seed"]))
+
     def cell(mode):
-        seeds = sorted(set(comparison["meta"]["per_seed"])
-                       & set(comparison["meta_online"]["per_seed"]))
         diff = runner.paired_difference(
             [comparison["meta_online"]["per_seed"][s][mode] for s in seeds],
             [comparison["meta"]["per_seed"][s][mode] for s in seeds])
