@@ -25,8 +25,9 @@ Exactness. w and v are int64 fixed-point numbers (value * 2^radix_bits): adding 
 (d = 2^momentum_bits) destroys log2(d/n) bits per weight, which an information buffer keeps:
 a mixed-radix integer per weight into which v mod d is pushed (base d) before a digit is popped
 (base n) into v // d * n, so that dividing by gamma is exact as well. Before the buffer's live
-int64 word could overflow, its low 32 bits move to a stack of uint32 words ("spilled", the step
-recorded) and the live word keeps the rest, so the stack is packed full. Consequences: gamma is used as floor(gamma d) / d, and its
+int64 word could overflow, its low 32 bits move to a stack of 32-bit words (two to an entry of
+the size of an int64 array; the steps of the spills recorded) and the live word keeps the rest,
+so the stack is packed full. Consequences: gamma is used as floor(gamma d) / d, and its
 hypergradient is taken at that value; w is rounded to 2^-radix_bits per step and gamma v to
 n 2^-radix_bits (the popped digit stands in for v mod d times n/d: an error below
 2^(momentum_bits - radix_bits) per step, about 2e-10 at the defaults 48 and 16); |w|, |v| and
@@ -38,7 +39,9 @@ CPU kernels do; on GPU call `tf.config.experimental.enable_op_determinism()`), w
 Cost: T gradients forward; backward T gradients inside one VJP each (about 3-4 gradients per
 step). Memory: O(P) (w, v in int64 and float, dw, dv, one step's intermediates) plus the
 buffer: 8 bytes per weight (the live word) + sum_t log2(1/gamma_t) bits per weight in 32-bit
-words; not O(T P) as `Unrolled`.
+words (rounded up to an even count); not O(T P) as `Unrolled`. The integer reversal and the
+adjoint step of each backward step run one after the other (control dependencies), so that the
+peak over the T steps does not grow with T.
 """
 
 import math
@@ -70,7 +73,8 @@ class ReversalCheck(NamedTuple):
     buffer_bits: information held in the buffer at the end, sum over weights of
       log2(1 + the weight's buffer as one integer) = 32 * spills + log2(1 + live word).
     expected_bits: the bits that momentum decay destroyed, P * sum_t log2(d / n_t).
-    buffer_bytes: bytes the buffer held at the end per weight: 8 (the live word) + 4 * spills.
+    buffer_bytes: bytes the buffer held at the end per weight: 8 (the live word) + 8 per two
+      spills (an odd count leaves the last 8-byte entry half full).
     spills: how many 32-bit words per weight moved to the stack.
     """
 
@@ -89,9 +93,9 @@ class _Trajectory(NamedTuple):
     w: list          # int64 fixed point, one per params leaf
     v: list          # int64 fixed point
     live: list       # int64, the buffer's live word per weight
-    stack: list      # TensorArray of spilled uint32 words, one per leaf
-    spilled: tf.Tensor   # int32, words on the stack
-    flags: tf.TensorArray  # bool per step: spilled before this step
+    stack: list      # per leaf, a TensorArray of [2, *shape] uint32: two spilled words each
+    spilled: tf.Tensor   # int32, 32-bit words per weight on the stack
+    spill_steps: tf.TensorArray  # int32: entry 0 is -1, entry k the step of the k-th spill
     buffer_bits: tf.Tensor
     expected_bits: tf.Tensor
 
@@ -153,8 +157,8 @@ class Reversible(_p.Estimator):
     def _to_int(self, x):
         y = tf.round(tf.cast(x, tf.float64) * self._scale)
         limit = 2.0 ** 62
-        tf.debugging.assert_less(
-            tf.reduce_max(tf.abs(y)), tf.constant(limit, tf.float64),
+        tf.debugging.assert_less(  # max |y| without a full-size |y| temporary
+            tf.maximum(tf.reduce_max(y), -tf.reduce_min(y)), tf.constant(limit, tf.float64),
             message=(f"Reversible: a weight, velocity or step reached 2^{62 - self.radix_bits} "
                      f"in magnitude, beyond the int64 fixed point at radix_bits="
                      f"{self.radix_bits}; lower radix_bits or the learning rate"))
@@ -221,23 +225,28 @@ class Reversible(_p.Estimator):
         w = [self._to_int(x) for x in w0]
         v = [self._to_int(x) for x in v0]
         live = [tf.zeros_like(x) for x in w]
-        stack = [tf.TensorArray(tf.uint32, size=0, dynamic_size=True, clear_after_read=True,
-                                element_shape=x.shape) for x in w]
-        flags = tf.TensorArray(tf.bool, size=T)
+        num_weights = sum(x.shape.num_elements() for x in w)
+        # Spilled words are kept two to an entry (an entry per leaf is [2, *shape] uint32, the
+        # size of the int64 arrays around it, which the allocator reuses without padding), and
+        # the steps of the spills rather than a flag per step: nothing grows with T by itself.
+        stack = [tf.TensorArray(tf.uint32, size=0, dynamic_size=True, clear_after_read=False,
+                                element_shape=[2] + x.shape.as_list()) for x in w]
+        spill_steps = tf.TensorArray(tf.int32, size=1, dynamic_size=True, element_shape=[],
+                                     clear_after_read=False).write(0, -1)
         zero = tf.constant(0.0, tf.float64)
         log2_d = float(self.momentum_bits)
-        num_weights = float(sum(x.shape.num_elements() for x in w))
 
-        def body(t, w, v, live, stack, spilled, flags, expected_bits):
+        def body(t, w, v, live, stack, spilled, spill_steps, expected_bits):
             spill = tf.reduce_any(tf.stack([tf.reduce_any(a >= self._live_limit) for a in live]))
-            flags = flags.write(t, spill)
 
             def move():
-                return ([ta.write(spilled, tf.cast(tf.math.floormod(a, _WORD), tf.uint32))
-                         for ta, a in zip(stack, live)],
-                        [tf.math.floordiv(a, _WORD) for a in live], spilled + 1)
+                return ([self._push_word(ta, tf.cast(tf.math.floormod(a, _WORD), tf.uint32),
+                                         spilled) for ta, a in zip(stack, live)],
+                        [tf.math.floordiv(a, _WORD) for a in live],
+                        spilled + 1, spill_steps.write(spilled + 1, t))
 
-            stack, live, spilled = tf.cond(spill, move, lambda: (stack, live, spilled))
+            stack, live, spilled, spill_steps = tf.cond(
+                spill, move, lambda: (stack, live, spilled, spill_steps))
             alpha, _, n, used = self._rates(problem, hparams, t)
             g = self._gradient(problem, structure, self._floats(w, dtypes), hparams,
                                inner_batch, t)
@@ -251,14 +260,34 @@ class Reversible(_p.Estimator):
                 new_live.append(ai)
             expected_bits = expected_bits + num_weights * (
                 log2_d - tf.math.log(tf.cast(n, tf.float64)) / math.log(2.0))
-            return t + 1, new_w, new_v, new_live, stack, spilled, flags, expected_bits
+            return t + 1, new_w, new_v, new_live, stack, spilled, spill_steps, expected_bits
 
-        _, w, v, live, stack, spilled, flags, expected_bits = tf.while_loop(
+        _, w, v, live, stack, spilled, spill_steps, expected_bits = tf.while_loop(
             lambda t, *_: t < T, body,
-            (tf.constant(0), w, v, live, stack, tf.constant(0), flags, zero),
+            (tf.constant(0), w, v, live, stack, tf.constant(0), spill_steps, zero),
             maximum_iterations=T, parallel_iterations=1)
         buffer_bits = 32.0 * num_weights * tf.cast(spilled, tf.float64) + _information_bits(live)
-        return _Trajectory(w, v, live, stack, spilled, flags, buffer_bits, expected_bits)
+        return _Trajectory(w, v, live, stack, spilled, spill_steps, buffer_bits, expected_bits)
+
+    @staticmethod
+    def _push_word(stack, word, spilled):
+        """Stack entry spilled // 2 gets ``word`` in row spilled % 2 (a new entry for an even
+        count, the entry rewritten with its row 0 kept for an odd one)."""
+        index = spilled // 2
+        entry = tf.cond(tf.equal(spilled % 2, 0),
+                        lambda: tf.stack([word, tf.zeros_like(word)]),
+                        lambda: tf.stack([stack.read(index)[0], word]))
+        return stack.write(index, entry)
+
+    @staticmethod
+    def _unspill(live, stack, spilled):
+        """Undoes the last spill: live = live * 2^32 + the top word of the stack."""
+        k = spilled - 1
+        restored = []
+        for a, ta in zip(live, stack):
+            with tf.control_dependencies(restored[-1:]):  # one leaf at a time
+                restored.append(a * _WORD + tf.cast(tf.gather(ta.read(k // 2), k % 2), tf.int64))
+        return restored
 
     def _reverse(self, problem, structure, trajectory, dw, hparams, inner_batch, dtypes):
         """Undoes the steps T-1..0; returns (w_0 int, v_0 int, dw, dv, d hparams)."""
@@ -280,29 +309,34 @@ class Reversible(_p.Estimator):
                 g = self._gradient(problem, structure, w_t, hparams, inner_batch, t)
             new_v, new_live = [], []
             for vi, ai, gi in zip(v, live, g):
-                vi = vi + self._to_int((1.0 - used) * tf.cast(gi, tf.float64))
-                vi, ai = self._divide_by_gamma(vi, ai, n)
+                # one leaf after another, so that their int64 temporaries do not add up
+                with tf.control_dependencies(new_v[-1:] + new_live[-1:]):
+                    vi = vi + self._to_int((1.0 - used) * tf.cast(gi, tf.float64))
+                    vi, ai = self._divide_by_gamma(vi, ai, n)
                 new_v.append(vi)
                 new_live.append(ai)
             v, live = new_v, new_live
-            stack, live, spilled = tf.cond(
-                trajectory.flags.read(t),
-                lambda: (stack, [a * _WORD + tf.cast(ta.read(spilled - 1), tf.int64)
-                                 for a, ta in zip(live, stack)], spilled - 1),
-                lambda: (stack, live, spilled))
+            live, spilled = tf.cond(
+                tf.equal(trajectory.spill_steps.read(spilled), t),
+                lambda: (self._unspill(live, stack, spilled), spilled - 1),
+                lambda: (live, spilled))
             v_t = self._floats(v, dtypes)
-            d_alpha = _tree.tree_vdot(dw, v_next)
-            dv = [a + tf.cast(alpha, a.dtype) * b for a, b in zip(dv, dw)]
-            d_gamma = _tree.tree_vdot(dv, [a + b for a, b in zip(v_t, g)])
-            cotangents = [-tf.cast(1.0 - used, x.dtype) * x for x in dv]
-            vjp_w, vjp_h = outer.gradient(
-                [g, alpha, gamma], [w_t, flat_h],
-                output_gradients=[cotangents, tf.cast(d_alpha, alpha.dtype),
-                                  tf.cast(d_gamma, gamma.dtype)],
-                unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            dw = [a + b for a, b in zip(dw, vjp_w)]
-            dh = [a + b for a, b in zip(dh, vjp_h)]
-            dv = [tf.cast(used, x.dtype) * x for x in dv]
+            # The adjoint step waits for the integer reversal: in a graph the two would
+            # otherwise interleave in an order that varies between steps, and the largest
+            # overlap over T steps (so the peak memory) would grow with T.
+            with tf.control_dependencies(v_t + live):
+                d_alpha = _tree.tree_vdot(dw, v_next)
+                dv = [a + tf.cast(alpha, a.dtype) * b for a, b in zip(dv, dw)]
+                d_gamma = _tree.tree_vdot(dv, [a + b for a, b in zip(v_t, g)])
+                cotangents = [-tf.cast(1.0 - used, x.dtype) * x for x in dv]
+                vjp_w, vjp_h = outer.gradient(
+                    [g, alpha, gamma], [w_t, flat_h],
+                    output_gradients=[cotangents, tf.cast(d_alpha, alpha.dtype),
+                                      tf.cast(d_gamma, gamma.dtype)],
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                dw = [a + b for a, b in zip(dw, vjp_w)]
+                dh = [a + b for a, b in zip(dh, vjp_h)]
+                dv = [tf.cast(used, x.dtype) * x for x in dv]
             return t - 1, w, v, live, stack, spilled, dw, dv, dh
 
         _, w, v, _, _, _, dw, dv, dh = tf.while_loop(
@@ -375,7 +409,7 @@ class Reversible(_p.Estimator):
         v0_int = [self._to_int(x) for x in flat_v0]
         with functional.exact_batch_moments():
             trajectory = self._forward(problem, params, flat_w0, flat_v0, hparams, inner_batch)
-            buffer_bytes = 8 + 4 * tf.cast(trajectory.spilled, tf.int64)
+            buffer_bytes = 8 + 8 * ((tf.cast(trajectory.spilled, tf.int64) + 1) // 2)
             w_T = self._floats(trajectory.w, dtypes)
             v_T = self._floats(trajectory.v, dtypes)
             w_back, v_back, _, _, _ = self._reverse(
