@@ -52,6 +52,7 @@ from keras_metapt import distribute, functional, linalg, optim
 from keras_metapt.callbacks import StopOnNonFiniteHypergradient
 from keras_metapt.errors import InputMismatchError
 from keras_metapt.hypergrad.implicit import check_hvp_mode, check_solver
+from keras_metapt.hypergrad.loss_scale import next_loss_scale
 from keras_metapt.hypergrad.problem import StepBatches
 from keras_metapt.hypergrad.ptft import (META_ROLES, PTFT, FinetuneBatches, keras_problem,
                                          replica_share, split_xy)
@@ -568,12 +569,11 @@ class MetaPretrainer(keras.Model):
         at a scale above 1 with a finite (unscaled) MetaVal loss. A NaN/Inf MetaVal loss is an
         error at any scale (counted in nonfinite_hypersteps, which stops fit)."""
         scale = self.hyper_loss_scale.value
-        in_a_row = self.finite_hypersteps_in_a_row.value + 1
-        grow = is_finite & (in_a_row >= HYPER_SCALE_GROWTH_HYPERSTEPS)
-        self.hyper_loss_scale.assign(tf.where(
-            is_finite, tf.where(grow, scale * 2.0, scale), tf.maximum(scale * 0.5, 1.0)))
-        self.finite_hypersteps_in_a_row.assign(
-            tf.where(is_finite & ~grow, in_a_row, tf.zeros_like(in_a_row)))
+        new_scale, in_a_row = next_loss_scale(
+            scale, is_finite, self.finite_hypersteps_in_a_row.value,
+            HYPER_SCALE_GROWTH_HYPERSTEPS)
+        self.hyper_loss_scale.assign(new_scale)
+        self.finite_hypersteps_in_a_row.assign(in_a_row)
         self.trackers["hyper_loss_scale"].update_state(self.hyper_loss_scale.value)
         return ~is_finite & (scale > 1.0) & tf.math.is_finite(outer_loss)
 

@@ -17,6 +17,8 @@ The protocol, followed by every estimator (base class `Estimator`):
 - check_finite: raise on a NaN/Inf hypergradient; False only reports ``result.is_finite``.
 - opt_state: inner optimizer state to continue from; returned unchanged where no steps run.
 - seed: shape-[2] int tensor for the stochastic `EvoGrad`; ignored by the others.
+- float16 losses: ``BilevelProblem(outer_loss_scale=S)`` (the estimators differentiate
+  S * outer loss and divide S out at the end) with `next_loss_scale` for a dynamic S.
 - `SAMA` is the first-order member: no HVP, the optimizer's update Jacobian for H^-1 and a
   finite-difference mixed product; `first_order(radius)` is the same as a ``solve=`` value
   for `Implicit`, `PTFT` and `MetaPretrainer` (it replaces solve and mixed VJP together).
@@ -40,6 +42,7 @@ from keras_metapt.hypergrad.evograd import EvoGrad
 from keras_metapt.hypergrad.forward import Forward
 from keras_metapt.hypergrad.hyperdistill import HyperDistill
 from keras_metapt.hypergrad.implicit import Implicit, implicit_indirect_term
+from keras_metapt.hypergrad.loss_scale import next_loss_scale
 from keras_metapt.hypergrad.problem import (BilevelProblem, Estimator, HypergradResult,
                                             StepBatches, ensure_finite, train_inner)
 from keras_metapt.hypergrad.ptft import (PTFT, FinetuneBatches, PretrainFinetuneProblem,
@@ -56,6 +59,7 @@ __all__ = [
     "HypergradResult",
     "ensure_finite",
     "train_inner",
+    "next_loss_scale",
     "Unrolled",
     "Forward",
     "Implicit",

@@ -150,4 +150,5 @@ class EvoGrad(_p.Estimator):
         if reduce is not None:
             indirect = reduce(indirect)
         return self._finish(hparams, direct, indirect, outer_loss,
-                            _tree.tree_stop_gradient(combined), opt_state)
+                            _tree.tree_stop_gradient(combined), opt_state,
+                            scale=problem.outer_loss_scale)

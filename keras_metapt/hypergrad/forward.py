@@ -128,7 +128,8 @@ class Forward(_p.Estimator):
             hparams, [tf.reshape(part, leaf.shape) for part, leaf in zip(parts, flat_h)])
         indirect = self._mark_unconnected(problem, params, opt_state, hparams, inner_batch,
                                           indirect)
-        return self._finish(hparams, direct, indirect, outer_loss, params, opt_state)
+        return self._finish(hparams, direct, indirect, outer_loss, params, opt_state,
+                            scale=problem.outer_loss_scale)
 
     def _mark_unconnected(self, problem, params, opt_state, hparams, inner_batch, indirect):
         """Sets the indirect term to None for leaves that cannot reach the inner step.

@@ -259,6 +259,10 @@ class HyperDistill(_p.Estimator):
     def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
                  seed=None):
         self._check_call(inner_batch)
+        if getattr(problem, "outer_loss_scale", None) is not None:
+            raise ValueError("HyperDistill does not take a problem with outer_loss_scale: its "
+                             "fitted scale theta mixes the calls' outer gradients (run it in "
+                             "float32 or bfloat16, which need no loss scaling)")
         params, hparams = _p.prepare(params, hparams)
         if opt_state is None:
             opt_state = self.optimizer.init(params)

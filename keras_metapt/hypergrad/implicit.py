@@ -94,4 +94,5 @@ class Implicit(_p.Estimator):
             problem, params, hparams, inner_batch, outer_batch, reduce, "Implicit")
         indirect = implicit_indirect_term(inner, params, hparams, g_params, self.solve,
                                           problem.inner_learning_rate, reduce, self.hvp_mode)
-        return self._finish(hparams, direct, indirect, outer_loss, params, opt_state)
+        return self._finish(hparams, direct, indirect, outer_loss, params, opt_state,
+                            scale=problem.outer_loss_scale)

@@ -13,6 +13,7 @@ indirect term through the inner problem's dependence of theta on phi.
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import tensorflow as tf
@@ -35,12 +36,30 @@ class BilevelProblem:
 
     ``inner_learning_rate`` (optional, a float or scalar tensor) is the inner optimizer's
     step size; `Implicit` hands it to its solver, where `linalg.neumann(alpha=None)` uses it.
+
+    ``outer_loss_scale`` (optional, S > 0: a float or scalar tensor; None for 1) is loss
+    scaling for losses computed in float16. The estimators differentiate S * outer_loss, so
+    the outer gradient and everything computed from it (an unroll's backward pass, the
+    tangent products, a Neumann/CG solve, the mixed VJP) are S times larger, away from
+    float16's underflow, and they divide S out of ``direct`` and ``indirect`` at the end, in
+    the hparams' dtype. The hypergradient is linear in the outer gradient, so it is unchanged
+    but for rounding; ``outer_loss`` is reported unscaled. Too large an S overflows to a
+    non-finite hypergradient: with a dynamic scale call the estimator with
+    ``check_finite=False`` and move S by `next_loss_scale`. `HyperDistill` refuses it (its
+    fitted scale mixes calls).
     """
 
     inner_loss: Callable[[Any, Any, Any], tf.Tensor]
     outer_loss: Callable[[Any, Any, Any], tf.Tensor]
     inner_optimizer_hparams: Optional[Callable[[Any, tf.Tensor, int], dict]] = None
     inner_learning_rate: Any = None
+    outer_loss_scale: Any = None
+
+    def __post_init__(self):
+        scale = self.outer_loss_scale
+        if isinstance(scale, (int, float)) and not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"outer_loss_scale must be a finite number > 0 (or None), got "
+                             f"{scale!r}")
 
 
 class StepBatches:
@@ -137,9 +156,9 @@ class Estimator:
                  seed=None):
         raise NotImplementedError
 
-    def _finish(self, hparams, direct, indirect, outer_loss, params, opt_state):
+    def _finish(self, hparams, direct, indirect, outer_loss, params, opt_state, scale=None):
         return finish(hparams, direct, indirect, outer_loss, params, opt_state,
-                      check_finite=self.check_finite)
+                      check_finite=self.check_finite, scale=scale)
 
 
 # ---------------------------------------------------------------------------
@@ -271,7 +290,8 @@ def train_inner(problem, optimizer, params, hparams, inner_batch, num_steps, *, 
 
 
 def outer_gradients(problem, params, hparams, outer_batch, reduce=None):
-    """(outer loss, d outer/d params, direct d outer/d hparams).
+    """(outer loss, S d outer/d params, S direct d outer/d hparams), S the problem's
+    ``outer_loss_scale`` (1 when None; the loss itself is returned unscaled).
 
     The direct term keeps None where a hyperparameter does not enter the outer loss.
     ``reduce`` (a cross-replica sum) is applied to all three.
@@ -279,7 +299,10 @@ def outer_gradients(problem, params, hparams, outer_batch, reduce=None):
     with tf.GradientTape() as tape:
         tape.watch(tf.nest.flatten(params) + tf.nest.flatten(hparams))
         loss = outer_loss_value(problem, params, hparams, outer_batch)
-    g_params, direct = tape.gradient(loss, (params, hparams))
+        scaled = loss
+        if getattr(problem, "outer_loss_scale", None) is not None:  # recorded: S * loss
+            scaled = loss * tf.cast(problem.outer_loss_scale, loss.dtype)
+    g_params, direct = tape.gradient(scaled, (params, hparams))
     if reduce is not None:
         loss, g_params, direct = reduce((loss, g_params, direct))
     return loss, _tree.zeros_for_none(g_params, params), direct
@@ -300,9 +323,11 @@ def at_fixed_point(problem, params, hparams, inner_batch, outer_batch, reduce, e
     return params, hparams, outer_loss, g_params, direct, inner
 
 
-def finish(hparams, direct, indirect, outer_loss, params, opt_state, check_finite=True):
+def finish(hparams, direct, indirect, outer_loss, params, opt_state, check_finite=True,
+           scale=None):
     """Checks connection, shapes (each leaf's exactly) and finiteness, assembles the
-    HypergradResult.
+    HypergradResult; ``scale`` (S, the problem's ``outer_loss_scale``, or None) is divided out
+    of ``direct`` and ``indirect`` (computed from S * outer loss).
 
     With ``check_finite=False`` a non-finite hypergradient is only reported through
     ``is_finite`` (for callers that skip the update themselves).
@@ -318,6 +343,9 @@ def finish(hparams, direct, indirect, outer_loss, params, opt_state, check_finit
     _checks.check_shapes_like(indirect, hparams, "hparams", "indirect term of the hypergradient")
     indirect = _tree.zeros_for_none(indirect, hparams)
     direct = _tree.zeros_for_none(direct, hparams)
+    if scale is not None:
+        indirect, direct = tf.nest.map_structure(
+            lambda x: x / tf.cast(scale, x.dtype), (indirect, direct))
     total = _tree.tree_add(direct, indirect)
     if check_finite:
         total = _checks.check_finite(total, "hparams")

@@ -379,7 +379,8 @@ class Reversible(_p.Estimator):
         reached = self._reaches_inner_problem(problem, params, hparams, inner_batch)
         indirect = tf.nest.pack_sequence_as(
             hparams, [x if r else None for x, r in zip(dh, reached)])
-        result = self._finish(hparams, direct, indirect, outer_loss, w_T, v_T)
+        result = self._finish(hparams, direct, indirect, outer_loss, w_T, v_T,
+                              scale=problem.outer_loss_scale)
         _refuse_xla()  # after tracing, so that errors in the inputs are named first
         return result
 

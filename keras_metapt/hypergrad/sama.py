@@ -158,4 +158,5 @@ class SAMA(_p.Estimator):
             problem, params, hparams, inner_batch, outer_batch, reduce, "SAMA")
         indirect = first_order_indirect_term(inner, params, hparams, g_params, self.radius,
                                              self.optimizer, opt_state, reduce=reduce)
-        return self._finish(hparams, direct, indirect, outer_loss, params, opt_state)
+        return self._finish(hparams, direct, indirect, outer_loss, params, opt_state,
+                            scale=problem.outer_loss_scale)

@@ -109,8 +109,9 @@ class Unrolled(_p.Estimator):
         if reduce is not None:
             indirect = reduce(indirect)
         return self._finish(hparams, direct, indirect, outer_loss,
-                         _tree.tree_stop_gradient(final_params),
-                         _tree.tree_stop_gradient(final_state))
+                            _tree.tree_stop_gradient(final_params),
+                            _tree.tree_stop_gradient(final_state),
+                            scale=problem.outer_loss_scale)
 
     def _mixed(self, problem, params, opt_state, hparams, inner_batch, outer_batch, start, stop):
         """Steps start..stop-1 storing only (theta_t, s_t), then the per-step backward loop."""
@@ -194,7 +195,8 @@ class Unrolled(_p.Estimator):
             hparams, [a if c else None for a, c in zip(a_h, connected)])
         return self._finish(hparams, direct, indirect, outer_loss,
                             _tree.tree_stop_gradient(final_params),
-                            _tree.tree_stop_gradient(final_state))
+                            _tree.tree_stop_gradient(final_state),
+                            scale=problem.outer_loss_scale)
 
     def _overrides(self, problem, hparams, step):
         if problem.inner_optimizer_hparams is None:
