@@ -556,20 +556,23 @@ def toy_element():
     return next(iter(meta_pt_toy.stream(0, x, y, x_ft, y_ft)))
 
 
-def toy_hypergradient(policy, ft_loss_factor, outer_loss_scale):
-    """The toy's PT/FT hypergradient (Neumann 3 terms, one SGD FT step) under a dtype policy,
-    from the same float32 weights for every policy (same seed), with the FT loss multiplied
-    by ``ft_loss_factor``."""
+def toy_hypergradient(policy, ft_loss_factor, outer_loss_scale, pt_loss_factor=1.0,
+                      solve=None):
+    """The toy's PT/FT hypergradient (one SGD FT step; Neumann 3 terms unless ``solve``)
+    under a dtype policy, from the same float32 weights for every policy (same seed), with
+    the FT and PT losses multiplied by ``ft_loss_factor`` and ``pt_loss_factor``."""
     data = toy_element()
     model = meta_pt_toy.build(0, data["pt"][1].shape[1], policy=policy)
     problem, params, phi = km.hypergrad.keras_problem(
-        model.encoder, model.pt_head, model.ft_head, model.meta_layer, model.pt_loss_fn,
+        model.encoder, model.pt_head, model.ft_head, model.meta_layer,
+        lambda *args, **kwargs: pt_loss_factor * model.pt_loss_fn(*args, **kwargs),
         lambda y_true, p: ft_loss_factor * model.ft_loss_fn(y_true, p), "loss", True,
         outer_loss_scale=outer_loss_scale)
     batches = km.hypergrad.FinetuneBatches(
         km.StepBatches(tf.nest.map_structure(lambda t: tf.transpose(t, [1, 0, 2]),
                                              data["meta_train"])), data["meta_val"])
-    estimator = km.PTFT(km.optim.sgd(0.05), 1, km.linalg.neumann(3, 0.01), check_finite=False)
+    estimator = km.PTFT(km.optim.sgd(0.05), 1, solve or km.linalg.neumann(3, 0.01),
+                        check_finite=False)
     return estimator(problem, params, phi, data["pt_fresh"], batches).hypergrad[0].numpy()
 
 
@@ -585,6 +588,19 @@ def test_float16_hypergradient_underflows_without_the_outer_loss_scale():
     assert rel_err(scaled, reference) < 0.03  # measured: 0.0024
     assert rel_err(bfloat16, reference) < 0.1  # bfloat16's 8-bit mantissa; measured: 0.031
     assert not np.array_equal(bfloat16, reference)  # it did compute in bfloat16
+
+
+@pytest.mark.parametrize("pt_loss_factor", [1.0, 0.01])
+def test_float16_cg_solve_works_at_the_hyperstep_scale(pt_loss_factor):
+    # Reference: the float32 computation from the same weights. CG grows v by up to
+    # 1/lambda_min (100x more with the PT loss x 0.01); its HVPs and the mixed VJP are taken
+    # on v rescaled to the norm of the scaled MetaVal gradient, so float16 neither overflows
+    # nor underflows. Measured before that rescaling: non-finite at 2^15 (x 1) and at every
+    # scale from 2^5 to 2^20 (x 0.01); after: 0.0022 and 0.0022.
+    solve = km.linalg.cg(10)
+    reference = toy_hypergradient("float32", 1.0, None, pt_loss_factor, solve)
+    scaled = toy_hypergradient("mixed_float16", 1.0, 2.0 ** 15, pt_loss_factor, solve)
+    assert rel_err(scaled, reference) < 0.01
 
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])

@@ -12,6 +12,8 @@ Cost: 1 outer gradient + the solver's HVPs (num_terms | CG iterations | P) + 1 m
 Memory: O(P) (dense: O(P^2)).
 """
 
+import tensorflow as tf
+
 from keras_metapt import _tree, linalg
 from keras_metapt.hypergrad import problem as _p
 
@@ -19,7 +21,8 @@ __all__ = ["Implicit", "implicit_indirect_term"]
 
 
 def implicit_indirect_term(inner_loss, params, hparams, outer_grad, solve, step_size=None,
-                           reduce=None, hvp_mode="reverse_over_reverse"):
+                           reduce=None, hvp_mode="reverse_over_reverse",
+                           rescale_products=False):
     """The IFT indirect term  - (d2 L_in / dphi dtheta) H^-1 g,  H = d2 L_in / dtheta2.
 
     ``inner_loss(params, hparams) -> scalar``; ``outer_grad`` g is shaped like ``params``;
@@ -27,7 +30,12 @@ def implicit_indirect_term(inner_loss, params, hparams, outer_grad, solve, step_
     `linalg.neumann(alpha=None)`), or `hypergrad.first_order(...)`, which replaces solve and
     mixed VJP by first-order passes. ``reduce`` (a cross-replica sum) is applied to every HVP and
     to the mixed VJP, and the solver then traces its iterations in Python. ``hvp_mode``:
-    `linalg.hvp`'s mode (reverse-over-reverse or forward-over-reverse). Returns a nest
+    `linalg.hvp`'s mode (reverse-over-reverse or forward-over-reverse).
+    ``rescale_products`` (for a loss-scaled float16 problem): every HVP and the mixed VJP
+    are taken on v rescaled to the norm of ``outer_grad`` and scaled back (`scaled_product`),
+    so the half-precision products inside the network are as large as the scaled outer
+    gradient, which the loss scale keeps in range, whatever the solver made of v (CG grows
+    it by up to 1/lambda_min). Returns a nest
     shaped like ``hparams`` with None where a leaf does not enter the inner gradient.
     Cost: the solver's HVPs + 1 mixed VJP. Memory: O(P) beyond the solver's.
     """
@@ -35,15 +43,37 @@ def implicit_indirect_term(inner_loss, params, hparams, outer_grad, solve, step_
     if hasattr(solve, "indirect_term"):  # a first-order value (`hypergrad.first_order`)
         return solve.indirect_term(inner_loss, params, hparams, outer_grad, step_size, reduce)
 
+    norm = tf.sqrt(_tree.tree_vdot(outer_grad, outer_grad)) if rescale_products else None
+
     def hvp_fn(v):
-        h_v = linalg.hvp(lambda p: inner_loss(p, hparams), params, v, hvp_mode)
+        h_v = scaled_product(
+            lambda u: linalg.hvp(lambda p: inner_loss(p, hparams), params, u, hvp_mode), v,
+            norm)
         return h_v if reduce is None else reduce(h_v)
 
     v = solve(hvp_fn, outer_grad, step_size=step_size, unroll=reduce is not None)
-    mixed = linalg.mixed_vjp(inner_loss, params, hparams, v)
+    mixed = scaled_product(lambda u: linalg.mixed_vjp(inner_loss, params, hparams, u), v,
+                           norm)
     if reduce is not None:
         mixed = reduce(mixed)
     return _tree.tree_map(lambda m: None if m is None else -m, mixed)
+
+
+def scaled_product(linear_fn, v, norm=None):
+    """linear_fn(v) for a map linear in v (an HVP, a mixed VJP), taken as
+    (||v|| / N) linear_fn(v N / ||v||) when a norm N is given (``linear_fn(v)`` when None).
+
+    Equal in exact arithmetic; in float16 the products inside the network then see a vector
+    of norm N whatever the solver made of v. The rescaling is done in v's dtype (float32
+    master weights); where v or N is 0 the map takes v as it is. Cost: one norm.
+    """
+    if norm is None:
+        return linear_fn(v)
+    size = tf.sqrt(_tree.tree_vdot(v, v))
+    norm = tf.cast(norm, size.dtype)
+    factor = tf.where((size > 0) & (norm > 0), norm / tf.where(size > 0, size, 1.0), 1.0)
+    out = linear_fn(_tree.tree_map(lambda x: x * tf.cast(factor, x.dtype), v))
+    return _tree.tree_map(lambda y: None if y is None else y / tf.cast(factor, y.dtype), out)
 
 
 def check_solver(solve):
@@ -93,6 +123,7 @@ class Implicit(_p.Estimator):
         params, hparams, outer_loss, g_params, direct, inner = _p.at_fixed_point(
             problem, params, hparams, inner_batch, outer_batch, reduce, "Implicit")
         indirect = implicit_indirect_term(inner, params, hparams, g_params, self.solve,
-                                          problem.inner_learning_rate, reduce, self.hvp_mode)
+                                          problem.inner_learning_rate, reduce, self.hvp_mode,
+                                          rescale_products=problem.outer_loss_scale is not None)
         return self._finish(hparams, direct, indirect, outer_loss, params, opt_state,
                             scale=problem.outer_loss_scale)

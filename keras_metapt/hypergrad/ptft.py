@@ -197,7 +197,7 @@ class PTFT(_p.Estimator):
         else:
             indirect = implicit_indirect_term(pt_of, theta_p, hparams, cotangent, self.solve,
                                               problem.pt_learning_rate, self.gradient_reduction,
-                                              self.hvp_mode)
+                                              self.hvp_mode, rescale_products=scale is not None)
         if scale is not None:  # S * indirect -> indirect
             indirect = _tree.tree_map(lambda m: None if m is None else m / scale, indirect)
         no_direct_term = tf.nest.map_structure(lambda _: None, hparams)

@@ -4,10 +4,14 @@ Reference: tests.references.ridge_hypergradient, the closed-form
 d L_val(w*(lambda)) / d log(lambda) in float64 NumPy.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_metapt as km
+from keras_metapt.hypergrad.implicit import scaled_product
 from tests import references
 from tests.conftest import compiled, rel_err
 
@@ -62,3 +66,27 @@ def test_forward_over_reverse_hvps_give_the_ridge_closed_form(ridge):
     result = km.Implicit(km.linalg.cg(50, 1e-14), hvp_mode="forward_over_reverse")(
         ridge.problem(), [w_star], [ridge.log_lam], inner, outer)
     np.testing.assert_allclose(result.hypergrad[0], truth, rtol=1e-8)
+
+
+@pytest.mark.parametrize("norm", [None, 1e-3, 2.0 ** 15])
+def test_scaled_product_equals_the_linear_map(norm):
+    # Reference: A v in float64 NumPy (the rescaling is exact in exact arithmetic).
+    rng = np.random.default_rng(0)
+    a, v = rng.normal(size=(5, 5)), rng.normal(size=5) * 1e-4
+    got = scaled_product(lambda u: [tf.linalg.matvec(tf.constant(a), u[0]), None],
+                         [tf.constant(v)], norm)
+    assert rel_err(got[0], a @ v) < 1e-12 and got[1] is None
+    zero = scaled_product(lambda u: [tf.linalg.matvec(tf.constant(a), u[0])],
+                          [tf.zeros(5, tf.float64)], norm)
+    np.testing.assert_array_equal(zero[0], 0.0)
+
+
+def test_ridge_with_outer_loss_scale_matches_closed_form(ridge):
+    # Reference: the closed form; the scale goes into the CG's products and out again.
+    truth, w_star = references.ridge_hypergradient(ridge.x, ridge.y, ridge.x_val, ridge.y_val,
+                                                   np.exp(ridge.log_lam))
+    inner, outer = ridge.batches(np.float64)
+    problem = dataclasses.replace(ridge.problem(), outer_loss_scale=2.0 ** 15)
+    result = km.Implicit(km.linalg.cg(50, 1e-14))(problem, [w_star], [ridge.log_lam], inner,
+                                                  outer)
+    assert rel_err(result.hypergrad[0], truth) < 1e-8
