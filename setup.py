@@ -28,8 +28,9 @@ setup(
         "wfdb>=4.1",
     ],
     extras_require={
-        "test": ["pytest>=8", "scikit-learn>=1.4", "tensorflow-serving-api>=2.21,<2.22",
-                 "dehb==0.1.1", "distributed>=2024.1", "keras-tuner>=1.4"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4",
+                 "tensorflow-serving-api>=2.21,<2.22", "dehb==0.1.1", "distributed>=2024.1",
+                 "keras-tuner>=1.4"],
         # gradient-free baselines of benchmarks.long_horizon (dehb 0.1.2 pins numpy < 2;
         # distributed: DEHB's Dask workers, --dehb_workers / --dask_scheduler)
         "benchmarks": ["dehb==0.1.1", "distributed>=2024.1", "keras-tuner>=1.4"],
