@@ -97,7 +97,8 @@ def test_app_end_to_end(tmp_path, images):
 def test_in_process_checks_resume_and_pairing():
     """tests/apps/cross_domain_fewshot_inprocess.py in its own process (the app's absl flags
     would clash with other modules' flags here)."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0",  # in one process
+                           "-p", "no:cacheprovider",
                            os.path.join("tests", "apps", "cross_domain_fewshot_inprocess.py")],
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

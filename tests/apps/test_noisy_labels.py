@@ -85,7 +85,8 @@ def test_in_process_checks_resume_and_pairing():
     """tests/apps/noisy_labels_inprocess.py in its own process (the app's absl flags would
     clash with other modules' flags here): an interrupted arm resumes to the uninterrupted
     result; arms of a seed share weights and batches; the config's fields are FLAG_NAMES."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0",  # in one process
+                           "-p", "no:cacheprovider",
                            os.path.join("tests", "apps", "noisy_labels_inprocess.py")],
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
