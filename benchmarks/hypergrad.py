@@ -16,7 +16,11 @@ r"""Hypergradient estimators: accuracy, time (with and without XLA) and memory.
    as libraries without that check run it); each CG row is labelled with the iterations it
    ran on this problem (same right-hand side and HVP as the estimator); EvoGrad K=2 sigma
    1e-3 tau 0.05. Each estimator runs in tf.function with and without jit_compile in the
-   same process; the median of --repeats calls after a warm-up call is reported.
+   same process; the median of --repeats calls after a warm-up call is reported. Then the
+   fixed cost of a call, what does not grow with the problem: each estimator at its smallest
+   setting (T=1, one term or iteration, K=2) on a problem of one weight, and a no-op taking
+   the reference problem's argument tensors (the binding), through tf.function and through
+   the concrete function.
 3. Peak memory against the horizon T for reverse and forward mode: each (mode, T) runs
    in a fresh subprocess (TensorFlow keeps freed CPU memory pooled, so only a first
    execution shows its true need). The function is traced first (get_concrete_function,
@@ -170,6 +174,59 @@ def timing_table():
               f"{row['ms_xla']:.1f} ms XLA", flush=True)
     for row in rows:
         row["speedup_xla"] = row["ms_graph"] / row["ms_xla"]
+    return rows
+
+
+# --------------------------------------------------------------------------- fixed cost
+
+def ms_per_call(fn, calls, repeats):
+    """Median over ``repeats`` rounds of the mean time of ``calls`` calls in a row (ms)."""
+    out = fn()  # warm-up: tracing
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn()
+        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, out)
+        times.append((time.perf_counter() - start) / calls)
+    return 1e3 * float(np.median(times))
+
+
+def fixed_cost_table():
+    """What a call costs whatever the problem: the estimators at their smallest settings on a
+    problem of one weight and one hyperparameter (inner (w - h)^2 / 2, outer (w - y)^2 / 2),
+    and a function that does nothing but take the reference problem's arguments (binding).
+    Each through tf.function (the usual call) and through its concrete function."""
+    calls, repeats = (20, 1) if FLAGS.quick else (300, 7)
+    problem = km.BilevelProblem(lambda p, h, b: 0.5 * tf.reduce_sum(tf.square(p[0] - h[0])),
+                                lambda p, h, b: 0.5 * tf.reduce_sum(tf.square(p[0] - b)))
+    args = ([tf.constant([1.0])], [tf.constant([0.5])], tf.constant([0.0]), tf.constant([0.0]))
+    _, _, params, logits, _, inner, outer = reference_problem(
+        [int(h) for h in FLAGS.hidden], FLAGS.batch, FLAGS.forward_blocks)
+    reference_args = (params, logits) + tf.nest.map_structure(tf.constant, (inner, outer))
+    tiny = {
+        "reverse T=1": km.Unrolled(optim.sgd(0.1), 1),
+        "forward T=1": km.Forward(optim.sgd(0.1), 1),
+        "implicit Neumann i=1": km.Implicit(linalg.neumann(1, alpha=0.1)),
+        "implicit CG, 1 iteration": km.Implicit(linalg.cg(1, tolerance=0.0)),
+        "EvoGrad K=2": km.EvoGrad(num_copies=2, sigma=1e-3, temperature=0.05),
+    }
+    cases = [(f"no-op taking the reference problem's {len(tf.nest.flatten(reference_args))} "
+              "argument tensors (binding)", lambda p, h, b_in, b_out: tf.constant(0.0),
+              reference_args)]
+
+    def hypergradient(est):  # the estimator in a closure: only tensors in the signature
+        return lambda p, h, b_in, b_out: est(problem, p, h, b_in, b_out).hypergrad
+
+    cases += [(f"{name}, one weight", hypergradient(est), args) for name, est in tiny.items()]
+    rows = []
+    for name, body, call_args in cases:
+        fn = tf.function(body)
+        concrete = fn.get_concrete_function(*call_args)
+        rows.append({"call": name,
+                     "ms_function": ms_per_call(lambda: fn(*call_args), calls, repeats),
+                     "ms_concrete": ms_per_call(lambda: concrete(*call_args), calls, repeats)})
+        print(f"  fixed cost {name}: {rows[-1]['ms_function']:.3f} ms", flush=True)
     return rows
 
 
@@ -334,7 +391,7 @@ def command_line():
                                        ("--timing_only", FLAGS.timing_only)) if on])
 
 
-def markdown(ridge, timing, memory, elapsed):
+def markdown(ridge, timing, memory, elapsed, fixed_cost=()):
     lines = ["## Hypergradient benchmark", "",
              f"`{command_line()}`; "
              f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores, {elapsed:.0f} s in all."]
@@ -352,6 +409,13 @@ def markdown(ridge, timing, memory, elapsed):
         note = f" ({r['note']})" if r.get("note") else ""
         lines.append(f"| {r['estimator']}{note} | {r['ms_graph']:.2f} | {r['ms_xla']:.2f} | "
                      f"{r['speedup_xla']:.2f}x | {r.get('gradients_graph', 1.0):.1f} |")
+    if fixed_cost:
+        lines += ["", "### Fixed cost of a call (what does not grow with the problem)", "",
+                  "Median over rounds of the mean of many calls in a row. Target (cost issue): "
+                  "an estimator call's fixed cost <= 0.5 ms.", "",
+                  "| call | ms, tf.function | ms, its concrete function |", "|---|---:|---:|"]
+    for r in fixed_cost:
+        lines.append(f"| {r['call']} | {r['ms_function']:.3f} | {r['ms_concrete']:.3f} |")
     if memory:
         lines += ["", "### Peak memory against the horizon T (tf.function, float32)", "",
                   "Resident: peak resident memory of the first execution above that before it "
@@ -436,16 +500,17 @@ def main(argv):
     ridge = ridge_table() if FLAGS.ridge_dims else []
     print("2/3 time per hypergradient", flush=True)
     timing = timing_table()
+    fixed_cost = fixed_cost_table()
     print("3/3 memory against horizon" + ("" if FLAGS.horizons else ": skipped"), flush=True)
     memory = memory_table() if FLAGS.horizons else []
-    report = markdown(ridge, timing, memory, time.perf_counter() - start)
+    report = markdown(ridge, timing, memory, time.perf_counter() - start, fixed_cost)
     print("\n" + report)
     stem = "hypergrad_timing" if FLAGS.timing_only else "hypergrad"
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     with open(os.path.join(FLAGS.output_dir, f"{stem}.md"), "w") as f:
         f.write(report)
     with open(os.path.join(FLAGS.output_dir, f"{stem}.json"), "w") as f:
-        json.dump({"ridge": ridge, "timing": timing, "memory": memory,
+        json.dump({"ridge": ridge, "timing": timing, "fixed_cost": fixed_cost, "memory": memory,
                    "tensorflow": tf.__version__, "quick": FLAGS.quick,
                    "timing_only": FLAGS.timing_only}, f, indent=2)
     plot(timing, memory, os.path.join(FLAGS.output_dir, f"{stem}.png"))

@@ -37,8 +37,11 @@ def test_quick_benchmark_runs_and_writes_results(tmp_path):
     # --quick runs every (mode, T) in one process: resident memory of the first only
     assert results["memory"][0]["peak_mib"] > 0
     assert all(r["peak_mib"] is None for r in results["memory"][1:])
+    fixed = {row["call"]: row for row in results["fixed_cost"]}
+    assert len(fixed) == 6 and "reverse T=1, one weight" in fixed
+    assert all(r["ms_function"] > 0 and r["ms_concrete"] > 0 for r in fixed.values())
     table = (tmp_path / "hypergrad.md").read_text()
-    assert "| reverse | 8 |" in table
+    assert "| reverse | 8 |" in table and "### Fixed cost of a call" in table
     assert (tmp_path / "hypergrad.png").stat().st_size > 10_000
 
 
@@ -52,6 +55,7 @@ def test_timing_only_skips_the_sweeps_and_tensors_are_counted(tmp_path):
              "speedup_xla": 2.0},
             {"estimator": "reverse T=20", "ms_graph": 40.0, "ms_xla": 20.0, "speedup_xla": 2.0,
              "gradients_graph": 20.0}]
+    fixed_stub = [{"call": "reverse T=1, one weight", "ms_function": 0.4, "ms_concrete": 0.2}]
     script = f"""
 import sys
 from absl import app
@@ -59,6 +63,7 @@ import benchmarks.hypergrad as hb
 
 def main(argv):
     hb.timing_table = lambda: {stub!r}
+    hb.fixed_cost_table = lambda: {fixed_stub!r}
     hb.ridge_table = hb.memory_table = None  # must not be reached
     hb.main(argv)
     hb.FLAGS.hidden, hb.FLAGS.batch = ["8"], 8
@@ -76,9 +81,11 @@ app.run(main, argv=sys.argv)
     assert counted[1]["tensor_peak_mib"] > counted[0]["tensor_peak_mib"] > 0
     results = json.load(open(tmp_path / "hypergrad_timing.json"))
     assert results["timing"] == stub and results["ridge"] == [] and results["memory"] == []
+    assert results["fixed_cost"] == fixed_stub
     assert results["timing_only"] is True
     table = (tmp_path / "hypergrad_timing.md").read_text()
     assert "| reverse T=20 | 40.00 | 20.00 | 2.00x | 20.0 |" in table
+    assert "| reverse T=1, one weight | 0.400 | 0.200 |" in table
     assert "ridge" not in table and "Peak memory" not in table
     assert (tmp_path / "hypergrad_timing.png").stat().st_size > 5_000
     assert not (tmp_path / "hypergrad.json").exists()  # a full run's files stay untouched
