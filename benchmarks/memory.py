@@ -75,9 +75,13 @@ def peak_requested_mib(call):
                 events.append((line.timestamp_ns * 1000 + event.offset_ps,
                                kind == "MemoryAllocation", stats.get("addr"),
                                int(stats.get("requested_bytes", 0))))
-    events.sort(key=lambda e: e[0])
+    # at one timestamp a release comes before an allocation (False sorts first), so a reuse
+    # of the same address is not counted twice; events without an address cannot be paired
+    events.sort(key=lambda e: (e[0], e[1]))
     held, current, peak, allocations = {}, 0, 0, 0
     for _, allocation, address, requested in events:
+        if address is None:
+            continue
         if allocation:
             held[address] = requested
             current += requested

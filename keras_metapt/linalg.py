@@ -184,9 +184,10 @@ def conjugate_gradient_with_info(hvp_fn, b, max_iterations=10, tolerance=1e-10, 
     zero = tf.zeros([], dtype)
 
     def cond(k, x, r, p, rs, stopped):
-        # Keep iterating on NaN (a plain "rs > threshold" is False for NaN), so a non-finite
-        # right-hand side yields a non-finite solution instead of the zero initial guess.
-        unconverged = tf.logical_or(rs > threshold, tf.math.is_nan(rs))
+        # Keep iterating on NaN or inf (a plain "rs > threshold" is False for NaN, and for
+        # inf > inf when b itself holds an inf), so a non-finite right-hand side yields a
+        # non-finite solution instead of the zero initial guess.
+        unconverged = tf.logical_or(rs > threshold, tf.logical_not(tf.math.is_finite(rs)))
         return tf.logical_and(tf.logical_and(k < max_iterations, unconverged),
                               tf.logical_not(stopped))
 

@@ -96,10 +96,12 @@ def test_dense_inverse_hvp_matches_numpy_solve(mode):
     np.testing.assert_allclose(got.numpy(), np.linalg.solve(hessian_at(X0), V), rtol=1e-10)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
 @pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
-def test_conjugate_gradient_propagates_nan(mode):
-    # A NaN right-hand side must not come back as the (finite) initial guess.
-    b = tf.constant([1.0, np.nan, 0.0, 0.0, 0.0, 0.0], tf.float64)
+def test_conjugate_gradient_propagates_nan(mode, bad):
+    # A NaN or inf right-hand side (an overflowed, loss-scaled gradient) must not come back
+    # as the (finite) initial guess.
+    b = tf.constant([1.0, bad, 0.0, 0.0, 0.0, 0.0], tf.float64)
     x = compiled(lambda b: linalg.conjugate_gradient(
         lambda v: [tf.linalg.matvec(tf.constant(A), v[0])], [b])[0], mode)(b)
     assert not np.all(np.isfinite(x.numpy()))

@@ -37,7 +37,8 @@ def implicit_indirect_term(inner_loss, params, hparams, outer_grad, solve, step_
     gradient, which the loss scale keeps in range, whatever the solver made of v (CG grows
     it by up to 1/lambda_min). Returns a nest
     shaped like ``hparams`` with None where a leaf does not enter the inner gradient.
-    Cost: the solver's HVPs + 1 mixed VJP. Memory: O(P) beyond the solver's.
+    Cost: the solver's HVPs + 1 mixed VJP (with ``rescale_products``, each also one norm
+    and two P-sized rescalings). Memory: O(P) beyond the solver's.
     """
 
     if hasattr(solve, "indirect_term"):  # a first-order value (`hypergrad.first_order`)
@@ -65,7 +66,8 @@ def scaled_product(linear_fn, v, norm=None):
 
     Equal in exact arithmetic; in float16 the products inside the network then see a vector
     of norm N whatever the solver made of v. The rescaling is done in v's dtype (float32
-    master weights); where v or N is 0 the map takes v as it is. Cost: one norm.
+    master weights); where v or N is 0 the map takes v as it is. Cost: the map, one norm of
+    v and two P-sized rescalings (of v and of the result).
     """
     if norm is None:
         return linear_fn(v)

@@ -8,7 +8,8 @@ and an estimator built with ``check_finite=False``:
 
 The rule is Keras' `LossScaleOptimizer`'s (tests/hypergrad/test_loss_scale.py checks it
 against that optimizer): halve S after a non-finite hypergradient, double it after
-``growth_interval`` finite ones in a row; here S never goes below ``minimum``.
+``growth_interval`` finite ones in a row; here a halving stops at ``minimum`` (and never
+raises an S already below it).
 """
 
 import tensorflow as tf
@@ -21,7 +22,7 @@ def next_loss_scale(scale, is_finite, finite_in_a_row, growth_interval=200, mini
 
     scale: S of this call (float scalar); is_finite: scalar bool, ``result.is_finite``;
     finite_in_a_row: integer scalar, finite calls since the last change of S.
-    Non-finite: S -> max(S / 2, minimum), count -> 0. Finite: count + 1, and when that reaches
+    Non-finite: S -> max(S / 2, minimum) (never above S), count -> 0. Finite: count + 1, and when that reaches
     ``growth_interval``, S -> 2 S and count -> 0. No gradients; O(1).
     """
     if int(growth_interval) < 1:
@@ -31,6 +32,7 @@ def next_loss_scale(scale, is_finite, finite_in_a_row, growth_interval=200, mini
     in_a_row = finite_in_a_row + 1
     grow = is_finite & (in_a_row >= tf.cast(growth_interval, in_a_row.dtype))
     new_scale = tf.where(is_finite, tf.where(grow, scale * 2.0, scale),
-                         tf.maximum(scale * 0.5, tf.cast(minimum, scale.dtype)))
+                         tf.minimum(scale, tf.maximum(scale * 0.5,
+                                                      tf.cast(minimum, scale.dtype))))
     new_count = tf.where(is_finite & ~grow, in_a_row, tf.zeros_like(in_a_row))
     return new_scale, new_count

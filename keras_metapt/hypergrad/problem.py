@@ -323,6 +323,15 @@ def at_fixed_point(problem, params, hparams, inner_batch, outer_batch, reduce, e
     return params, hparams, outer_loss, g_params, direct, inner
 
 
+def divide_out_scale(x, scale):
+    """x / S, divided in float32 (float64 for a float64 x) and cast back to x's dtype.
+
+    A float16 leaf is not divided in float16: S >= 65520 is inf there, and x / inf would be
+    a silent, finite 0. O(size of x)."""
+    wide = tf.float64 if x.dtype == tf.float64 else tf.float32
+    return tf.cast(tf.cast(x, wide) / tf.cast(scale, wide), x.dtype)
+
+
 def finish(hparams, direct, indirect, outer_loss, params, opt_state, check_finite=True,
            scale=None):
     """Checks connection, shapes (each leaf's exactly) and finiteness, assembles the
@@ -344,8 +353,8 @@ def finish(hparams, direct, indirect, outer_loss, params, opt_state, check_finit
     indirect = _tree.zeros_for_none(indirect, hparams)
     direct = _tree.zeros_for_none(direct, hparams)
     if scale is not None:
-        indirect, direct = tf.nest.map_structure(
-            lambda x: x / tf.cast(scale, x.dtype), (indirect, direct))
+        indirect, direct = tf.nest.map_structure(lambda x: divide_out_scale(x, scale),
+                                                 (indirect, direct))
     total = _tree.tree_add(direct, indirect)
     if check_finite:
         total = _checks.check_finite(total, "hparams")

@@ -142,6 +142,10 @@ class PTFT(_p.Estimator):
     @_p.names_shape_errors
     def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
                  seed=None):
+        if self.online is not None and problem.outer_loss_scale is not None:
+            raise ValueError("PTFT(online=HyperDistill(...)) does not take a problem with "
+                             "outer_loss_scale: HyperDistill's fitted scale theta mixes the "
+                             "calls' outer gradients (run it in float32 or bfloat16)")
         theta_e, theta_h, psi = params
         meta_train, meta_val = outer_batch
         theta_p = (_tree.to_tensors(theta_e), _tree.to_tensors(theta_h))
@@ -199,7 +203,8 @@ class PTFT(_p.Estimator):
                                               problem.pt_learning_rate, self.gradient_reduction,
                                               self.hvp_mode, rescale_products=scale is not None)
         if scale is not None:  # S * indirect -> indirect
-            indirect = _tree.tree_map(lambda m: None if m is None else m / scale, indirect)
+            indirect = _tree.tree_map(
+                lambda m: None if m is None else _p.divide_out_scale(m, scale), indirect)
         no_direct_term = tf.nest.map_structure(lambda _: None, hparams)
         return self._finish(hparams, no_direct_term, indirect, val_loss,
                             PTFTParams(theta_e, theta_h, _tree.tree_stop_gradient(psi_k)),

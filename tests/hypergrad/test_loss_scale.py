@@ -158,6 +158,9 @@ def test_next_loss_scale_follows_keras_loss_scale_optimizer():
 def test_next_loss_scale_floor_and_bad_interval():
     scale, count = km.hypergrad.next_loss_scale(1.0, tf.constant(False), 5)
     assert float(scale) == 1.0 and int(count) == 0
+    # a scale already below the floor is not raised to it by an overflow
+    scale, _ = km.hypergrad.next_loss_scale(0.25, tf.constant(False), 5, minimum=1.0)
+    assert float(scale) == 0.25
     with pytest.raises(ValueError, match="growth_interval"):
         km.hypergrad.next_loss_scale(1.0, tf.constant(True), 0, growth_interval=0)
 
@@ -174,3 +177,42 @@ def test_hyperdistill_refuses_a_scale():
     with pytest.raises(ValueError, match="outer_loss_scale"):
         call(estimator, separable_problem(tf.float32, 2.0 ** 10), W0)
 
+
+
+def test_float16_hparams_take_a_scale_beyond_float16s_range():
+    """float16 weights and hyperparameters, float32 losses, S = 2^16 (inf in float16).
+    Reference: the
+    closed form at the inner optimum w* = phi of inner 1/2 ||w - phi||^2 and outer
+    c/2 (||w - y||^2 + ||phi - y||^2): d outer / d phi = 2 c (phi - y), c = 2^-10, exact in
+    float16. S must be divided out in float32: in float16 it would be inf and the result a
+    silent 0."""
+    c = 2.0 ** -10
+
+    def inner(params, hparams, _):
+        w, phi = tf.cast(params[0], tf.float32), tf.cast(hparams[0], tf.float32)
+        return 0.5 * tf.reduce_sum(tf.square(w - phi))
+
+    def outer(params, hparams, y):
+        w, phi = tf.cast(params[0], tf.float32), tf.cast(hparams[0], tf.float32)
+        return c * 0.5 * (tf.reduce_sum(tf.square(w - y)) + tf.reduce_sum(tf.square(phi - y)))
+
+    problem = km.BilevelProblem(inner, outer, outer_loss_scale=2.0 ** 16)
+    result = km.Implicit(linalg.cg(5), check_finite=False)(
+        problem, [tf.constant(PHI, tf.float16)], [tf.constant(PHI, tf.float16)], None,
+        tf.constant(Y, tf.float32))
+    assert result.hypergrad[0].dtype == tf.float16
+    np.testing.assert_array_equal(result.hypergrad[0].numpy(), 2 * c * (PHI - Y))
+
+
+def test_float16_loss_overflowing_the_scale_is_reported_not_zero():
+    """A loss returned in float16 at S = 2^16 (inf in float16): the backward starts at inf
+    and the solve's right-hand side holds infinities. Reference: the flag must say
+    non-finite (CG used to stop at once on an infinite residual and hand back its zero
+    start, a finite 0)."""
+    def outer(params, _, y):
+        return tf.cast(0.5 * tf.reduce_sum(tf.square(params[0] - y)), tf.float16)
+
+    problem = km.BilevelProblem(separable_problem(tf.float32).inner_loss, outer,
+                                outer_loss_scale=2.0 ** 16)
+    result = call(km.Implicit(linalg.cg(5), check_finite=False), problem, PHI)
+    assert not bool(result.is_finite)

@@ -10,6 +10,7 @@ References:
   taken at every point of its line, and the one-step term.
 """
 
+import dataclasses
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -246,8 +247,8 @@ def test_outer_loss_scale_leaves_the_hypergradient_unchanged(solver):
 
 # --------------------------------------------------------------------------- online PT stage
 
-def online_call(estimator, params):
-    return estimator(PROBLEM, params, [PHI], (X_PT, Y_PT), ((X_MT, Y_MT), (X_MV, Y_MV)))
+def online_call(estimator, params, problem=PROBLEM):
+    return estimator(problem, params, [PHI], (X_PT, Y_PT), ((X_MT, Y_MT), (X_MV, Y_MV)))
 
 
 def test_online_pt_stage_at_gamma_zero_is_the_one_step_term():
@@ -307,3 +308,7 @@ def test_online_pt_stage_refuses_several_replicas_and_other_objects():
     with pytest.raises(ValueError, match="one replica"):
         km.PTFT(optim.sgd(FT_LR), online=online,
                 gradient_reduction=km.distribute.replica_sum)
+    # its fitted theta mixes calls, so a loss-scaled problem is refused, as HyperDistill does
+    with pytest.raises(ValueError, match="outer_loss_scale"):
+        online_call(km.PTFT(optim.sgd(FT_LR), online=online),
+                    (THETA_E, THETA_H, PSI), dataclasses.replace(PROBLEM, outer_loss_scale=4.0))
