@@ -35,7 +35,8 @@ the batch -> ReLU -> max-pool, --width channels, zero linear head):
   initialisation the authors' simplified Leap step (--warpgrad_init_lr).
 Every arm of a seed starts from the same initialisation and sees the same training episodes,
 for --meta_steps meta-steps (equal steps; the seconds per meta-step are reported, since they
-differ by method).
+differ by method), or for its own count (--meta_steps_per_arm, e.g. set for an equal
+wall-clock by `python -m benchmarks.task_meta_learning`).
 
 Many-shot tasks: set --k_shot to hundreds and --inner_batch > 0: each inner step then takes a
 minibatch of --inner_batch support examples (drawn per step), for --inner_steps (e.g. >= 100)
@@ -110,6 +111,10 @@ flags.DEFINE_float("inner_lr", 0.05, "SGD step size of task adaptation (ARUBA: t
 flags.DEFINE_integer("inner_batch", 0, "Support examples per inner step; 0: the whole "
                      "support set every step (few-shot), > 0: minibatches (many-shot).")
 flags.DEFINE_integer("meta_steps", 300, "Meta-steps per arm.")
+flags.DEFINE_list("meta_steps_per_arm", [], "Meta-steps of named arms, as arm:steps "
+                  "(e.g. maml:40,reptile:160), in place of --meta_steps for those arms: an "
+                  "equal meta-training wall-clock across methods (benchmarks.task_meta_learning "
+                  "sets it from measured seconds per meta-step).")
 flags.DEFINE_integer("meta_batch", 4, "Tasks per meta-step.")
 flags.DEFINE_float("meta_lr", 1e-3, "Adam rate of MAML, first-order MAML and the "
                    "pre-training.")
@@ -167,6 +172,7 @@ class Config(runner.GridConfig):
     inner_lr: float
     inner_batch: int
     meta_steps: int
+    meta_steps_per_arm: tuple
     meta_batch: int
     meta_lr: float
     meta_step_size: float
@@ -215,6 +221,8 @@ class Config(runner.GridConfig):
         if self.cts_update_every > self.inner_steps:
             raise app.UsageError(f"--cts_update_every={self.cts_update_every}: at most "
                                  f"--inner_steps={self.inner_steps}")
+        object.__setattr__(self, "meta_steps_per_arm",
+                           tuple(f"{a}:{n}" for a, n in self.steps_by_arm().items()))
         r = int(self.rotations)
         if self.n_way > r * min(self.num_test_classes, 10 - self.num_test_classes):
             raise app.UsageError(
@@ -222,6 +230,35 @@ class Config(runner.GridConfig):
                 f"--num_test_classes={self.num_test_classes} and --rotations={r} give "
                 f"{r * (10 - self.num_test_classes)} meta-training and "
                 f"{r * self.num_test_classes} meta-test classes")
+
+    def results_config(self):
+        """As the runner's, without --meta_steps_per_arm while it is empty (so results
+        stored before the flag existed are still recognised)."""
+        config = super().results_config()
+        if not config["meta_steps_per_arm"]:
+            del config["meta_steps_per_arm"]
+        return config
+
+    def steps_by_arm(self):
+        """{arm: meta-steps} of --meta_steps_per_arm (arms not named run --meta_steps)."""
+        out = {}
+        for item in self.meta_steps_per_arm:
+            arm, _, count = str(item).partition(":")
+            try:
+                count = int(count)
+            except ValueError:
+                count = 0
+            if arm not in self.ARMS or count < 1 or arm in out:
+                raise app.UsageError(
+                    f"--meta_steps_per_arm={','.join(self.meta_steps_per_arm)}: give distinct "
+                    f"arm:steps items, steps >= 1, arms out of {', '.join(self.ARMS)} "
+                    f"(bad item: {item!r})")
+            out[arm] = count
+        return dict(sorted(out.items()))
+
+    def meta_steps_of(self, arm):
+        """The meta-steps of ``arm``: its --meta_steps_per_arm entry, else --meta_steps."""
+        return self.steps_by_arm().get(arm, self.meta_steps)
 
 
 # ----------------------------------------------------------------------------- data
@@ -361,8 +398,9 @@ def test_accuracies(learner, family, config):
 
 
 def run_arm(config, family, arm, seed):
-    """Meta-trains one arm for config.meta_steps, resuming from its last checkpoint, then
-    tests it on the held-out classes."""
+    """Meta-trains one arm for its meta-steps (`Config.meta_steps_of`), resuming from its
+    last checkpoint, then tests it on the held-out classes."""
+    meta_steps = config.meta_steps_of(arm)
     learner = make_learner(arm, seed, config, family)
     if config.zero_head and arm not in ("scratch", "pretrain_finetune"):
         learner.keep_at_initial_value([-2, -1])  # the head: [W, b], zero at first
@@ -370,10 +408,10 @@ def run_arm(config, family, arm, seed):
         runner.run_directory(config, arm, seed), learner.checkpoint_items(),
         {"step": [], "seconds_per_step": [], "metrics": []}, learner.meta_steps.numpy,
         key="step", unit="meta-step")
-    progbar = keras.utils.Progbar(config.meta_steps, verbose=config.verbose == 1)
-    while int(learner.meta_steps.numpy()) < config.meta_steps:
+    progbar = keras.utils.Progbar(meta_steps, verbose=config.verbose == 1)
+    while int(learner.meta_steps.numpy()) < meta_steps:
         first = int(learner.meta_steps.numpy())
-        last = min(first + config.checkpoint_every, config.meta_steps)
+        last = min(first + config.checkpoint_every, meta_steps)
         start, chunk = time.perf_counter(), []
         for step in range(first, last):
             support, support_labels, query, query_labels, original = meta_batch(
@@ -391,10 +429,16 @@ def run_arm(config, family, arm, seed):
         history["seconds_per_step"].append((time.perf_counter() - start) / (last - first))
         history["metrics"].append({k: float(np.mean([m[k] for m in chunk])) for k in chunk[0]})
         if config.verbose == 2:
-            runner.log(f"  meta-step {last}/{config.meta_steps}: {history['metrics'][-1]}")
+            runner.log(f"  meta-step {last}/{meta_steps}: {history['metrics'][-1]}")
         save(history)
     accuracies = test_accuracies(learner, family, config)
-    record = {"history": history,
+    previous = [0] + history["step"][:-1]
+    record = {"history": history, "meta_steps": meta_steps,
+              # wall-clock of meta-training (checkpointing excluded; resumed runs: the sum
+              # of the chunks' measured times)
+              "meta_training_seconds": float(sum(
+                  (last - first) * seconds for first, last, seconds in
+                  zip(previous, history["step"], history["seconds_per_step"]))),
               # the first chunk holds the tracing: the later ones time the steps
               "seconds_per_meta_step": float(np.median(history["seconds_per_step"][1:]
                                                        or history["seconds_per_step"]))}

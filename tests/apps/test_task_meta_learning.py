@@ -108,3 +108,8 @@ def test_too_many_ways_for_the_split_is_a_usage_error(tmp_path):
                    "--n_way=6", "--num_test_classes=5", timeout=300)
     assert proc.returncode != 0
     assert "--n_way=6" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_app(tmp_path / "out", "--family=digits", "--arms=scratch", "--seeds=0",
+                   "--meta_steps_per_arm=reptile:2,maml:0", timeout=300)
+    assert proc.returncode != 0
+    assert "--meta_steps_per_arm" in proc.stderr and "'maml:0'" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,228 @@
+r"""Task meta-learners at an equal meta-training wall-clock (experiment 6).
+
+    python -m benchmarks.task_meta_learning                       # few-shot digits, 5 seeds
+    python -m benchmarks.task_meta_learning --setting=many_shot   # 100-shot, 100 inner steps
+    python -m benchmarks.task_meta_learning --quick               # tiny sizes, a smoke run
+
+The app (apps/task_meta_learning.py) gives every arm the same number of meta-steps; their
+costs per meta-step differ by 100x, so that comparison favours the expensive methods. Here
+every arm gets the same meta-training seconds instead:
+
+1. calibration: one app run on seed 0, every arm for --calibration_steps meta-steps
+   (checkpoints every third of them); an arm's cost is the median seconds per meta-step of
+   its chunks after the first (the first holds the tracing);
+2. each arm's meta-steps = max(1, round(--budget_seconds / its cost)); scratch does not
+   meta-train (1 no-op step);
+3. one app run with those counts (--meta_steps_per_arm) over --seeds, arms paired by seed
+   (same initialisation, same episodes, same test tasks).
+
+Reported: per arm the calibrated cost, the meta-steps given, the meta-training seconds the
+run really took (mean over seeds: the budget is met only as well as the calibration predicts
+a loaded machine), meta-test accuracy, paired differences to scratch and the comparisons the
+papers claim (WarpGrad - Reptile, WarpGrad - first-order MAML, CTS - Reptile), each with a
+95% t interval over seeds. Settings (fixed before any run, the README's experiment 6 runs):
+
+- few_shot: scikit-learn digits, --rotations=4 (40 classes, 20 held out), 2 conv blocks,
+  5-way 1-shot training tasks, 5 inner steps; test 200 tasks at 1 and 5 shots, 10 steps;
+- many_shot: the same classes, 100 examples per class in minibatches of 25, 100 inner steps
+  (train and test), 100 test tasks at 100 shots; second-order MAML left out (it would
+  backpropagate through 100 steps).
+
+Writes <output_dir>/task_meta_learning_<setting>.{md,json,png}; the runs stay under
+<output_dir>/task_meta_learning_equal_time/<setting>/ (resumable: the app reuses finished
+(arm, seed) runs made with the same settings).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from absl import app, flags
+
+from apps import runner
+
+FLAGS = flags.FLAGS
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+APP = os.path.join(ROOT, "apps", "task_meta_learning.py")
+
+SETTINGS = {
+    "few_shot": {
+        "flags": ["--family=digits", "--rotations=4", "--blocks=2", "--warpgrad_init_lr=0.02",
+                  "--test_shots=1,5", "--test_episodes=200"],
+        "arms": ["scratch", "pretrain_finetune", "maml", "fomaml", "reptile", "aruba", "cts",
+                 "warpgrad"],
+        "seeds": ["0", "1", "2", "3", "4"], "budget_seconds": 20.0, "calibration_steps": 12},
+    "many_shot": {
+        "flags": ["--family=digits", "--rotations=4", "--blocks=2", "--k_shot=100",
+                  "--inner_batch=25", "--inner_steps=100", "--cts_meta_step_size=0.01",
+                  "--warpgrad_points=10", "--warpgrad_init_lr=0.01", "--test_shots=100",
+                  "--test_inner_steps=100", "--test_episodes=100"],
+        "arms": ["scratch", "pretrain_finetune", "fomaml", "reptile", "aruba", "cts",
+                 "warpgrad"],
+        "seeds": ["0", "1", "2"], "budget_seconds": 150.0, "calibration_steps": 6},
+}
+QUICK_FLAGS = ["--family=digits", "--width=4", "--blocks=1", "--n_way=2", "--k_shot=1",
+               "--n_query=2", "--inner_steps=2", "--meta_batch=2", "--test_n_query=2",
+               "--test_episodes=3", "--test_inner_steps=2", "--test_shots=1"]
+# the papers' claims: (arm, reference arm)
+CLAIMS = (("warpgrad", "reptile"), ("warpgrad", "fomaml"), ("cts", "reptile"))
+
+flags.DEFINE_enum("setting", "few_shot", list(SETTINGS), "Which preset (see the docstring).")
+flags.DEFINE_list("arms", None, "Arms (default: the setting's); scratch is always added, as "
+                  "the baseline.")
+flags.DEFINE_list("seeds", None, "Seeds (default: the setting's: 5 few-shot, 3 many-shot).")
+flags.DEFINE_float("budget_seconds", None, "Meta-training seconds per arm and seed (default: "
+                   "the setting's, 20 few-shot, 150 many-shot).", lower_bound=0.001)
+flags.DEFINE_integer("calibration_steps", None, "Meta-steps per arm of the calibration run "
+                     "(>= 3; default: the setting's).", lower_bound=3)
+flags.DEFINE_bool("quick", False, "Tiny sizes (2-way, width 4, 3 test tasks): a smoke run.")
+flags.DEFINE_list("app_flags", [], "Extra flags for apps/task_meta_learning.py.")
+flags.DEFINE_string("output_dir", os.path.join(os.path.dirname(__file__), "results"),
+                    "Where the report and the runs go.")
+
+
+def run_app(output_dir, *flags_):
+    """Runs the app; returns its summary.json and its records {(arm, seed): record}."""
+    cmd = [sys.executable, APP, f"--output_dir={output_dir}", "--verbose=0", "--noplot",
+           *flags_]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    summary = json.load(open(os.path.join(output_dir, "summary.json")))
+    records = {}
+    results = os.path.join(output_dir, "results")
+    for name in os.listdir(results):
+        record = json.load(open(os.path.join(results, name)))
+        records[(record["arm"], int(record["seed"]))] = record
+    return summary, records
+
+
+def calibrated_steps(costs, budget):
+    """{arm: meta-steps}: max(1, round(budget / seconds per meta-step)); scratch 1."""
+    return {arm: 1 if arm == "scratch" else max(1, int(round(budget / cost)))
+            for arm, cost in costs.items()}
+
+
+def chunk_cost(record):
+    """Median seconds per meta-step over the record's checkpoint chunks after the first."""
+    import numpy as np
+    seconds = record["history"]["seconds_per_step"]
+    return float(np.median(seconds[1:] or seconds))
+
+
+def comparison(per_seed, arm, reference, mode):
+    """Paired difference arm - reference over the seeds both have (None if either misses)."""
+    if arm not in per_seed or reference not in per_seed:
+        return None
+    seeds = sorted(set(per_seed[arm]) & set(per_seed[reference]))
+    return runner.paired_difference([per_seed[arm][s][mode] for s in seeds],
+                                    [per_seed[reference][s][mode] for s in seeds])
+
+
+def fmt_paired(p):
+    if p is None:
+        return "-"
+    if p["ci95"] is None:
+        return f"{p['mean_difference']:+.4f} (1 seed)"
+    low, high = p["ci95"]
+    return f"{p['mean_difference']:+.4f} [{low:+.4f}, {high:+.4f}]"
+
+
+def report(setting, shots, costs, steps, budget, summary, records, command):
+    import numpy as np
+    modes = [f"{k}shot" for k in shots]
+    arms = [a for a in summary if isinstance(summary[a], dict) and "per_seed" in summary[a]]
+    per_seed = {a: summary[a]["per_seed"] for a in arms}
+    spent = {a: [r["meta_training_seconds"] for (arm, _), r in records.items() if arm == a]
+             for a in arms}
+    lines = [f"## Task meta-learners at an equal meta-training wall-clock ({setting})", "",
+             f"`{command}`; budget {budget:g} s of meta-training per arm and seed; seeds "
+             f"{', '.join(sorted(per_seed[arms[0]]))}; mean +- std over seeds, paired "
+             "differences with 95% t intervals over seeds.", "",
+             "| arm | s / meta-step (calibration) | meta-steps | meta-training s (mean) | "
+             + " | ".join(f"{k}-shot accuracy | vs scratch [95% CI]" for k in shots) + " |",
+             "|---|---:|---:|---:|" + "---:|---:|" * len(shots)]
+    for a in arms:
+        cells = [f"{costs.get(a, float('nan')):.4f}", str(steps[a]), f"{np.mean(spent[a]):.1f}"]
+        for m in modes:
+            values = [per_seed[a][s][m] for s in sorted(per_seed[a])]
+            cells += [f"{np.mean(values):.4f} +- {np.std(values):.4f}",
+                      "" if a == "scratch" else fmt_paired(comparison(per_seed, a, "scratch",
+                                                                      m))]
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    claims = {}
+    lines += ["", "| the papers' claim, paired by seed | "
+              + " | ".join(f"{k}-shot" for k in shots) + " |", "|---|" + "---:|" * len(shots)]
+    for arm, reference in CLAIMS:
+        found = [comparison(per_seed, arm, reference, m) for m in modes]
+        if all(f is None for f in found):
+            continue
+        claims[f"{arm}-{reference}"] = dict(zip(modes, found))
+        lines.append(f"| {arm} - {reference} | " + " | ".join(fmt_paired(f) for f in found)
+                     + " |")
+    payload = {"setting": setting, "budget_seconds": budget, "calibration_seconds": costs,
+               "meta_steps": steps, "meta_training_seconds": spent, "per_seed": per_seed,
+               "claims": claims, "command": command}
+    return "\n".join(lines) + "\n", payload
+
+
+def plot(payload, shots, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    fig, axes = plt.subplots(1, len(shots), figsize=(5 * len(shots), 4), squeeze=False)
+    for ax, k in zip(axes[0], shots):
+        for arm, seeds in payload["per_seed"].items():
+            values = [seeds[s][f"{k}shot"] for s in sorted(seeds)]
+            x = np.mean(payload["meta_training_seconds"][arm])
+            ax.errorbar(x, np.mean(values), yerr=np.std(values), fmt="o", capsize=3)
+            ax.annotate(arm, (x, np.mean(values)), textcoords="offset points", xytext=(4, 4))
+        ax.axvline(payload["budget_seconds"], color="gray", ls="--", lw=1, label="budget")
+        ax.set(xlabel="meta-training seconds per run (measured)",
+               ylabel="meta-test accuracy (mean +- std over seeds)", title=f"{k}-shot")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{payload['setting']}: equal meta-training wall-clock")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    preset = SETTINGS[FLAGS.setting]
+    arms = list(FLAGS.arms or preset["arms"])
+    if "scratch" not in arms:
+        arms.insert(0, "scratch")
+    seeds = FLAGS.seeds or (["0", "1"] if FLAGS.quick else preset["seeds"])
+    budget = FLAGS.budget_seconds or (0.5 if FLAGS.quick else preset["budget_seconds"])
+    calibration = FLAGS.calibration_steps or (3 if FLAGS.quick else preset["calibration_steps"])
+    app_flags = (QUICK_FLAGS if FLAGS.quick else preset["flags"]) + list(FLAGS.app_flags)
+    shots = next(f.split("=", 1)[1] for f in reversed(app_flags)
+                 if f.startswith("--test_shots=")).split(",")
+    stem = f"task_meta_learning_{FLAGS.setting}" + ("_quick" if FLAGS.quick else "")
+    base = os.path.join(FLAGS.output_dir, "task_meta_learning_equal_time", stem)
+
+    _, calibration_records = run_app(
+        os.path.join(base, "calibration"), *app_flags, f"--arms={','.join(arms)}",
+        "--seeds=0", f"--meta_steps={calibration}",
+        f"--checkpoint_every={max(1, calibration // 3)}", "--test_episodes=1")
+    costs = {arm: chunk_cost(calibration_records[(arm, 0)]) for arm in arms}
+    steps = calibrated_steps(costs, budget)
+    per_arm = ",".join(f"{arm}:{n}" for arm, n in steps.items())
+    summary, records = run_app(os.path.join(base, "runs"), *app_flags, f"--arms={','.join(arms)}",
+                               f"--seeds={','.join(seeds)}", f"--meta_steps_per_arm={per_arm}")
+    # only this run's (arm, seed)s: the results folder may hold others from earlier runs
+    records = {(a, s): r for (a, s), r in records.items() if a in arms and str(s) in seeds}
+    command = ("python -m benchmarks.task_meta_learning --setting=" + FLAGS.setting
+               + (" --quick" if FLAGS.quick else ""))
+    markdown, payload = report(FLAGS.setting, shots, costs, steps, budget, summary, records,
+                               command)
+    runner.write_report(FLAGS.output_dir, stem, markdown, payload)
+    plot(payload, shots, os.path.join(FLAGS.output_dir, f"{stem}.png"))
+    print(markdown)
+
+
+if __name__ == "__main__":
+    app.run(main)
