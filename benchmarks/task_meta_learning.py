@@ -84,7 +84,8 @@ flags.DEFINE_string("output_dir", os.path.join(os.path.dirname(__file__), "resul
 
 def run_app(output_dir, *flags_):
     """Runs the app; returns its summary.json and its records {(arm, seed): record}."""
-    cmd = [sys.executable, APP, f"--output_dir={output_dir}", "--verbose=0", "--noplot",
+    # --verbose=2: a log line per checkpoint (no per-step progress bar inside the timing)
+    cmd = [sys.executable, APP, f"--output_dir={output_dir}", "--verbose=2", "--noplot",
            *flags_]
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
