@@ -214,10 +214,17 @@ class Config:
                 config[f"{name}_sha256"] = data_digest(path)
         return json.loads(json.dumps(config))
 
-    def config_sha256(self):
-        """SHA-256 of `results_config` (canonical JSON): the key stored with every result."""
-        return hashlib.sha256(json.dumps(self.results_config(), sort_keys=True).encode()
-                              ).hexdigest()
+    def config_sha256(self, arm=None):
+        """SHA-256 of `results_config` (canonical JSON; of ``results_config_of(arm)`` for an
+        arm): the key stored with every result."""
+        config = self.results_config() if arm is None else self.results_config_of(arm)
+        return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+    def results_config_of(self, arm):
+        """The settings that affect ``arm``'s results: `results_config`, unless an app has
+        settings of single arms (then only that arm's own)."""
+        del arm
+        return self.results_config()
 
     def strategy_object(self):
         """The tf.distribute strategy named by --strategy / --devices / --tpu_address."""
@@ -388,11 +395,11 @@ def run_grid(config: GridConfig, run_arm: Callable[[str, int, Any], dict],
     """
     results_dir = results_dir or os.path.join(config.output_dir, "results")
     os.makedirs(results_dir, exist_ok=True)
-    wanted, key = config.results_config(), config.config_sha256()
     records = {}
     for seed in config.seeds:
         prepared, context = False, None
         for arm in config.arms:
+            wanted, key = config.results_config_of(arm), config.config_sha256(arm)
             path = result_path(results_dir, arm, seed)
             if config.resume and os.path.exists(path):
                 with open(path) as f:
@@ -419,15 +426,16 @@ def run_grid(config: GridConfig, run_arm: Callable[[str, int, Any], dict],
 def run_directory(config, arm, seed):
     """``<output_dir>/<arm>_seed<k>``, for a run's checkpoints (see `claim_directory`)."""
     path = os.path.join(config.output_dir, f"{arm}_seed{seed}")
-    claim_directory(path, config)
+    claim_directory(path, config, arm)
     return path
 
 
-def claim_directory(directory, config):
+def claim_directory(directory, config, arm=None):
     """Makes ``directory`` hold the state (checkpoints) of runs with ``config``'s results
-    config. Returns True when what it holds can be resumed (``config.resume`` and the same
-    settings); otherwise empties it (with a log line when it held anything) and returns False."""
-    wanted = config.results_config()
+    config (``arm``'s, `GridConfig.results_config_of`, for an arm's run). Returns True when
+    what it holds can be resumed (``config.resume`` and the same settings); otherwise empties
+    it (with a log line when it held anything) and returns False."""
+    wanted = config.results_config() if arm is None else config.results_config_of(arm)
     stamp = os.path.join(directory, "config.json")
     if os.path.isdir(directory) and os.listdir(directory):
         stored = None

@@ -231,12 +231,13 @@ class Config(runner.GridConfig):
                 f"{r * (10 - self.num_test_classes)} meta-training and "
                 f"{r * self.num_test_classes} meta-test classes")
 
-    def results_config(self):
-        """As the runner's, without --meta_steps_per_arm while it is empty (so results
-        stored before the flag existed are still recognised)."""
-        config = super().results_config()
-        if not config["meta_steps_per_arm"]:
-            del config["meta_steps_per_arm"]
+    def results_config_of(self, arm):
+        """An arm's settings: --meta_steps_per_arm resolved to its own count, as meta_steps
+        (so a count changed for one arm reruns that arm only, and results stored before the
+        flag existed are still recognised)."""
+        config = self.results_config()
+        del config["meta_steps_per_arm"]
+        config["meta_steps"] = self.meta_steps_of(arm)
         return config
 
     def steps_by_arm(self):
@@ -248,10 +249,10 @@ class Config(runner.GridConfig):
                 count = int(count)
             except ValueError:
                 count = 0
-            if arm not in self.ARMS or count < 1 or arm in out:
+            if arm not in self.arms or count < 1 or arm in out:
                 raise app.UsageError(
                     f"--meta_steps_per_arm={','.join(self.meta_steps_per_arm)}: give distinct "
-                    f"arm:steps items, steps >= 1, arms out of {', '.join(self.ARMS)} "
+                    f"arm:steps items, steps >= 1, arms out of --arms ({', '.join(self.arms)}) "
                     f"(bad item: {item!r})")
             out[arm] = count
         return dict(sorted(out.items()))
@@ -409,10 +410,12 @@ def run_arm(config, family, arm, seed):
         {"step": [], "seconds_per_step": [], "metrics": []}, learner.meta_steps.numpy,
         key="step", unit="meta-step")
     progbar = keras.utils.Progbar(meta_steps, verbose=config.verbose == 1)
+    history.setdefault("tracing_seconds", [])  # the first meta-step of each process
+    traced = False
     while int(learner.meta_steps.numpy()) < meta_steps:
         first = int(learner.meta_steps.numpy())
         last = min(first + config.checkpoint_every, meta_steps)
-        start, chunk = time.perf_counter(), []
+        start, chunk, timed_from = time.perf_counter(), [], first
         for step in range(first, last):
             support, support_labels, query, query_labels, original = meta_batch(
                 family, config, seed, step, config.query_in_support and arm in SUPPORT_ONLY)
@@ -424,9 +427,16 @@ def run_arm(config, family, arm, seed):
                                     (seed, step)),
                     (tf.constant(query), tf.constant(query_labels)))
             chunk.append(metrics)
+            if not traced:  # it traced the step functions: timed apart from the chunk
+                traced = True
+                history["tracing_seconds"].append(time.perf_counter() - start)
+                if last - first > 1:
+                    start, timed_from = time.perf_counter(), step + 1
             progbar.update(step + 1, list(metrics.items()))
         history["step"].append(last)
-        history["seconds_per_step"].append((time.perf_counter() - start) / (last - first))
+        # seconds per step of the chunk, without a first step that traced (a chunk of that
+        # one step alone keeps it)
+        history["seconds_per_step"].append((time.perf_counter() - start) / (last - timed_from))
         history["metrics"].append({k: float(np.mean([m[k] for m in chunk])) for k in chunk[0]})
         if config.verbose == 2:
             runner.log(f"  meta-step {last}/{meta_steps}: {history['metrics'][-1]}")
@@ -434,12 +444,13 @@ def run_arm(config, family, arm, seed):
     accuracies = test_accuracies(learner, family, config)
     previous = [0] + history["step"][:-1]
     record = {"history": history, "meta_steps": meta_steps,
-              # wall-clock of meta-training (checkpointing excluded; resumed runs: the sum
-              # of the chunks' measured times)
+              # wall-clock of meta-training at the chunks' steady rates (checkpointing and
+              # each process's tracing step apart: the latter in tracing_seconds)
               "meta_training_seconds": float(sum(
                   (last - first) * seconds for first, last, seconds in
                   zip(previous, history["step"], history["seconds_per_step"]))),
-              # the first chunk holds the tracing: the later ones time the steps
+              "tracing_seconds": float(sum(history["tracing_seconds"])),
+              # the first chunk may still hold warm-up after tracing: the later ones
               "seconds_per_meta_step": float(np.median(history["seconds_per_step"][1:]
                                                        or history["seconds_per_step"]))}
     for k, values in accuracies.items():

@@ -75,14 +75,16 @@ def peak_requested_mib(call):
                 events.append((line.timestamp_ns * 1000 + event.offset_ps,
                                kind == "MemoryAllocation", stats.get("addr"),
                                int(stats.get("requested_bytes", 0))))
-    # at one timestamp a release comes before an allocation (False sorts first), so a reuse
-    # of the same address is not counted twice; events without an address cannot be paired
-    events.sort(key=lambda e: (e[0], e[1]))
-    held, current, peak, allocations = {}, 0, 0, 0
+    events.sort(key=lambda e: e[0])  # stable: the profiler's order within a timestamp
+    held, current, peak, allocations, unpaired = {}, 0, 0, 0, 0
     for _, allocation, address, requested in events:
-        if address is None:
+        if address is None:  # cannot be paired with its release
+            unpaired += 1
             continue
         if allocation:
+            # an address handed out again before its release was seen (both at one
+            # timestamp, the release listed after): the earlier tensor is gone
+            current -= held.pop(address, 0)
             held[address] = requested
             current += requested
             peak = max(peak, current)
@@ -91,4 +93,8 @@ def peak_requested_mib(call):
             current -= held.pop(address)
     if not allocations:
         raise RuntimeError("the profiler saw no allocation: is TF_CPU_ALLOCATOR_USE_BFC=true?")
+    if unpaired:
+        import warnings
+        warnings.warn(f"peak_requested_mib: {unpaired} memory events without an address "
+                      "were left out (the peak may be low)")
     return peak / 2 ** 20, allocations, result

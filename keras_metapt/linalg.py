@@ -155,6 +155,7 @@ def conjugate_gradient(hvp_fn, b, max_iterations=10, tolerance=1e-10, x0=None, u
     residual vanishes); a direction of exactly zero curvature leaves the iterate unchanged.
     On SPD H both settings give the same iterates.
     A non-finite right-hand side gives a non-finite result (never silent zeros).
+    Half-precision vectors: inner products and step sizes in float32.
     Cost: one HVP per iteration. Memory: 4 nests shaped like b. Returns x.
     ``unroll=True`` traces ``max_iterations`` iterations in Python (for an all-reducing
     ``hvp_fn``); stopped iterations are masked, so it always runs max_iterations HVPs.
@@ -171,7 +172,16 @@ def conjugate_gradient_with_info(hvp_fn, b, max_iterations=10, tolerance=1e-10, 
     max_iterations = int(max_iterations)
     if max_iterations < 0:
         raise ValueError(f"max_iterations must be >= 0, got {max_iterations}")
+    # the scalars (inner products, step sizes) in float32 for half-precision vectors: a
+    # float16 squared norm overflows once ||v|| > 256, well inside a loss scale's range
     dtype = tf.nest.flatten(b)[0].dtype
+    if dtype in (tf.float16, tf.bfloat16):
+        def vdot(u, v):
+            return _tree.tree_vdot(*(tf.nest.map_structure(
+                lambda t: tf.cast(t, tf.float32), w) for w in (u, v)))
+        dtype = tf.float32
+    else:
+        vdot = _tree.tree_vdot
     if x0 is None:
         x = _tree.tree_zeros_like(b)
         r = b
@@ -179,8 +189,8 @@ def conjugate_gradient_with_info(hvp_fn, b, max_iterations=10, tolerance=1e-10, 
         x = x0
         r = _tree.tree_sub(b, hvp_fn(x0))
     p = r
-    rs = _tree.tree_vdot(r, r)
-    threshold = _tree.cast_scalar(tolerance, dtype) ** 2 * _tree.tree_vdot(b, b)
+    rs = vdot(r, r)
+    threshold = _tree.cast_scalar(tolerance, dtype) ** 2 * vdot(b, b)
     zero = tf.zeros([], dtype)
 
     def cond(k, x, r, p, rs, stopped):
@@ -193,7 +203,7 @@ def conjugate_gradient_with_info(hvp_fn, b, max_iterations=10, tolerance=1e-10, 
 
     def body(k, x, r, p, rs, stopped):
         hp = hvp_fn(p)
-        curvature = _tree.tree_vdot(p, hp)
+        curvature = vdot(p, hp)
         if stop_on_negative_curvature:
             stopped = curvature <= zero  # False for NaN: NaN propagates
             skip = stopped
@@ -202,7 +212,7 @@ def conjugate_gradient_with_info(hvp_fn, b, max_iterations=10, tolerance=1e-10, 
         step = tf.where(skip, zero, rs / tf.where(skip, tf.ones_like(curvature), curvature))
         x = _tree.tree_axpy(step, p, x)
         r = _tree.tree_axpy(-step, hp, r)
-        rs_new = tf.where(stopped, rs, _tree.tree_vdot(r, r))
+        rs_new = tf.where(stopped, rs, vdot(r, r))
         beta = tf.where(stopped, zero, rs_new / tf.where(rs > zero, rs, tf.ones_like(rs)))
         p = _tree.tree_axpy(beta, p, r)
         return k + 1, x, r, p, rs_new, stopped

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from keras_metapt import linalg
-from tests.conftest import compiled
+from tests.conftest import compiled, rel_err
 
 RNG = np.random.default_rng(0)
 D = 6
@@ -177,3 +177,16 @@ def test_fixed_iteration_cg_survives_zero_curvature_and_keeps_the_protocol():
     # The protocol call is unchanged and returns only x.
     x = solver(hvp_fn, [tf.constant([1.0, 1.0], tf.float64)], step_size=0.1, unroll=True)
     np.testing.assert_array_equal(x[0].numpy(), [0.0, 0.0])
+
+
+def test_conjugate_gradient_on_float16_vectors_beyond_a_float16_squared_norm():
+    """float16 vectors of norm 400 (their squared norm, 1.6e5, overflows float16): the inner
+    products are taken in float32. Reference: NumPy's float64 solve of the SPD A, to float16
+    precision (the HVP itself runs in float16)."""
+    b = 400.0 * V / np.linalg.norm(V)
+    a16 = tf.constant(A, tf.float16)
+    x = linalg.conjugate_gradient(lambda v: [tf.linalg.matvec(a16, v[0])],
+                                  [tf.constant(b, tf.float16)], max_iterations=2 * D,
+                                  tolerance=1e-3)[0]
+    assert x.dtype == tf.float16
+    assert rel_err(x.numpy().astype(np.float64), np.linalg.solve(A, b)) < 2e-2

@@ -202,9 +202,10 @@ class PTFT(_p.Estimator):
             indirect = implicit_indirect_term(pt_of, theta_p, hparams, cotangent, self.solve,
                                               problem.pt_learning_rate, self.gradient_reduction,
                                               self.hvp_mode, rescale_products=scale is not None)
-        if scale is not None:  # S * indirect -> indirect
+        if scale is not None:  # S * indirect -> indirect (S as given: uncast, never inf)
             indirect = _tree.tree_map(
-                lambda m: None if m is None else _p.divide_out_scale(m, scale), indirect)
+                lambda m: None if m is None
+                else _p.divide_out_scale(m, problem.outer_loss_scale), indirect)
         no_direct_term = tf.nest.map_structure(lambda _: None, hparams)
         return self._finish(hparams, no_direct_term, indirect, val_loss,
                             PTFTParams(theta_e, theta_h, _tree.tree_stop_gradient(psi_k)),

@@ -108,8 +108,28 @@ def test_too_many_ways_for_the_split_is_a_usage_error(tmp_path):
                    "--n_way=6", "--num_test_classes=5", timeout=300)
     assert proc.returncode != 0
     assert "--n_way=6" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_app(tmp_path / "out", "--family=digits", "--arms=scratch", "--seeds=0",
-                   "--meta_steps_per_arm=reptile:2,maml:0", timeout=300)
-    assert proc.returncode != 0
-    assert "--meta_steps_per_arm" in proc.stderr and "'maml:0'" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    for bad, item in (("reptile:2,maml:0", "'maml:0'"), ("reptile:2,cts:3", "'cts:3'")):
+        proc = run_app(tmp_path / "out", "--family=digits", "--arms=scratch,reptile,maml",
+                       "--seeds=0", f"--meta_steps_per_arm={bad}", timeout=300)
+        assert proc.returncode != 0  # a count < 1; an arm not in --arms
+        assert "--meta_steps_per_arm" in proc.stderr and item in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_steps_of_one_arm_rerun_that_arm_only(tmp_path):
+    """--meta_steps_per_arm: an arm's stored result is reused while its own count is
+    unchanged (and a run without the flag reuses it too), rerun when its count changes.
+    Reference: the app's "done earlier" log lines and each record's own step history."""
+    out, args = tmp_path / "out", ("--family=digits", "--seeds=0", "--test_shots=1")
+    first = run_app(out, *args, "--arms=scratch,reptile", "--meta_steps_per_arm=reptile:3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    record = json.load(open(out / "results" / "reptile_seed0.json"))
+    assert record["history"]["step"][-1] == 3 and record["meta_steps"] == 3
+    second = run_app(out, *args, "--arms=scratch,reptile", "--meta_steps_per_arm=reptile:2")
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    assert "seed 0 scratch: done earlier" in log and "seed 0 reptile: running" in log
+    assert json.load(open(out / "results" / "reptile_seed0.json"))["meta_steps"] == 2
+    third = run_app(out, *args, "--arms=scratch")  # no flag: scratch's settings unchanged
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "seed 0 scratch: done earlier" in third.stdout + third.stderr

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -27,11 +28,13 @@ def t_interval(diffs):
 
 
 def test_quick_benchmark_gives_each_arm_the_calibrated_steps(tmp_path):
+    began = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.task_meta_learning", "--quick",
          f"--arms={','.join(ARMS[1:])}", f"--budget_seconds={BUDGET}",
          f"--output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    elapsed = time.perf_counter() - began
     stem = "task_meta_learning_few_shot_quick"
     payload = json.load(open(tmp_path / f"{stem}.json"))
     runs = tmp_path / "task_meta_learning_equal_time" / stem
@@ -46,14 +49,13 @@ def test_quick_benchmark_gives_each_arm_the_calibrated_steps(tmp_path):
             record = json.load(open(runs / "runs" / "results" / f"{arm}_seed{seed}.json"))
             assert record["meta_steps"] == expected
             assert record["history"]["step"][-1] == expected
-            steps = [0] + record["history"]["step"]
-            assert record["meta_training_seconds"] == pytest.approx(sum(
-                (b - a) * t for a, b, t in zip(steps, steps[1:],
-                                               record["history"]["seconds_per_step"])))
+            # bounded by the whole benchmark's wall-clock; tracing timed apart, once
+            assert 0 < record["meta_training_seconds"] < elapsed
+            assert len(record["history"]["tracing_seconds"]) == 1
             assert payload["per_seed"][arm][str(seed)]["1shot"] == pytest.approx(
                 record["test_accuracy_1shot"])
-            assert record["config"]["meta_steps_per_arm"] == [
-                f"{a}:{payload['meta_steps'][a]}" for a in sorted(ARMS)]
+            assert record["config"]["meta_steps"] == expected  # the arm's own count
+            assert "meta_steps_per_arm" not in record["config"]
     per_seed = payload["per_seed"]
     diffs = [per_seed["warpgrad"][s]["1shot"] - per_seed["reptile"][s]["1shot"]
              for s in ("0", "1")]
@@ -65,3 +67,13 @@ def test_quick_benchmark_gives_each_arm_the_calibrated_steps(tmp_path):
     table = (tmp_path / f"{stem}.md").read_text()
     assert "| warpgrad - reptile |" in table and "| reptile | " in table
     assert (tmp_path / f"{stem}.png").stat().st_size > 5_000
+
+
+def test_flags_the_benchmark_sets_are_refused_in_app_flags(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.task_meta_learning", "--quick",
+         "--app_flags=--width=4 --seeds=3", f"--output_dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "--seeds=3 is set by the benchmark" in proc.stderr
+    assert "Traceback" not in proc.stderr
