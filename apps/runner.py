@@ -648,6 +648,13 @@ def summary_table(summary, modes, names=None, seeds_column=True, rate_column=Tru
     return "\n".join(lines) + "\n"
 
 
+def format_paired(d):
+    """A `paired_difference` as "mean [low, high]" (no interval below 2 seeds)."""
+    if d["ci95"] is None:
+        return f"{d['mean_difference']:+.4f} (1 seed: no interval)"
+    return f"{d['mean_difference']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
+
+
 def paired_table(summary, modes, names=None, labels=None):
     """The paired differences to the baseline as markdown ("" when there are none)."""
     names = names or {}
@@ -655,16 +662,11 @@ def paired_table(summary, modes, names=None, labels=None):
     if not rows:
         return ""
     base = rows[0][1]["baseline"]
-
-    def cell(d):
-        if d["ci95"] is None:
-            return f"{d['mean_difference']:+.4f} (1 seed: no interval)"
-        return f"{d['mean_difference']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
     lines = ["", f"Paired difference to {names.get(base, base)} (same seed: arm - baseline; "
              "mean over seeds [95% t interval]):", "",
              "| arm | " + " | ".join(_column_labels(modes, labels)) + " | seeds |",
              "|---" + "|---:" * (len(modes) + 1) + "|"]
     for arm, paired in rows:
-        lines.append(f"| {names.get(arm, arm)} | " + " | ".join(cell(paired[m]) for m in modes)
+        lines.append(f"| {names.get(arm, arm)} | " + " | ".join(format_paired(paired[m]) for m in modes)
                      + f" | {paired[modes[0]]['seeds']} |")
     return "\n".join(lines) + "\n"

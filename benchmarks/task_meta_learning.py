@@ -111,13 +111,6 @@ def calibrated_steps(costs, budget):
             for arm, cost in costs.items()}
 
 
-def chunk_cost(record):
-    """Median seconds per meta-step over the record's checkpoint chunks after the first."""
-    import numpy as np
-    seconds = record["history"]["seconds_per_step"]
-    return float(np.median(seconds[1:] or seconds))
-
-
 def comparison(per_seed, arm, reference, mode):
     """Paired difference arm - reference over the seeds both have (None if either misses)."""
     if arm not in per_seed or reference not in per_seed:
@@ -128,12 +121,7 @@ def comparison(per_seed, arm, reference, mode):
 
 
 def fmt_paired(p):
-    if p is None:
-        return "-"
-    if p["ci95"] is None:
-        return f"{p['mean_difference']:+.4f} (1 seed)"
-    low, high = p["ci95"]
-    return f"{p['mean_difference']:+.4f} [{low:+.4f}, {high:+.4f}]"
+    return "-" if p is None else runner.format_paired(p)
 
 
 def report(setting, shots, costs, steps, budget, summary, records, command):
@@ -141,12 +129,12 @@ def report(setting, shots, costs, steps, budget, summary, records, command):
     modes = [f"{k}shot" for k in shots]
     arms = [a for a in summary if isinstance(summary[a], dict) and "per_seed" in summary[a]]
     per_seed = {a: summary[a]["per_seed"] for a in arms}
-    spent = {a: [r["meta_training_seconds"] for (arm, _), r in records.items() if arm == a]
-             for a in arms}
-    run_cost = {a: [r["seconds_per_meta_step"] for (arm, _), r in records.items() if arm == a]
-                for a in arms}
-    tracing = {a: [r["tracing_seconds"] for (arm, _), r in records.items() if arm == a]
-               for a in arms}
+
+    def per_arm(field):
+        return {a: [r[field] for (arm, _), r in records.items() if arm == a] for a in arms}
+    spent, run_cost, tracing = (per_arm(f) for f in ("meta_training_seconds",
+                                                      "seconds_per_meta_step",
+                                                      "tracing_seconds"))
     lines = [f"## Task meta-learners at an equal meta-training wall-clock ({setting})", "",
              f"`{command}`; budget {budget:g} s of meta-training per arm and seed; seeds "
              f"{', '.join(sorted(per_seed[arms[0]]))}; mean +- std over seeds, paired "
@@ -229,7 +217,8 @@ def main(argv):
         os.path.join(base, "calibration"), *app_flags, f"--arms={','.join(arms)}",
         "--seeds=0", f"--meta_steps={calibration}",
         f"--checkpoint_every={calibration // 4}", "--test_episodes=1")
-    costs = {arm: chunk_cost(calibration_records[(arm, 0)]) for arm in arms}
+    # the app's own cost per meta-step: the median over the chunks after the first
+    costs = {arm: calibration_records[(arm, 0)]["seconds_per_meta_step"] for arm in arms}
     steps = calibrated_steps(costs, budget)
     per_arm = ",".join(f"{arm}:{n}" for arm, n in steps.items())
     summary, records = run_app(os.path.join(base, "runs"), *app_flags, f"--arms={','.join(arms)}",
