@@ -1,7 +1,7 @@
 r"""Meta-learning across a task family: MAML, first-order MAML, Reptile, ARUBA, CTS and
-WarpGrad against
-training from scratch and multitask pre-training + fine-tuning, on N-way K-shot (or
-many-shot) classification tasks with disjoint meta-training and meta-test classes.
+WarpGrad against training from scratch and multitask pre-training + fine-tuning, on N-way
+K-shot (or many-shot) classification tasks with disjoint meta-training and meta-test classes,
+or on binary molecular property tasks with disjoint meta-training and meta-test tasks.
 
 Families (all offline):
 - fashion_mnist: Fashion-MNIST's training images (IDX files in --images_dir, 28x28);
@@ -11,6 +11,17 @@ held out for meta-testing; meta-training episodes use only the others. With --ro
 every class c also gives three new classes, its images rotated by 90, 180 and 270 degrees
 (c + 10, c + 20, c + 30), on the same side of the split (the class augmentation of the
 Omniglot experiments of Santoro et al. 2016 and MAML): ten classes become forty.
+- molecules: the first --num_molecules of the molecules shipped with RDKit (NCI first 5K and
+  the PAINS test set, shuffled; at most --max_atoms heavy atoms) and their binary property
+  tasks computed by RDKit (--task_families: presence of each fr_* fragment, each descriptor
+  above its median), as the graph pre-training experiment builds them. Tasks with too few
+  positives or negatives for an episode are dropped; --num_test_tasks of the rest (drawn by
+  --split_seed) are meta-test tasks. An episode is one task, balanced: --k_shot negatives and
+  positives in the support, --n_query of each in the query (--n_way must be 2). The learner
+  is a GIN (--gin_layers, --gin_hidden; keras_metapt.taskmeta.GINTaskModel) with a zero
+  linear head, and the test metric the query AUROC. Related descriptors (e.g. molecular
+  weight and heavy-atom count) may fall on both sides of the task split: the meta-test
+  tasks are new tasks, not an unrelated domain.
 
 Every arm adapts to a task by SGD (--inner_lr; ARUBA: its learned per-coordinate rates) on
 the task's support set from an initialisation of the same conv classifier
@@ -75,23 +86,40 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from apps import runner  # noqa: E402
 from keras_metapt import tasks, taskmeta  # noqa: E402
+from keras_metapt.data import embedded  # noqa: E402
 from keras_metapt.data import images as image_data  # noqa: E402
+from keras_metapt.data.molecules import smiles_to_graph  # noqa: E402
 from keras_metapt.hypergrad import StepBatches  # noqa: E402
+from keras_metapt.taskmeta import graph_classifier  # noqa: E402
 
 FLAGS = flags.FLAGS
 ARMS = ("scratch", "pretrain_finetune", "maml", "fomaml", "reptile", "aruba", "cts",
         "warpgrad")
 SUPPORT_ONLY = ("pretrain_finetune", "reptile", "aruba", "cts")  # no use of query sets
-FAMILIES = ("fashion_mnist", "digits")
+FAMILIES = ("fashion_mnist", "digits", "molecules")
 TRAIN_STREAM, TEST_STREAM = 0, 1
+MOLECULE_FIELDS = ("num_molecules", "max_atoms", "task_families", "num_test_tasks",
+                   "gin_layers", "gin_hidden")
+IMAGE_FIELDS = ("images_dir", "images_dir_sha256", "num_test_classes", "rotations", "width",
+                "blocks")
 MINIBATCH_TAG = 107  # the NumPy stream of many-shot inner minibatches
 
 flags.DEFINE_enum("family", "fashion_mnist", list(FAMILIES), "Task family: Fashion-MNIST "
-                  "classes (IDX files in --images_dir) or scikit-learn's 8x8 digits.")
+                  "classes (IDX files in --images_dir), scikit-learn's 8x8 digits, or binary "
+                  "property tasks of RDKit's shipped molecules (--n_way=2).")
 flags.DEFINE_string("images_dir", image_data.FASHION_MNIST_DIR, "Folder of MNIST-layout IDX "
                     "files (--family=fashion_mnist); default Debian's package.")
 flags.DEFINE_integer("num_test_classes", 5, "Classes held out for meta-testing (the rest "
                      "are meta-training classes).")
+flags.DEFINE_integer("num_molecules", 2000, "Molecules of the molecule family (the first of "
+                     "RDKit's shipped set, shuffled with seed 0).")
+flags.DEFINE_integer("max_atoms", 32, "Molecule family: larger molecules are dropped (graph "
+                     "sets are padded to this many atoms per molecule).")
+flags.DEFINE_list("task_families", ["fragment", "descriptor"], "Molecule family: RDKit task "
+                  "families (fragment, descriptor, morgan).")
+flags.DEFINE_integer("num_test_tasks", 40, "Molecule family: tasks held out for meta-testing.")
+flags.DEFINE_integer("gin_layers", 3, "Molecule family: GIN layers.")
+flags.DEFINE_integer("gin_hidden", 64, "Molecule family: GIN width.")
 flags.DEFINE_enum("rotations", "1", ["1", "2", "4"], "Classes per original class: its "
                   "images rotated by multiples of 360 / rotations degrees (1: no new classes).")
 flags.DEFINE_integer("split_seed", 0, "Seed of the meta-train / meta-test class split (the "
@@ -162,6 +190,12 @@ class Config(runner.GridConfig):
 
     family: str
     images_dir: str
+    num_molecules: int
+    max_atoms: int
+    task_families: tuple
+    num_test_tasks: int
+    gin_layers: int
+    gin_hidden: int
     num_test_classes: int
     rotations: str
     split_seed: int
@@ -200,7 +234,9 @@ class Config(runner.GridConfig):
     ARMS = ARMS
     NOT_IN_RESULTS = runner.GridConfig.NOT_IN_RESULTS + ("verbose", "plot", "checkpoint_every")
     DATA_PATHS = ("images_dir",)
-    BOUNDS = {"num_test_classes": "[2, 8]", "split_seed": "[0, inf)", "n_way": "[2, 10]",
+    BOUNDS = {"num_test_classes": "[2, 8]", "num_molecules": "[50, 15000]",
+              "max_atoms": "[2, inf)", "num_test_tasks": "[1, inf)", "gin_layers": "[1, 8]",
+              "gin_hidden": "[1, inf)", "split_seed": "[0, inf)", "n_way": "[2, 10]",
               "k_shot": "[1, inf)", "n_query": "[1, inf)", "inner_steps": "[1, inf)",
               "inner_lr": "(0, inf)", "inner_batch": "[0, inf)", "meta_steps": "[1, inf)",
               "meta_batch": "[1, inf)", "meta_lr": "(0, inf)", "meta_step_size": "(0, 1]",
@@ -223,6 +259,16 @@ class Config(runner.GridConfig):
                                  f"--inner_steps={self.inner_steps}")
         object.__setattr__(self, "meta_steps_per_arm",
                            tuple(f"{a}:{n}" for a, n in self.steps_by_arm().items()))
+        if self.family == "molecules":
+            families = tuple(self.task_families)
+            if not families or set(families) - set(embedded.TASK_FAMILIES):
+                raise app.UsageError(f"--task_families={','.join(families)}: give some of "
+                                     f"{', '.join(embedded.TASK_FAMILIES)}")
+            if self.n_way != 2 or self.rotations != "1":
+                raise app.UsageError(f"--family=molecules: tasks are binary, so --n_way=2 "
+                                     f"and --rotations=1 (got {self.n_way}, {self.rotations})")
+            object.__setattr__(self, "task_families", families)
+            return
         r = int(self.rotations)
         if self.n_way > r * min(self.num_test_classes, 10 - self.num_test_classes):
             raise app.UsageError(
@@ -237,6 +283,9 @@ class Config(runner.GridConfig):
         flag existed are still recognised)."""
         config = self.results_config()
         del config["meta_steps_per_arm"]
+        # the settings of the other kind of family do not affect this one's results
+        for name in (IMAGE_FIELDS if self.family == "molecules" else MOLECULE_FIELDS):
+            config.pop(name, None)
         config["meta_steps"] = self.meta_steps_of(arm)
         return config
 
@@ -266,15 +315,55 @@ class Config(runner.GridConfig):
 
 @dataclasses.dataclass
 class Family:
-    train: tasks.EpisodeSampler         # meta-training episodes
-    test: dict                          # k_shot -> EpisodeSampler over the held-out classes
-    image_shape: tuple
-    train_classes: np.ndarray
+    """A family's episode samplers and how its examples reach the learner. Image episodes
+    hold images; molecule episodes hold row indices into ``graphs`` / ``labels``."""
+    train: object                       # meta-training episodes (a sampler)
+    test: dict                          # k_shot -> sampler over the held-out classes / tasks
+    train_classes: np.ndarray           # meta-training classes (molecules: task columns)
     test_classes: np.ndarray
+    image_shape: tuple = None
+    graphs: list = None                 # molecules: one graph per row
+    labels: np.ndarray = None           # molecules: [rows, tasks] 0/1
+    task_names: list = None
+    max_nodes: int = 0                  # molecules: the padding per graph
+    max_edges: int = 0
+
+    @property
+    def is_molecules(self):
+        return self.graphs is not None
+
+    def inputs(self, examples):
+        """The learner's input nest for ``examples`` [..., n, <example>] (leading dimensions
+        kept): the images as a tensor, or the molecules' rows as packed graph sets."""
+        if not self.is_molecules:
+            return tf.constant(examples)
+        rows = np.asarray(examples)
+        packed = graph_classifier.pack_graph_sets(self.graphs, rows.reshape(-1, rows.shape[-1]),
+                                                  self.max_nodes, self.max_edges)
+        return {k: tf.constant(v.reshape(rows.shape[:-1] + v.shape[1:]))
+                for k, v in packed.items()}
+
+    def original_labels(self, episode, part):
+        """Labels of the pre-training head for the ``part`` ("support" or "query") of
+        ``episode``: the original classes (images), or the labels of every meta-training
+        task (molecules, [n, tasks])."""
+        if self.is_molecules:
+            return self.labels[getattr(episode, part)][:, self.train_classes]
+        return episode.classes[getattr(episode, f"{part}_labels")]
+
+    def pretraining_batch(self, examples, original):
+        """(inputs, labels) of multitask pre-training on a meta-batch's examples [M, n, ...]
+        with their `original_labels`; molecules pooled as one set (M = 1)."""
+        if self.is_molecules:
+            examples = examples.reshape(1, -1)
+            original = original.reshape(1, -1, original.shape[-1])
+        return self.inputs(examples), tf.constant(original)
 
 
 def load_family(config):
-    """The class split and the episode samplers of the family."""
+    """The class (or task) split and the episode samplers of the family."""
+    if config.family == "molecules":
+        return load_molecules(config)
     if config.family == "digits":
         from sklearn.datasets import load_digits
         digits = load_digits()
@@ -302,7 +391,43 @@ def load_family(config):
                 for k in config.test_shots}
     except ValueError as error:
         raise app.UsageError(str(error)) from None
-    return Family(train, test, x.shape[1:], train_classes, test_classes)
+    return Family(train, test, train_classes, test_classes, image_shape=x.shape[1:])
+
+
+def load_molecules(config):
+    """RDKit's shipped molecules (at most --max_atoms atoms), their property tasks (RDKit,
+    cached under <output_dir>/cache), the tasks that can fill the largest episode, and the
+    meta-training / meta-test task split."""
+    smiles = [s for s in embedded.pretraining_smiles(config.num_molecules)]
+    graphs = [smiles_to_graph(s) for s in smiles]
+    kept = [i for i, g in enumerate(graphs) if len(g["node_features"]) <= config.max_atoms]
+    smiles, graphs = [smiles[i] for i in kept], [graphs[i] for i in kept]
+    labels, names = embedded.pretraining_tasks(
+        smiles, config.task_families, min_rate=0.0,
+        cache=os.path.join(config.output_dir, "cache", "molecule_task_labels.npz"))
+    largest = max(config.k_shot + config.n_query,
+                  max(config.test_shots) + config.test_n_query)
+    counts = np.minimum(labels.sum(0), len(labels) - labels.sum(0))
+    usable = np.flatnonzero(counts >= largest)
+    if len(usable) <= config.num_test_tasks:
+        raise app.UsageError(
+            f"--num_test_tasks={config.num_test_tasks}: only {len(usable)} of the {len(names)} "
+            f"tasks of {len(smiles)} molecules have {largest} positives and negatives (the "
+            f"largest episode); raise --num_molecules or lower the shots")
+    train_tasks, test_tasks = tasks.split_classes(usable, config.num_test_tasks,
+                                                  config.split_seed)
+    runner.log(f"molecules: {len(smiles)} of {config.num_molecules} with <= "
+               f"{config.max_atoms} atoms; {len(usable)} of {len(names)} tasks usable, "
+               f"{len(train_tasks)} for meta-training, {len(test_tasks)} for meta-testing")
+    train = tasks.PropertyTaskSampler(labels, train_tasks, k_shot=config.k_shot,
+                                      n_query=config.n_query, name="meta-training tasks")
+    test = {k: tasks.PropertyTaskSampler(labels, test_tasks, k_shot=k,
+                                         n_query=config.test_n_query,
+                                         name=f"meta-test tasks ({k}-shot)")
+            for k in config.test_shots}
+    return Family(train, test, train_tasks, test_tasks, graphs=graphs, labels=labels,
+                  task_names=list(names), max_nodes=config.max_atoms,
+                  max_edges=max(len(g["edge_index"]) for g in graphs))
 
 
 def rotated_classes(x, y, rotations):
@@ -314,17 +439,17 @@ def rotated_classes(x, y, rotations):
             np.concatenate([y + 10 * i for i in range(rotations)]).astype(np.int32))
 
 
-def support_batches(images, labels, config, steps, key):
+def support_batches(family, examples, labels, config, steps, key):
     """The support set as the inner loop consumes it: the whole set (every step), or with
     --inner_batch one minibatch per step (rows drawn without replacement per step by the
     NumPy generator seeded with ``key``). Leading task dimension kept."""
-    if config.inner_batch <= 0 or config.inner_batch >= images.shape[1]:
-        return (tf.constant(images), tf.constant(labels))
+    if config.inner_batch <= 0 or config.inner_batch >= examples.shape[1]:
+        return (family.inputs(examples), tf.constant(labels))
     rng = np.random.default_rng([MINIBATCH_TAG, *key])
-    rows = np.stack([[rng.choice(images.shape[1], config.inner_batch, replace=False)
-                      for _ in range(steps)] for _ in range(images.shape[0])])  # [M, T, b]
-    take = np.arange(images.shape[0])[:, None, None]
-    return StepBatches((tf.constant(images[take, rows]), tf.constant(labels[take, rows])))
+    rows = np.stack([[rng.choice(examples.shape[1], config.inner_batch, replace=False)
+                      for _ in range(steps)] for _ in range(examples.shape[0])])  # [M, T, b]
+    take = np.arange(examples.shape[0])[:, None, None]
+    return StepBatches((family.inputs(examples[take, rows]), tf.constant(labels[take, rows])))
 
 
 def meta_batch(family, config, seed, step, query_in_support=False):
@@ -334,30 +459,74 @@ def meta_batch(family, config, seed, step, query_in_support=False):
     episodes = [family.train.episode(seed, step * config.meta_batch + m, TRAIN_STREAM)
                 for m in range(config.meta_batch)]
     support, support_labels, query, query_labels = tasks.stack_episodes(episodes)
-    original = np.stack([e.classes[e.support_labels] for e in episodes])
+    original = np.stack([family.original_labels(e, "support") for e in episodes])
     if query_in_support:
         support = np.concatenate([support, query], 1)
         support_labels = np.concatenate([support_labels, query_labels], 1)
-        original = np.concatenate([original, np.stack([e.classes[e.query_labels]
+        original = np.concatenate([original, np.stack([family.original_labels(e, "query")
                                                        for e in episodes])], 1)
     return support, support_labels, query, query_labels, original
 
 
 # ----------------------------------------------------------------------------- one arm
 
+def metric_of(config):
+    """(record key prefix, name) of the test metric: query accuracy, or AUROC (molecules)."""
+    return ("test_auroc", "auroc") if config.family == "molecules" else ("test_accuracy",
+                                                                         "accuracy")
+
+
+class TaskModel:
+    """The family's learner as pure functions: params' first value, the loss, the warped
+    learner (WarpGrad) and the test score of a query set (accuracy, or AUROC for
+    molecules)."""
+
+    def __init__(self, config, family, seed, warped=False):
+        self.family = family
+        if family.is_molecules:
+            self.gin = taskmeta.GINTaskModel(num_layers=config.gin_layers,
+                                             hidden=config.gin_hidden, warp_layers=warped,
+                                             seed=seed)
+            self.params = self.gin.initial_params()
+            self.warp_params = self.gin.initial_warp_params()
+            self.loss, self.warped_loss = self.gin.loss, self.gin.warped_loss
+            # the pre-training head: one output per meta-training task
+            self.pretraining_outputs = len(family.train_classes)
+        else:
+            self.params = taskmeta.conv_classifier_params(
+                config.n_way, family.image_shape, width=config.width, blocks=config.blocks,
+                seed=seed)
+            self.warp_params = taskmeta.identity_warp_params(config.width, config.blocks)
+            self.loss = taskmeta.classification_loss
+            self.warped_loss = taskmeta.warped_classification_loss
+            # every original label (10 per rotation); the meta-test classes never occur
+            self.pretraining_outputs = 10 * int(config.rotations)
+
+    def score(self, params, warp_params, episode):
+        """The adapted ``params``' accuracy (AUROC) on the query set of ``episode``."""
+        query = tf.nest.map_structure(lambda x: x[0], self.family.inputs(episode.query[None]))
+        if self.family.is_molecules:
+            logits = self.gin.logits(params, query, warp_params)[:, 0]
+            return taskmeta.binary_auroc(logits.numpy(), episode.query_labels)
+        return float(taskmeta.classification_accuracy(
+            params, query, tf.constant(episode.query_labels), warp_params))
+
+
 def make_learner(arm, seed, config, family):
-    params = taskmeta.conv_classifier_params(config.n_way, family.image_shape,
-                                             width=config.width, blocks=config.blocks, seed=seed)
+    """(the arm's learner, its `TaskModel`)."""
+    model = TaskModel(config, family, seed, warped=arm == "warpgrad")
+    return build_learner(arm, model, config, seed), model
+
+
+def build_learner(arm, model, config, seed):
+    params, loss = model.params, model.loss
     common = dict(inner_steps=config.inner_steps, inner_learning_rate=config.inner_lr)
-    loss = taskmeta.classification_loss
     if arm == "scratch":
         return taskmeta.FromScratch(loss, params, **common)
     if arm == "pretrain_finetune":
-        # the pre-training head spans every original label (10 per rotation); the meta-test
-        # classes never occur in its batches
         optimizer = keras.optimizers.Adam(config.meta_lr)
-        return taskmeta.MultitaskPretraining(params, 10 * int(config.rotations),
-                                             optimizer=optimizer, **common)
+        return taskmeta.MultitaskPretraining(params, model.pretraining_outputs,
+                                             optimizer=optimizer, loss_fn=loss, **common)
     if arm in ("maml", "fomaml"):
         return taskmeta.MAML(loss, params, meta_optimizer=keras.optimizers.Adam(config.meta_lr),
                              first_order=arm == "fomaml", **common)
@@ -365,8 +534,7 @@ def make_learner(arm, seed, config, family):
         return taskmeta.Reptile(loss, params, meta_step_size=config.meta_step_size, **common)
     if arm == "warpgrad":
         return taskmeta.WarpGrad(
-            taskmeta.warped_classification_loss, params,
-            taskmeta.identity_warp_params(config.width, config.blocks),
+            model.warped_loss, params, model.warp_params,
             warp_learning_rate=config.warp_lr, init_learning_rate=config.warpgrad_init_lr,
             trajectory_points=config.warpgrad_points or None,
             warp_batch=config.warpgrad_batch or None, seed=seed, **common)
@@ -378,22 +546,22 @@ def make_learner(arm, seed, config, family):
                           zeta=config.aruba_zeta, power=config.aruba_power, **common)
 
 
-def test_accuracies(learner, family, config):
-    """{k_shot: [query accuracy of each test task]}."""
+def test_scores(learner, model, family, config):
+    """{k_shot: [query accuracy (molecules: AUROC) of each test task]}."""
     out = {}
     warps = learner.warp_values() if isinstance(learner, taskmeta.WarpGrad) else None
     for k, sampler in family.test.items():
         values = []
         for i in range(config.test_episodes):
             e = sampler.episode(config.test_seed, i, TEST_STREAM)
-            support = support_batches(e.support[None], e.support_labels[None], config,
-                                      config.test_inner_steps, (config.test_seed, k, i))
+            support = support_batches(family, e.support[None], e.support_labels[None],
+                                      config, config.test_inner_steps,
+                                      (config.test_seed, k, i))
             support = (StepBatches(tf.nest.map_structure(lambda x: x[0], support.batches))
                        if isinstance(support, StepBatches)
-                       else tuple(x[0] for x in support))
+                       else tf.nest.map_structure(lambda x: x[0], support))
             params = learner.adapt(support, config.test_inner_steps)
-            values.append(float(taskmeta.classification_accuracy(
-                params, tf.constant(e.query), tf.constant(e.query_labels), warps)))
+            values.append(model.score(params, warps, e))
         out[k] = values
     return out
 
@@ -402,7 +570,7 @@ def run_arm(config, family, arm, seed):
     """Meta-trains one arm for its meta-steps (`Config.meta_steps_of`), resuming from its
     last checkpoint, then tests it on the held-out classes."""
     meta_steps = config.meta_steps_of(arm)
-    learner = make_learner(arm, seed, config, family)
+    learner, model = make_learner(arm, seed, config, family)
     if config.zero_head and arm not in ("scratch", "pretrain_finetune"):
         learner.keep_at_initial_value([-2, -1])  # the head: [W, b], zero at first
     history, save = runner.resume_run(
@@ -420,12 +588,12 @@ def run_arm(config, family, arm, seed):
             support, support_labels, query, query_labels, original = meta_batch(
                 family, config, seed, step, config.query_in_support and arm in SUPPORT_ONLY)
             if arm == "pretrain_finetune":
-                metrics = learner.meta_step((tf.constant(support), tf.constant(original)))
+                metrics = learner.meta_step(family.pretraining_batch(support, original))
             else:
                 metrics = learner.meta_step(
-                    support_batches(support, support_labels, config, config.inner_steps,
-                                    (seed, step)),
-                    (tf.constant(query), tf.constant(query_labels)))
+                    support_batches(family, support, support_labels, config,
+                                    config.inner_steps, (seed, step)),
+                    (family.inputs(query), tf.constant(query_labels)))
             chunk.append(metrics)
             if not traced:  # it traced the step functions: timed apart from the chunk
                 traced = True
@@ -441,7 +609,7 @@ def run_arm(config, family, arm, seed):
         if config.verbose == 2:
             runner.log(f"  meta-step {last}/{meta_steps}: {history['metrics'][-1]}")
         save(history)
-    accuracies = test_accuracies(learner, family, config)
+    scores = test_scores(learner, model, family, config)
     previous = [0] + history["step"][:-1]
     record = {"history": history, "meta_steps": meta_steps,
               # wall-clock of meta-training at the chunks' steady rates (checkpointing and
@@ -453,16 +621,17 @@ def run_arm(config, family, arm, seed):
               # the first chunk may still hold warm-up after tracing: the later ones
               "seconds_per_meta_step": float(np.median(history["seconds_per_step"][1:]
                                                        or history["seconds_per_step"]))}
-    for k, values in accuracies.items():
+    metric, name = metric_of(config)
+    for k, values in scores.items():
         mean, half = runner.mean_and_interval(values)
-        record[f"test_accuracy_{k}shot"] = mean
+        record[f"{metric}_{k}shot"] = mean
         record[f"test_ci95_{k}shot"] = half
-        record[f"test_task_accuracies_{k}shot"] = values
+        record[f"test_task_{name}s_{k}shot"] = values
     if arm == "aruba":
         eta = np.concatenate([e.numpy().ravel() for e in learner.eta])
         record["aruba_step_size_quantiles"] = np.quantile(eta, [0.05, 0.5, 0.95]).tolist()
-    runner.log("  meta-test accuracy: " + ", ".join(
-        f"{k}-shot {record[f'test_accuracy_{k}shot']:.4f} +- {record[f'test_ci95_{k}shot']:.4f}"
+    runner.log(f"  meta-test {name}: " + ", ".join(
+        f"{k}-shot {record[f'{metric}_{k}shot']:.4f} +- {record[f'test_ci95_{k}shot']:.4f}"
         for k in config.test_shots))
     return record
 
@@ -489,17 +658,19 @@ def plot(records, config, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    metric, name = metric_of(config)
     fig, ax = plt.subplots(figsize=(8, 4))
     arms = [a for a in ARMS if any(arm == a for arm, _ in records)]
     width = 0.8 / len(config.test_shots)
     for j, k in enumerate(config.test_shots):
-        values = [[r[f"test_accuracy_{k}shot"] for (a, _), r in records.items() if a == arm]
+        values = [[r[f"{metric}_{k}shot"] for (a, _), r in records.items() if a == arm]
                   for arm in arms]
         ax.bar(np.arange(len(arms)) + j * width, [np.mean(v) for v in values], width,
                yerr=[np.std(v) for v in values], capsize=3, label=f"{k}-shot")
     ax.set_xticks(np.arange(len(arms)) + width * (len(config.test_shots) - 1) / 2, arms)
-    ax.set(ylabel="meta-test accuracy",
-           title=f"{config.family}: {config.n_way}-way, held-out classes, mean +- std over "
+    ax.set(ylabel=f"meta-test {name}",
+           title=f"{config.family}: {config.n_way}-way, held-out "
+                 f"{'tasks' if config.family == 'molecules' else 'classes'}, mean +- std over "
                  "seeds")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -512,13 +683,17 @@ def main(argv):
     del argv
     config, _ = runner.setup(Config)
     family = load_family(config)
-    runner.log(f"{config.family}: meta-training classes {family.train_classes.tolist()}, "
-               f"meta-test classes {family.test_classes.tolist()}")
+    if family.is_molecules:
+        runner.log("meta-test tasks: " + ", ".join(family.task_names[t]
+                                                   for t in family.test_classes))
+    else:
+        runner.log(f"{config.family}: meta-training classes {family.train_classes.tolist()}, "
+                   f"meta-test classes {family.test_classes.tolist()}")
     records = runner.run_grid(config, lambda arm, seed, _: run_arm(config, family, arm, seed))
     modes = tuple(f"{k}shot" for k in config.test_shots)
     table, _ = runner.summarise(
-        records, config, modes, metric="test_accuracy", rate_column=False,
-        labels={f"{k}shot": f"{config.n_way}-way {k}-shot meta-test accuracy"
+        records, config, modes, metric=metric_of(config)[0], rate_column=False,
+        labels={f"{k}shot": f"{config.n_way}-way {k}-shot meta-test {metric_of(config)[1]}"
                 for k in config.test_shots}, appendix=method_table(records, config))
     print("\n" + table)
     if config.plot:

@@ -6,15 +6,26 @@ in the order drawn. Support and query are class-major: rows [i * k_shot, (i + 1)
 the support are class i. Episode ``index`` of stream ``seed`` is a fixed draw (NumPy's
 generator seeded by (tag, seed, stream, index)), so arms compared on the same stream see the same
 episodes, and a resumed run draws what the uninterrupted run would have.
+
+Binary property tasks (`PropertyTaskSampler`): the tasks are the columns of a 0/1 label
+matrix [examples, tasks] (e.g. molecules' substructures and descriptors); an episode picks
+one task, then ``k_shot`` negatives and ``k_shot`` positives for the support and
+``n_query`` of each for the query (a balanced 2-way episode whose labels keep their
+meaning: 1 = the property holds). Episodes hold row indices into the examples.
 """
 
 from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Episode", "EpisodeSampler", "split_classes", "stack_episodes"]
+__all__ = ["Episode", "EpisodeSampler", "PropertyEpisode", "PropertyTaskSampler",
+           "split_classes", "stack_episodes"]
 
 _EPISODE_TAG = 103  # keeps episode streams apart from the apps' other NumPy streams
+
+
+def _episode_generator(seed, index, stream):
+    return np.random.default_rng([_EPISODE_TAG, int(seed), int(stream), int(index)])
 
 
 class Episode(NamedTuple):
@@ -72,8 +83,61 @@ class EpisodeSampler:
 
     def episode(self, seed, index, stream=0):
         """Episode ``index`` of the stream (``seed``, ``stream``): the same draw every time."""
-        return self.sample(np.random.default_rng([_EPISODE_TAG, int(seed), int(stream),
-                                                  int(index)]))
+        return self.sample(_episode_generator(seed, index, stream))
+
+
+class PropertyEpisode(NamedTuple):
+    support: np.ndarray       # [2 k_shot] rows: k_shot negatives, then k_shot positives
+    query: np.ndarray         # [2 n_query] rows, negatives then positives
+    query_labels: np.ndarray  # [2 n_query] int32 in {0, 1}
+    task: int                 # the label column
+
+    @property
+    def support_labels(self):
+        """[2 k_shot] int32: zeros, then ones."""
+        return np.repeat(np.arange(2, dtype=np.int32), len(self.support) // 2)
+
+
+class PropertyTaskSampler:
+    """Balanced episodes of binary property tasks: the columns ``tasks`` (default all) of
+    ``labels`` [n, T] (0/1; NaN = unknown, never drawn).
+
+    Raises ValueError naming the sampler (``name``) and the task when a task has fewer than
+    ``k_shot + n_query`` positives or negatives.
+    """
+
+    def __init__(self, labels, tasks=None, *, k_shot=5, n_query=15, name="property tasks"):
+        labels = np.asarray(labels, np.float64)
+        if labels.ndim != 2:
+            raise ValueError(f"{name}: labels must be [examples, tasks], got shape "
+                             f"{labels.shape}")
+        self.tasks = np.arange(labels.shape[1]) if tasks is None else np.asarray(tasks)
+        self.k_shot, self.n_query, self.name = int(k_shot), int(n_query), name
+        if min(self.k_shot, self.n_query) < 1 or len(self.tasks) < 1:
+            raise ValueError(f"{name}: k_shot and n_query must be >= 1 and one task given, "
+                             f"got {k_shot}, {n_query}, {len(self.tasks)} tasks")
+        self.rows = {}
+        for t in self.tasks:
+            negatives, positives = (np.flatnonzero(labels[:, t] == v) for v in (0, 1))
+            fewest = min(len(negatives), len(positives))
+            if fewest < self.k_shot + self.n_query:
+                raise ValueError(f"{name}: task {t} has {len(positives)} positives and "
+                                 f"{len(negatives)} negatives, an episode takes "
+                                 f"{self.k_shot + self.n_query} of each (k_shot + n_query)")
+            self.rows[int(t)] = (negatives, positives)
+
+    def sample(self, rng):
+        """One episode drawn with the NumPy generator ``rng``."""
+        task = int(rng.choice(self.tasks))
+        per_class = self.k_shot + self.n_query
+        rows = np.stack([rng.choice(r, per_class, replace=False) for r in self.rows[task]])
+        labels = np.repeat(np.arange(2, dtype=np.int32), self.n_query)
+        return PropertyEpisode(rows[:, :self.k_shot].reshape(-1),
+                               rows[:, self.k_shot:].reshape(-1), labels, task)
+
+    def episode(self, seed, index, stream=0):
+        """Episode ``index`` of the stream (``seed``, ``stream``): the same draw every time."""
+        return self.sample(_episode_generator(seed, index, stream))
 
 
 def split_classes(classes, num_test, seed=0, together=()):

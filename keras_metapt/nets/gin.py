@@ -9,6 +9,10 @@ Hu et al. (2019), "Strategies for Pre-training Graph Neural Networks": per layer
 node and edge inputs are sums of embeddings of categorical columns (atom type and chirality;
 bond type and direction), edge embeddings are per layer, and the graph readout is the masked
 mean over nodes, optionally concatenated with the centre node's embedding (ego-networks).
+With ``warp_layers=True`` a warp layer follows every GIN layer: a linear map H -> H without
+bias, initialised to the identity (named ``warp_<l>``; at its first value the encoder computes
+exactly the plain GIN). WarpGrad meta-learns these as a preconditioner and adapts only the
+other weights (`keras_metapt.taskmeta.WarpGrad`).
 Input: a padded disjoint batch from `keras_metapt.data.graphs.batch_graphs`. Aggregation uses
 `keras.ops.segment_sum` over static shapes, so it compiles with XLA.
 Cost per layer: O(E H + N H^2).
@@ -36,10 +40,11 @@ class GIN(keras.Model):
       bn_momentum: BatchNorm momentum (Keras convention; 0.9 = PyTorch's 0.1).
       num_graphs: graphs per batch (static, for XLA) when a batch has no "center" entry; a
         batch with one (`batch_graphs` output) may hold any static number of graphs.
+      warp_layers: an identity-initialised linear warp layer after every GIN layer.
     """
 
     def __init__(self, node_vocab_sizes, edge_vocab_sizes, num_graphs, num_layers=5, hidden=300,
-                 dropout=0.2, readout="mean", bn_momentum=0.9, **kwargs):
+                 dropout=0.2, readout="mean", bn_momentum=0.9, warp_layers=False, **kwargs):
         super().__init__(**kwargs)
         if readout not in ("mean", "mean+center"):
             raise ValueError(f"readout must be 'mean' or 'mean+center', got {readout!r}")
@@ -69,6 +74,10 @@ class GIN(keras.Model):
         self.norms = [keras.layers.BatchNormalization(momentum=self.bn_momentum,
                                                      name=f"gin_norm_{l}") for l in range(num_layers)]
         self.dropout = keras.layers.Dropout(dropout)
+        self.warp_layers = bool(warp_layers)
+        self.warps = [keras.layers.Dense(hidden, use_bias=False, kernel_initializer="identity",
+                                         name=f"warp_{l}") for l in range(num_layers)
+                      ] if self.warp_layers else []
 
     def _embed(self, tables, features):
         return sum(table(features[:, i]) for i, table in enumerate(tables))
@@ -89,6 +98,8 @@ class GIN(keras.Model):
             if l < self.num_layers - 1:
                 h = ops.relu(h)
             h = self.dropout(h, training=training) * node_mask
+            if self.warp_layers:
+                h = self.warps[l](h)
         graph_ids = batch["node_graph"]
         # a batch's graph count is static in its "center" shape; num_graphs when it is not
         num_graphs = batch["center"].shape[0] if "center" in batch else None
@@ -105,5 +116,5 @@ class GIN(keras.Model):
         config.update(node_vocab_sizes=self.node_vocab_sizes, edge_vocab_sizes=self.edge_vocab_sizes,
                       num_graphs=self.num_graphs, num_layers=self.num_layers, hidden=self.hidden,
                       dropout=self.dropout_rate, readout=self.readout,
-                      bn_momentum=self.bn_momentum)
+                      bn_momentum=self.bn_momentum, warp_layers=self.warp_layers)
         return config

@@ -27,7 +27,9 @@ The protocol, followed by every method (base class `TaskMetaLearner`):
 
 References without meta-learning: `FromScratch` (a fixed random initialisation) and
 `MultitaskPretraining` (supervised pre-training over all meta-training classes, then
-fine-tuning). The image families' learner is `conv_classifier_*` (module ``classifier``).
+fine-tuning). The image families' learner is `conv_classifier_*` (module ``classifier``),
+the molecule family's `GINTaskModel` (module ``graph_classifier``: a GIN and a linear head,
+optionally with warp layers).
 """
 
 from keras_metapt.taskmeta.aruba import ARUBA
@@ -37,6 +39,7 @@ from keras_metapt.taskmeta.classifier import (classification_accuracy, classific
                                               identity_warp_params, warped_classification_loss,
                                               warped_classifier_logits)
 from keras_metapt.taskmeta.cts import ContinualTrajectoryShifting
+from keras_metapt.taskmeta.graph_classifier import GINTaskModel, binary_auroc, pack_graph_sets
 from keras_metapt.taskmeta.learner import TaskMetaLearner, sgd_adapt
 from keras_metapt.taskmeta.maml import MAML
 from keras_metapt.taskmeta.reptile import Reptile
@@ -46,4 +49,5 @@ __all__ = ["TaskMetaLearner", "sgd_adapt", "MAML", "Reptile", "ARUBA",
            "ContinualTrajectoryShifting", "WarpGrad", "FromScratch",
            "MultitaskPretraining", "conv_classifier_params", "conv_classifier_logits",
            "classification_loss", "classification_accuracy", "identity_warp_params",
-           "warped_classifier_logits", "warped_classification_loss"]
+           "warped_classifier_logits", "warped_classification_loss", "GINTaskModel",
+           "pack_graph_sets", "binary_auroc"]
