@@ -1,14 +1,16 @@
-"""Episodes of keras_metapt.tasks.EpisodeSampler.
+"""Episodes of keras_metapt.tasks.EpisodeSampler and PropertyTaskSampler.
 
 References: the definition of an N-way K-shot episode, checked element by element against the
 labels of the rows drawn (support class-major, query labels 0..N-1 each n_query times, no row
-in both, every row of a chosen class); determinism per (seed, stream, index).
+in both, every row of a chosen class); for property tasks, the label matrix itself (each
+drawn row's label in the drawn task column); determinism per (seed, stream, index).
 """
 
 import numpy as np
 import pytest
 
-from keras_metapt.tasks import EpisodeSampler, split_classes, stack_episodes
+from keras_metapt.tasks import (EpisodeSampler, PropertyTaskSampler, split_classes,
+                                stack_episodes)
 
 
 def labelled(num_classes=6, per_class=12):
@@ -104,3 +106,42 @@ def test_split_keeps_groups_on_one_side_and_leaves_other_draws_alone():
     seed = next(s for s in range(100) if split_classes(small, 1, seed=s)[1][0] in (6, 9))
     with pytest.raises(ValueError, match=r"\(6, 9\)"):
         split_classes(small, 1, seed=seed, together=((6, 9),))
+
+
+def property_labels(rows=60, tasks=5, seed=0):
+    labels = (np.random.default_rng(seed).random((rows, tasks)) < 0.5).astype(np.float32)
+    labels[:3, 1] = np.nan  # unknown labels are never drawn
+    return labels
+
+
+def test_a_property_episode_is_one_balanced_task_with_disjoint_query():
+    labels = property_labels()
+    sampler = PropertyTaskSampler(labels, tasks=[1, 3, 4], k_shot=3, n_query=5)
+    seen = set()
+    for index in range(20):
+        e = sampler.episode(seed=2, index=index)
+        seen.add(e.task)
+        assert e.task in (1, 3, 4) and e.support.shape == (6,) and e.query.shape == (10,)
+        np.testing.assert_array_equal(e.support_labels, [0, 0, 0, 1, 1, 1])
+        np.testing.assert_array_equal(e.query_labels, np.repeat([0, 1], 5))
+        np.testing.assert_array_equal(labels[e.support, e.task], e.support_labels)
+        np.testing.assert_array_equal(labels[e.query, e.task], e.query_labels)
+        assert len(set(e.support) | set(e.query)) == 16  # no row twice, none in both
+    assert seen == {1, 3, 4}
+    a = sampler.episode(2, 7)
+    np.testing.assert_array_equal(a.query, sampler.episode(2, 7).query)
+    assert not np.array_equal(a.query, sampler.episode(2, 7, stream=1).query)
+    support, support_labels, _, query_labels = stack_episodes([a, sampler.episode(2, 8)])
+    assert support.shape == (2, 6) and support_labels.shape == (2, 6)
+    assert query_labels.shape == (2, 10)
+
+
+def test_property_tasks_too_rare_for_an_episode_are_named():
+    labels = property_labels()
+    labels[:, 2] = 0
+    labels[:4, 2] = 1
+    with pytest.raises(ValueError, match="molecules: task 2 has 4 positives and 56 negatives, "
+                                         "an episode takes 5 of each"):
+        PropertyTaskSampler(labels, k_shot=2, n_query=3, name="molecules")
+    with pytest.raises(ValueError, match=r"labels must be \[examples, tasks\]"):
+        PropertyTaskSampler(labels[:, 0])

@@ -1,11 +1,12 @@
 """The task meta-learning app end to end on tiny settings: scikit-learn's bundled digits
-(few-shot, every arm) and IDX files in the real Fashion-MNIST format (many-shot minibatches);
-its resumption and repeatability; a usage error (its flags and --help: tests/faults/
-test_flag_validation.py).
+(few-shot, every arm), IDX files in the real Fashion-MNIST format (many-shot minibatches) and
+the molecule family (RDKit's shipped molecules, GIN learner, query AUROC); its resumption and
+repeatability; usage errors (its flags and --help: tests/faults/test_flag_validation.py).
 
 References: every summary figure recomputed with NumPy from the stored per-seed records and
 their per-task accuracies; a task's accuracy is a count of correct queries out of
-n_way x test_n_query; an identical second run (--noresume) for "a seed fixes a run, bit for
+n_way x test_n_query, a task's AUROC one of 2 test_n_query^2 + 1 values (pairs of a
+positive and a negative query, ties counting 1/2); an identical second run (--noresume) for "a seed fixes a run, bit for
 bit" (CPU, op determinism).
 """
 
@@ -101,6 +102,30 @@ def test_many_shot_minibatches_on_idx_files(tmp_path):
     assert 0.0 <= record["test_accuracy_12shot"] <= 1.0
     assert record["history"]["metrics"][-1]["distance"] > 0
     assert record["config"]["query_in_support"] is True  # ARUBA trained on support + query
+
+
+def test_molecule_family_with_a_gin_learner_scored_by_auroc(tmp_path):
+    arms = ("scratch", "pretrain_finetune", "reptile", "warpgrad")
+    out = tmp_path / "out"
+    proc = run_app(out, "--family=molecules", "--num_molecules=300", "--num_test_tasks=5",
+                   "--gin_layers=1", "--gin_hidden=8", "--k_shot=2", "--test_shots=2",
+                   "--seeds=0", "--arms=" + ",".join(arms), "--meta_steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "meta-test tasks: " in proc.stdout and "5 for meta-testing" in proc.stdout
+    pairs = TINY["test_n_query"] ** 2
+    for arm in arms:
+        record = json.load(open(out / "results" / f"{arm}_seed0.json"))
+        values = np.array(record["test_task_aurocs_2shot"])
+        assert values.shape == (TINY["test_episodes"],)
+        assert np.all((values >= 0) & (values <= 1))
+        np.testing.assert_allclose(2 * pairs * values, np.round(2 * pairs * values), atol=1e-6)
+        assert record["test_auroc_2shot"] == pytest.approx(values.mean())
+        assert "rotations" not in record["config"] and record["config"]["gin_hidden"] == 8
+    assert "2-way 2-shot meta-test auroc" in (out / "summary.md").read_text()
+    assert (out / "cache" / "molecule_task_labels.npz").exists()
+    bad = run_app(tmp_path / "bad", "--family=molecules", "--n_way=3", "--seeds=0",
+                  "--arms=scratch", timeout=300)
+    assert bad.returncode != 0 and "--n_way=2" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_too_many_ways_for_the_split_is_a_usage_error(tmp_path):
