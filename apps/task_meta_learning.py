@@ -259,15 +259,15 @@ class Config(runner.GridConfig):
                                  f"--inner_steps={self.inner_steps}")
         object.__setattr__(self, "meta_steps_per_arm",
                            tuple(f"{a}:{n}" for a, n in self.steps_by_arm().items()))
+        families = tuple(self.task_families)
+        if not families or set(families) - set(embedded.TASK_FAMILIES):
+            raise app.UsageError(f"--task_families={','.join(families)}: give some of "
+                                 f"{', '.join(embedded.TASK_FAMILIES)}")
+        object.__setattr__(self, "task_families", families)
         if self.family == "molecules":
-            families = tuple(self.task_families)
-            if not families or set(families) - set(embedded.TASK_FAMILIES):
-                raise app.UsageError(f"--task_families={','.join(families)}: give some of "
-                                     f"{', '.join(embedded.TASK_FAMILIES)}")
             if self.n_way != 2 or self.rotations != "1":
                 raise app.UsageError(f"--family=molecules: tasks are binary, so --n_way=2 "
                                      f"and --rotations=1 (got {self.n_way}, {self.rotations})")
-            object.__setattr__(self, "task_families", families)
             return
         r = int(self.rotations)
         if self.n_way > r * min(self.num_test_classes, 10 - self.num_test_classes):
