@@ -10,7 +10,9 @@ identity-initialised linear warp after every GIN layer) and applies it stateless
 The head starts at zero (every adapted model starts from p = 0.5). Batch normalisation uses
 the statistics of the batch it is applied to, the support set while adapting and the query
 set when testing (the transductive setting of the image learner); running statistics are
-never used or updated.
+never used or updated. The batch statistics run over every node slot of the padded set,
+padding included (as the GIN's do in the graph pre-training experiment): a set's padding is
+fixed by its size (`pack_graph_sets`), so every arm and task sees the same normalisation.
 
 A batch is (graphs, labels): graphs a padded disjoint batch (`pack_graph_sets`, one entry of
 its leading set dimension), labels [B] in {0, 1} for one task (K = 1) or [B, K] for K tasks at

@@ -77,3 +77,12 @@ def test_flags_the_benchmark_sets_are_refused_in_app_flags(tmp_path):
     assert proc.returncode != 0
     assert "--seeds=3 is set by the benchmark" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_molecule_family_is_reported_as_auroc():
+    """Reference: the app's metric per family (query AUROC for molecules, accuracy else),
+    the last --family flag winning as in absl."""
+    from benchmarks.task_meta_learning import SETTINGS, metric_name
+    assert metric_name(SETTINGS["molecules"]["flags"]) == "AUROC"
+    assert metric_name(SETTINGS["few_shot"]["flags"]) == "accuracy"
+    assert metric_name(SETTINGS["molecules"]["flags"] + ["--family=digits"]) == "accuracy"
