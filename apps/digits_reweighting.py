@@ -169,15 +169,6 @@ def make_estimator(config, reduce=None):
     return km.EvoGrad(num_copies=4, sigma=0.05, temperature=0.05, gradient_reduction=reduce)
 
 
-def shard_for_replicas(strategy, arrays):
-    """Replica r gets the r-th of R contiguous slices of every array (a DistributedValues)."""
-    def value_fn(ctx):
-        parts = np.array_split(np.arange(len(arrays[0])), ctx.num_replicas_in_sync)
-        rows = parts[ctx.replica_id_in_sync_group]
-        return tuple(tf.constant(a[rows]) for a in arrays)
-    return strategy.experimental_distribute_values_from_function(value_fn)
-
-
 def main(argv):
     del argv
     config, strategy = runner.setup(Config)
@@ -237,8 +228,8 @@ def main(argv):
     if replicas == 1:
         meta_step = tf.function(lambda: hypergradient(train, val), jit_compile=True)
     else:
-        train_shards = shard_for_replicas(strategy, train)
-        val_shards = shard_for_replicas(strategy, val)
+        train_shards = km.distribute.shard_for_replicas(strategy, train)
+        val_shards = km.distribute.shard_for_replicas(strategy, val)
 
         @tf.function  # XLA does not compile across devices
         def meta_step():

@@ -118,7 +118,8 @@ flags.DEFINE_bool("resume", True, "Reuse finished (arm, seed) results and resume
                   "from their last epoch checkpoint, when made with the same settings.")
 flags.DEFINE_integer("verbose", 1, "0: silent; 1: a progress bar per epoch; 2: a line per epoch.")
 flags.DEFINE_bool("plot", True, "Write noisy_labels.png.")
-runner.define_strategy_flags("training (only the default, one device, is supported here)")
+runner.define_strategy_flags("training: each step, hypergradient included, data-parallel "
+                             "(not mwn_hyperdistill)")
 runner.define_hyperdistill_flags("mwn_hyperdistill", every_default=500)
 flags.adopt_module_key_flags(runner)
 
@@ -168,8 +169,10 @@ class Config(runner.GridConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.strategy != "default":
-            raise app.UsageError(f"--strategy={self.strategy}: this app runs on one device")
+        if self.strategy != "default" and "mwn_hyperdistill" in self.arms:
+            raise app.UsageError(f"--strategy={self.strategy}: mwn_hyperdistill runs on one "
+                                 f"device (its online state is not split over replicas); leave "
+                                 f"it out of --arms")
 
 
 # ----------------------------------------------------------------------------- data
@@ -224,43 +227,51 @@ def batch_order(seed, epoch, num_examples, batch_size, num_steps):
 
 # ----------------------------------------------------------------------------- one arm
 
-def make_estimator(arm, config):
+def make_estimator(arm, config, reduce=None):
     """The arm's hypergradient estimator (the one-step look-ahead follows the trainer's current
-    SGD rate through the problem's ``inner_optimizer_hparams``)."""
+    SGD rate through the problem's ``inner_optimizer_hparams``); ``reduce``: the cross-replica
+    sum of a data-parallel run."""
     name = arm[len("mwn_"):]
     if name == "one_step":
-        return km.Unrolled(optim.sgd(config.lr), num_steps=1)
+        return km.Unrolled(optim.sgd(config.lr), num_steps=1, gradient_reduction=reduce)
     if name == "lookahead5":  # the truncated hypergradient of horizon K = 5
-        return km.Unrolled(optim.sgd(config.lr), num_steps=5)
+        return km.Unrolled(optim.sgd(config.lr), num_steps=5, gradient_reduction=reduce)
     if name == "hyperdistill":
-        return runner.hyperdistill_estimator(config, config.lr)
+        return runner.hyperdistill_estimator(config, config.lr, reduce)
     if name == "evograd":
         return km.EvoGrad(num_copies=config.evograd_copies, sigma=config.evograd_sigma,
-                          temperature=config.evograd_temperature)
-    return km.Implicit(km.linalg.neumann(config.neumann_terms))  # alpha: the current SGD rate
+                          temperature=config.evograd_temperature, gradient_reduction=reduce)
+    # alpha: the current SGD rate
+    return km.Implicit(km.linalg.neumann(config.neumann_terms), gradient_reduction=reduce)
 
 
-def make_trainer(arm, seed, config):
+def make_trainer(arm, seed, config, strategy=None):
     """The arm's `keras_metapt.reweighting.MetaWeightNetTrainer` (weights from the seed set by
-    the runner; the MWN from ``seed``)."""
+    the runner; the MWN from ``seed``), its variables under ``strategy`` (data-parallel with
+    several replicas; XLA only on one)."""
+    strategy = strategy or tf.distribute.get_strategy()
+    replicas = strategy.num_replicas_in_sync
     mwn = meta_optimizer = estimator = None
-    if arm.startswith("mwn_"):
-        mwn = km.hyper.MetaWeightNet(config.mwn_hidden, seed=seed)
-        meta_optimizer = keras.optimizers.Adam(config.meta_lr, epsilon=1e-12)
-        estimator = make_estimator(arm, config)
+    with strategy.scope():
+        if arm.startswith("mwn_"):
+            mwn = km.hyper.MetaWeightNet(config.mwn_hidden, seed=seed)
+            meta_optimizer = keras.optimizers.Adam(config.meta_lr, epsilon=1e-12)
+            estimator = make_estimator(arm, config,
+                                       km.distribute.replica_sum if replicas > 1 else None)
+        model = nets.image_classifier(config.network, config.width, NUM_CLASSES)
     return km.reweighting.MetaWeightNetTrainer(
-        nets.image_classifier(config.network, config.width, NUM_CLASSES), learning_rate=config.lr,
-        weight_decay=config.weight_decay, mwn=mwn, meta_optimizer=meta_optimizer,
-        estimator=estimator, seed=seed, jit_compile=config.xla)
+        model, learning_rate=config.lr, weight_decay=config.weight_decay, mwn=mwn,
+        meta_optimizer=meta_optimizer, estimator=estimator, seed=seed,
+        jit_compile=config.xla and replicas == 1, strategy=strategy)
 
 
 def learning_rate_at(epoch, config):
     return config.lr * 0.1 ** sum(epoch >= f * config.epochs for f in LR_DECAY_AT)
 
 
-def run_arm(config, data, arm, seed):
+def run_arm(config, data, arm, seed, strategy=None):
     """Trains one arm for config.epochs, resuming from its last epoch checkpoint."""
-    trainer = make_trainer(arm, seed, config)
+    trainer = make_trainer(arm, seed, config, strategy)
     epochs_done = tf.Variable(0, dtype=tf.int64, name="epoch")
     history, save = runner.resume_run(
         runner.run_directory(config, arm, seed),
@@ -291,8 +302,7 @@ def run_arm(config, data, arm, seed):
             meta_rows = meta_rng.choice(len(data.x_meta), config.batch_size,
                                         replace=config.batch_size > len(data.x_meta))
             loss, meta_loss = trainer.train_step(
-                (tf.constant(x_fit[rows]), tf.constant(y_fit[rows])),
-                (tf.constant(data.x_meta[meta_rows]), tf.constant(data.y_meta[meta_rows])))
+                (x_fit[rows], y_fit[rows]), (data.x_meta[meta_rows], data.y_meta[meta_rows]))
             losses.append(float(loss))
             meta_losses.append(float(meta_loss))
             progbar.update(i + 1, [("loss", losses[-1])]
@@ -387,12 +397,17 @@ def plot(records, path):
 
 def main(argv):
     del argv
-    config, _ = runner.setup(Config)
+    config, strategy = runner.setup(Config)
     data = load_data(config)
+    if strategy.num_replicas_in_sync > 1:
+        runner.log(f"{strategy.num_replicas_in_sync} replicas ({config.strategy}): every "
+                   f"step data-parallel, batches split into {strategy.num_replicas_in_sync} "
+                   f"shards")
     runner.log(f"{len(data.x_train)} noisy training examples ({config.noise} noise, "
                f"{data.corrupted.mean():.1%} of the labels wrong), {len(data.x_meta)} clean meta "
                f"examples, {len(data.x_test)} test examples")
-    records = runner.run_grid(config, lambda arm, seed, _: run_arm(config, data, arm, seed))
+    records = runner.run_grid(config, lambda arm, seed, _: run_arm(config, data, arm, seed,
+                                                                   strategy))
     table, _ = runner.summarise(records, config, ("final",), metric="test_accuracy",
                                 labels={"final": "test accuracy (last epoch)"},
                                 rate_column=False, appendix=method_table(records))

@@ -5,7 +5,7 @@ Meta-Weight-Net step and peak memory, with a plain training step as the unit.
     python -m benchmarks.evograd_scaling --quick    # tiny sizes, a smoke run
 
 The step measured is the one apps/noisy_labels.py runs (`keras_metapt.reweighting.
-MetaWeightNetTrainer.train_step`, batch --batch_size of 28x28x1 images for both the training
+MetaWeightNetTrainer.compiled_step`, batch --batch_size of 28x28x1 images for both the training
 and the meta batch; SGD rate 0.05, Meta-Weight-Net 1-100-1 with Adam 1e-3):
 - plain: one SGD step on the mean cross-entropy (the "uniform" arm);
 - evograd: the EvoGrad hypergradient (K = --copies perturbed copies), an Adam step on the
@@ -89,7 +89,7 @@ def trainer_and_batches(net, method):
 def child(net, method):
     """Peak memory of one method's first step (a fresh process per method)."""
     trainer, train, meta = trainer_and_batches(net, method)
-    concrete = trainer.train_step.get_concrete_function(train, meta)  # traced, not run
+    concrete = trainer.compiled_step.get_concrete_function(train, meta)  # traced, not run
     if tf.config.list_physical_devices("GPU"):
         tf.config.experimental.reset_memory_stats("GPU:0")
         concrete(train, meta)[0].numpy()
@@ -106,7 +106,7 @@ def timing_child(net):
     steps = {}
     for method in METHODS:
         trainer, train, meta = trainer_and_batches(net, method)
-        concrete = trainer.train_step.get_concrete_function(train, meta)
+        concrete = trainer.compiled_step.get_concrete_function(train, meta)
         concrete(train, meta)[0].numpy()
         steps[method] = (concrete, train, meta)
     times = {method: [] for method in METHODS}

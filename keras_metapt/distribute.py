@@ -15,10 +15,11 @@ Python (the loop lengths are static and small: K FT steps, i Neumann terms, CG i
 
 import os
 
+import numpy as np
 import tensorflow as tf
 
 __all__ = ["STRATEGIES", "get_strategy", "is_multi_worker", "num_replicas", "replica_sum",
-           "shard_fraction", "run_if_finite"]
+           "shard_fraction", "shard_for_replicas", "run_if_finite"]
 
 STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
 
@@ -91,6 +92,17 @@ def shard_fraction(batch, dtype=tf.float32):
         return tf.constant(1.0, dtype)
     local = tf.cast(tf.shape(tf.nest.flatten(batch)[0])[0], dtype)
     return local / replica_sum(local)
+
+
+def shard_for_replicas(strategy, arrays):
+    """A global batch (a tuple of arrays with one leading dimension) split for ``strategy``:
+    replica r gets the r-th of R contiguous slices of every array (`np.array_split`'s), as a
+    DistributedValues of tensors to pass to ``strategy.run``."""
+    def value_fn(ctx):
+        parts = np.array_split(np.arange(len(arrays[0])), ctx.num_replicas_in_sync)
+        rows = parts[ctx.replica_id_in_sync_group]
+        return tuple(tf.constant(np.asarray(a)[rows]) for a in arrays)
+    return strategy.experimental_distribute_values_from_function(value_fn)
 
 
 def run_if_finite(update, args, is_finite):

@@ -16,13 +16,23 @@ Without a Meta-Weight-Net the step is plain SGD on the mean cross-entropy. The S
 rate for about 1 / (1 - mu) steps; PyTorch keeps the rate outside the velocity). Cost per step:
 the estimator's (e.g. EvoGrad: K forwards + 1 backward; one-step: about 3 gradients) plus one
 gradient.
+
+Data-parallel (a ``strategy`` with R > 1 replicas; model, Meta-Weight-Net and meta optimizer
+created under ``strategy.scope()``, the estimator given ``gradient_reduction=
+distribute.replica_sum``): ``train_step`` splits each global batch into R contiguous shards.
+Every loss is the replica's share of the global-batch value: the mean losses are scaled by
+n_r / N, and the weighted loss is sum_{i in shard} l_i v_i / sum_{all i} v_i (the
+denominator summed over replicas), so the shares add up to the one-device losses; gradients
+and hypergradients are summed over replicas. Batch normalisation normalises each shard by its
+own statistics (as tf.distribute and PyTorch's DistributedDataParallel do by default), and
+the moving statistics kept are the mean of the replicas' updates, the same on every replica.
 """
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_metapt import functional
+from keras_metapt import distribute, functional
 from keras_metapt.hyper.example_weights import meta_weight_net_weights, normalised_weighted_loss
 from keras_metapt.hypergrad.problem import BilevelProblem
 
@@ -49,25 +59,41 @@ class MetaWeightNetTrainer:
       mwn, meta_optimizer, estimator: all three or none.
       seed: the EvoGrad noise of step s is drawn from the stateless seed (seed, s).
       jit_compile: compile the steps with XLA.
+      strategy: a `tf.distribute.Strategy` (default: the current one); see the module doc.
+    `train_step(batch, meta_batch)` runs one step; ``compiled_step`` is its tf.function (on
+    the replicas' shards with several replicas).
     `checkpoint_items()` names the state to checkpoint (model, optimizers, MWN, step).
     """
 
     def __init__(self, model, *, learning_rate, momentum=0.9, weight_decay=0.0, mwn=None,
-                 meta_optimizer=None, estimator=None, seed=0, jit_compile=False):
+                 meta_optimizer=None, estimator=None, seed=0, jit_compile=False, strategy=None):
         if (mwn is None) != (estimator is None) or (mwn is None) != (meta_optimizer is None):
             raise ValueError("give mwn, meta_optimizer and estimator together, or none of them")
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.replicas = int(self.strategy.num_replicas_in_sync)
+        if (self.replicas > 1 and estimator is not None
+                and estimator.gradient_reduction is not distribute.replica_sum):
+            raise ValueError(f"{self.replicas} replicas: give the estimator "
+                             "gradient_reduction=keras_metapt.distribute.replica_sum")
         self.model = model
         self.weight_decay = float(weight_decay)
-        self.optimizer = keras.optimizers.SGD(learning_rate, momentum=momentum)
-        self.optimizer.build(model.trainable_variables)
         self.mwn, self.meta_optimizer, self.estimator = mwn, meta_optimizer, estimator
-        if mwn is not None:
-            meta_optimizer.build(mwn.weight_variables())
+        with self.strategy.scope():
+            self.optimizer = keras.optimizers.SGD(learning_rate, momentum=momentum)
+            self.optimizer.build(model.trainable_variables)
+            if mwn is not None:
+                meta_optimizer.build(mwn.weight_variables())
+            self.step = tf.Variable(0, dtype=tf.int64, name="step")
         if hasattr(estimator, "start"):  # an online estimator (HyperDistill) keeps w_0
             estimator.start([v.value for v in model.trainable_variables])
         self.seed = int(seed)
-        self.step = tf.Variable(0, dtype=tf.int64, name="step")
-        self.train_step = tf.function(self._train_step, jit_compile=jit_compile)
+        if self.replicas == 1:
+            self.compiled_step = tf.function(self._train_step, jit_compile=jit_compile)
+        else:
+            def distributed_step(batch, meta_batch):
+                shares = self.strategy.run(self._train_step, args=(batch, meta_batch))
+                return tuple(self.strategy.reduce("SUM", x, axis=None) for x in shares)
+            self.compiled_step = tf.function(distributed_step, jit_compile=jit_compile)
         self._predict = tf.function(lambda x: model(x, training=False), jit_compile=jit_compile,
                                     reduce_retracing=True)
 
@@ -90,16 +116,42 @@ class MetaWeightNetTrainer:
 
         def inner_loss(params, mwn, batch):
             values = losses(params, batch)
-            return normalised_weighted_loss(values, meta_weight_net_weights(mwn, values))
+            return self._weighted_share(values, meta_weight_net_weights(mwn, values))
 
         def outer_loss(params, mwn, batch):
             del mwn
-            return tf.reduce_mean(losses(params, batch))
+            return self._mean_share(losses(params, batch), batch)
 
         rate = self.optimizer.learning_rate  # the variable: read at every step
         return BilevelProblem(inner_loss, outer_loss,
                               inner_optimizer_hparams=lambda h, s, n: {"learning_rate": rate},
                               inner_learning_rate=rate)
+
+    def train_step(self, batch, meta_batch):
+        """One step on the global ``batch`` and ``meta_batch`` ((images, labels) each):
+        (training loss, meta loss before the step; 0 without a Meta-Weight-Net), the
+        global-batch values."""
+        if self.replicas > 1:
+            batch = distribute.shard_for_replicas(self.strategy, batch)
+            meta_batch = distribute.shard_for_replicas(self.strategy, meta_batch)
+        else:
+            batch, meta_batch = tf.nest.map_structure(tf.convert_to_tensor, (batch, meta_batch))
+        return self.compiled_step(batch, meta_batch)
+
+    def _mean_share(self, values, batch):
+        """The replica's share of the global batch's mean of ``values`` (the mean itself on
+        one replica)."""
+        if self.replicas == 1:
+            return tf.reduce_mean(values)
+        return distribute.shard_fraction(batch[0], values.dtype) * tf.reduce_mean(values)
+
+    def _weighted_share(self, values, weights):
+        """The replica's share of sum_i l_i v_i / sum_i v_i over the global batch."""
+        if self.replicas == 1:
+            return normalised_weighted_loss(values, weights)
+        total = distribute.replica_sum(tf.reduce_sum(weights))
+        weighted = tf.reduce_sum(values * weights)
+        return tf.where(total > 0, weighted / tf.where(total > 0, total, 1.0), weighted)
 
     def _sgd_step(self, batch, mwn_values):
         variables = self.model.trainable_variables
@@ -111,19 +163,27 @@ class MetaWeightNetTrainer:
                                                            batch[0], training=True)
             values = per_example_cross_entropy(logits, batch[1])
             if mwn_values is None:
-                loss = tf.reduce_mean(values)
+                loss = self._mean_share(values, batch)
             else:
-                loss = normalised_weighted_loss(values, meta_weight_net_weights(mwn_values, values))
+                loss = self._weighted_share(values, meta_weight_net_weights(mwn_values, values))
         grads = tape.gradient(loss, params)
+        # Keras optimizers sum the replicas' gradients: each adds 1/R of the decay
+        decay = self.weight_decay / self.replicas
         self.optimizer.apply_gradients(
-            [(g + tf.cast(self.weight_decay, g.dtype) * p, v)
-             for g, p, v in zip(grads, params, variables)])
+            [(g + tf.cast(decay, g.dtype) * p, v) for g, p, v in zip(grads, params, variables)])
+        if self.replicas > 1:  # the same statistics on every replica: their mean
+            floats = [i for i, x in enumerate(new_state) if x.dtype.is_floating]
+            summed = distribute.replica_sum([new_state[i] for i in floats])
+            new_state = list(new_state)
+            for i, value in zip(floats, summed):
+                new_state[i] = value / tf.cast(self.replicas, value.dtype)
         for var, value in zip(self.model.non_trainable_variables, new_state):
             var.assign(value)
         return loss
 
     def _train_step(self, batch, meta_batch):
-        """(training loss, meta loss before the step; 0 without a Meta-Weight-Net)."""
+        """(training loss, meta loss before the step; 0 without a Meta-Weight-Net): with
+        several replicas, this replica's shares of them."""
         meta_loss = tf.constant(0.0)
         mwn_values = None
         if self.mwn is not None:
@@ -131,9 +191,13 @@ class MetaWeightNetTrainer:
             result = self.estimator(self.problem(),
                                     [v.value for v in self.model.trainable_variables],
                                     self.mwn.hparams(), batch, meta_batch, seed=seed)
-            self.meta_optimizer.apply_gradients(zip(result.hypergrad,
-                                                    self.mwn.weight_variables()))
+            # the hypergradient is the same on every replica, and Keras sums over replicas
+            hypergrad = result.hypergrad if self.replicas == 1 else [
+                g / tf.cast(self.replicas, g.dtype) for g in result.hypergrad]
+            self.meta_optimizer.apply_gradients(zip(hypergrad, self.mwn.weight_variables()))
             meta_loss, mwn_values = result.outer_loss, self.mwn.hparams()
+            if self.replicas > 1:  # the global value on every replica: each reports 1/R
+                meta_loss = meta_loss / tf.cast(self.replicas, meta_loss.dtype)
         loss = self._sgd_step(batch, mwn_values)
         self.step.assign_add(1)
         return loss, meta_loss
