@@ -5,7 +5,9 @@ References: the label noise recomputed from the flags with keras_metapt.data (in
 the app's bookkeeping); every summary figure recomputed with NumPy from the stored per-seed
 records; the MWN weights of the stored curve recomputed from the learned layer (a sigmoid
 output lies in (0, 1)); an uninterrupted run for "a resumed arm gives the same result, bit for
-bit" (CPU, op determinism).
+bit" (CPU, op determinism); the one-device run for the data-parallel one (two logical CPUs,
+--strategy=mirrored; the MLP has no batch statistics, so the two compute the same losses and
+updates up to float32 round-off).
 """
 
 import json
@@ -91,3 +93,45 @@ def test_in_process_checks_resume_and_pairing():
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "4 passed" in proc.stdout
+
+
+def run_two_replicas(out, images, *flags):
+    return subprocess.run(
+        [sys.executable, "-m", "tests.two_cpus", os.path.join(ROOT, "apps", "noisy_labels.py"),
+         f"--images_dir={images}", f"--output_dir={out}", "--seeds=0", "--verbose=2",
+         "--noplot", "--strategy=mirrored", "--devices=/cpu:0,/cpu:1", *flags],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_mirrored_two_devices_reproduce_the_one_device_run(tmp_path, images):
+    arms = "--arms=uniform,mwn_one_step,mwn_evograd,mwn_implicit"
+    flags = [f"--{k}={v}" for k, v in TINY.items()] + [arms, "--weight_decay=0.01"]
+    one = tmp_path / "one"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "apps", "noisy_labels.py"), f"--images_dir={images}",
+         f"--output_dir={one}", "--seeds=0", "--verbose=0", "--noplot", *flags],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = tmp_path / "two"
+    proc = run_two_replicas(two, images, *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 replicas (mirrored)" in proc.stdout
+    for arm in ("uniform", "mwn_one_step", "mwn_evograd", "mwn_implicit"):
+        a = json.load(open(one / "results" / f"{arm}_seed0.json"))
+        b = json.load(open(two / "results" / f"{arm}_seed0.json"))
+        np.testing.assert_allclose(b["train_loss_by_epoch"], a["train_loss_by_epoch"],
+                                   rtol=1e-4)
+        # 40 test images: an accuracy may move by one image at most
+        np.testing.assert_allclose(b["test_accuracy_by_epoch"], a["test_accuracy_by_epoch"],
+                                   atol=1 / 40 + 1e-9)
+        if arm != "uniform":
+            np.testing.assert_allclose(b["weight_curve"], a["weight_curve"], atol=2e-3)
+    # batch normalisation (the CNN) runs data-parallel too; HyperDistill is refused
+    cnn = run_two_replicas(tmp_path / "cnn", images, *flags[:-2], "--arms=mwn_one_step",
+                           "--network=cnn", "--epochs=1")
+    assert cnn.returncode == 0, cnn.stderr[-3000:]
+    record = json.load(open(tmp_path / "cnn" / "results" / "mwn_one_step_seed0.json"))
+    assert np.isfinite(record["train_loss_by_epoch"]).all()
+    refused = run_two_replicas(tmp_path / "hd", images, "--arms=uniform,mwn_hyperdistill")
+    assert refused.returncode != 0 and "mwn_hyperdistill runs on one device" in refused.stderr
+    assert "Traceback" not in refused.stderr
