@@ -123,6 +123,14 @@ def test_molecule_family_with_a_gin_learner_scored_by_auroc(tmp_path):
         assert "rotations" not in record["config"] and record["config"]["gin_hidden"] == 8
     assert "2-way 2-shot meta-test auroc" in (out / "summary.md").read_text()
     assert (out / "cache" / "molecule_task_labels.npz").exists()
+    # many-shot: a minibatch of packed graphs per inner step
+    many = run_app(tmp_path / "many", "--family=molecules", "--num_molecules=300",
+                   "--num_test_tasks=5", "--gin_layers=1", "--gin_hidden=8", "--k_shot=12",
+                   "--inner_batch=4", "--test_shots=12", "--seeds=0", "--arms=warpgrad",
+                   "--warpgrad_points=1", "--meta_steps=2", "--plot=false")
+    assert many.returncode == 0, many.stderr[-3000:]
+    record = json.load(open(tmp_path / "many" / "results" / "warpgrad_seed0.json"))
+    assert 0 <= record["test_auroc_12shot"] <= 1 and record["config"]["inner_batch"] == 4
     bad = run_app(tmp_path / "bad", "--family=molecules", "--n_way=3", "--seeds=0",
                   "--arms=scratch", timeout=300)
     assert bad.returncode != 0 and "--n_way=2" in bad.stderr and "Traceback" not in bad.stderr
