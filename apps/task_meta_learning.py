@@ -471,9 +471,11 @@ def meta_batch(family, config, seed, step, query_in_support=False):
 # ----------------------------------------------------------------------------- one arm
 
 def metric_of(config):
-    """(record key prefix, name) of the test metric: query accuracy, or AUROC (molecules)."""
-    return ("test_auroc", "auroc") if config.family == "molecules" else ("test_accuracy",
-                                                                         "accuracy")
+    """(record key prefix, name, plural) of the test metric: query accuracy, or AUROC
+    (molecules)."""
+    if config.family == "molecules":
+        return "test_auroc", "auroc", "aurocs"
+    return "test_accuracy", "accuracy", "accuracies"
 
 
 class TaskModel:
@@ -621,12 +623,12 @@ def run_arm(config, family, arm, seed):
               # the first chunk may still hold warm-up after tracing: the later ones
               "seconds_per_meta_step": float(np.median(history["seconds_per_step"][1:]
                                                        or history["seconds_per_step"]))}
-    metric, name = metric_of(config)
+    metric, name, plural = metric_of(config)
     for k, values in scores.items():
         mean, half = runner.mean_and_interval(values)
         record[f"{metric}_{k}shot"] = mean
         record[f"test_ci95_{k}shot"] = half
-        record[f"test_task_{name}s_{k}shot"] = values
+        record[f"test_task_{plural}_{k}shot"] = values
     if arm == "aruba":
         eta = np.concatenate([e.numpy().ravel() for e in learner.eta])
         record["aruba_step_size_quantiles"] = np.quantile(eta, [0.05, 0.5, 0.95]).tolist()
@@ -658,7 +660,7 @@ def plot(records, config, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    metric, name = metric_of(config)
+    metric, name, _ = metric_of(config)
     fig, ax = plt.subplots(figsize=(8, 4))
     arms = [a for a in ARMS if any(arm == a for arm, _ in records)]
     width = 0.8 / len(config.test_shots)

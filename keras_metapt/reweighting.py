@@ -143,7 +143,9 @@ class MetaWeightNetTrainer:
         one replica)."""
         if self.replicas == 1:
             return tf.reduce_mean(values)
-        return distribute.shard_fraction(batch[0], values.dtype) * tf.reduce_mean(values)
+        # sum / global count: an empty shard (a batch smaller than R) adds 0, not NaN
+        count = tf.cast(tf.shape(values)[0], values.dtype)
+        return tf.reduce_sum(values) / distribute.replica_sum(count)
 
     def _weighted_share(self, values, weights):
         """The replica's share of sum_i l_i v_i / sum_i v_i over the global batch."""

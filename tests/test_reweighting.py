@@ -6,8 +6,14 @@ momentum step written out (first step: theta - lr (g + wd theta)); Adam's first 
 out (phi - lr g / (|g| + eps / sqrt(1 - beta_2))), applied to the hypergradient at the state
 before the step, taken by float64 central differences of the NumPy one-step and EvoGrad
 objectives of tests/hyper/test_example_weights.py (the look-ahead at the trainer's rate);
-the weighted step must use the MWN after its update.
+the weighted step must use the MWN after its update; data-parallel on 2 logical CPUs against
+the same steps on one device (tests/mwn_data_parallel.py: shards of 5 + 4 and of 1 + 0, SGD
+meta optimizer so that any factor on the hypergradient shows, weight decay on).
 """
+
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -89,3 +95,27 @@ def test_helpers_and_argument_errors():
     with pytest.raises(ValueError, match="network must be one of"):
         nets.image_classifier("vgg")
     assert nets.image_classifier("mlp", width=1).output_shape == (None, 10)
+
+
+def test_data_parallel_steps_equal_the_one_device_steps(tmp_path):
+    out = tmp_path / "steps.npz"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "tests.mwn_data_parallel", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = np.load(out)
+    for n in (9, 1):
+        for arm in ("plain", "one_step", "evograd", "implicit"):
+            single, mirrored = (f"{arm}_{n}_{name}" for name in ("single", "mirrored"))
+            assert np.isfinite(steps[f"{mirrored}_losses"]).all(), (arm, n)
+            np.testing.assert_allclose(steps[f"{mirrored}_losses"], steps[f"{single}_losses"],
+                                       rtol=1e-5, err_msg=f"{arm}, batch {n}")
+            for part in ("weights", "mwn"):
+                a, b = steps[f"{single}_{part}"], steps[f"{mirrored}_{part}"]
+                if part == "mwn" and (arm == "plain" or n == 1):
+                    # a lone example's normalised weight is 1 whatever the MWN: no signal
+                    assert np.abs(a).max() <= 1e-5 and np.abs(b).max() <= 1e-5  # round-off
+                    continue
+                assert np.abs(a).max() > 0
+                np.testing.assert_allclose(b, a, atol=1e-3 * np.abs(a).max() + 1e-12,
+                                           err_msg=f"{arm}, batch {n}, {part}")

@@ -11,8 +11,10 @@ The head starts at zero (every adapted model starts from p = 0.5). Batch normali
 the statistics of the batch it is applied to, the support set while adapting and the query
 set when testing (the transductive setting of the image learner); running statistics are
 never used or updated. The batch statistics run over every node slot of the padded set,
-padding included (as the GIN's do in the graph pre-training experiment): a set's padding is
-fixed by its size (`pack_graph_sets`), so every arm and task sees the same normalisation.
+padding included (as the GIN's do in the graph pre-training experiment): a set of n graphs
+always has n * max_nodes slots (`pack_graph_sets`), of which the padding is the part its
+molecules leave empty (about 38% for sets of RDKit's shipped molecules at 32 slots each), the
+same for every arm given the same set.
 
 A batch is (graphs, labels): graphs a padded disjoint batch (`pack_graph_sets`, one entry of
 its leading set dimension), labels [B] in {0, 1} for one task (K = 1) or [B, K] for K tasks at
@@ -90,12 +92,14 @@ class GINTaskModel:
 
     def features(self, params, graphs, warp_params=None):
         """[B, H] graph embeddings of the encoder weights ``params[:-2]``."""
-        task, warps = iter(params[:-2]), iter(warp_params or [])
-        try:
-            trainable = [next(warps) if w else next(task) for w in self._is_warp]
-        except StopIteration:
-            raise ValueError(f"expected {len(self._task_weights)} encoder weights and "
-                             f"{len(self._warp_weights)} warp kernels") from None
+        warp_params = list(warp_params or [])
+        if (len(params) - 2, len(warp_params)) != (len(self._task_weights),
+                                                   len(self._warp_weights)):
+            raise ValueError(f"expected {len(self._task_weights)} encoder weights, a head and "
+                             f"{len(self._warp_weights)} warp kernels; got {len(params) - 2}, "
+                             f"a head and {len(warp_params)}")
+        task, warps = iter(params[:-2]), iter(warp_params)
+        trainable = [next(warps) if w else next(task) for w in self._is_warp]
         outputs, _ = functional.stateless_apply(self.encoder, trainable, self._state, graphs,
                                                 training=True)
         return outputs

@@ -97,7 +97,7 @@ def test_identity_warps_leave_the_learner_unchanged_and_a_warp_scales_its_layer(
         params[-2] = np.ones_like(params[-2])
         loss = warped.warped_loss(params, omega_t, (graphs, np.array([0, 1, 1])))
     assert all(float(tf.norm(g)) > 0 for g in tape.gradient(loss, omega_t))
-    with pytest.raises(ValueError, match="2 warp kernels"):
+    with pytest.raises(ValueError, match="and 2 warp kernels; got 24, a head and 1"):
         warped.features(params, graphs, omega[:1])
 
 
