@@ -247,8 +247,16 @@ def main(argv):
                                f"--seeds={','.join(seeds)}", f"--meta_steps_per_arm={per_arm}")
     # only this run's (arm, seed)s: the results folder may hold others from earlier runs
     records = {(a, s): r for (a, s), r in records.items() if a in arms and str(s) in seeds}
-    command = ("python -m benchmarks.task_meta_learning --setting=" + FLAGS.setting
-               + (" --quick" if FLAGS.quick else ""))
+    # the command as given: the setting and every flag set away from its default
+    given = [f"--{name}={','.join(value) if isinstance(value, list) else value}"
+             for name, value in (("arms", FLAGS.arms), ("seeds", FLAGS.seeds),
+                                 ("budget_seconds", FLAGS.budget_seconds),
+                                 ("calibration_steps", FLAGS.calibration_steps))
+             if value is not None]
+    command = " ".join(["python -m benchmarks.task_meta_learning",
+                        f"--setting={FLAGS.setting}"] + (["--quick"] if FLAGS.quick else [])
+                       + given + ([f"--app_flags={shlex.quote(FLAGS.app_flags)}"]
+                                  if FLAGS.app_flags else []))
     markdown, payload = report(FLAGS.setting, shots, costs, steps, budget, summary, records,
                                command, metric_name(app_flags))
     runner.write_report(FLAGS.output_dir, stem, markdown, payload)

@@ -64,6 +64,8 @@ def test_quick_benchmark_gives_each_arm_the_calibrated_steps(tmp_path):
     assert claim["mean_difference"] == pytest.approx(mean)
     assert claim["ci95"] == pytest.approx([low, high])
     assert "warpgrad-fomaml" not in payload["claims"]  # fomaml was not run
+    assert payload["command"] == ("python -m benchmarks.task_meta_learning --setting=few_shot "
+                                  f"--quick --arms=reptile,warpgrad --budget_seconds={BUDGET}")
     table = (tmp_path / f"{stem}.md").read_text()
     assert "| warpgrad - reptile |" in table and "| reptile | " in table
     assert (tmp_path / f"{stem}.png").stat().st_size > 5_000
