@@ -669,7 +669,10 @@ def plot(records, config, path):
                   for arm in arms]
         ax.bar(np.arange(len(arms)) + j * width, [np.mean(v) for v in values], width,
                yerr=[np.std(v) for v in values], capsize=3, label=f"{k}-shot")
-    ax.set_xticks(np.arange(len(arms)) + width * (len(config.test_shots) - 1) / 2, arms)
+    ax.set_xticks(np.arange(len(arms)) + width * (len(config.test_shots) - 1) / 2, arms,
+                  rotation=20)
+    if config.family == "molecules":
+        ax.set_ylim(0.5, 1.0)  # AUROC: 0.5 is chance
     ax.set(ylabel=f"meta-test {name}",
            title=f"{config.family}: {config.n_way}-way, held-out "
                  f"{'tasks' if config.family == 'molecules' else 'classes'}, mean +- std over "
