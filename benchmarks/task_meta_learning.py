@@ -21,8 +21,9 @@ Reported: per arm the calibrated cost, the meta-steps given, and what the run re
 (mean over seeds): its seconds per meta-step, its meta-training seconds (every chunk at its
 measured rate; the budget is met as well as the calibration predicts the run) and, apart,
 the seconds of the step that traced the step functions (once per arm and process), meta-test
-accuracy (molecules: AUROC), paired differences to scratch and the comparisons the papers claim (WarpGrad - Reptile, WarpGrad - first-order MAML, CTS - Reptile), each with a
-95% t interval over seeds. Settings (fixed before any run, the README's experiment 6 runs):
+accuracy (molecules: AUROC), paired differences to scratch and the comparisons the papers
+claim (WarpGrad - Reptile, WarpGrad - first-order MAML, CTS - Reptile), each with a 95% t
+interval over seeds. Settings (fixed before any run, the README's experiment 6 runs):
 
 - few_shot: scikit-learn digits, --rotations=4 (40 classes, 20 held out), 2 conv blocks,
   5-way 1-shot training tasks, 5 inner steps; test 200 tasks at 1 and 5 shots, 10 steps;

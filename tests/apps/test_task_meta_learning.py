@@ -6,8 +6,8 @@ repeatability; usage errors (its flags and --help: tests/faults/test_flag_valida
 References: every summary figure recomputed with NumPy from the stored per-seed records and
 their per-task accuracies; a task's accuracy is a count of correct queries out of
 n_way x test_n_query, a task's AUROC one of 2 test_n_query^2 + 1 values (pairs of a
-positive and a negative query, ties counting 1/2); an identical second run (--noresume) for "a seed fixes a run, bit for
-bit" (CPU, op determinism).
+positive and a negative query, ties counting 1/2); an identical second run (--noresume) for
+"a seed fixes a run, bit for bit" (CPU, op determinism).
 """
 
 import json
