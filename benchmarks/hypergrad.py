@@ -18,9 +18,11 @@ r"""Hypergradient estimators: accuracy, time (with and without XLA) and memory.
    1e-3 tau 0.05. Each estimator runs in tf.function with and without jit_compile in the
    same process; the median of --repeats calls after a warm-up call is reported. Then the
    fixed cost of a call, what does not grow with the problem: each estimator at its smallest
-   setting (T=1, one term or iteration, K=2) on a problem of one weight, and a no-op taking
-   the reference problem's argument tensors (the binding), through tf.function and through
-   the concrete function.
+   setting (T=1, one term or iteration, K=2) on a problem of one weight, a no-op taking
+   the reference problem's argument tensors (the binding), and each estimator on the
+   reference problem's own argument tensors with losses that read one weight (the whole
+   fixed cost there, as one figure), through tf.function, through the concrete function and
+   through `km.hypergrad.compile_hypergradient`.
 3. Peak memory against the horizon T for reverse and forward mode: each (mode, T) runs
    in a fresh subprocess (TensorFlow keeps freed CPU memory pooled, so only a first
    execution shows its true need). The function is traced first (get_concrete_function,
@@ -215,19 +217,51 @@ def fixed_cost_table():
               "argument tensors (binding)", lambda p, h, b_in, b_out: tf.constant(0.0),
               reference_args)]
 
-    def hypergradient(est):  # the estimator in a closure: only tensors in the signature
-        return lambda p, h, b_in, b_out: est(problem, p, h, b_in, b_out).hypergrad
+    def hypergradient(est, on=problem):  # the estimator in a closure: only tensors in the signature
+        return lambda p, h, b_in, b_out: est(on, p, h, b_in, b_out).hypergrad
 
-    cases += [(f"{name}, one weight", hypergradient(est), args) for name, est in tiny.items()]
+    cases += [(f"{name}, one weight", hypergradient(est), args, km.hypergrad.compile_hypergradient(
+        est, problem)) for name, est in tiny.items()]
+    cases[0] += (km.hypergrad.compile_hypergradient(_ArgumentsOnly(), problem),)
+    # The same estimators on the reference problem's own argument tensors, with losses that
+    # read one weight of them: the whole fixed cost of a call there, measured as one figure.
+    one_weight_losses = km.BilevelProblem(
+        lambda p, h, b: 0.5 * tf.square(p[0][0, 0] - h[0][0]),
+        lambda p, h, b: 0.5 * tf.square(p[0][0, 0] - b[0][0, 0]))
+    schedule_losses = km.BilevelProblem(
+        lambda p, h, b: 0.5 * tf.square(p[0][0, 0] - b[0][0, 0]), one_weight_losses.outer_loss,
+        inner_optimizer_hparams=lambda h, t, T: {"learning_rate": h[0][0]})
+    _, _, _, _, learning_rates, _, _ = reference_problem(
+        [int(h) for h in FLAGS.hidden], FLAGS.batch, FLAGS.forward_blocks)
+    for name, est in tiny.items():
+        on_schedule = name.startswith("forward")
+        use = schedule_losses if on_schedule else one_weight_losses
+        call_args = ((params, learning_rates) if on_schedule else (params, logits)) + \
+            reference_args[2:]
+        cases.append((f"{name}, the reference problem's {len(tf.nest.flatten(call_args))} "
+                      "argument tensors, losses of one weight", hypergradient(est, use), call_args,
+                      km.hypergrad.compile_hypergradient(est, use)))
     rows = []
-    for name, body, call_args in cases:
+    for name, body, call_args, compiled_call in cases:
         fn = tf.function(body)
         concrete = fn.get_concrete_function(*call_args)
         rows.append({"call": name,
                      "ms_function": ms_per_call(lambda: fn(*call_args), calls, repeats),
-                     "ms_concrete": ms_per_call(lambda: concrete(*call_args), calls, repeats)})
-        print(f"  fixed cost {name}: {rows[-1]['ms_function']:.3f} ms", flush=True)
+                     "ms_concrete": ms_per_call(lambda: concrete(*call_args), calls, repeats),
+                     "ms_compiled": ms_per_call(lambda: compiled_call(*call_args).hypergrad,
+                                                calls, repeats)})
+        print(f"  fixed cost {name}: {rows[-1]['ms_function']:.3f} ms (tf.function), "
+              f"{rows[-1]['ms_compiled']:.3f} ms (compile_hypergradient)", flush=True)
     return rows
+
+
+class _ArgumentsOnly(km.hypergrad.Estimator):
+    """Takes an estimator's arguments and returns a constant: the call path alone."""
+
+    def __call__(self, problem, params, hparams, inner_batch, outer_batch, *, opt_state=None,
+                 seed=None):
+        zero = tf.constant(0.0)
+        return km.HypergradResult(zero, zero, zero, zero, zero, (), tf.constant(True))
 
 
 # --------------------------------------------------------------------------- ridge accuracy
@@ -413,9 +447,11 @@ def markdown(ridge, timing, memory, elapsed, fixed_cost=()):
         lines += ["", "### Fixed cost of a call (what does not grow with the problem)", "",
                   "Median over rounds of the mean of many calls in a row. Target (cost issue): "
                   "an estimator call's fixed cost <= 0.5 ms.", "",
-                  "| call | ms, tf.function | ms, its concrete function |", "|---|---:|---:|"]
+                  "| call | ms, tf.function | ms, its concrete function | ms, "
+                  "compile_hypergradient |", "|---|---:|---:|---:|"]
     for r in fixed_cost:
-        lines.append(f"| {r['call']} | {r['ms_function']:.3f} | {r['ms_concrete']:.3f} |")
+        lines.append(f"| {r['call']} | {r['ms_function']:.3f} | {r['ms_concrete']:.3f} | "
+                     f"{r['ms_compiled']:.3f} |")
     if memory:
         lines += ["", "### Peak memory against the horizon T (tf.function, float32)", "",
                   "Resident: peak resident memory of the first execution above that before it "

@@ -38,8 +38,11 @@ def test_quick_benchmark_runs_and_writes_results(tmp_path):
     assert results["memory"][0]["peak_mib"] > 0
     assert all(r["peak_mib"] is None for r in results["memory"][1:])
     fixed = {row["call"]: row for row in results["fixed_cost"]}
-    assert len(fixed) == 6 and "reverse T=1, one weight" in fixed
-    assert all(r["ms_function"] > 0 and r["ms_concrete"] > 0 for r in fixed.values())
+    assert len(fixed) == 11 and "reverse T=1, one weight" in fixed
+    assert ("reverse T=1, the reference problem's 9 argument tensors, losses of one weight"
+            in fixed)  # --quick: one hidden layer, 4 weight tensors
+    assert all(r["ms_function"] > 0 and r["ms_concrete"] > 0 and r["ms_compiled"] > 0
+               for r in fixed.values())
     table = (tmp_path / "hypergrad.md").read_text()
     assert "| reverse | 8 |" in table and "### Fixed cost of a call" in table
     assert (tmp_path / "hypergrad.png").stat().st_size > 10_000
@@ -55,7 +58,8 @@ def test_timing_only_skips_the_sweeps_and_tensors_are_counted(tmp_path):
              "speedup_xla": 2.0},
             {"estimator": "reverse T=20", "ms_graph": 40.0, "ms_xla": 20.0, "speedup_xla": 2.0,
              "gradients_graph": 20.0}]
-    fixed_stub = [{"call": "reverse T=1, one weight", "ms_function": 0.4, "ms_concrete": 0.2}]
+    fixed_stub = [{"call": "reverse T=1, one weight", "ms_function": 0.4, "ms_concrete": 0.2,
+                   "ms_compiled": 0.1}]
     script = f"""
 import sys
 from absl import app
@@ -85,7 +89,7 @@ app.run(main, argv=sys.argv)
     assert results["timing_only"] is True
     table = (tmp_path / "hypergrad_timing.md").read_text()
     assert "| reverse T=20 | 40.00 | 20.00 | 2.00x | 20.0 |" in table
-    assert "| reverse T=1, one weight | 0.400 | 0.200 |" in table
+    assert "| reverse T=1, one weight | 0.400 | 0.200 | 0.100 |" in table
     assert "ridge" not in table and "Peak memory" not in table
     assert (tmp_path / "hypergrad_timing.png").stat().st_size > 5_000
     assert not (tmp_path / "hypergrad.json").exists()  # a full run's files stay untouched
