@@ -28,10 +28,10 @@ def run(tmp_path, *extra):
     return proc.stdout
 
 
-def check_run(run_dir, stdout):
-    """The summary, plot, table and exported SavedModel of a finished default run."""
+def check_run(run_dir, stdout, arms=("no_pt", "uniform", "meta")):
+    """The summary, plot, table and exported SavedModel of a finished run of ``arms``."""
     summary = json.load(open(run_dir / "summary.json"))
-    assert set(summary) == {"no_pt", "uniform", "meta"}
+    assert set(summary) == set(arms)
     for arm in summary.values():
         assert 0.0 <= arm["full_mean"] <= 1.0 and 0.0 <= arm["linear_mean"] <= 1.0
     record = json.load(open(run_dir / "results" / "meta_seed0.json"))

@@ -6,10 +6,11 @@ separate process with another Python hash seed; both with one intra-op thread so
 share the cores). The second run is killed with SIGKILL as soon as a file shows that it has
 reached a point (the polling adds a few milliseconds, so the exact instruction varies; every
 point must give the same results), then started again with the same command, until it
-finishes. Points: inside the second arm after the first finished, and inside the meta arm
-after another arm ran in the same process (the resumed process builds fewer models before
-it, so Keras numbers its layers differently); for the digits app, after a checkpoint with
-history rows written past it.
+finishes. Points, for the graph and SimCLR apps (arms no_pt then meta): inside the meta arm
+after the no_pt arm finished in the same process, and inside the meta arm after its first
+checkpoint, in a process that skipped no_pt as done (it builds fewer models before meta, so
+Keras numbers its layers differently); for the digits app, after a checkpoint with history
+rows written past it.
 
 Reference: the uninterrupted run (every per-run result number: AUROCs, task weights, warp
 parameters; for the digits app the whole validation-loss history and the summary), strings and
@@ -125,26 +126,29 @@ def kill_in_each_arm(tmp_path, app, flags, first_arm, arms):
         lambda: (cut / "meta_seed0" / "ckpt" / "latest.json").exists(),     # inside meta
     ])
     finish(reference, tmp_path / "ref.log")
-    assert out.count("done earlier") == 2 and "MetaCheckpoint: resumed from" in out
+    assert out.count("done earlier") == len(arms) - 1 and "MetaCheckpoint: resumed from" in out
     assert list(results(cut)) == [f"{arm}_seed0.json" for arm in sorted(arms)]
     assert_same_results(results(cut), results(ref))
     return ref, open(tmp_path / "ref.log").read()
 
 
 def test_multitask_app_resumes_after_kills_in_each_arm(tmp_path):
-    ref, log = kill_in_each_arm(tmp_path, "multitask_pt.py", MULTITASK_TINY, "no_pt",
-                                ("no_pt", "uniform", "meta"))
-    test_multitask_pt.check_run(ref, log)
+    # Two arms, as for SimCLR below: the uniform arm resumes through the no_pt arm's path.
+    flags = [*MULTITASK_TINY, "--arms=no_pt,meta", "--baseline=no_pt"]
+    ref, log = kill_in_each_arm(tmp_path, "multitask_pt.py", flags, "no_pt", ("no_pt", "meta"))
+    test_multitask_pt.check_run(ref, log, arms=("no_pt", "meta"))
 
 
 def test_simclr_app_resumes_after_kills_in_each_arm(tmp_path):
     write_fashion_like(str(tmp_path / "idx"), n_train=96, n_test=40)
+    # Two arms (the plain SimCLR arm resumes through the same runner path as no_pt, and the
+    # app tests run it): the first kill lands in the meta arm before its first checkpoint.
     flags = [*SIMCLR_TINY, f"--images_dir={tmp_path / 'idx'}", "--modality=image",
-             "--label_fraction=0.34", "--batch_size=32", "--ft_batch_size=8"]
-    ref, log = kill_in_each_arm(tmp_path, "simclr_augment.py", flags, "no_pt",
-                                ("no_pt", "simclr", "meta"))
+             "--label_fraction=0.34", "--batch_size=32", "--ft_batch_size=8",
+             "--arms=no_pt,meta", "--baseline=no_pt"]
+    ref, log = kill_in_each_arm(tmp_path, "simclr_augment.py", flags, "no_pt", ("no_pt", "meta"))
     assert "96 PT examples" in log
-    test_simclr_augment.check_run(ref, (28, 28, 1))
+    test_simclr_augment.check_run(ref, (28, 28, 1), arms=("no_pt", "meta"))
 
 
 def history_rows(out):
