@@ -208,11 +208,16 @@ class Config:
         other data under the same path is never taken for the same run."""
         config = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                   if f.name not in self.NOT_IN_RESULTS}
-        for name in self.DATA_PATHS:
+        for name in self.data_paths():
             path = getattr(self, name)
             if path and os.path.exists(path):
                 config[f"{name}_sha256"] = data_digest(path)
         return json.loads(json.dumps(config))
+
+    def data_paths(self):
+        """The fields of ``DATA_PATHS`` that this configuration reads (an app whose flags
+        choose between data sources leaves out the ones not chosen)."""
+        return self.DATA_PATHS
 
     def config_sha256(self, arm=None):
         """SHA-256 of `results_config` (canonical JSON; of ``results_config_of(arm)`` for an

@@ -277,6 +277,10 @@ class Config(runner.GridConfig):
                 f"{r * (10 - self.num_test_classes)} meta-training and "
                 f"{r * self.num_test_classes} meta-test classes")
 
+    def data_paths(self):
+        """--images_dir is read by the image families only (not digested for molecules)."""
+        return () if self.family == "molecules" else self.DATA_PATHS
+
     def results_config_of(self, arm):
         """An arm's settings: --meta_steps_per_arm resolved to its own count, as meta_steps
         (so a count changed for one arm reruns that arm only, and results stored before the

@@ -166,3 +166,33 @@ def test_steps_of_one_arm_rerun_that_arm_only(tmp_path):
     third = run_app(out, *args, "--arms=scratch")  # no flag: scratch's settings unchanged
     assert third.returncode == 0, third.stderr[-3000:]
     assert "seed 0 scratch: done earlier" in third.stdout + third.stderr
+
+
+DIGEST_PROBE = """
+import json, sys
+from absl import flags
+from apps import runner, task_meta_learning as m
+read = []
+runner.data_digest = lambda path: read.append(path) or "digest"
+flags.FLAGS(["prog"] + sys.argv[1:])
+config = m.Config.from_flags()
+print(json.dumps({"read": read, "keys": sorted(config.results_config_of("maml"))}))
+"""
+
+
+@pytest.mark.parametrize("family", ["molecules", "digits"])
+def test_only_the_chosen_family_data_is_digested(tmp_path, family):
+    """--images_dir is digested into the results key for the image families only; the
+    molecule family's key leaves it out (reference: the paths the digest function was given)."""
+    images = tmp_path / "idx"
+    images.mkdir()
+    proc = subprocess.run([sys.executable, "-c", DIGEST_PROBE, f"--family={family}",
+                           "--n_way=2", f"--images_dir={images}"], capture_output=True, text=True,
+                          cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if family == "molecules":
+        assert out["read"] == [] and "images_dir_sha256" not in out["keys"]
+    else:
+        assert out["read"] == [str(images)] and "images_dir_sha256" in out["keys"]
