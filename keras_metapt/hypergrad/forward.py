@@ -95,9 +95,15 @@ class Forward(_p.Estimator):
             primals = flat_p + [flat_s[i] for i in float_state] + flat_h
             new_z_params, new_z_state = [], []
             new_params = new_state = None
+            previous = []
             for j in range(n_phi):
                 tangents = z_params[j] + z_state[j] + directions[j]
-                with tf.autodiff.ForwardAccumulator(primals, tangents) as acc:
+                # The JVP of phi_j starts after phi_{j-1}'s is done: run side by side, the
+                # n_phi JVPs would hold n_phi steps' activations at once, and the peak would
+                # depend on how the executor interleaved them (it rose with T: the longer
+                # the run, the worse the worst interleaving). Same operations, same results.
+                with tf.control_dependencies(previous), \
+                        tf.autodiff.ForwardAccumulator(primals, tangents) as acc:
                     step_params, step_state = _p.inner_step(
                         problem, self.optimizer, params, opt_state, hparams, inner_batch, t, T)
                 if new_params is None:
@@ -106,6 +112,7 @@ class Forward(_p.Estimator):
                 new_z_params.append(list(acc.jvp(tf.nest.flatten(step_params), zero)))
                 step_flat_s = tf.nest.flatten(step_state)
                 new_z_state.append(list(acc.jvp([step_flat_s[i] for i in float_state], zero)))
+                previous = new_z_params[-1] + new_z_state[-1]
             return t + 1, new_params, new_state, new_z_params, new_z_state
 
         z_params = [[tf.zeros_like(x) for x in tf.nest.flatten(params)] for _ in range(n_phi)]
