@@ -67,24 +67,36 @@ class CompiledHypergradient:
     def __call__(self, params, hparams, inner_batch, outer_batch, *, opt_state=None, seed=None):
         arguments = (params, hparams, _unwrap(inner_batch), _unwrap(outer_batch), opt_state,
                      seed)
-        leaves = [x for x in tf.nest.flatten(arguments) if x is not None
-                  and not isinstance(x, bool)]
-        leaves = [_as_tensor(x) for x in leaves]
-        signature = (arguments[2][0], arguments[3][0], opt_state is None, seed is None,
+        flat = tf.nest.flatten(arguments)
+        leaves = [_as_tensor(x) for x in flat if not _is_constant(x)]
+        # None and Python bool leaves are baked into the trace: their places and values are
+        # part of the key (the StepBatches marks among them), the tensors' dtypes and shapes too.
+        signature = (tuple((i, x) for i, x in enumerate(flat) if _is_constant(x)),
                      *((x.dtype, tuple(x.shape)) for x in leaves))
+        entry = self._lookup(arguments, signature)
+        if entry is None:
+            entry = self._trace(arguments, signature)
+        atomic, concrete = entry
+        return concrete.function_type.pack_output(
+            atomic.call_flat(*leaves, *concrete.captured_inputs))
+
+    def _lookup(self, arguments, signature):
         for structure, atomic, concrete in self._traces.get(signature, ()):
             if _same_structure(arguments, structure):
-                return concrete.function_type.pack_output(
-                    atomic.call_flat(*leaves, *concrete.captured_inputs))
-        return self._trace(arguments, signature)
+                return atomic, concrete
+        return None
 
     def _trace(self, arguments, signature):
         tensors = tf.nest.map_structure(
-            lambda x: x if x is None or isinstance(x, bool) else _as_tensor(x), arguments)
+            lambda x: x if _is_constant(x) else _as_tensor(x), arguments)
         concrete = self._function.get_concrete_function(tensors)
         self._traces.setdefault(signature, []).append(
             (tf.nest.map_structure(lambda _: None, arguments), concrete.inference_fn, concrete))
-        return concrete(tensors)
+        return concrete.inference_fn, concrete
+
+
+def _is_constant(x):
+    return x is None or isinstance(x, bool)
 
 
 def _same_structure(arguments, structure):

@@ -102,6 +102,7 @@ class Forward(_p.Estimator):
                 # n_phi JVPs would hold n_phi steps' activations at once, and the peak would
                 # depend on how the executor interleaved them (it rose with T: the longer
                 # the run, the worse the worst interleaving). Same operations, same results.
+                # (Under XLA the compiler orders the operations itself.)
                 with tf.control_dependencies(previous), \
                         tf.autodiff.ForwardAccumulator(primals, tangents) as acc:
                     step_params, step_state = _p.inner_step(

@@ -124,3 +124,36 @@ def test_seed_and_opt_state_reach_the_estimator():
 def test_refuses_what_is_not_an_estimator():
     with pytest.raises(TypeError, match="estimator must be"):
         compile_hypergradient(lambda *a: None, None)
+
+
+def test_none_and_bool_leaves_are_part_of_the_key():
+    """Python bools and Nones are constants of a trace: another value or place must trace
+    again. Reference: the eager estimator on the same arguments."""
+
+    def inner(p, h, b):
+        scale = 3.0 if b["double"] else 1.0
+        shift = b["a"] if b["a"] is not None else b["b"]
+        return 0.5 * tf.reduce_sum((p[0] - scale * h[0] - shift) ** 2)
+
+    problem = km.BilevelProblem(inner, lambda p, h, b: 0.5 * tf.reduce_sum((p[0] - b) ** 2))
+    estimator = km.Unrolled(optim.sgd(0.1), 1)
+    call = compile_hypergradient(estimator, problem)
+    one, two = np.array([1.0]), np.array([2.0])
+    batches = [{"double": True, "a": one, "b": None}, {"double": False, "a": one, "b": None},
+               {"double": False, "a": None, "b": two}]
+    for batch in batches:
+        got = call([np.array([1.0])], [np.array([0.5])], batch, np.array([0.0]))
+        want = estimator(problem, [np.array([1.0])], [np.array([0.5])], batch, np.array([0.0]))
+        np.testing.assert_allclose(got.hypergrad[0], want.hypergrad[0], rtol=1e-12)
+    assert call.num_traces == 3
+
+
+def test_the_first_call_is_not_recorded_on_a_tape_either():
+    quad = Quadratic(num_steps=2)
+    params, hparams, inner_batch, target = quad.inputs()
+    call = compile_hypergradient(km.Unrolled(optim.sgd(1.0), 2), quad.problem())
+    h = [tf.Variable(x) for x in hparams]
+    for _ in range(2):  # the tracing call and a cached one behave alike
+        with tf.GradientTape() as tape:
+            loss = call(params, [x.read_value() for x in h], inner_batch, target).outer_loss
+        assert tape.gradient(loss, h) == [None, None]
