@@ -203,7 +203,7 @@ def fixed_cost_table():
     problem = km.BilevelProblem(lambda p, h, b: 0.5 * tf.reduce_sum(tf.square(p[0] - h[0])),
                                 lambda p, h, b: 0.5 * tf.reduce_sum(tf.square(p[0] - b)))
     args = ([tf.constant([1.0])], [tf.constant([0.5])], tf.constant([0.0]), tf.constant([0.0]))
-    _, _, params, logits, _, inner, outer = reference_problem(
+    _, _, params, logits, learning_rates, inner, outer = reference_problem(
         [int(h) for h in FLAGS.hidden], FLAGS.batch, FLAGS.forward_blocks)
     reference_args = (params, logits) + tf.nest.map_structure(tf.constant, (inner, outer))
     tiny = {
@@ -231,8 +231,6 @@ def fixed_cost_table():
     schedule_losses = km.BilevelProblem(
         lambda p, h, b: 0.5 * tf.square(p[0][0, 0] - b[0][0, 0]), one_weight_losses.outer_loss,
         inner_optimizer_hparams=lambda h, t, T: {"learning_rate": h[0][0]})
-    _, _, _, _, learning_rates, _, _ = reference_problem(
-        [int(h) for h in FLAGS.hidden], FLAGS.batch, FLAGS.forward_blocks)
     for name, est in tiny.items():
         on_schedule = name.startswith("forward")
         use = schedule_losses if on_schedule else one_weight_losses
