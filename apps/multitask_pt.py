@@ -228,6 +228,10 @@ class Config(runner.GridConfig):
             raise app.UsageError(f"--task_families={','.join(self.task_families)}: give some of "
                                  f"{', '.join(embedded.TASK_FAMILIES)}")
 
+    def results_config(self):
+        """`runner.Config.results_config` and `runner.GIN_RESULTS_ENTRY` (the encoder is a GIN)."""
+        return {**super().results_config(), **runner.GIN_RESULTS_ENTRY}
+
     @classmethod
     def from_flags(cls, flag_values=FLAGS):
         config = super().from_flags(flag_values)

@@ -63,7 +63,7 @@ from typing import Any, Callable, ClassVar, Optional
 from absl import app, flags, logging
 
 __all__ = ["Config", "GridConfig", "FT_MODES", "FT_SEED_OFFSET", "FineTuned",
-           "define_strategy_flags", "define_dtype_policy_flag", "check_in_interval", "data_digest", "setup", "seed_everything", "result_path",
+           "define_strategy_flags", "GIN_RESULTS_ENTRY", "define_dtype_policy_flag", "check_in_interval", "data_digest", "setup", "seed_everything", "result_path",
            "config_differences", "run_grid", "run_directory", "claim_directory", "load_results",
            "fine_tune", "export_finetuned", "summarise", "summary_table", "paired_table",
            "write_json", "resume_run", "mean_and_interval", "distinct_counts"]
@@ -268,6 +268,11 @@ class GridConfig(Config):
     def last_seed(self):
         return self.seeds[-1]
 
+
+# Recorded with the results of every run that trains a GIN (`keras_metapt.nets.GIN`): its
+# BatchNorm statistics have left the padding slots out since this entry exists, so results
+# stored before it (statistics over every slot) are never taken for the current code's.
+GIN_RESULTS_ENTRY = {"gin_batch_statistics": "real_nodes"}
 
 _DIGESTS = {}
 _WHOLE_FILE_LIMIT = 64 << 20  # folders: files up to this size are hashed whole

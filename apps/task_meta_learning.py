@@ -291,6 +291,8 @@ class Config(runner.GridConfig):
         for name in (IMAGE_FIELDS if self.family == "molecules" else MOLECULE_FIELDS):
             config.pop(name, None)
         config["meta_steps"] = self.meta_steps_of(arm)
+        if self.family == "molecules":  # the learner is a GIN
+            config.update(runner.GIN_RESULTS_ENTRY)
         return config
 
     def steps_by_arm(self):

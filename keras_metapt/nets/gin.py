@@ -17,6 +17,11 @@ Input: a padded disjoint batch from `keras_metapt.data.graphs.batch_graphs`. Agg
 `keras.ops.segment_sum` over static shapes, so it compiles with XLA.
 Cost per layer: O(E H + N H^2).
 
+Batch normalisation (training mode) takes its statistics over the real nodes only: the
+padding slots of the batch (``node_mask`` false) are left out of the mean and variance, as
+in the reference implementations, whose batches have no padding. The moving statistics
+are updated from these masked moments.
+
 BatchNorm momentum is 0.9 (moving = 0.9 moving + 0.1 batch), PyTorch's default 0.1 as the
 reference implementations use it; Keras' default 0.99 would leave most of the moving
 statistics at their initial 0/1 after a short warm-up.
@@ -41,11 +46,29 @@ class GIN(keras.Model):
       num_graphs: graphs per batch (static, for XLA) when a batch has no "center" entry; a
         batch with one (`batch_graphs` output) may hold any static number of graphs.
       warp_layers: an identity-initialised linear warp layer after every GIN layer.
+      seed: None: the weights are drawn from Keras' global seed (`keras.utils.set_random_seed`);
+        an integer: every random initializer gets its own seed derived from it, so the draw
+        repeats without touching any global random state.
     """
 
     def __init__(self, node_vocab_sizes, edge_vocab_sizes, num_graphs, num_layers=5, hidden=300,
-                 dropout=0.2, readout="mean", bn_momentum=0.9, warp_layers=False, **kwargs):
+                 dropout=0.2, readout="mean", bn_momentum=0.9, warp_layers=False, seed=None,
+                 **kwargs):
         super().__init__(**kwargs)
+        self.seed = None if seed is None else int(seed)
+        draws = iter(range(1 << 20))
+
+        def next_seed():  # the next weight's seed (None: the global seed)
+            return None if self.seed is None else (
+                (self.seed * 1_000_003 + next(draws)) % (2 ** 31 - 1))
+
+        def uniform():  # Keras' Embedding default, "uniform"
+            return keras.initializers.RandomUniform(-0.05, 0.05, seed=next_seed())
+
+        def dense(units):
+            return keras.layers.Dense(units, kernel_initializer=keras.initializers.GlorotUniform(
+                seed=next_seed()))
+
         if readout not in ("mean", "mean+center"):
             raise ValueError(f"readout must be 'mean' or 'mean+center', got {readout!r}")
         self.node_vocab_sizes = [int(v) for v in node_vocab_sizes]
@@ -56,21 +79,25 @@ class GIN(keras.Model):
         self.dropout_rate = float(dropout)
         self.readout = readout
         self.bn_momentum = float(bn_momentum)
-        self.node_embeddings = [keras.layers.Embedding(v, hidden, name=f"node_embedding_{i}")
+        self.node_embeddings = [keras.layers.Embedding(v, hidden, embeddings_initializer=uniform(),
+                                                       name=f"node_embedding_{i}")
                                 for i, v in enumerate(self.node_vocab_sizes)]
-        self.edge_embeddings = [[keras.layers.Embedding(v, hidden, name=f"edge_embedding_{l}_{i}")
+        self.edge_embeddings = [[keras.layers.Embedding(v, hidden, embeddings_initializer=uniform(),
+                                                        name=f"edge_embedding_{l}_{i}")
                                  for i, v in enumerate(self.edge_vocab_sizes)]
                                 for l in range(num_layers)]
         # the self-loop edge's embedding, initialised like the embedding tables
         self.self_loops = [self.add_weight(shape=(hidden,), name=f"self_loop_{l}",
-                                           initializer=keras.initializers.RandomUniform(-0.05, 0.05))
+                                           initializer=uniform())
                            for l in range(num_layers)]
-        self.mlps = [keras.Sequential([keras.layers.Dense(2 * hidden),
+        self.mlps = [keras.Sequential([dense(2 * hidden),
                                        keras.layers.BatchNormalization(
                                            momentum=self.bn_momentum),
                                        keras.layers.ReLU(),
-                                       keras.layers.Dense(hidden)], name=f"gin_mlp_{l}")
+                                       dense(hidden)], name=f"gin_mlp_{l}")
                      for l in range(num_layers)]
+        for mlp in self.mlps:  # the node mask reaches the inner BatchNorm (Dense passes it)
+            mlp.supports_masking = True
         self.norms = [keras.layers.BatchNormalization(momentum=self.bn_momentum,
                                                      name=f"gin_norm_{l}") for l in range(num_layers)]
         self.dropout = keras.layers.Dropout(dropout)
@@ -83,6 +110,7 @@ class GIN(keras.Model):
         return sum(table(features[:, i]) for i, table in enumerate(tables))
 
     def call(self, batch, training=False):
+        real_nodes = ops.cast(batch["node_mask"], "bool")  # BatchNorm's statistics: these only
         node_mask = ops.cast(batch["node_mask"], self.compute_dtype)[:, None]  # mixed precision
         edge_mask = ops.cast(batch["edge_mask"], self.compute_dtype)[:, None]
         source, target = batch["edge_index"][:, 0], batch["edge_index"][:, 1]
@@ -93,8 +121,8 @@ class GIN(keras.Model):
             messages = (ops.take(h, source, axis=0) + edges) * edge_mask
             aggregated = ops.segment_sum(messages, target, num_segments=num_nodes)
             self_loop = ops.cast(self.self_loops[l], h.dtype)  # (Keras' symbolic build: float32)
-            h = self.mlps[l](h + self_loop + aggregated, training=training)
-            h = self.norms[l](h, training=training)
+            h = self.mlps[l](h + self_loop + aggregated, training=training, mask=real_nodes)
+            h = self.norms[l](h, training=training, mask=real_nodes)
             if l < self.num_layers - 1:
                 h = ops.relu(h)
             h = self.dropout(h, training=training) * node_mask
@@ -116,5 +144,6 @@ class GIN(keras.Model):
         config.update(node_vocab_sizes=self.node_vocab_sizes, edge_vocab_sizes=self.edge_vocab_sizes,
                       num_graphs=self.num_graphs, num_layers=self.num_layers, hidden=self.hidden,
                       dropout=self.dropout_rate, readout=self.readout,
-                      bn_momentum=self.bn_momentum, warp_layers=self.warp_layers)
+                      bn_momentum=self.bn_momentum, warp_layers=self.warp_layers,
+                      seed=self.seed)
         return config

@@ -10,11 +10,9 @@ identity-initialised linear warp after every GIN layer) and applies it stateless
 The head starts at zero (every adapted model starts from p = 0.5). Batch normalisation uses
 the statistics of the batch it is applied to, the support set while adapting and the query
 set when testing (the transductive setting of the image learner); running statistics are
-never used or updated. The batch statistics run over every node slot of the padded set,
-padding included (as the GIN's do in the graph pre-training experiment): a set of n graphs
-always has n * max_nodes slots (`pack_graph_sets`), of which the padding is the part its
-molecules leave empty (about 38% for sets of RDKit's shipped molecules at 32 slots each), the
-same for every arm given the same set.
+never used or updated. The batch statistics run over the real atoms of the set only: a set
+of n graphs has n * max_nodes node slots (`pack_graph_sets`), and the padding slots (about
+38% for sets of RDKit's shipped molecules at 32 slots each) are left out (`nets.GIN`).
 
 A batch is (graphs, labels): graphs a padded disjoint batch (`pack_graph_sets`, one entry of
 its leading set dimension), labels [B] in {0, 1} for one task (K = 1) or [B, K] for K tasks at
@@ -22,7 +20,6 @@ once (multitask pre-training). The loss is the mean binary cross-entropy over th
 Cost: one GIN forward, O(E H + N H^2) per layer.
 """
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -58,17 +55,17 @@ class GINTaskModel:
       num_layers, hidden: the GIN's depth and width H.
       num_outputs: K, the head's logits (1: one binary task).
       warp_layers: build the warped encoder (WarpGrad).
-      seed: Keras' global seed when the weights are drawn (`keras.utils.set_random_seed`).
+      seed: the seed of the encoder's draw (`GIN(seed=...)`); no global random state is
+        read or changed.
     """
 
     def __init__(self, *, num_layers=3, hidden=64, num_outputs=1, warp_layers=False, seed=0):
         if min(int(num_layers), int(hidden), int(num_outputs)) < 1:
             raise ValueError(f"num_layers, hidden and num_outputs must be >= 1, got "
                              f"{num_layers}, {hidden}, {num_outputs}")
-        keras.utils.set_random_seed(int(seed))
         self.encoder = GIN(NODE_VOCAB_SIZES, EDGE_VOCAB_SIZES, num_graphs=1,
                            num_layers=num_layers, hidden=hidden, dropout=0.0,
-                           warp_layers=warp_layers)
+                           warp_layers=warp_layers, seed=int(seed))
         one_atom = {"node_features": np.zeros((1, 2), np.int32),
                     "edge_index": np.zeros((0, 2), np.int32),
                     "edge_features": np.zeros((0, 2), np.int32)}

@@ -55,6 +55,8 @@ def check_run(run_dir, stdout, arms=("no_pt", "uniform", "meta")):
     assert agreement["batches"] == 3 and -1.0 <= agreement["mean_cosine"] <= 1.0
     assert f"PT: 96 molecules, {len(names)} tasks ({len(record['permuted_tasks'])} permuted" in stdout
     assert record["jit_compile"] is False  # --noxla
+    # the GIN's BatchNorm leaves the padding out: results stored before are not taken for these
+    assert record["config"]["gin_batch_statistics"] == "real_nodes"
     assert (run_dir / "task_weights_seed0.png").stat().st_size > 10_000
     assert "| meta |" in stdout and "FT split (scaffold, seed 0): train: " in stdout
 

@@ -122,3 +122,45 @@ def test_mixed_bfloat16_gin_matches_the_float32_one():
     assert got.dtype == tf.bfloat16
     got = tf.cast(got, tf.float32).numpy()
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.03
+
+
+def test_training_mode_embeddings_do_not_depend_on_the_padding():
+    """Reference: the same graphs packed into a 32-slot and a 256-slot batch (an exact
+    symmetry once batch statistics leave the padding out), in training mode, no dropout."""
+    tf.keras.utils.set_random_seed(0)
+    gin = GIN(NODE_VOCAB_SIZES, EDGE_VOCAB_SIZES, num_graphs=3, num_layers=3, hidden=16,
+              dropout=0.0)
+    graphs = [smiles_to_graph(s) for s in SMILES[:3]]
+    tight = gin(batch_graphs(graphs, node_buckets=(32,), edge_buckets=(64,)), training=True)
+    loose = gin(batch_graphs(graphs, node_buckets=(256,), edge_buckets=(512,)), training=True)
+    np.testing.assert_allclose(tight.numpy(), loose.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_statistics_are_those_of_the_real_nodes():
+    """Reference: a float64 NumPy transcription of the first GIN layer up to its first
+    BatchNorm (embedding sums, messages over edges, self-loop, Dense); after one training
+    call from moving statistics (0, 1) with momentum 0.9 the moving mean must be
+    0.1 * mean and the moving variance 0.9 + 0.1 * var (biased) over the real nodes."""
+    tf.keras.utils.set_random_seed(1)
+    gin = GIN(NODE_VOCAB_SIZES, EDGE_VOCAB_SIZES, num_graphs=2, num_layers=1, hidden=8,
+              dropout=0.0)
+    batch = batch_graphs([smiles_to_graph(s) for s in SMILES[3:5]], node_buckets=(64,),
+                         edge_buckets=(128,))
+    gin(batch, training=True)
+    real = batch["node_mask"] > 0
+    assert (~real).sum() > real.sum() / 2  # plenty of padding, so the difference would show
+    f64 = lambda v: np.asarray(v, np.float64)
+    node_tables = [f64(e.embeddings) for e in gin.node_embeddings]
+    edge_tables = [f64(e.embeddings) for e in gin.edge_embeddings[0]]
+    h = sum(t[batch["node_features"][:, i]] for i, t in enumerate(node_tables)) * real[:, None]
+    edges = sum(t[batch["edge_features"][:, i]] for i, t in enumerate(edge_tables))
+    source, target = batch["edge_index"][:, 0], batch["edge_index"][:, 1]
+    messages = (h[source] + edges) * batch["edge_mask"][:, None]
+    aggregated = np.zeros_like(h)
+    np.add.at(aggregated, target, messages)
+    dense, norm = gin.mlps[0].layers[0], gin.mlps[0].layers[1]
+    z = (h + f64(gin.self_loops[0]) + aggregated) @ f64(dense.kernel) + f64(dense.bias)
+    np.testing.assert_allclose(f64(norm.moving_mean), 0.1 * z[real].mean(0), rtol=1e-4,
+                               atol=1e-6)
+    np.testing.assert_allclose(f64(norm.moving_variance), 0.9 + 0.1 * z[real].var(0),
+                               rtol=1e-4, atol=1e-6)
