@@ -321,28 +321,86 @@ class Config(runner.GridConfig):
 
 @dataclasses.dataclass
 class Family:
-    """A family's episode samplers and how its examples reach the learner. Image episodes
-    hold images; molecule episodes hold row indices into ``graphs`` / ``labels``."""
+    """A family's episode samplers and how its examples reach its learner (`ImageFamily`,
+    `MoleculeFamily`)."""
     train: object                       # meta-training episodes (a sampler)
     test: dict                          # k_shot -> sampler over the held-out classes / tasks
     train_classes: np.ndarray           # meta-training classes (molecules: task columns)
     test_classes: np.ndarray
-    image_shape: tuple = None
-    graphs: list = None                 # molecules: one graph per row
-    labels: np.ndarray = None           # molecules: [rows, tasks] 0/1
-    task_names: list = None
-    max_nodes: int = 0                  # molecules: the padding per graph
-    max_edges: int = 0
-
-    @property
-    def is_molecules(self):
-        return self.graphs is not None
 
     def inputs(self, examples):
         """The learner's input nest for ``examples`` [..., n, <example>] (leading dimensions
-        kept): the images as a tensor, or the molecules' rows as packed graph sets."""
-        if not self.is_molecules:
-            return tf.constant(examples)
+        kept)."""
+        raise NotImplementedError
+
+    def original_labels(self, episode, part):
+        """Labels of the pre-training head for the ``part`` ("support" or "query") of
+        ``episode``."""
+        raise NotImplementedError
+
+    def pretraining_batch(self, examples, original):
+        """(inputs, labels) of multitask pre-training on a meta-batch's examples [M, n, ...]
+        with their `original_labels`."""
+        return self.inputs(examples), tf.constant(original)
+
+    def build_model(self, model, config, seed, warped):
+        """Sets ``model``'s (a `TaskModel`) params, warp_params, loss, warped_loss and
+        pretraining_outputs for this family's learner."""
+        raise NotImplementedError
+
+    def query_score(self, model, params, warp_params, query, labels):
+        """The adapted ``params``' score on one query set (inputs nest, labels)."""
+        raise NotImplementedError
+
+    def describe(self, config):
+        """A log line naming the meta-training and meta-test classes (tasks)."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass
+class ImageFamily(Family):
+    """Episodes hold images [..., n, H, W, C]; the learner is the conv classifier; the score is
+    query accuracy."""
+    image_shape: tuple
+
+    def inputs(self, examples):
+        return tf.constant(examples)
+
+    def original_labels(self, episode, part):
+        """The original classes."""
+        return episode.classes[getattr(episode, f"{part}_labels")]
+
+    def build_model(self, model, config, seed, warped):
+        del warped  # the conv learner's warps are separate parameters, identity at first
+        model.params = taskmeta.conv_classifier_params(
+            config.n_way, self.image_shape, width=config.width, blocks=config.blocks, seed=seed)
+        model.warp_params = taskmeta.identity_warp_params(config.width, config.blocks)
+        model.loss = taskmeta.classification_loss
+        model.warped_loss = taskmeta.warped_classification_loss
+        # every original label (10 per rotation); the meta-test classes never occur
+        model.pretraining_outputs = 10 * int(config.rotations)
+
+    def query_score(self, model, params, warp_params, query, labels):
+        return float(taskmeta.classification_accuracy(params, query, tf.constant(labels),
+                                                      warp_params))
+
+    def describe(self, config):
+        return (f"{config.family}: meta-training classes {self.train_classes.tolist()}, "
+                f"meta-test classes {self.test_classes.tolist()}")
+
+
+@dataclasses.dataclass
+class MoleculeFamily(Family):
+    """Episodes hold row indices into ``graphs`` / ``labels`` (tasks are label columns); the
+    learner is a GIN (`taskmeta.GINTaskModel`); the score is query AUROC."""
+    graphs: list                        # one graph per row
+    labels: np.ndarray                  # [rows, tasks] 0/1
+    task_names: list
+    max_nodes: int                      # the padding per graph
+    max_edges: int
+
+    def inputs(self, examples):
+        """The rows as packed graph sets (`taskmeta.pack_graph_sets`)."""
         rows = np.asarray(examples)
         packed = graph_classifier.pack_graph_sets(self.graphs, rows.reshape(-1, rows.shape[-1]),
                                                   self.max_nodes, self.max_edges)
@@ -350,20 +408,29 @@ class Family:
                 for k, v in packed.items()}
 
     def original_labels(self, episode, part):
-        """Labels of the pre-training head for the ``part`` ("support" or "query") of
-        ``episode``: the original classes (images), or the labels of every meta-training
-        task (molecules, [n, tasks])."""
-        if self.is_molecules:
-            return self.labels[getattr(episode, part)][:, self.train_classes]
-        return episode.classes[getattr(episode, f"{part}_labels")]
+        """The labels of every meta-training task, [n, tasks]."""
+        return self.labels[getattr(episode, part)][:, self.train_classes]
 
     def pretraining_batch(self, examples, original):
-        """(inputs, labels) of multitask pre-training on a meta-batch's examples [M, n, ...]
-        with their `original_labels`; molecules pooled as one set (M = 1)."""
-        if self.is_molecules:
-            examples = examples.reshape(1, -1)
-            original = original.reshape(1, -1, original.shape[-1])
-        return self.inputs(examples), tf.constant(original)
+        """The meta-batch's molecules pooled as one set (M = 1)."""
+        return super().pretraining_batch(examples.reshape(1, -1),
+                                         original.reshape(1, -1, original.shape[-1]))
+
+    def build_model(self, model, config, seed, warped):
+        model.gin = taskmeta.GINTaskModel(num_layers=config.gin_layers, hidden=config.gin_hidden,
+                                          warp_layers=warped, seed=seed)
+        model.params = model.gin.initial_params()
+        model.warp_params = model.gin.initial_warp_params()
+        model.loss, model.warped_loss = model.gin.loss, model.gin.warped_loss
+        # the pre-training head: one output per meta-training task
+        model.pretraining_outputs = len(self.train_classes)
+
+    def query_score(self, model, params, warp_params, query, labels):
+        logits = model.gin.logits(params, query, warp_params)[:, 0]
+        return taskmeta.binary_auroc(logits.numpy(), labels)
+
+    def describe(self, config):
+        return "meta-test tasks: " + ", ".join(self.task_names[t] for t in self.test_classes)
 
 
 def load_family(config):
@@ -397,7 +464,7 @@ def load_family(config):
                 for k in config.test_shots}
     except ValueError as error:
         raise app.UsageError(str(error)) from None
-    return Family(train, test, train_classes, test_classes, image_shape=x.shape[1:])
+    return ImageFamily(train, test, train_classes, test_classes, image_shape=x.shape[1:])
 
 
 def load_molecules(config):
@@ -431,7 +498,7 @@ def load_molecules(config):
                                          n_query=config.test_n_query,
                                          name=f"meta-test tasks ({k}-shot)")
             for k in config.test_shots}
-    return Family(train, test, train_tasks, test_tasks, graphs=graphs, labels=labels,
+    return MoleculeFamily(train, test, train_tasks, test_tasks, graphs=graphs, labels=labels,
                   task_names=list(names), max_nodes=config.max_atoms,
                   max_edges=max(len(g["edge_index"]) for g in graphs))
 
@@ -491,33 +558,12 @@ class TaskModel:
 
     def __init__(self, config, family, seed, warped=False):
         self.family = family
-        if family.is_molecules:
-            self.gin = taskmeta.GINTaskModel(num_layers=config.gin_layers,
-                                             hidden=config.gin_hidden, warp_layers=warped,
-                                             seed=seed)
-            self.params = self.gin.initial_params()
-            self.warp_params = self.gin.initial_warp_params()
-            self.loss, self.warped_loss = self.gin.loss, self.gin.warped_loss
-            # the pre-training head: one output per meta-training task
-            self.pretraining_outputs = len(family.train_classes)
-        else:
-            self.params = taskmeta.conv_classifier_params(
-                config.n_way, family.image_shape, width=config.width, blocks=config.blocks,
-                seed=seed)
-            self.warp_params = taskmeta.identity_warp_params(config.width, config.blocks)
-            self.loss = taskmeta.classification_loss
-            self.warped_loss = taskmeta.warped_classification_loss
-            # every original label (10 per rotation); the meta-test classes never occur
-            self.pretraining_outputs = 10 * int(config.rotations)
+        family.build_model(self, config, seed, warped)
 
     def score(self, params, warp_params, episode):
         """The adapted ``params``' accuracy (AUROC) on the query set of ``episode``."""
         query = tf.nest.map_structure(lambda x: x[0], self.family.inputs(episode.query[None]))
-        if self.family.is_molecules:
-            logits = self.gin.logits(params, query, warp_params)[:, 0]
-            return taskmeta.binary_auroc(logits.numpy(), episode.query_labels)
-        return float(taskmeta.classification_accuracy(
-            params, query, tf.constant(episode.query_labels), warp_params))
+        return self.family.query_score(self, params, warp_params, query, episode.query_labels)
 
 
 def make_learner(arm, seed, config, family):
@@ -694,12 +740,7 @@ def main(argv):
     del argv
     config, _ = runner.setup(Config)
     family = load_family(config)
-    if family.is_molecules:
-        runner.log("meta-test tasks: " + ", ".join(family.task_names[t]
-                                                   for t in family.test_classes))
-    else:
-        runner.log(f"{config.family}: meta-training classes {family.train_classes.tolist()}, "
-                   f"meta-test classes {family.test_classes.tolist()}")
+    runner.log(family.describe(config))
     records = runner.run_grid(config, lambda arm, seed, _: run_arm(config, family, arm, seed))
     modes = tuple(f"{k}shot" for k in config.test_shots)
     table, _ = runner.summarise(
