@@ -499,8 +499,8 @@ def load_molecules(config):
                                          name=f"meta-test tasks ({k}-shot)")
             for k in config.test_shots}
     return MoleculeFamily(train, test, train_tasks, test_tasks, graphs=graphs, labels=labels,
-                  task_names=list(names), max_nodes=config.max_atoms,
-                  max_edges=max(len(g["edge_index"]) for g in graphs))
+                          task_names=list(names), max_nodes=config.max_atoms,
+                          max_edges=max(len(g["edge_index"]) for g in graphs))
 
 
 def rotated_classes(x, y, rotations):

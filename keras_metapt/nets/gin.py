@@ -46,9 +46,10 @@ class GIN(keras.Model):
       num_graphs: graphs per batch (static, for XLA) when a batch has no "center" entry; a
         batch with one (`batch_graphs` output) may hold any static number of graphs.
       warp_layers: an identity-initialised linear warp layer after every GIN layer.
-      seed: None: the weights are drawn from Keras' global seed (`keras.utils.set_random_seed`);
-        an integer: every random initializer gets its own seed derived from it, so the draw
-        repeats without touching any global random state.
+      seed: None: the weights and dropout masks are drawn from Keras' global seed
+        (`keras.utils.set_random_seed`); an integer: every random initializer and the dropout
+        layer get their own seeds derived from it, so the draw repeats without touching any
+        global random state.
     """
 
     def __init__(self, node_vocab_sizes, edge_vocab_sizes, num_graphs, num_layers=5, hidden=300,
@@ -96,11 +97,13 @@ class GIN(keras.Model):
                                        keras.layers.ReLU(),
                                        dense(hidden)], name=f"gin_mlp_{l}")
                      for l in range(num_layers)]
-        for mlp in self.mlps:  # the node mask reaches the inner BatchNorm (Dense passes it)
+        # call(mask=...) hands the node mask to the inner BatchNorm (Dense passes it on); the
+        # flag only lets the Sequential return it instead of warning that it drops a mask
+        for mlp in self.mlps:
             mlp.supports_masking = True
         self.norms = [keras.layers.BatchNormalization(momentum=self.bn_momentum,
                                                      name=f"gin_norm_{l}") for l in range(num_layers)]
-        self.dropout = keras.layers.Dropout(dropout)
+        self.dropout = keras.layers.Dropout(dropout, seed=next_seed())
         self.warp_layers = bool(warp_layers)
         self.warps = [keras.layers.Dense(hidden, use_bias=False, kernel_initializer="identity",
                                          name=f"warp_{l}") for l in range(num_layers)
