@@ -134,6 +134,10 @@ def test_training_mode_embeddings_do_not_depend_on_the_padding():
     tight = gin(batch_graphs(graphs, node_buckets=(32,), edge_buckets=(64,)), training=True)
     loose = gin(batch_graphs(graphs, node_buckets=(256,), edge_buckets=(512,)), training=True)
     np.testing.assert_allclose(tight.numpy(), loose.numpy(), rtol=1e-4, atol=1e-5)
+    # the masked moments compile with XLA too
+    compiled = tf.function(lambda b: gin(b, training=True), jit_compile=True)
+    loose_xla = compiled(batch_graphs(graphs, node_buckets=(256,), edge_buckets=(512,)))
+    np.testing.assert_allclose(tight.numpy(), loose_xla.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_batchnorm_statistics_are_those_of_the_real_nodes():
