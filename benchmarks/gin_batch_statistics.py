@@ -19,6 +19,7 @@ size of the change, not an error).
 Writes benchmarks/results/gin_batch_statistics.{md,json} (or --output_dir).
 """
 
+import contextlib
 import json
 import os
 import time
@@ -88,12 +89,8 @@ def build(batch, every_slot):
             dot = tf.add_n([tf.reduce_sum(g * v) for g, v in zip(grads, direction)])
         return outer.gradient(dot, weights)
 
-    if every_slot:
-        with _EverySlotBatchNorm():
-            functions = [f.get_concrete_function() for f in (embed, gradient, hvp)]
-    else:
-        functions = [f.get_concrete_function() for f in (embed, gradient, hvp)]
-    return functions
+    with _EverySlotBatchNorm() if every_slot else contextlib.nullcontext():
+        return [f.get_concrete_function() for f in (embed, gradient, hvp)]
 
 
 def main(argv):
