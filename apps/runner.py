@@ -187,6 +187,8 @@ class Config:
     BOUNDS: ClassVar[dict] = {}
     # fields naming input files or folders, whose contents are part of `results_config`
     DATA_PATHS: ClassVar[tuple] = ()
+    # arm -> the fields that only that arm reads (see `unread_settings`)
+    ARM_SETTINGS: ClassVar[dict] = {}
 
     def __post_init__(self):
         for name, interval in self.BOUNDS.items():
@@ -226,10 +228,20 @@ class Config:
         return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
     def results_config_of(self, arm):
-        """The settings that affect ``arm``'s results: `results_config`, unless an app has
-        settings of single arms (then only that arm's own)."""
-        del arm
-        return self.results_config()
+        """The settings that affect ``arm``'s results: `results_config` without the settings
+        that only other arms read (`unread_settings`)."""
+        config = self.results_config()
+        for name in self.unread_settings(arm):
+            config.pop(name, None)
+        return config
+
+    def unread_settings(self, arm):
+        """The settings of other arms (``ARM_SETTINGS``) that ``arm`` never reads: left out of
+        its results config, so that changing one arm's setting reruns that arm alone. A stored
+        result that still lists them (made before they were left out) is reused all the same
+        (`config_differences`' ``ignore``)."""
+        own = set(self.ARM_SETTINGS.get(arm, ()))
+        return tuple(sorted({n for names in self.ARM_SETTINGS.values() for n in names} - own))
 
     def strategy_object(self):
         """The tf.distribute strategy named by --strategy / --devices / --tpu_address."""
@@ -385,11 +397,12 @@ def write_report(output_dir, stem, markdown, payload):
     write_json(os.path.join(output_dir, f"{stem}.json"), payload)
 
 
-def config_differences(stored, wanted):
-    """'name: stored -> wanted' for every setting that differs (None: no stored config)."""
+def config_differences(stored, wanted, ignore=()):
+    """'name: stored -> wanted' for every setting that differs (None: no stored config);
+    a setting of ``ignore`` that ``wanted`` does not hold is not compared."""
     if stored is None:
         return ["no config stored"]
-    keys = sorted(set(stored) | set(wanted))
+    keys = sorted((set(stored) | set(wanted)) - (set(ignore) - set(wanted)))
     return [f"{k}: {stored.get(k, '(unset)')!r} -> {wanted.get(k, '(unset)')!r}"
             for k in keys if stored.get(k, "(unset)") != wanted.get(k, "(unset)")]
 
@@ -414,7 +427,8 @@ def run_grid(config: GridConfig, run_arm: Callable[[str, int, Any], dict],
             if config.resume and os.path.exists(path):
                 with open(path) as f:
                     stored = json.load(f)
-                differences = config_differences(stored.get("config"), wanted)
+                differences = config_differences(stored.get("config"), wanted,
+                                                 config.unread_settings(arm))
                 if not differences:
                     log(f"seed {seed} {arm}: done earlier ({path})")
                     records[(arm, seed)] = stored
@@ -452,7 +466,8 @@ def claim_directory(directory, config, arm=None):
         if os.path.exists(stamp):
             with open(stamp) as f:
                 stored = json.load(f)
-        differences = config_differences(stored, wanted)
+        differences = config_differences(
+            stored, wanted, () if arm is None else config.unread_settings(arm))
         if config.resume and not differences:
             return True
         why = ("--noresume" if not config.resume

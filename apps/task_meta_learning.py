@@ -234,6 +234,10 @@ class Config(runner.GridConfig):
     ARMS = ARMS
     NOT_IN_RESULTS = runner.GridConfig.NOT_IN_RESULTS + ("verbose", "plot", "checkpoint_every")
     DATA_PATHS = ("images_dir",)
+    ARM_SETTINGS = {"warpgrad": ("warp_lr", "warpgrad_init_lr", "warpgrad_points",
+                                 "warpgrad_batch"),
+                    "cts": ("cts_meta_step_size", "cts_update_every"),
+                    "aruba": ("aruba_zeta", "aruba_power")}
     BOUNDS = {"num_test_classes": "[2, 8]", "num_molecules": "[50, 15000]",
               "max_atoms": "[2, inf)", "num_test_tasks": "[1, inf)", "gin_layers": "[1, 8]",
               "gin_hidden": "[1, inf)", "split_seed": "[0, inf)", "n_way": "[2, 10]",
@@ -284,8 +288,9 @@ class Config(runner.GridConfig):
     def results_config_of(self, arm):
         """An arm's settings: --meta_steps_per_arm resolved to its own count, as meta_steps
         (so a count changed for one arm reruns that arm only, and results stored before the
-        flag existed are still recognised)."""
-        config = self.results_config()
+        flag existed are still recognised); the settings of WarpGrad, CTS and ARUBA only in
+        their own arm's (``ARM_SETTINGS``: --warp_lr=0.01 reruns WarpGrad alone)."""
+        config = super().results_config_of(arm)  # without the other arms' own settings
         del config["meta_steps_per_arm"]
         # the settings of the other kind of family do not affect this one's results
         for name in (IMAGE_FIELDS if self.family == "molecules" else MOLECULE_FIELDS):

@@ -110,6 +110,50 @@ def test_resume_reuses_only_results_made_with_the_same_settings(tmp_path, capsys
     assert len(calls) == 2
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ArmSettingConfig(ToyConfig):
+    other_rate: float = 1.0
+
+    ARM_SETTINGS = {"other": ("other_rate",)}
+
+
+def test_a_setting_of_one_arm_reruns_that_arm_alone(tmp_path, capsys):
+    """Reference: the calls made and the stored configs; ``other_rate`` is read by "other"
+    only, so changing it reruns "other" and nothing else, and a result stored before the
+    setting was left out of the other arms' configs (with the key) is still reused."""
+    calls = []
+
+    def run_arm(arm, seed, context):
+        calls.append((arm, seed))
+        return {"test_auroc_full": 0.5}
+
+    config = ArmSettingConfig(**{**dataclasses.asdict(toy_config(tmp_path)), "seeds": ("0",)})
+    assert config.unread_settings("base") == ("other_rate",)
+    assert config.unread_settings("other") == ()
+    assert config.results_config_of("base") == {"strategy": "default", "devices": None,
+                                                "lr": 0.1}
+    assert config.results_config_of("other")["other_rate"] == 1.0
+    runner.run_grid(config, run_arm)
+    assert calls == [("base", 0), ("other", 0)]
+    # a "base" result stored with every setting, as before the arm settings were split
+    path = tmp_path / "results" / "base_seed0.json"
+    stored = json.load(open(path))
+    assert "other_rate" not in stored["config"]
+    stored["config"]["other_rate"] = 1.0
+    path.write_text(json.dumps(stored))
+    calls.clear()
+    changed = dataclasses.replace(config, other_rate=0.5)
+    runner.run_grid(changed, run_arm)
+    assert calls == [("other", 0)]
+    assert "other_rate: 1.0 -> 0.5" in capsys.readouterr().out
+    # checkpoint folders follow the same rule
+    directory = str(tmp_path / "ckpt")
+    assert not runner.claim_directory(directory, config, "base")
+    (tmp_path / "ckpt" / "state").write_text("x")
+    assert runner.claim_directory(directory, changed, "base")
+    assert not runner.claim_directory(directory, changed)  # the whole config: other_rate differs
+
+
 def test_an_arm_does_not_depend_on_the_arms_run_before_it(tmp_path):
     both = runner.run_grid(toy_config(tmp_path / "both"), random_arm)
     alone = runner.run_grid(toy_config(tmp_path / "alone", arms=("other",)), random_arm)

@@ -176,7 +176,8 @@ read = []
 runner.data_digest = lambda path: read.append(path) or "digest"
 flags.FLAGS(["prog"] + sys.argv[1:])
 config = m.Config.from_flags()
-print(json.dumps({"read": read, "keys": sorted(config.results_config_of("maml"))}))
+print(json.dumps({"read": read, "keys": sorted(config.results_config_of("maml")),
+                  "warpgrad_keys": sorted(config.results_config_of("warpgrad"))}))
 """
 
 
@@ -198,5 +199,11 @@ def test_only_the_chosen_family_data_is_digested(tmp_path, family):
         # taken for the current code's (reference: runner.GIN_RESULTS_ENTRY)
         assert "gin_batch_statistics" in out["keys"]
     else:
-        assert out["read"] == [str(images)] and "images_dir_sha256" in out["keys"]
+        assert set(out["read"]) == {str(images)} and "images_dir_sha256" in out["keys"]
         assert "gin_batch_statistics" not in out["keys"]
+    # WarpGrad's, CTS's and ARUBA's own settings are in their arm's key only
+    own = {"warp_lr", "warpgrad_init_lr", "warpgrad_points", "warpgrad_batch"}
+    others = {"cts_meta_step_size", "cts_update_every", "aruba_zeta", "aruba_power"}
+    assert not (own | others) & set(out["keys"])
+    assert own <= set(out["warpgrad_keys"]) and not others & set(out["warpgrad_keys"])
+    assert set(out["warpgrad_keys"]) - own == set(out["keys"])
