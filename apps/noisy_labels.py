@@ -14,7 +14,8 @@ and batch order of a seed:
   each training example is weighted by v_i = MWN(l_i), a 1-100-1 MLP
   (keras_metapt.hyper.MetaWeightNet), with the loss sum_i l_i v_i / sum_i v_i. Every step:
   the hypergradient of the clean meta batch's loss with respect to the MWN weights
-  (keras_metapt.Unrolled with one SGD step at the current learning rate, keras_metapt.EvoGrad,
+  (keras_metapt.Unrolled with one SGD step at the current learning rate, keras_metapt.EvoGrad
+  with --evograd_copies copies perturbed by sign noise as in the EvoGrad code (or Gaussian),
   keras_metapt.Implicit with a Neumann series, keras_metapt.HyperDistill -- the online
   hypergradient over the whole run so far, damped by --hyperdistill_gamma, distilled into one
   step VJP -- or the truncated hypergradient of horizon 5: Unrolled through 5 SGD steps on
@@ -109,6 +110,9 @@ flags.DEFINE_integer("mwn_hidden", 100, "Hidden units of the Meta-Weight-Net (1-
 flags.DEFINE_integer("evograd_copies", 2, "EvoGrad: K perturbed copies of the weights.")
 flags.DEFINE_float("evograd_sigma", 1e-3, "EvoGrad: noise scale of the copies.")
 flags.DEFINE_float("evograd_temperature", 0.05, "EvoGrad: softmax temperature tau.")
+flags.DEFINE_enum("evograd_noise", "rademacher", ["rademacher", "gaussian"], "EvoGrad: noise "
+                  "of the copies, sigma times random signs (the EvoGrad code's "
+                  "Meta-Weight-Net experiment) or sigma times standard normals.")
 flags.DEFINE_integer("neumann_terms", 1, "mwn_implicit: Hessian-vector products of the "
                      "Neumann series (n gives the terms (I - lr H)^0 .. ^n).")
 flags.DEFINE_bool("xla", False, "Compile the training steps with XLA (runs then need not repeat "
@@ -146,6 +150,7 @@ class Config(runner.GridConfig):
     evograd_copies: int
     evograd_sigma: float
     evograd_temperature: float
+    evograd_noise: str
     neumann_terms: int
     hyperdistill_gamma: float
     hyperdistill_every: int
@@ -158,6 +163,8 @@ class Config(runner.GridConfig):
     ARMS = ARMS
     NOT_IN_RESULTS = runner.GridConfig.NOT_IN_RESULTS + ("verbose", "plot")
     DATA_PATHS = ("images_dir",)
+    ARM_SETTINGS = {"mwn_evograd": ("evograd_copies", "evograd_sigma", "evograd_temperature",
+                                    "evograd_noise")}
     BOUNDS = {"noise_rate": "[0, 1]", "num_train": "[0, inf)", "num_meta": "[10, inf)",
               "num_test": "[0, inf)", "split_seed": "[0, inf)", "width": "[1, inf)",
               "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)",
@@ -240,7 +247,8 @@ def make_estimator(arm, config, reduce=None):
         return runner.hyperdistill_estimator(config, config.lr, reduce)
     if name == "evograd":
         return km.EvoGrad(num_copies=config.evograd_copies, sigma=config.evograd_sigma,
-                          temperature=config.evograd_temperature, gradient_reduction=reduce)
+                          temperature=config.evograd_temperature,
+                          noise=config.evograd_noise, gradient_reduction=reduce)
     # alpha: the current SGD rate
     return km.Implicit(km.linalg.neumann(config.neumann_terms), gradient_reduction=reduce)
 

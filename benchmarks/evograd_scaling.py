@@ -43,8 +43,8 @@ flags.DEFINE_integer("width", 16, "--width of the networks.")
 flags.DEFINE_integer("batch_size", 100, "Training and meta batch size.")
 flags.DEFINE_integer("copies", 2, "EvoGrad's K.")
 flags.DEFINE_enum("noise", "gaussian", ["gaussian", "rademacher"], "EvoGrad's noise "
-                  "(apps/noisy_labels.py uses the default, gaussian; rademacher draws 32 signs "
-                  "per random word: see benchmarks/evograd_cost.py).")
+                  "(apps/noisy_labels.py: --evograd_noise, rademacher by default; rademacher "
+                  "draws 32 signs per random word: see benchmarks/evograd_cost.py).")
 flags.DEFINE_integer("repeats", 5, "Interleaved timing rounds after a first step "
                      "(median per method).")
 flags.DEFINE_bool("quick", False, "Tiny sizes: a smoke run, not a measurement.")

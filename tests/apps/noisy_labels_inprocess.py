@@ -22,8 +22,9 @@ def tiny_config(tmp_path, images, **changes):
                   baseline="uniform", images_dir=images, noise="uniform", noise_rate=0.4,
                   split_seed=0, network="cnn", lr=0.05, weight_decay=5e-4, meta_lr=1e-3,
                   evograd_copies=2, evograd_sigma=1e-3, evograd_temperature=0.05,
-                  neumann_terms=1, hyperdistill_gamma=0.9, hyperdistill_every=2,
-                  hyperdistill_reference_steps=3, hyperdistill_anchor_every=0, xla=False, verbose=0, plot=False, **TINY)
+                  evograd_noise="rademacher", neumann_terms=1, hyperdistill_gamma=0.9,
+                  hyperdistill_every=2, hyperdistill_reference_steps=3,
+                  hyperdistill_anchor_every=0, xla=False, verbose=0, plot=False, **TINY)
     values.update(changes)
     return noisy_labels.Config(**values)
 
@@ -40,6 +41,18 @@ def test_config_fields_are_the_flags_the_help_test_expects():
     from tests.apps.test_noisy_labels import FLAG_NAMES
     assert sorted(f.name for f in dataclasses.fields(noisy_labels.Config)) == sorted(FLAG_NAMES)
     assert noisy_labels.ARMS == ARMS_EXPECTED and len(noisy_labels.WEIGHT_CURVE_LOSSES) == 81
+
+
+def test_evograd_settings_reach_its_estimator_and_only_its_results(tmp_path, images):
+    """--evograd_noise sets the EvoGrad arm's noise; the EvoGrad settings are in that arm's
+    results config and in no other arm's (a change reruns mwn_evograd alone)."""
+    for noise in ("rademacher", "gaussian"):
+        config = tiny_config(tmp_path, images, evograd_noise=noise)
+        assert noisy_labels.make_estimator("mwn_evograd", config).noise == noise
+    evograd_keys = {"evograd_copies", "evograd_sigma", "evograd_temperature", "evograd_noise"}
+    assert evograd_keys <= set(config.results_config_of("mwn_evograd"))
+    for arm in ("uniform", "mwn_one_step"):
+        assert not evograd_keys & set(config.results_config_of(arm))
 
 
 ARMS_EXPECTED = ("uniform", "clean_only", "mwn_one_step", "mwn_evograd", "mwn_implicit",

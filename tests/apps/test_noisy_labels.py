@@ -33,7 +33,8 @@ FLAG_NAMES = ("output_dir", "resume", "strategy", "devices", "tpu_address", "arm
               "baseline", "images_dir", "noise", "noise_rate", "num_train", "num_meta",
               "num_test", "split_seed", "network", "width", "epochs", "batch_size", "lr",
               "weight_decay", "meta_lr", "mwn_hidden", "evograd_copies", "evograd_sigma",
-              "evograd_temperature", "neumann_terms", "hyperdistill_gamma", "hyperdistill_every",
+              "evograd_temperature", "evograd_noise", "neumann_terms", "hyperdistill_gamma",
+              "hyperdistill_every",
               "hyperdistill_reference_steps", "hyperdistill_anchor_every", "xla", "verbose", "plot")
 
 
@@ -86,13 +87,14 @@ def test_app_end_to_end_on_idx_files(tmp_path, images):
 def test_in_process_checks_resume_and_pairing():
     """tests/apps/noisy_labels_inprocess.py in its own process (the app's absl flags would
     clash with other modules' flags here): an interrupted arm resumes to the uninterrupted
-    result; arms of a seed share weights and batches; the config's fields are FLAG_NAMES."""
+    result; arms of a seed share weights and batches; the config's fields are FLAG_NAMES;
+    the EvoGrad settings reach its estimator and only its results config."""
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0",  # in one process
                            "-p", "no:cacheprovider",
                            os.path.join("tests", "apps", "noisy_labels_inprocess.py")],
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "4 passed" in proc.stdout
+    assert "5 passed" in proc.stdout
 
 
 def run_two_replicas(out, images, *flags):
