@@ -34,8 +34,8 @@ FLAG_NAMES = ("output_dir", "resume", "strategy", "devices", "tpu_address", "arm
               "num_test", "split_seed", "network", "width", "epochs", "batch_size", "lr",
               "weight_decay", "meta_lr", "mwn_hidden", "evograd_copies", "evograd_sigma",
               "evograd_temperature", "evograd_noise", "neumann_terms", "hyperdistill_gamma",
-              "hyperdistill_every",
-              "hyperdistill_reference_steps", "hyperdistill_anchor_every", "xla", "verbose", "plot")
+              "hyperdistill_every", "hyperdistill_reference_steps", "hyperdistill_anchor_every",
+              "xla", "verbose", "plot")
 
 
 @pytest.fixture(scope="module")
