@@ -11,6 +11,11 @@ For each seed, ways to obtain an encoder (--arms):
                  2021) for the downstream task: a global strength softplus(rho) (starting at
                  --warp_strength, Adam at --strength_lr) and a per-example magnitude network
                  (batch mean 1, Adam at the slow --magnitude_lr), two optimizer groups;
+  meta_online:   as meta, with the PT stage of every hyperstep replaced by HyperDistill's
+                 online term over the PT run so far (MetaPretrainer(online=...): the PT steps
+                 modelled as SGD at --pt_lr, damped by --hyperdistill_gamma; the --hyperdistill_*
+                 flags), in place of the --solver over the PT Hessian: a hypergradient that sees
+                 how the warp shaped the encoder over many PT steps, not one;
 then linear evaluation (frozen encoder) and full fine-tuning on the labelled examples
 (MetaTrain + MetaVal), reporting test AUROC (macro over classes; mean +- std over seeds).
 The meta arm records where its strength ends (``warp_strength``), its trajectory over epochs
@@ -67,7 +72,8 @@ from keras_metapt.nets import linear_head, projection_head, resnet1d18, small_cn
 
 FLAGS = flags.FLAGS
 FIXED_STRENGTHS = ("0.02", "0.05", "0.1", "0.2")
-ARMS = ("no_pt", "simclr") + tuple(f"fixed_{s}" for s in FIXED_STRENGTHS) + ("meta",)
+ARMS = ("no_pt", "simclr") + tuple(f"fixed_{s}" for s in FIXED_STRENGTHS) + ("meta",
+                                                                              "meta_online")
 flags.DEFINE_enum("modality", "image", ["ecg", "image"], "ecg: PTB-XL and ResNet1D-18; image: "
                   "Fashion-MNIST (or an image folder) and a small CNN.")
 flags.DEFINE_string("ptbxl_dir", None, "ECG: PTB-XL folder (ptbxl_database.csv, "
@@ -127,6 +133,11 @@ flags.DEFINE_float("ft_lr", 1e-3, "Fine-tuning Adam learning rate.")
 flags.DEFINE_bool("xla", False, "Compile PT steps with XLA (jit_compile). Keras compiles "
                   "without XLA while TensorFlow op determinism is on, so --xla turns op "
                   "determinism off: faster, but a seed no longer pins the run bit for bit.")
+# defaults chosen before any run, by the rule of apps/multitask_pt.py: damping gamma 0.99 (a
+# horizon of ~100 PT steps, the CPU preset's whole run), the line's start moved about every PT
+# epoch (25 steps), a 20-step reference at each move
+runner.define_hyperdistill_flags("meta_online", every_default=25, gamma_default=0.99,
+                                 reference_steps_default=20, anchor_every_default=25)
 runner.define_strategy_flags("pre-training (each replica contrasts its own shard)")
 runner.define_dtype_policy_flag()
 flags.adopt_module_key_flags(runner)
@@ -169,6 +180,10 @@ class Config(runner.GridConfig):
     neumann_alpha: float
     curvature_iterations: int
     warp_strength: float
+    hyperdistill_gamma: float
+    hyperdistill_every: int
+    hyperdistill_reference_steps: int
+    hyperdistill_anchor_every: int
     ft_epochs: int
     ft_lr: float
     xla: bool
@@ -189,13 +204,19 @@ class Config(runner.GridConfig):
               "unroll_steps": "[1, inf)", "solver_iterations": "[0, inf)",
               "neumann_alpha": "[0, inf)", "curvature_iterations": "[0, inf)",
               "warp_strength": "(0, inf)", "ft_epochs": "[1, inf)",
-              "ft_lr": "(0, inf)", "verbose": "[0, 2]"}
+              "ft_lr": "(0, inf)", "verbose": "[0, 2]", **runner.HYPERDISTILL_BOUNDS}
+    # the online arm reads the HyperDistill settings; the implicit meta arm reads the solver's
+    ARM_SETTINGS = {"meta_online": tuple(runner.HYPERDISTILL_BOUNDS),
+                    "meta": ("solver", "solver_iterations", "neumann_alpha")}
 
     def __post_init__(self):
         super().__post_init__()
         if self.solver == "cg" and self.solver_iterations < 1:
             raise app.UsageError("--solver=cg needs --solver_iterations >= 1 (0 CG iterations "
                                  "give a zero hypergradient)")
+        if "meta_online" in self.arms and self.dtype_policy != "float32":
+            raise app.UsageError(f"--arms=meta_online runs in float32: HyperDistill's online "
+                                 f"term does not take --dtype_policy={self.dtype_policy}")
 
     @classmethod
     def from_flags(cls, flag_values=FLAGS):
@@ -308,8 +329,9 @@ def pretrain_simclr(config, encoder, data, seed, strategy, strength=None):
             "pt_epoch_seconds": timer.seconds}
 
 
-def pretrain_meta(config, encoder, data, seed, strategy):
-    """SimCLR whose views pass through the learned warp, meta-learned by MetaPretrainer;
+def pretrain_meta(config, encoder, data, seed, strategy, arm="meta"):
+    """SimCLR whose views pass through the learned warp, meta-learned by MetaPretrainer (arm
+    meta_online: with HyperDistill's online term in place of the solve over the PT Hessian);
     returns (record fields, model)."""
     x_lab, y_lab = data["labelled"]
     n_val = int(config.meta_val_fraction * len(x_lab))
@@ -318,16 +340,19 @@ def pretrain_meta(config, encoder, data, seed, strategy):
     with strategy.scope():
         views = make_views(config, data["pt"].shape[1:], seed, config.warp_strength, learned=True)
         warp = views.learned
-        if config.solver == "cg":
-            solve = km.linalg.cg(config.solver_iterations)
+        if arm == "meta_online":  # PT modelled as SGD at the PT learning rate
+            stage = {"online": runner.hyperdistill_estimator(config, config.pt_lr)}
+        elif config.solver == "cg":
+            stage = {"solve": km.linalg.cg(config.solver_iterations)}
         else:  # alpha=None: the Neumann step is the PT optimizer's learning rate
-            solve = km.linalg.neumann(config.solver_iterations, config.neumann_alpha or None)
+            stage = {"solve": km.linalg.neumann(config.solver_iterations,
+                                                config.neumann_alpha or None)}
         model = km.simclr.simclr_meta_pretrainer(
             encoder, projection_head(encoder.output_shape[-1]), views,
             linear_head(encoder.output_shape[-1], outputs), ft_loss_fn(data["multilabel"]),
             temperature=config.temperature, hyperstep_every=config.hyperstep_every,
-            unroll_steps=config.unroll_steps, solve=solve,
-            curvature_iterations=config.curvature_iterations)
+            unroll_steps=config.unroll_steps, curvature_iterations=config.curvature_iterations,
+            **stage)
         groups = [(keras.optimizers.Adam(config.strength_lr), [warp.strength_logit])]
         if config.per_example:
             groups.append((keras.optimizers.Adam(config.magnitude_lr),
@@ -340,7 +365,7 @@ def pretrain_meta(config, encoder, data, seed, strategy):
                              batched(meta_val, min(ft_batch, len(meta_val[0])), seed),
                              config.unroll_steps)
     steps = len(data["pt"]) // config.batch_size
-    run_dir = runner.run_directory(config, "meta", seed)
+    run_dir = runner.run_directory(config, arm, seed)
     timer = EpochTimer()
     trajectory = StrengthHistory(warp, os.path.join(run_dir, "strength_history.json"))
     model.fit(stream, epochs=config.pt_epochs, steps_per_epoch=steps, verbose=config.verbose,
@@ -348,6 +373,7 @@ def pretrain_meta(config, encoder, data, seed, strategy):
     # epoch 1 is the warm-up (no hyperstep), epoch 2 compiles the hyperstep
     skip = 2 if config.pt_epochs > 2 else 1
     amplitudes = warp.amplitude(tf.constant(data["pt"][:256])).numpy()
+    suffix = "" if arm == "meta" else f"_{arm}"
     fields = {"pt_examples_per_second": timer.examples_per_second(steps, config.batch_size,
                                                                   skip=skip),
               "pt_epoch_seconds": timer.seconds,
@@ -356,7 +382,11 @@ def pretrain_meta(config, encoder, data, seed, strategy):
               "warp_amplitude_quantiles": {q: float(np.quantile(amplitudes, float(q)))
                                            for q in ("0.05", "0.5", "0.95")},
               "warp_png": plot_warp(model.meta_layer, data["pt"], config.modality, os.path.join(
-                  config.output_dir, f"warp_{config.modality}_seed{seed}.png"))}
+                  config.output_dir, f"warp_{config.modality}{suffix}_seed{seed}.png"))}
+    if model.online is not None:
+        fields.update({"hyperdistill_scale": float(model.online.scale),
+                       "hyperdistill_references": int(model.online.state.references.numpy()),
+                       "hyperdistill_steps": int(model.online.state.step.numpy())})
     if config.curvature_iterations:  # the mean over an epoch's hypersteps (None: warm-up)
         fields["pt_lambda_max_by_epoch"] = [e.get("pt_lambda_max") for e in trajectory.epochs]
     return fields, model
@@ -470,8 +500,8 @@ def run_arm(config, data, strategy, arm, seed):
     model = None
     if arm == "simclr" or arm.startswith("fixed_"):
         record.update(pretrain_simclr(config, encoder, data, seed, strategy, arm_strength(arm)))
-    elif arm == "meta":
-        fields, model = pretrain_meta(config, encoder, data, seed, strategy)
+    elif arm in ("meta", "meta_online"):
+        fields, model = pretrain_meta(config, encoder, data, seed, strategy, arm)
         record.update(fields)
     weights = encoder.get_weights()
     tuned = runner.fine_tune(record, seed, ("linear", "full"), lambda linear: finetune(
@@ -488,6 +518,10 @@ def run_arm(config, data, strategy, arm, seed):
 def main(argv):
     del argv
     config, strategy = runner.setup(Config)
+    if "meta_online" in config.arms and strategy.num_replicas_in_sync > 1:
+        raise app.UsageError(f"--arms=meta_online runs on one replica, not "
+                             f"{strategy.num_replicas_in_sync} (HyperDistill's state is not "
+                             f"reduced over replicas)")
     data = load_data(config)
     print(f"{config.modality}: {len(data['pt'])} PT examples {data['pt'].shape[1:]}, "
           f"{len(data['labelled'][0])} labelled, {len(data['test'][0])} test, "

@@ -1,6 +1,8 @@
 r"""Experiment 2 as a benchmark on Fashion-MNIST: (a) no PT, (b) SimCLR with the fixed
 augmentations, a sweep of SimCLR with the warp at fixed strengths (the ground truth for the
-direction), and (c) SimCLR with the meta-learned warp, every arm paired by seed.
+direction), (c) SimCLR with the meta-learned warp, and (c-online) the same with
+HyperDistill's online PT stage in place of the one-term Neumann solve, every arm paired by
+seed.
 
     python -m benchmarks.simclr_augment            # CPU-sized subset, 5 seeds
     python -m benchmarks.simclr_augment --quick    # a smoke run on IDX files written by the test
@@ -11,7 +13,10 @@ the 60,000 training images (300: 150 MetaTrain + 150 MetaVal; linear evaluation 
 all 300), 30 FT epochs; test: the first 2,000 test images. Small CNN encoder, projection
 128->256->128, NT-Xent temperature 0.5, per-example crop and flip. The meta arm (the app's
 defaults): hyperstep every 5 PT steps (K=1, i=1), strength starting at 0.05 with Adam 0.1 on
-rho, per-example magnitudes at Adam 1e-4. Every arm gets the same PT and FT budget.
+rho, per-example magnitudes at Adam 1e-4. The online meta arm (meta_online, the app's
+--hyperdistill_* defaults): PT steps modelled as SGD at the PT rate, gamma 0.99, the line's start
+moved and a 20-step reference taken every 25 PT steps. Every arm gets the same PT and FT
+budget.
 
 The sweep's best region: the fixed strengths (0 = plain SimCLR) whose paired difference to
 the best one (by mean test AUROC) has a 95% interval that includes 0; it is reported per
@@ -40,8 +45,9 @@ flags.DEFINE_integer("num_pt", 3000, "PT images.")
 flags.DEFINE_float("label_fraction", 0.005, "Labelled fraction of the 60,000 training images.")
 flags.DEFINE_integer("pt_epochs", 4, "PT epochs.")
 flags.DEFINE_list("arms", ["no_pt", "simclr", "fixed_0.02", "fixed_0.05", "fixed_0.1",
-                           "fixed_0.2", "meta"], "Arms of apps/simclr_augment.py; the sweep "
-                  "is simclr (strength 0) and the fixed_<s> arms.")
+                           "fixed_0.2", "meta", "meta_online"],
+                  "Arms of apps/simclr_augment.py; the sweep is simclr (strength 0) and the "
+                  "fixed_<s> arms.")
 flags.DEFINE_integer("ft_epochs", 30, "Linear-evaluation and fine-tuning epochs.")
 flags.DEFINE_integer("num_test", 2000, "Test images.")
 flags.DEFINE_bool("quick", False, "Tiny sizes on --images_dir: a smoke run, not a measurement.")
@@ -85,6 +91,7 @@ def main(argv):
     cost = simclr_eps / meta_eps
     names = {"no_pt": "(a) no PT", "simclr": "(b) SimCLR, fixed augmentations",
              "meta": "(c) SimCLR + meta-learned warp",
+             "meta_online": "(c-online) meta-learned warp, HyperDistill's online PT stage",
              "meta_variant": "(c') meta-learned warp, " + " ".join(FLAGS.variant_flags),
              **{arm: f"SimCLR + warp at fixed strength {arm[6:]}" for arm in fixed_arms(summary)}}
     lines = ["## SimCLR with a meta-learned augmentation (Fashion-MNIST)", "",
@@ -94,10 +101,14 @@ def main(argv):
              (runner.summary_table(summary, MODES, names, seeds_column=False)
               + runner.paired_table(summary, MODES, names)).rstrip("\n")]
     strengths = {arm: [r["warp_strength"] for r in sorted(records, key=lambda r: r["seed"])
-                       if r["arm"] == arm] for arm in ("meta", "meta_variant") if arm in summary}
+                       if r["arm"] == arm] for arm in ("meta", "meta_online", "meta_variant")
+                 if arm in summary}
     sweep = sweep_regions(summary, strengths)
+    online_cost = ("" if "meta_online" not in summary else
+                   f"; with the online PT stage: "
+                   f"{simclr_eps / summary['meta_online']['pt_examples_per_second']:.2f}x")
     lines += ["", f"Cost of meta-PT over plain SimCLR: {cost:.2f}x the time per PT example "
-              f"(a fixed-strength warp: {sweep_cost(summary):.2f}x).", ""]
+              f"(a fixed-strength warp: {sweep_cost(summary):.2f}x{online_cost}).", ""]
     for arm, values in strengths.items():
         lines += [f"{names[arm]}: strength after PT, per seed: "
                   + ", ".join(f"{v:.4f}" for v in values) + " (initial 0.05).", ""]
@@ -111,6 +122,9 @@ def main(argv):
         f.write(report)
     with open(os.path.join(FLAGS.output_dir, "simclr_augment.json"), "w") as f:
         json.dump({"summary": summary, "runs": records, "meta_cost_ratio": cost,
+                   "meta_online_cost_ratio": (
+                       simclr_eps / summary["meta_online"]["pt_examples_per_second"]
+                       if "meta_online" in summary else None),
                    "meta_strengths": strengths, "sweep": sweep, "sizes": sizes,
                    "quick": FLAGS.quick}, f, indent=1)
 

@@ -108,10 +108,33 @@ def damped_second_order_term(step_vjp, point_at, num_points, cotangent, gamma, h
         return k - 1, a, y
 
     y0 = tf.nest.map_structure(tf.zeros_like, hparams)
+    graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+    known = None if graph is None else len(graph.get_operations())
     _, _, y = tf.while_loop(lambda k, a, y: k >= 0, body,
                             (tf.cast(num_points, tf.int32) - 1, cotangent, y0),
                             parallel_iterations=1)
+    if graph is not None:
+        _keep_functional(graph.get_operations()[known:])
     return y
+
+
+def _keep_functional(ops):
+    """Keeps the While ops among ``ops`` functional (not lowered to Switch/Merge frames).
+
+    Grappler's memory optimizer may rewrite a large AddN of the step VJP (a gradient summed
+    over several uses) into a temporary variable that accumulates its inputs. In a lowered
+    loop that variable is also created in the exit iteration, where the body is dead and
+    nothing destroys it, so the next reference of the same compiled function fails with
+    "AlreadyExists: Resource __per_step_0/.../tmp_var/frame:.../iter:<n>" (seen with a
+    convolutional encoder whose inputs pass through a learned warp). A functional While runs
+    its body as a function call per iteration, which creates and destroys the variable in
+    the same call. The loop is never differentiated, so nothing else changes.
+    """
+    from tensorflow.core.framework import attr_value_pb2
+
+    for op in ops:
+        if op.type in ("While", "StatelessWhile"):
+            op._set_attr("_lower_using_switch_merge", attr_value_pb2.AttrValue(b=False))
 
 
 class _State(tf.Module):

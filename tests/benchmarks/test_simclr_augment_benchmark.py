@@ -16,23 +16,38 @@ from tests.data.test_images import write_fashion_like
 def test_quick_simclr_benchmark(tmp_path):
     write_fashion_like(str(tmp_path / "idx"), n_train=128, n_test=40)
     proc = subprocess.run([sys.executable, "-m", "benchmarks.simclr_augment", "--quick",
-                           "--seeds=0", "--arms=simclr,fixed_0.1,meta",
-                           "--variant_flags=--solver=cg,--solver_iterations=2", f"--images_dir={tmp_path / 'idx'}",
+                           "--seeds=0", "--arms=simclr,fixed_0.1,meta,meta_online",
+                           "--variant_flags=--solver=cg,--solver_iterations=2",
+                           # two references and an anchor move in meta_online's 8 PT steps
+                           "--app_flags=--hyperdistill_every=3,--hyperdistill_reference_steps=2,"
+                           "--hyperdistill_anchor_every=3", f"--images_dir={tmp_path / 'idx'}",
                            f"--output_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.load(open(tmp_path / "out" / "simclr_augment.json"))
     summary = result["summary"]
-    assert set(summary) == {"simclr", "fixed_0.1", "meta", "meta_variant"}
+    assert set(summary) == {"simclr", "fixed_0.1", "meta", "meta_online", "meta_variant"}
     variant = [r for r in result["runs"] if r["arm"] == "meta_variant"]
     assert len(variant) == 1 and variant[0]["config"]["solver"] == "cg"  # its own settings
     assert summary["meta_variant"]["paired"]["linear"]["mean_difference"] == pytest.approx(
         summary["meta_variant"]["linear_mean"] - summary["simclr"]["linear_mean"])
     assert result["meta_cost_ratio"] == pytest.approx(
         summary["simclr"]["pt_examples_per_second"] / summary["meta"]["pt_examples_per_second"])
+    assert result["meta_online_cost_ratio"] == pytest.approx(
+        summary["simclr"]["pt_examples_per_second"]
+        / summary["meta_online"]["pt_examples_per_second"])
     table = (tmp_path / "out" / "simclr_augment.md").read_text()
     assert "(c) SimCLR + meta-learned warp" in table and "Cost of meta-PT" in table
     assert "SimCLR + warp at fixed strength 0.1" in table and "best region" in table
+    assert "(c-online) meta-learned warp, HyperDistill's online PT stage" in table
+    assert f"with the online PT stage: {result['meta_online_cost_ratio']:.2f}x" in table
+    assert len(result["meta_strengths"]["meta_online"]) == 1
+    # a second reference of the same compiled hyperstep failed ("AlreadyExists ... tmp_var")
+    # before HyperDistill kept its reference loop functional
+    online = [r for r in result["runs"] if r["arm"] == "meta_online"][0]
+    assert online["hyperdistill_references"] == 2 and online["hyperdistill_steps"] == 8
+    assert online["warp_strength"] != 0.05 and online["warp_png"].endswith(
+        "warp_image_meta_online_seed0.png")
     strengths = result["meta_strengths"]["meta"]
     assert len(strengths) == 1 and strengths[0] > 0
     for mode in ("linear", "full"):  # one seed: the region is the best strength alone

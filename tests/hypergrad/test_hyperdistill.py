@@ -342,3 +342,38 @@ def test_median_scale_fit_equals_its_transcription(window):
         np.testing.assert_allclose(result.indirect[0].numpy(), expected[t - 1], rtol=1e-9,
                                    atol=1e-14)
     assert int(estimator.state.ratio_count.numpy()) == steps // every
+
+
+def test_reference_loop_stays_functional_inside_a_compiled_cond():
+    """The reference pass traced in a tf.function, inside a tf.cond as HyperDistill calls it:
+    its While op is kept functional (`_lower_using_switch_merge` False; a lowered loop let
+    Grappler's AddN rewrite leave a temporary variable behind, which failed the next call, see
+    tests/apps/test_simclr_augment.py), and two calls equal the recursion y = sum_k
+    gamma^(n-1-k) a_k^T B, a_(k-1) = gamma A^T a_k for the linear step w -> A w + phi,
+    written in NumPy."""
+    a_mat = tf.constant(A_MAT)
+    cotangent = tf.constant(W_STAR)
+    phi = tf.constant(PHI)
+
+    def step_vjp(w, a):
+        with tf.GradientTape() as tape:
+            tape.watch([w, phi])
+            stepped = tf.linalg.matvec(a_mat, w) + phi
+        return tape.gradient(stepped, (w, phi), output_gradients=a)
+
+    @tf.function
+    def reference(n):
+        return tf.cond(n > 0, lambda: hd.damped_second_order_term(
+            step_vjp, lambda k: tf.constant(W0), n, cotangent, 0.9, phi),
+            lambda: tf.zeros_like(phi))
+
+    graph = reference.get_concrete_function(tf.TensorSpec([], tf.int32)).graph
+    loops = [op for f in graph._functions.values() for op in f.graph.get_operations()
+             if op.type in ("While", "StatelessWhile")]
+    assert loops and all(not op.get_attr("_lower_using_switch_merge") for op in loops)
+    a, expected = W_STAR.copy(), np.zeros(P)
+    for _ in range(4):
+        expected += a
+        a = 0.9 * A_MAT.T @ a
+    for _ in range(2):
+        np.testing.assert_allclose(reference(tf.constant(4)).numpy(), expected, rtol=1e-12)
