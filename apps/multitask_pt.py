@@ -218,9 +218,7 @@ class Config(runner.GridConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if "meta_online" in self.arms and self.dtype_policy != "float32":
-            raise app.UsageError(f"--arms=meta_online runs in float32: HyperDistill's online "
-                                 f"term does not take --dtype_policy={self.dtype_policy}")
+        runner.check_online_arm(self, "meta_online")
         if self.agreement_batches == 1:
             raise app.UsageError("--agreement_batches=1: give 0 (skip) or at least 2")
         unknown = [f for f in self.task_families if f not in embedded.TASK_FAMILIES]
@@ -508,10 +506,7 @@ def pretrain_meta(config, encoder, pt_ds, steps, data, ft_train, seed, strategy,
         "task_weights": {t: float(w) for t, w in zip(tasks, learned)},
         "task_weight_history": history.epochs,
         "jit_compile": bool(model.jit_compile),
-        **({"hyperdistill_scale": float(model.online.scale),
-            "hyperdistill_references": int(model.online.state.references.numpy()),
-            "hyperdistill_steps": int(model.online.state.step.numpy())}
-           if model.online is not None else {}),
+        **runner.hyperdistill_fields(model.online),
         "mean_task_weight": {f"{g} {kind}": float(learned[mask].mean())
                              for g in dict.fromkeys(groups)
                              for kind, mask in (("real", (np.array(groups) == g) & data.is_real),
@@ -602,9 +597,7 @@ def run_arm(config, data, strategy, arm, seed, shared):
 def main(argv):
     del argv
     config, strategy = runner.setup(Config)
-    if "meta_online" in config.arms and strategy.num_replicas_in_sync > 1:
-        raise app.UsageError(f"--arms=meta_online runs on one replica, not "
-                             f"{strategy.num_replicas_in_sync} (--strategy={config.strategy})")
+    runner.check_online_arm(config, "meta_online", strategy.num_replicas_in_sync)
     if strategy.num_replicas_in_sync > 1:
         print(f"Pre-training on {strategy.num_replicas_in_sync} replicas ({config.strategy}); "
               f"global batch {strategy.num_replicas_in_sync} x {config.batch_size} graphs")

@@ -63,7 +63,10 @@ from typing import Any, Callable, ClassVar, Optional
 from absl import app, flags, logging
 
 __all__ = ["Config", "GridConfig", "FT_MODES", "FT_SEED_OFFSET", "FineTuned",
-           "define_strategy_flags", "GIN_RESULTS_ENTRY", "define_dtype_policy_flag", "check_in_interval", "data_digest", "setup", "seed_everything", "result_path",
+           "define_strategy_flags", "GIN_RESULTS_ENTRY", "define_dtype_policy_flag",
+           "HYPERDISTILL_BOUNDS", "define_hyperdistill_flags", "hyperdistill_estimator",
+           "check_online_arm", "hyperdistill_fields", "check_in_interval", "data_digest",
+           "setup", "seed_everything", "result_path",
            "config_differences", "run_grid", "run_directory", "claim_directory", "load_results",
            "fine_tune", "export_finetuned", "summarise", "summary_table", "paired_table",
            "write_json", "resume_run", "mean_and_interval", "distinct_counts"]
@@ -146,6 +149,29 @@ def hyperdistill_estimator(config, learning_rate, reduce=None):
                            reference_steps=config.hyperdistill_reference_steps,
                            anchor_every=config.hyperdistill_anchor_every or None,
                            gradient_reduction=reduce)
+
+
+def check_online_arm(config, arm, replicas=None):
+    """UsageError unless ``arm`` (HyperDistill's online PT stage), when among the config's
+    arms, runs as it can: float32 parts and, given ``replicas``, one replica."""
+    if arm not in config.arms:
+        return
+    if config.dtype_policy != "float32":
+        raise app.UsageError(f"--arms={arm} runs in float32: HyperDistill's online term does "
+                             f"not take --dtype_policy={config.dtype_policy}")
+    if replicas is not None and replicas > 1:
+        raise app.UsageError(f"--arms={arm} runs on one replica, not {replicas} "
+                             f"(--strategy={config.strategy})")
+
+
+def hyperdistill_fields(online):
+    """The record fields of a MetaPretrainer's HyperDistill (``online``) at the end of PT:
+    its fitted scale theta, references taken and PT steps counted; {} for None."""
+    if online is None:
+        return {}
+    return {"hyperdistill_scale": float(online.scale),
+            "hyperdistill_references": int(online.state.references.numpy()),
+            "hyperdistill_steps": int(online.state.step.numpy())}
 
 
 DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")

@@ -214,9 +214,7 @@ class Config(runner.GridConfig):
         if self.solver == "cg" and self.solver_iterations < 1:
             raise app.UsageError("--solver=cg needs --solver_iterations >= 1 (0 CG iterations "
                                  "give a zero hypergradient)")
-        if "meta_online" in self.arms and self.dtype_policy != "float32":
-            raise app.UsageError(f"--arms=meta_online runs in float32: HyperDistill's online "
-                                 f"term does not take --dtype_policy={self.dtype_policy}")
+        runner.check_online_arm(self, "meta_online")
 
     @classmethod
     def from_flags(cls, flag_values=FLAGS):
@@ -383,10 +381,7 @@ def pretrain_meta(config, encoder, data, seed, strategy, arm="meta"):
                                            for q in ("0.05", "0.5", "0.95")},
               "warp_png": plot_warp(model.meta_layer, data["pt"], config.modality, os.path.join(
                   config.output_dir, f"warp_{config.modality}{suffix}_seed{seed}.png"))}
-    if model.online is not None:
-        fields.update({"hyperdistill_scale": float(model.online.scale),
-                       "hyperdistill_references": int(model.online.state.references.numpy()),
-                       "hyperdistill_steps": int(model.online.state.step.numpy())})
+    fields.update(runner.hyperdistill_fields(model.online))
     if config.curvature_iterations:  # the mean over an epoch's hypersteps (None: warm-up)
         fields["pt_lambda_max_by_epoch"] = [e.get("pt_lambda_max") for e in trajectory.epochs]
     return fields, model
@@ -518,10 +513,7 @@ def run_arm(config, data, strategy, arm, seed):
 def main(argv):
     del argv
     config, strategy = runner.setup(Config)
-    if "meta_online" in config.arms and strategy.num_replicas_in_sync > 1:
-        raise app.UsageError(f"--arms=meta_online runs on one replica, not "
-                             f"{strategy.num_replicas_in_sync} (HyperDistill's state is not "
-                             f"reduced over replicas)")
+    runner.check_online_arm(config, "meta_online", strategy.num_replicas_in_sync)
     data = load_data(config)
     print(f"{config.modality}: {len(data['pt'])} PT examples {data['pt'].shape[1:]}, "
           f"{len(data['labelled'][0])} labelled, {len(data['test'][0])} test, "

@@ -271,3 +271,30 @@ def test_mean_and_interval_is_the_normal_interval_of_the_mean():
     assert mean == pytest.approx(np.mean(values))
     assert half == pytest.approx(1.96 * np.std(values, ddof=1) / 2.0)
     assert np.isnan(runner.mean_and_interval([0.3])[1])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OnlineToyConfig(ToyConfig):
+    dtype_policy: str = "float32"
+
+
+def test_online_arm_checks_and_record_fields(tmp_path):
+    """check_online_arm: an arm not asked for passes; mixed precision and several replicas are
+    refused by name. hyperdistill_fields: the estimator's own scale and state counters."""
+    import keras_metapt as km
+    import tensorflow as tf
+
+    config = OnlineToyConfig(**dataclasses.asdict(toy_config(tmp_path)))
+    runner.check_online_arm(config, "third", replicas=2)  # not among the arms
+    runner.check_online_arm(config, "other", replicas=1)
+    with pytest.raises(app.UsageError, match="--arms=other runs on one replica, not 2"):
+        runner.check_online_arm(config, "other", replicas=2)
+    mixed = dataclasses.replace(config, dtype_policy="mixed_bfloat16")
+    with pytest.raises(app.UsageError, match="float32.*--dtype_policy=mixed_bfloat16"):
+        runner.check_online_arm(mixed, "other")
+    assert runner.hyperdistill_fields(None) == {}
+    online = km.HyperDistill(km.optim.sgd(0.1), 0.9).start([tf.zeros(2)])
+    online.advance(3)
+    assert runner.hyperdistill_fields(online) == {
+        "hyperdistill_scale": float(online.scale), "hyperdistill_references": 0,
+        "hyperdistill_steps": 3}
