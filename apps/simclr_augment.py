@@ -18,7 +18,10 @@ For each seed, ways to obtain an encoder (--arms):
                  how the warp shaped the encoder over many PT steps, not one;
 then linear evaluation (frozen encoder) and full fine-tuning on the labelled examples
 (MetaTrain + MetaVal), reporting test AUROC (macro over classes; mean +- std over seeds).
-The meta arm records where its strength ends (``warp_strength``), its trajectory over epochs
+Every arm also records the MetaVal probe: a linear head fitted on MetaTrain (frozen encoder),
+its loss and AUROC on MetaVal, the held-out quantity the meta arms' hypergradient aims at
+(``meta_val_probe_loss``, ``meta_val_probe_auroc``; no test example is read). The meta arm
+records where its strength ends (``warp_strength``), its trajectory over epochs
 and, with --curvature_iterations, lambda_max of the PT Hessian (Neumann needs
 alpha * lambda_max < 2).
 
@@ -331,9 +334,7 @@ def pretrain_meta(config, encoder, data, seed, strategy, arm="meta"):
     """SimCLR whose views pass through the learned warp, meta-learned by MetaPretrainer (arm
     meta_online: with HyperDistill's online term in place of the solve over the PT Hessian);
     returns (record fields, model)."""
-    x_lab, y_lab = data["labelled"]
-    n_val = int(config.meta_val_fraction * len(x_lab))
-    meta_val, meta_train = (x_lab[:n_val], y_lab[:n_val]), (x_lab[n_val:], y_lab[n_val:])
+    meta_train, meta_val = meta_split(config, data)
     outputs = len(data["classes"])
     with strategy.scope():
         views = make_views(config, data["pt"].shape[1:], seed, config.warp_strength, learned=True)
@@ -428,23 +429,52 @@ def test_auroc(model, test, multilabel, num_classes):
     return float(np.mean([roc_auc_score(targets[:, c], scores[:, c]) for c in usable])), len(usable)
 
 
-def finetune(config, encoder_weights, data, seed, linear):
-    """A fresh encoder with the given weights and a fresh linear head, trained on all
-    labelled examples. BatchNorm stays in inference mode (its statistics come from PT):
-    stable with a few hundred labels."""
+def meta_split(config, data):
+    """(MetaTrain, MetaVal): the labelled examples split as the meta arms split them (the
+    first --meta_val_fraction is MetaVal)."""
     x_lab, y_lab = data["labelled"]
-    encoder = make_encoder(config, x_lab.shape[1:])
+    n_val = int(config.meta_val_fraction * len(x_lab))
+    return (x_lab[n_val:], y_lab[n_val:]), (x_lab[:n_val], y_lab[:n_val])
+
+
+def fit_head(config, encoder_weights, labelled, num_classes, multilabel, seed, linear):
+    """(model, encoder): a fresh encoder with the given weights (frozen if ``linear``) and a
+    fresh linear head, trained on ``labelled`` (x, y) for --ft_epochs at --ft_lr. BatchNorm
+    stays in inference mode (its statistics come from PT): stable with a few hundred labels."""
+    x, y = labelled
+    encoder = make_encoder(config, x.shape[1:])
     encoder.set_weights(encoder_weights)
     encoder.trainable = not linear
-    head = linear_head(encoder.output_shape[-1], len(data["classes"]))
-    inputs = keras.Input(x_lab.shape[1:])
+    head = linear_head(encoder.output_shape[-1], num_classes)
+    inputs = keras.Input(x.shape[1:])
     model = keras.Model(inputs, head(encoder(inputs, training=False)), name="finetuned")
-    model.compile(keras.optimizers.Adam(config.ft_lr), loss=ft_loss_fn(data["multilabel"]))
-    model.fit(batched((x_lab, y_lab), min(config.ft_batch_size, len(x_lab)), seed),
+    model.compile(keras.optimizers.Adam(config.ft_lr), loss=ft_loss_fn(multilabel))
+    model.fit(batched((x, y), min(config.ft_batch_size, len(x)), seed),
               epochs=config.ft_epochs, verbose=0, shuffle=False)
+    return model, encoder
+
+
+def finetune(config, encoder_weights, data, seed, linear):
+    """`fit_head` on all labelled examples, scored on the test set."""
+    model, encoder = fit_head(config, encoder_weights, data["labelled"], len(data["classes"]),
+                              data["multilabel"], seed, linear)
     auroc, scored = test_auroc(model, data["test"], data["multilabel"], len(data["classes"]))
     return runner.FineTuned(auroc, model, encoder, fields={"classes_scored": scored},
                             note=f" (macro over {scored} classes)")
+
+
+def meta_val_probe(config, encoder_weights, data, seed):
+    """What the meta arms' hypergradient aims at, measured for any encoder: a linear head
+    fitted on MetaTrain (frozen encoder, the linear-evaluation recipe), its mean FT loss and
+    macro AUROC on MetaVal. No test example is read."""
+    meta_train, meta_val = meta_split(config, data)
+    runner.seed_everything(seed + runner.FT_SEED_OFFSET)
+    model, _ = fit_head(config, encoder_weights, meta_train, len(data["classes"]),
+                        data["multilabel"], seed, linear=True)
+    logits = model.predict(meta_val[0], batch_size=256, verbose=0)
+    loss = float(ft_loss_fn(data["multilabel"])(tf.constant(meta_val[1]), tf.constant(logits)))
+    auroc, _ = test_auroc(model, meta_val, data["multilabel"], len(data["classes"]))
+    return {"meta_val_probe_loss": loss, "meta_val_probe_auroc": auroc}
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -499,6 +529,9 @@ def run_arm(config, data, strategy, arm, seed):
         fields, model = pretrain_meta(config, encoder, data, seed, strategy, arm)
         record.update(fields)
     weights = encoder.get_weights()
+    record.update(meta_val_probe(config, weights, data, seed))
+    runner.log(f"  MetaVal probe (linear head on MetaTrain): loss "
+               f"{record['meta_val_probe_loss']:.4f}, AUROC {record['meta_val_probe_auroc']:.4f}")
     tuned = runner.fine_tune(record, seed, ("linear", "full"), lambda linear: finetune(
         config, weights, data, seed, linear))
     if arm == "meta" and seed == config.last_seed:

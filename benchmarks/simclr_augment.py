@@ -33,6 +33,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 from absl import app, flags
 
 from apps import runner
@@ -113,6 +115,8 @@ def main(argv):
         lines += [f"{names[arm]}: strength after PT, per seed: "
                   + ", ".join(f"{v:.4f}" for v in values) + " (initial 0.05).", ""]
     lines += sweep_lines(sweep)
+    probe = probe_summary(records)
+    lines += [""] + probe_lines(probe, names)
     lines += ["", "Targets: (c) - (b) > 0 with the 95% interval excluding 0 on at least one "
               "evaluation; the meta-learned strength inside the sweep's best region."]
     report = "\n".join(lines) + "\n"
@@ -125,7 +129,8 @@ def main(argv):
                    "meta_online_cost_ratio": (
                        simclr_eps / summary["meta_online"]["pt_examples_per_second"]
                        if "meta_online" in summary else None),
-                   "meta_strengths": strengths, "sweep": sweep, "sizes": sizes,
+                   "meta_strengths": strengths, "sweep": sweep, "meta_val_probe": probe,
+                   "sizes": sizes,
                    "quick": FLAGS.quick}, f, indent=1)
 
 
@@ -174,6 +179,30 @@ def sweep_regions(summary, meta_strengths):
                                         for arm, values in meta_strengths.items()},
                         "meta_count": {arm: len(v) for arm, v in meta_strengths.items()}}
     return result
+
+
+def probe_summary(records):
+    """Per arm: the MetaVal probe's loss and AUROC (a linear head fitted on MetaTrain, scored
+    on MetaVal: what the meta arms' hypergradient aims at), mean and std over seeds."""
+    result = {}
+    for arm in dict.fromkeys(r["arm"] for r in records):
+        runs = [r for r in records if r["arm"] == arm and "meta_val_probe_loss" in r]
+        if runs:
+            result[arm] = {key: {"mean": float(np.mean([r[f"meta_val_probe_{key}"] for r in runs])),
+                                 "std": float(np.std([r[f"meta_val_probe_{key}"] for r in runs])),
+                                 "seeds": len(runs)} for key in ("loss", "auroc")}
+    return result
+
+
+def probe_lines(probe, names):
+    lines = ["| arm | MetaVal probe loss | MetaVal probe AUROC |", "|---|---:|---:|"]
+    for arm, entry in probe.items():
+        lines.append(f"| {names.get(arm, arm)} | {entry['loss']['mean']:.4f} +- "
+                     f"{entry['loss']['std']:.4f} | {entry['auroc']['mean']:.4f} +- "
+                     f"{entry['auroc']['std']:.4f} |")
+    return lines + ["", "MetaVal probe: a linear head fitted on MetaTrain (frozen encoder), scored "
+                    "on MetaVal, the held-out half of the labelled examples that the meta arms' "
+                    "hypergradient is computed on (no test example)."]
 
 
 def sweep_cost(summary):
