@@ -137,8 +137,8 @@ flags.DEFINE_bool("xla", False, "Compile PT steps with XLA (jit_compile). Keras 
                   "without XLA while TensorFlow op determinism is on, so --xla turns op "
                   "determinism off: faster, but a seed no longer pins the run bit for bit.")
 # defaults chosen before any run, by the rule of apps/multitask_pt.py: damping gamma 0.99 (a
-# horizon of ~100 PT steps, the CPU preset's whole run), the line's start moved about every PT
-# epoch (25 steps), a 20-step reference at each move
+# horizon of ~100 PT steps; benchmarks.simclr_augment's whole run is 92), the line's start moved
+# about every PT epoch of that preset (23 steps; 25), a 20-step reference at each move
 runner.define_hyperdistill_flags("meta_online", every_default=25, gamma_default=0.99,
                                  reference_steps_default=20, anchor_every_default=25)
 runner.define_strategy_flags("pre-training (each replica contrasts its own shard)")
