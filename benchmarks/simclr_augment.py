@@ -195,11 +195,11 @@ def probe_summary(records):
 
 
 def probe_lines(probe, names):
-    lines = ["| arm | MetaVal probe loss | MetaVal probe AUROC |", "|---|---:|---:|"]
+    lines = ["| arm | MetaVal probe loss | MetaVal probe AUROC | seeds |", "|---|---:|---:|---:|"]
     for arm, entry in probe.items():
         lines.append(f"| {names.get(arm, arm)} | {entry['loss']['mean']:.4f} +- "
                      f"{entry['loss']['std']:.4f} | {entry['auroc']['mean']:.4f} +- "
-                     f"{entry['auroc']['std']:.4f} |")
+                     f"{entry['auroc']['std']:.4f} | {entry['loss']['seeds']} |")
     return lines + ["", "MetaVal probe: a linear head fitted on MetaTrain (frozen encoder), scored "
                     "on MetaVal, the held-out half of the labelled examples that the meta arms' "
                     "hypergradient is computed on (no test example)."]

@@ -77,9 +77,7 @@ def meta_dataset(pt, meta_train, meta_val, unroll_steps=1):
     consecutive MetaTrain batches stacked along axis 1, shape [batch, K, ...], so that the
     leading axis stays the example axis that tf.distribute splits across replicas) and
     "meta_val". Deterministic inputs (seeded shuffles) give a deterministic stream, which is
-    what exact resumption relies on. The PT input is read once per element ("pt" and
-    "pt_fresh" come from one pass over it), so an expensive PT pipeline (files, decoding)
-    costs what it costs in plain training.
+    what exact resumption relies on.
     """
     unroll_steps = int(unroll_steps)
     for name, ds in (("pt", pt), ("meta_train", meta_train), ("meta_val", meta_val)):
@@ -90,35 +88,13 @@ def meta_dataset(pt, meta_train, meta_val, unroll_steps=1):
                 raise InputMismatchError(
                     f"{name} must be batched with a static batch size (use "
                     f".batch(n, drop_remainder=True)); its element has shape {spec.shape}")
-    return tf.data.Dataset.zip((
-        _with_next(pt.repeat()),
-        meta_train.repeat().batch(unroll_steps, drop_remainder=True).map(_steps_to_axis_1),
-        meta_val.repeat(),
-    )).map(_stream_element).prefetch(tf.data.AUTOTUNE)
-
-
-def _stream_element(pt_pair, meta_train, meta_val):
-    return {"pt": pt_pair[0], "pt_fresh": pt_pair[1], "meta_train": meta_train,
-            "meta_val": meta_val}
-
-
-def _with_next(stream):
-    """(b_t, b_(t+1)) for t = 0, 1, ... of the infinite ``stream``, reading each element
-    once: a scan whose state is the previous element (its first output, paired with a
-    placeholder of zeros, is skipped). Dimensions unknown in the element spec start at 0 in
-    the placeholder; the scan relaxes its state's shape to the spec's. Elements with ragged
-    or sparse parts are zipped with the stream one element ahead instead (read twice)."""
-    specs = tf.nest.flatten(stream.element_spec)
-    if not all(type(spec) is tf.TensorSpec for spec in specs):
-        return tf.data.Dataset.zip((stream, stream.skip(1)))
-
-    def zeros(spec):
-        return tf.zeros([0 if d is None else d for d in spec.shape], spec.dtype)
-
-    def step(previous, element):
-        return element, (previous, element)
-
-    return stream.scan(tf.nest.map_structure(zeros, stream.element_spec), step).skip(1)
+    return tf.data.Dataset.zip({
+        "pt": pt.repeat(),
+        "pt_fresh": pt.repeat().skip(1),
+        "meta_train": meta_train.repeat().batch(unroll_steps, drop_remainder=True)
+        .map(_steps_to_axis_1),
+        "meta_val": meta_val.repeat(),
+    }).prefetch(tf.data.AUTOTUNE)
 
 
 def _swap_first_axes(tree):

@@ -46,13 +46,15 @@ def test_quick_simclr_benchmark(tmp_path):
     # before HyperDistill kept its reference loop functional
     online = [r for r in result["runs"] if r["arm"] == "meta_online"][0]
     assert online["hyperdistill_references"] == 2 and online["hyperdistill_steps"] == 8
-    assert online["warp_strength"] != 0.05 and online["warp_png"].endswith(
+    assert abs(online["warp_strength"] - online["warp_strength_by_epoch"][0]) > 1e-5
+    assert online["warp_png"].endswith(
         "warp_image_meta_online_seed0.png")
     for run in result["runs"]:  # every arm's MetaVal probe, and the table's means of them
         assert run["meta_val_probe_loss"] > 0 and 0 <= run["meta_val_probe_auroc"] <= 1
         probe = result["meta_val_probe"][run["arm"]]  # one seed: the mean is the run's value
         assert probe["loss"]["mean"] == pytest.approx(run["meta_val_probe_loss"])
     assert f"| {result['meta_val_probe']['simclr']['loss']['mean']:.4f} +- 0.0000 |" in table
+    assert all(entry["loss"]["seeds"] == 1 for entry in result["meta_val_probe"].values())
     strengths = result["meta_strengths"]["meta"]
     assert len(strengths) == 1 and strengths[0] > 0
     for mode in ("linear", "full"):  # one seed: the region is the best strength alone
