@@ -118,6 +118,11 @@ flags.DEFINE_float("magnitude_lr", 1e-4, "Meta arm: Adam learning rate of the pe
 flags.DEFINE_bool("per_example", True, "Meta arm: learn per-example magnitudes (batch mean 1) "
                   "besides the global strength; --noper_example learns the strength only.")
 flags.DEFINE_integer("hyperstep_every", 5, "N: PT steps between hypersteps.")
+flags.DEFINE_bool("ft_head_updates_statistics", True, "Meta arms: the FT-head steps on "
+                  "MetaTrain batches also update the encoder's BatchNorm moving statistics (as "
+                  "PyTorch's train mode does in the official code); "
+                  "--noft_head_updates_statistics leaves them to the PT batches, as plain "
+                  "SimCLR does.")
 flags.DEFINE_integer("unroll_steps", 1, "K: differentiable FT-head steps per hyperstep.")
 flags.DEFINE_enum("solver", "neumann", ["neumann", "cg"], "Inverse-Hessian solver of the "
                   "hyperstep: a Neumann series or conjugate gradients (stops at curvature <= 0).")
@@ -177,6 +182,7 @@ class Config(runner.GridConfig):
     magnitude_lr: float
     per_example: bool
     hyperstep_every: int
+    ft_head_updates_statistics: bool
     unroll_steps: int
     solver: str
     solver_iterations: int
@@ -209,8 +215,10 @@ class Config(runner.GridConfig):
               "warp_strength": "(0, inf)", "ft_epochs": "[1, inf)",
               "ft_lr": "(0, inf)", "verbose": "[0, 2]", **runner.HYPERDISTILL_BOUNDS}
     # the online arm reads the HyperDistill settings; the implicit meta arm reads the solver's
-    ARM_SETTINGS = {"meta_online": tuple(runner.HYPERDISTILL_BOUNDS),
-                    "meta": ("solver", "solver_iterations", "neumann_alpha")}
+    ARM_SETTINGS = {"meta_online": tuple(runner.HYPERDISTILL_BOUNDS)
+                    + ("ft_head_updates_statistics",),
+                    "meta": ("solver", "solver_iterations", "neumann_alpha",
+                             "ft_head_updates_statistics")}
 
     def __post_init__(self):
         super().__post_init__()
@@ -351,7 +359,7 @@ def pretrain_meta(config, encoder, data, seed, strategy, arm="meta"):
             linear_head(encoder.output_shape[-1], outputs), ft_loss_fn(data["multilabel"]),
             temperature=config.temperature, hyperstep_every=config.hyperstep_every,
             unroll_steps=config.unroll_steps, curvature_iterations=config.curvature_iterations,
-            **stage)
+            ft_head_updates_statistics=config.ft_head_updates_statistics, **stage)
         groups = [(keras.optimizers.Adam(config.strength_lr), [warp.strength_logit])]
         if config.per_example:
             groups.append((keras.optimizers.Adam(config.magnitude_lr),
@@ -412,12 +420,19 @@ class StrengthHistory(keras.callbacks.Callback):
         runner.write_json(self.path, self.epochs)
 
 
-def test_auroc(model, test, multilabel, num_classes):
-    """Macro AUROC over the classes with both outcomes in the test set (count returned)."""
+def inference_logits(model, x):
+    """The model's logits on x in inference mode, 256 examples at a time."""
+    return np.concatenate([model(x[i:i + 256], training=False).numpy()
+                           for i in range(0, len(x), 256)])
+
+
+def test_auroc(model, test, multilabel, num_classes, logits=None):
+    """Macro AUROC over the classes with both outcomes in the test set (count returned);
+    `logits`, when given, are the model's logits on the test inputs."""
     from sklearn.metrics import roc_auc_score
     x_test, y_test = test
-    logits = np.concatenate([model(x_test[i:i + 256], training=False).numpy()
-                             for i in range(0, len(x_test), 256)])
+    if logits is None:
+        logits = inference_logits(model, x_test)
     if multilabel:
         scores, targets = tf.sigmoid(logits).numpy(), y_test
     else:
@@ -471,9 +486,9 @@ def meta_val_probe(config, encoder_weights, data, seed):
     runner.seed_everything(seed + runner.FT_SEED_OFFSET)
     model, _ = fit_head(config, encoder_weights, meta_train, len(data["classes"]),
                         data["multilabel"], seed, linear=True)
-    logits = model.predict(meta_val[0], batch_size=256, verbose=0)
+    logits = inference_logits(model, meta_val[0])
     loss = float(ft_loss_fn(data["multilabel"])(tf.constant(meta_val[1]), tf.constant(logits)))
-    auroc, _ = test_auroc(model, meta_val, data["multilabel"], len(data["classes"]))
+    auroc, _ = test_auroc(model, meta_val, data["multilabel"], len(data["classes"]), logits)
     return {"meta_val_probe_loss": loss, "meta_val_probe_auroc": auroc}
 
 

@@ -106,9 +106,10 @@ def main(argv):
                        if r["arm"] == arm] for arm in ("meta", "meta_online", "meta_variant")
                  if arm in summary}
     sweep = sweep_regions(summary, strengths)
-    online_cost = ("" if "meta_online" not in summary else
-                   f"; with the online PT stage: "
-                   f"{simclr_eps / summary['meta_online']['pt_examples_per_second']:.2f}x")
+    online_ratio = (simclr_eps / summary["meta_online"]["pt_examples_per_second"]
+                    if "meta_online" in summary else None)
+    online_cost = ("" if online_ratio is None else
+                   f"; with the online PT stage: {online_ratio:.2f}x")
     lines += ["", f"Cost of meta-PT over plain SimCLR: {cost:.2f}x the time per PT example "
               f"(a fixed-strength warp: {sweep_cost(summary):.2f}x{online_cost}).", ""]
     for arm, values in strengths.items():
@@ -126,9 +127,7 @@ def main(argv):
         f.write(report)
     with open(os.path.join(FLAGS.output_dir, "simclr_augment.json"), "w") as f:
         json.dump({"summary": summary, "runs": records, "meta_cost_ratio": cost,
-                   "meta_online_cost_ratio": (
-                       simclr_eps / summary["meta_online"]["pt_examples_per_second"]
-                       if "meta_online" in summary else None),
+                   "meta_online_cost_ratio": online_ratio,
                    "meta_strengths": strengths, "sweep": sweep, "meta_val_probe": probe,
                    "sizes": sizes,
                    "quick": FLAGS.quick}, f, indent=1)

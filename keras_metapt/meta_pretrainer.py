@@ -22,8 +22,10 @@ BatchNorm and Dropout: the PT step runs with training=True (it updates BatchNorm
 the FT-head steps and the hyperstep run with ``hyperstep_training`` (default True, as the
 official code: batch statistics and dropout in the FT steps, HVPs and the mixed VJP). FT-head
 steps, like the PT step, update BatchNorm moving statistics (PyTorch's train mode does the
-same); a hyperstep never updates BatchNorm statistics or any other non-trainable state (it
-applies the models statelessly).
+same) unless ``ft_head_updates_statistics=False``: the encoder's moving statistics then come
+from PT batches alone, as in plain PT (the FT-head step applies the encoder statelessly); a
+hyperstep never updates BatchNorm statistics or any other non-trainable state (it applies the
+models statelessly).
 
 Mixed precision: build the parts under a Keras policy (``keras.mixed_precision.
 set_global_policy("mixed_bfloat16")`` or ``"mixed_float16"``). Variables, phi, optimizer states
@@ -159,6 +161,10 @@ class MetaPretrainer(keras.Model):
       ft_unroll_optimizer: differentiable `optim.InnerOptimizer` for the FT unroll, started
         from a fresh state every hyperstep; default None: the twin of the Keras FT optimizer
         continuing from its live state (`optim.mirror_keras`; Keras SGD or Adam/AdamW).
+      ft_head_updates_statistics: whether the FT-head steps on MetaTrain batches update the
+        encoder's moving statistics (BatchNorm), as PyTorch's train mode does (default True,
+        the official code). False keeps them those of the PT batches, as plain PT leaves
+        them; the features still use batch statistics with ``hyperstep_training``.
       hyperstep_training: the training flag of encoder and heads in FT-head steps and
         hypersteps (BatchNorm/Dropout mode); default True (as the official code).
       curvature_iterations: if > 0, every hyperstep also estimates lambda_max of the PT
@@ -185,7 +191,8 @@ class MetaPretrainer(keras.Model):
                  hyperstep_every=10, unroll_steps=1, solve=None,
                  hvp_mode="reverse_over_reverse", warmup_steps=None,
                  ft_unroll_optimizer=None, hyperstep_training=True, curvature_iterations=0,
-                 hyper_loss_scale=2.0 ** 15, online=None, **kwargs):
+                 hyper_loss_scale=2.0 ** 15, online=None, ft_head_updates_statistics=True,
+                 **kwargs):
         super().__init__(**kwargs)
         if meta_role not in META_ROLES:
             raise ValueError(f"meta_role must be one of {META_ROLES}, got {meta_role!r}")
@@ -211,6 +218,7 @@ class MetaPretrainer(keras.Model):
         self.hvp_mode = check_hvp_mode(hvp_mode)
         self.ft_unroll_optimizer = ft_unroll_optimizer
         self.hyperstep_training = bool(hyperstep_training)
+        self.ft_head_updates_statistics = bool(ft_head_updates_statistics)
         self.curvature_iterations = int(curvature_iterations)
         self.meta_step = keras.Variable(0, dtype="int64", trainable=False, name="meta_step")
         self.warmup_steps = keras.Variable(warmup_steps or 0, dtype="int64", trainable=False,
@@ -434,7 +442,14 @@ class MetaPretrainer(keras.Model):
 
     def _ft_head_step(self, meta_train):
         x, y = split_xy(tf.nest.map_structure(lambda t: t[:, 0], meta_train))
-        features = tf.stop_gradient(self.encoder(x, training=self.hyperstep_training))
+        if self.ft_head_updates_statistics:
+            features = self.encoder(x, training=self.hyperstep_training)
+        else:  # the new moving statistics are dropped
+            features, _ = functional.stateless_call(
+                self.encoder, [v.value for v in self.encoder.trainable_variables],
+                [v.value for v in self.encoder.non_trainable_variables], x,
+                self.hyperstep_training)
+        features = tf.stop_gradient(features)
         variables = self.ft_head.trainable_variables
         with tf.GradientTape() as tape:
             preds = self.ft_head(features, training=self.hyperstep_training)

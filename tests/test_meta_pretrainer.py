@@ -149,6 +149,67 @@ def test_hyperstep_updates_phi_and_psi_but_not_batchnorm_statistics():
     assert not np.allclose(psi[0], model.ft_head.trainable_variables[0].numpy())
 
 
+def fit_with_ft_head_statistics(updates, steps=4):
+    """A MetaPretrainer (Dense -> BatchNorm encoder, PT learning rate 0) fitted ``steps``
+    regular steps; returns (encoder, FT head weights at the start and at the end, expected
+    moving mean and variance), the
+    expectation written out in NumPy as the exponential average (momentum 0.9) of the batch
+    moments of Dense(x) over the batches that may update them: PT and MetaTrain batches
+    alternating (updates=True, the official code's train mode) or PT batches alone (False,
+    as plain PT)."""
+    keras.utils.set_random_seed(0)
+    encoder = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
+                                keras.layers.BatchNormalization(momentum=0.9)])
+    ft_head = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model = km.MetaPretrainer(
+        encoder, keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]), ft_head,
+        TaskWeights(3), pt_loss=lambda y, p, w: masked_multitask_bce(y, p, w),
+        ft_loss=lambda y, p: tf.reduce_mean((p - y) ** 2), hyperstep_every=1000,
+        ft_head_updates_statistics=updates)
+    model.compile(keras.optimizers.SGD(0.0), keras.optimizers.SGD(0.1), jit_compile=False)
+    kernel, bias = (v.numpy().astype(np.float64) for v in encoder.layers[0].weights)
+    head_start = ft_head.get_weights()
+    rng = np.random.default_rng(1)
+    x_pt = rng.normal(2.0, 1.5, size=(steps * 8, 3)).astype(np.float32)
+    y_pt = (rng.random((steps * 8, 3)) < 0.5).astype(np.float32)
+    x_ft = rng.normal(-1.0, 0.5, size=(steps * 4, 3)).astype(np.float32)
+    y_ft = rng.normal(size=(steps * 4, 1)).astype(np.float32)
+    def batched(arrays, size):
+        return tf.data.Dataset.from_tensor_slices(arrays).batch(size, drop_remainder=True)
+
+    stream = km.meta_dataset(batched((x_pt, y_pt), 8), batched((x_ft, y_ft), 4),
+                             batched((x_ft, y_ft), 4))
+    model.fit(stream, epochs=1, steps_per_epoch=steps, verbose=0)
+
+    mean, var = np.zeros(4), np.ones(4)
+    for t in range(steps):
+        batches = [x_pt[8 * t:8 * t + 8]] + [x_ft[4 * t:4 * t + 4]] * updates
+        for x in batches:
+            h = x.astype(np.float64) @ kernel + bias
+            mean = 0.9 * mean + 0.1 * h.mean(0)
+            var = 0.9 * var + 0.1 * h.var(0)  # Keras: the biased batch variance
+    return encoder, (head_start, ft_head.get_weights()), mean, var
+
+
+@pytest.mark.parametrize("updates", [True, False])
+def test_ft_head_steps_update_moving_statistics_only_when_asked(updates):
+    """Reference: the NumPy exponential average of `fit_with_ft_head_statistics`."""
+    encoder, _, mean, var = fit_with_ft_head_statistics(updates)
+    bn = encoder.layers[1]
+    np.testing.assert_allclose(bn.moving_mean.numpy(), mean, rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), var, rtol=1e-5)
+
+
+def test_ft_head_trains_the_same_whether_or_not_its_steps_update_statistics():
+    """Reference: the run with updates=True; the FT-head step's features use batch
+    statistics in both, so only BatchNorm's moving statistics differ (and the head moved)."""
+    (start, with_updates), (_, without) = (fit_with_ft_head_statistics(u)[1]
+                                          for u in (True, False))
+    assert not np.allclose(start[0], with_updates[0])
+    for a, b in zip(with_updates, without):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 # --------------------------------------------------------------------------- fit end to end
 
 
