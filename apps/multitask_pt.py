@@ -485,14 +485,14 @@ def pretrain_meta(config, encoder, pt_ds, steps, data, ft_train, seed, strategy,
                              config.unroll_steps)
     steps //= replicas
     run_dir = runner.run_directory(config, arm, seed)
-    timer = EpochTimer()
+    timer = EpochTimer(os.path.join(run_dir, "epoch_seconds.json"))  # kept over a resume
     plot_name = (f"task_weights_seed{seed}.png" if arm == "meta"
                  else f"task_weights_{arm}_seed{seed}.png")
     is_real = data.is_real if not data.is_real.all() else None
     history = TaskWeightsHistory(is_real, os.path.join(run_dir, "task_weight_history.json"),
                                  verbose=config.verbose > 0)
     groups = task_groups(tasks, bool(config.pt_csv or config.pt_tfds))
-    callbacks = [history, MetaCheckpoint(os.path.join(run_dir, "ckpt")), timer,
+    callbacks = [timer, history, MetaCheckpoint(os.path.join(run_dir, "ckpt")),
                  TaskWeightsPlot(os.path.join(config.output_dir, plot_name),
                                  groups=groups, is_real=is_real)]
     model.fit(stream, epochs=config.pt_epochs, steps_per_epoch=steps, callbacks=callbacks,

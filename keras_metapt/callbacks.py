@@ -302,19 +302,49 @@ class EpochTimer(keras.callbacks.Callback):
     """Wall-clock seconds of every epoch (``seconds``), and throughput that leaves out the
     epochs which trace and compile: ``examples_per_second(steps, batch_size, skip)`` averages
     over the epochs after the first ``skip`` (for a MetaPretrainer with a one-epoch warm-up the
-    first hyperstep compiles in epoch 2, so skip=2)."""
+    first hyperstep compiles in epoch 2, so skip=2).
 
-    def __init__(self):
+    With ``path`` (a JSON file) the epochs are kept there and read back when training begins,
+    so a run resumed from a checkpoint (`MetaCheckpoint`) reports the epochs timed before the
+    interruption too; the first epoch of every process traces again and is left out of the
+    throughput. A run resumed after its last epoch then has its throughput from the file.
+    """
+
+    def __init__(self, path=None):
         super().__init__()
-        self.seconds = []
+        self.path = path
+        self.epochs = []  # {"epoch", "seconds", "first_in_process"}, in epoch order
         self._start = None
+        self._first = True
+
+    @property
+    def seconds(self):
+        return [entry["seconds"] for entry in self.epochs]
+
+    def on_train_begin(self, logs=None):
+        if self.path and os.path.exists(self.path):
+            with open(self.path) as f:
+                self.epochs = json.load(f)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
+        entry = {"epoch": int(epoch), "seconds": time.perf_counter() - self._start,
+                 "first_in_process": self._first}
+        self._first = False
+        self.epochs = [e for e in self.epochs if e["epoch"] < epoch] + [entry]
+        if self.path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            with open(self.path + ".tmp", "w") as f:
+                json.dump(self.epochs, f)
+            os.replace(self.path + ".tmp", self.path)
 
     def examples_per_second(self, steps, batch_size, skip=1):
-        timed = self.seconds[skip:] or self.seconds[-1:]
+        """Mean examples/s over the epochs after the first ``skip`` that were not the first of
+        their process; else the last epoch's; NaN if no epoch was timed."""
+        timed = [e["seconds"] for e in self.epochs
+                 if e["epoch"] >= skip and not e["first_in_process"]] or self.seconds[-1:]
+        if not timed:
+            return float("nan")
         return len(timed) * steps * batch_size / sum(timed)

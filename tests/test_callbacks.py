@@ -1,12 +1,18 @@
-"""keras_metapt.callbacks.MetaCheckpoint: a checkpoint restores into a model built in another
-order (Keras' auto-numbered layer names differ between the two builds).
+"""keras_metapt.callbacks: a MetaCheckpoint restores into a model built in another order
+(Keras' auto-numbered layer names differ between the two builds); TaskWeightsHistory and
+EpochTimer keep their epochs over a resume.
 
-Reference: the saved model's own variable values, compared exactly after the restore.
+References: the saved model's own variable values, compared exactly after the restore; the
+quantities recomputed from the weights and the stored seconds (each test states its own).
 """
 
-import numpy as np
+import json
 
-from keras_metapt.callbacks import MetaCheckpoint
+import keras
+import numpy as np
+import pytest
+
+from keras_metapt.callbacks import EpochTimer, MetaCheckpoint
 from tests import meta_pt_toy
 
 
@@ -56,3 +62,36 @@ def test_task_weights_history_records_each_epoch_and_survives_a_resume(tmp_path)
     run(tmp_path / "cut", 1)
     _, resumed = run(tmp_path / "cut", 2, model_seed=5)  # restored from epoch 1, then epoch 2
     assert resumed.epochs == reference.epochs
+
+
+def test_epoch_timer_keeps_its_epochs_over_a_resume(tmp_path):
+    """EpochTimer(path): reference: the throughput written out from the stored seconds
+    (steps x batch / mean seconds of the epochs after ``skip`` that were not the first of
+    their process). A run killed after epoch 2 and resumed from its checkpoint keeps epochs
+    0-1, retimes epoch 2, times 3 (the resumed process's first epoch, 2, is left out); a run
+    resumed after its last epoch runs none and reports the stored throughput."""
+    x, y = np.zeros((32, 3), "float32"), np.zeros((32, 1), "float32")
+    path = str(tmp_path / "timer" / "epoch_seconds.json")
+
+    def fit(initial_epoch, epochs):
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        model.compile("sgd", "mse")
+        timer = EpochTimer(path)
+        model.fit(x, y, batch_size=8, epochs=epochs, initial_epoch=initial_epoch, verbose=0,
+                  callbacks=[timer])
+        return timer
+
+    fit(0, 3)
+    first = json.load(open(path))
+    assert [e["epoch"] for e in first] == [0, 1, 2]
+    assert [e["first_in_process"] for e in first] == [True, False, False]
+    timer = fit(2, 4)  # resumed at epoch 2
+    stored = json.load(open(path))
+    assert stored[:2] == first[:2] and [e["epoch"] for e in stored] == [0, 1, 2, 3]
+    assert [e["first_in_process"] for e in stored] == [True, False, True, False]
+    expected = 2 * 4 * 8 / (stored[1]["seconds"] + stored[3]["seconds"])
+    assert timer.examples_per_second(4, 8, skip=1) == pytest.approx(expected)
+    assert timer.seconds == [e["seconds"] for e in stored]
+    done = fit(4, 4)  # nothing left to run
+    assert done.examples_per_second(4, 8, skip=1) == pytest.approx(expected)
+    assert np.isnan(EpochTimer().examples_per_second(4, 8))
