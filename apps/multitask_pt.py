@@ -111,6 +111,11 @@ flags.DEFINE_integer("pt_epochs", 4, "PT epochs (the meta arm's first epoch is i
 flags.DEFINE_float("pt_lr", 1e-3, "PT Adam learning rate (also the Neumann alpha).")
 flags.DEFINE_float("hyper_lr", 0.05, "Adam learning rate of the task-weight logits.")
 flags.DEFINE_integer("hyperstep_every", 2, "N: PT steps between hypersteps.")
+flags.DEFINE_bool("ft_head_updates_statistics", True, "Meta arms: whether the FT-head steps on "
+                  "MetaTrain molecules also update the GIN's BatchNorm moving statistics (as "
+                  "PyTorch's train mode does in the official code); "
+                  "--noft_head_updates_statistics leaves them to the PT batches, as the "
+                  "fixed-weight arms have them.")
 flags.DEFINE_integer("unroll_steps", 1, "K: differentiable FT-head steps per hyperstep.")
 flags.DEFINE_integer("neumann_terms", 1, "i: Neumann terms of the inverse-Hessian product.")
 flags.DEFINE_integer("ft_epochs", 30, "Final fine-tuning epochs (no early stopping on test).")
@@ -184,6 +189,7 @@ class Config(runner.GridConfig):
     pt_lr: float
     hyper_lr: float
     hyperstep_every: int
+    ft_head_updates_statistics: bool
     unroll_steps: int
     neumann_terms: int
     ft_epochs: int
@@ -215,6 +221,9 @@ class Config(runner.GridConfig):
               "permuted_task_fraction": "[0, 1)", "linear_lr": "(0, inf)",
               "meta_val_batch_size": "[0, inf)", "agreement_batches": "[0, inf)",
               **runner.HYPERDISTILL_BOUNDS}
+    # read by the meta arms only: changing it reruns them alone
+    ARM_SETTINGS = {"meta": ("ft_head_updates_statistics",),
+                    "meta_online": ("ft_head_updates_statistics",)}
 
     def __post_init__(self):
         super().__post_init__()
@@ -476,7 +485,9 @@ def pretrain_meta(config, encoder, pt_ds, steps, data, ft_train, seed, strategy,
         model = km.MetaPretrainer(wrapped, pt_head, ft_head, weights,
                                   pt_loss=pt_loss, ft_loss=ft_loss,
                                   hyperstep_every=config.hyperstep_every,
-                                  unroll_steps=config.unroll_steps, **stage)
+                                  unroll_steps=config.unroll_steps,
+                                  ft_head_updates_statistics=config.ft_head_updates_statistics,
+                                  **stage)
         model.compile(keras.optimizers.Adam(config.pt_lr), keras.optimizers.Adam(config.ft_lr),
                       keras.optimizers.Adam(config.hyper_lr),
                       jit_compile=config.xla and replicas == 1)
