@@ -22,8 +22,9 @@ BatchNorm and Dropout: the PT step runs with training=True (it updates BatchNorm
 the FT-head steps and the hyperstep run with ``hyperstep_training`` (default True, as the
 official code: batch statistics and dropout in the FT steps, HVPs and the mixed VJP). FT-head
 steps, like the PT step, update BatchNorm moving statistics (PyTorch's train mode does the
-same) unless ``ft_head_updates_statistics=False``: the encoder's moving statistics then come
-from PT batches alone, as in plain PT (the FT-head step applies the encoder statelessly); a
+same) unless ``ft_head_updates_statistics=False``: the encoder's BatchNorm moving statistics
+then come from PT batches alone, as in plain PT (the FT-head step applies the encoder
+statelessly and keeps every other new non-trainable value, e.g. dropout seeds' states); a
 hyperstep never updates BatchNorm statistics or any other non-trainable state (it applies the
 models statelessly).
 
@@ -219,6 +220,10 @@ class MetaPretrainer(keras.Model):
         self.ft_unroll_optimizer = ft_unroll_optimizer
         self.hyperstep_training = bool(hyperstep_training)
         self.ft_head_updates_statistics = bool(ft_head_updates_statistics)
+        self._batchnorm_statistics = {  # ids of the encoder's BatchNorm moving statistics
+            id(v) for layer in encoder._flatten_layers(include_self=True, recursive=True)
+            if isinstance(layer, keras.layers.BatchNormalization)
+            for v in layer.non_trainable_variables}
         self.curvature_iterations = int(curvature_iterations)
         self.meta_step = keras.Variable(0, dtype="int64", trainable=False, name="meta_step")
         self.warmup_steps = keras.Variable(warmup_steps or 0, dtype="int64", trainable=False,
@@ -444,11 +449,14 @@ class MetaPretrainer(keras.Model):
         x, y = split_xy(tf.nest.map_structure(lambda t: t[:, 0], meta_train))
         if self.ft_head_updates_statistics:
             features = self.encoder(x, training=self.hyperstep_training)
-        else:  # the new moving statistics are dropped
-            features, _ = functional.stateless_call(
+        else:  # every new non-trainable value but BatchNorm's moving statistics is kept
+            state = self.encoder.non_trainable_variables
+            features, new_state = functional.stateless_call(
                 self.encoder, [v.value for v in self.encoder.trainable_variables],
-                [v.value for v in self.encoder.non_trainable_variables], x,
-                self.hyperstep_training)
+                [v.value for v in state], x, self.hyperstep_training)
+            for var, value in zip(state, new_state):
+                if id(var) not in self._batchnorm_statistics:  # e.g. a dropout seed's state
+                    var.assign(value)
         features = tf.stop_gradient(features)
         variables = self.ft_head.trainable_variables
         with tf.GradientTape() as tape:

@@ -150,16 +150,16 @@ def test_hyperstep_updates_phi_and_psi_but_not_batchnorm_statistics():
 
 
 def fit_with_ft_head_statistics(updates, steps=4):
-    """A MetaPretrainer (Dense -> BatchNorm encoder, PT learning rate 0) fitted ``steps``
-    regular steps; returns (encoder, FT head weights at the start and at the end, expected
-    moving mean and variance), the
-    expectation written out in NumPy as the exponential average (momentum 0.9) of the batch
-    moments of Dense(x) over the batches that may update them: PT and MetaTrain batches
-    alternating (updates=True, the official code's train mode) or PT batches alone (False,
-    as plain PT)."""
+    """A MetaPretrainer (Dense -> BatchNorm -> Dropout encoder, PT learning rate 0) fitted
+    ``steps`` regular steps; returns (encoder, FT head weights at the start and at the end,
+    expected moving mean and variance), the expectation written out in NumPy as the
+    exponential average (momentum 0.9) of the batch moments of Dense(x) over the batches
+    that may update them: PT and MetaTrain batches alternating (updates=True, the official
+    code's train mode) or PT batches alone (False, as plain PT)."""
     keras.utils.set_random_seed(0)
     encoder = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
-                                keras.layers.BatchNormalization(momentum=0.9)])
+                                keras.layers.BatchNormalization(momentum=0.9),
+                                keras.layers.Dropout(0.5, seed=1)])
     ft_head = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     model = km.MetaPretrainer(
         encoder, keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]), ft_head,
@@ -202,7 +202,8 @@ def test_ft_head_steps_update_moving_statistics_only_when_asked(updates):
 
 def test_ft_head_trains_the_same_whether_or_not_its_steps_update_statistics():
     """Reference: the run with updates=True; the FT-head step's features use batch
-    statistics in both, so only BatchNorm's moving statistics differ (and the head moved)."""
+    statistics in both and the dropout seed advances in both (the same masks), so only
+    BatchNorm's moving statistics differ (and the head moved)."""
     (start, with_updates), (_, without) = (fit_with_ft_head_statistics(u)[1]
                                           for u in (True, False))
     assert not np.allclose(start[0], with_updates[0])
