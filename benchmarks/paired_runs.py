@@ -62,11 +62,11 @@ def compare(runs, pairs, keys, seeds):
             missing = [s for s in common if key not in records[a][s] or key not in records[b][s]]
             if missing:
                 raise app.UsageError(f"--pair={pair}: {key} missing for seeds {missing}")
-            diffs = [records[a][s][key] - records[b][s][key] for s in common]
-            result = runner.paired_difference([records[a][s][key] for s in common],
-                                              [records[b][s][key] for s in common])
-            rows.append({"pair": f"{a} - {b}", "key": key, **result,
-                         "per_seed": dict(zip(common, diffs))})
+            values = [records[a][s][key] for s in common]
+            baseline = [records[b][s][key] for s in common]
+            rows.append({"pair": f"{a} - {b}", "key": key,
+                         **runner.paired_difference(values, baseline),
+                         "per_seed": {s: x - y for s, x, y in zip(common, values, baseline)}})
     return rows
 
 
