@@ -14,6 +14,16 @@ __all__ = ["MetaCheckpoint", "StopOnNonFiniteHypergradient", "MetaParameterSumma
            "TaskWeightsPlot", "TaskWeightsHistory", "plot_weights_by_group", "EpochTimer"]
 
 
+def _write_json_atomically(path, value):
+    """Writes ``value`` as JSON to a temporary name beside ``path``, then renames it: a run
+    killed mid-write leaves the previous file, never a half-written one."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                       f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(value, f)
+    os.replace(tmp, path)
+
+
 class MetaCheckpoint(keras.callbacks.Callback):
     """Saves the whole training state at the end of every ``every_n_epochs`` epochs, and
     restores the latest one when `MetaPretrainer.fit` starts (``on_train_begin``, as Keras'
@@ -87,10 +97,7 @@ class MetaCheckpoint(keras.callbacks.Callback):
         np.savez(tmp, **arrays)
         os.replace(tmp, os.path.join(self.directory, name))
         meta = {"file": name, "epoch": done, "step": int(self.model.meta_step.numpy())}
-        tmp = os.path.join(self.directory, ".latest.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(meta, f)
-        os.replace(tmp, os.path.join(self.directory, "latest.json"))
+        _write_json_atomically(os.path.join(self.directory, "latest.json"), meta)
         olds = sorted(f for f in os.listdir(self.directory) if f.startswith("state-"))
         for old in olds[:-self.keep]:
             os.remove(os.path.join(self.directory, old))
@@ -286,10 +293,7 @@ class TaskWeightsHistory(keras.callbacks.Callback):
         self.epochs = [e for e in self.epochs if e["epoch"] < epoch + 1] + [entry]
         if self.path:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.epochs, f)
-            os.replace(tmp, self.path)
+            _write_json_atomically(self.path, self.epochs)
         if self.verbose:
             print(f"epoch {epoch + 1}: weights min/10%/median/90%/max "
                   + "/".join(f"{v:.3f}" for v in q)
@@ -336,9 +340,7 @@ class EpochTimer(keras.callbacks.Callback):
         self.epochs = [e for e in self.epochs if e["epoch"] < epoch] + [entry]
         if self.path:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            with open(self.path + ".tmp", "w") as f:
-                json.dump(self.epochs, f)
-            os.replace(self.path + ".tmp", self.path)
+            _write_json_atomically(self.path, self.epochs)
 
     def examples_per_second(self, steps, batch_size, skip=1):
         """Mean examples/s over the epochs after the first ``skip`` that were not the first of
