@@ -509,9 +509,11 @@ def resume_run(directory, items, history, progress, key=None, unit="step"):
     """An (arm, seed)'s checkpointed training under ``directory`` (`run_directory`): a
     checkpoint of ``items`` (name -> trackable; the last one kept) and ``history`` (name ->
     list, one row per checkpoint) in history.json. When a checkpoint exists it is restored,
-    and the stored history is cut to the rows it covers (a run killed between writing a row
-    and saving its checkpoint left one more): with ``key``, the rows whose ``history[key]`` is
-    at most ``progress()`` (read after the restore), else the first ``progress()`` rows.
+    and the stored history's row lists (the names in ``history`` as given) are cut to the rows
+    it covers (a run killed between writing a row and saving its checkpoint left one more):
+    with ``key``, the rows whose ``history[key]`` is at most ``progress()`` (read after the
+    restore), else the first ``progress()`` rows. Lists the run added under other names (e.g.
+    one entry per process) come back whole.
     Returns (history, save); ``save(history)`` writes the history, then the checkpoint."""
     import tensorflow as tf
     checkpoint = tf.train.Checkpoint(**items)
@@ -525,7 +527,8 @@ def resume_run(directory, items, history, progress, key=None, unit="step"):
         rows = len(next(iter(stored.values()), []))
         keep = ([i for i, value in enumerate(stored[key]) if value <= done] if key
                 else range(min(done, rows)))
-        history = {name: [values[i] for i in keep] for name, values in stored.items()}
+        history = {name: [values[i] for i in keep] if name in history else values
+                   for name, values in stored.items()}
         log(f"  resumed at {unit} {done} ({manager.latest_checkpoint})")
 
     def save(rows):

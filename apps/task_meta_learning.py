@@ -43,7 +43,9 @@ the batch -> ReLU -> max-pool, --width channels, zero linear head):
   after every block; adaptation moves only the task layers; the warps take SGD steps
   (--warp_lr) on WarpGrad's objective at --warpgrad_points points of each task's
   trajectory (--warpgrad_batch points per step; the second step on the query set), and the
-  initialisation the authors' simplified Leap step (--warpgrad_init_lr).
+  initialisation the authors' simplified Leap step (--warpgrad_init_lr), or with
+  --warpgrad_init=first_order_maml first-order MAML through the warped learner (Adam at
+  --meta_lr).
 Every arm of a seed starts from the same initialisation and sees the same training episodes,
 for --meta_steps meta-steps (equal steps; the seconds per meta-step are reported, since they
 differ by method), or for its own count (--meta_steps_per_arm, e.g. set for an equal
@@ -160,6 +162,11 @@ flags.DEFINE_bool("query_in_support", False, "Meta-training: pretrain_finetune, 
 flags.DEFINE_float("warp_lr", 0.1, "WarpGrad: SGD step size of the warp layers.")
 flags.DEFINE_float("warpgrad_init_lr", 0.1, "WarpGrad: step size of the initialisation's "
                    "Leap update (0: the initialisation stays at the seed's random one).")
+flags.DEFINE_enum("warpgrad_init", "leap", ["leap", "first_order_maml"], "WarpGrad: how the "
+                  "initialisation is meta-learned: the authors' simplified Leap step "
+                  "(--warpgrad_init_lr), or first-order MAML through the warped learner "
+                  "(Adam at --meta_lr on the query gradient at each task's adapted weights; "
+                  "the paper's few-shot pairing, Warp-MAML, in first-order form).")
 flags.DEFINE_integer("warpgrad_points", 0, "WarpGrad: trajectory points buffered per task, "
                      "evenly spaced (0: every inner step).")
 flags.DEFINE_integer("warpgrad_batch", 1, "WarpGrad: buffered points per warp step (the "
@@ -216,6 +223,7 @@ class Config(runner.GridConfig):
     query_in_support: bool
     warp_lr: float
     warpgrad_init_lr: float
+    warpgrad_init: str
     warpgrad_points: int
     warpgrad_batch: int
     aruba_zeta: float
@@ -234,8 +242,8 @@ class Config(runner.GridConfig):
     ARMS = ARMS
     NOT_IN_RESULTS = runner.GridConfig.NOT_IN_RESULTS + ("verbose", "plot", "checkpoint_every")
     DATA_PATHS = ("images_dir",)
-    ARM_SETTINGS = {"warpgrad": ("warp_lr", "warpgrad_init_lr", "warpgrad_points",
-                                 "warpgrad_batch"),
+    ARM_SETTINGS = {"warpgrad": ("warp_lr", "warpgrad_init_lr", "warpgrad_init",
+                                 "warpgrad_points", "warpgrad_batch"),
                     "cts": ("cts_meta_step_size", "cts_update_every"),
                     "aruba": ("aruba_zeta", "aruba_power")}
     BOUNDS = {"num_test_classes": "[2, 8]", "num_molecules": "[50, 15000]",
@@ -296,6 +304,8 @@ class Config(runner.GridConfig):
         for name in (IMAGE_FIELDS if self.family == "molecules" else MOLECULE_FIELDS):
             config.pop(name, None)
         config["meta_steps"] = self.meta_steps_of(arm)
+        if config.get("warpgrad_init") == "leap":  # WarpGrad's results stored before the flag
+            del config["warpgrad_init"]
         if self.family == "molecules":  # the learner is a GIN
             config.update(runner.GIN_RESULTS_ENTRY)
         return config
@@ -596,7 +606,10 @@ def build_learner(arm, model, config, seed):
             model.warped_loss, params, model.warp_params,
             warp_learning_rate=config.warp_lr, init_learning_rate=config.warpgrad_init_lr,
             trajectory_points=config.warpgrad_points or None,
-            warp_batch=config.warpgrad_batch or None, seed=seed, **common)
+            warp_batch=config.warpgrad_batch or None, seed=seed,
+            init_update=config.warpgrad_init,
+            meta_optimizer=(keras.optimizers.Adam(config.meta_lr)
+                            if config.warpgrad_init == "first_order_maml" else None), **common)
     if arm == "cts":
         return taskmeta.ContinualTrajectoryShifting(
             loss, params, meta_step_size=config.cts_meta_step_size,

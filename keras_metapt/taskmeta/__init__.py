@@ -23,7 +23,7 @@ The protocol, followed by every method (base class `TaskMetaLearner`):
 | Reptile | phi += eps (theta_T - phi)                    | T gradients            | O(P)    |
 | ARUBA   | Reptile + eta = sqrt(B / G) per coordinate    | T gradients            | O(P)+3P |
 | CTS     | Reptile's step after every inner step, shifts | T gradients            | O(M*P)  |
-| WarpGrad| warp layers by J(omega) at S trajectory points; phi by Leap | T + ~4S grads | O(M*S*P) |
+| WarpGrad| warp layers by J(omega) at S trajectory points; phi by Leap or FOMAML | T + ~4S grads | O(M*S*P) |
 
 References without meta-learning: `FromScratch` (a fixed random initialisation) and
 `MultitaskPretraining` (supervised pre-training over all meta-training classes, then

@@ -17,10 +17,16 @@ A meta-step on M tasks:
    The M * S points are shuffled (stateless, by ``seed`` and the meta-step) and taken
    ``warp_batch`` at a time; each chunk's task-weighted mean gradient is one SGD step on
    omega (``warp_learning_rate``; the authors' default: one step per point).
-3. The initialisation by the authors' simplified Leap step, the task-weighted sum of the
-   trajectory's normalised displacements:
-   phi <- phi + beta * sum_m w_m sum_t (theta_{t+1} - theta_t) / ||theta_{t+1} - theta_t||
-   (``init_learning_rate`` beta; 0 keeps phi fixed; ``leap_norm=False`` drops the norm).
+3. The initialisation, by one of two rules (``init_update``):
+   - ``"leap"`` (default): the authors' simplified Leap step, the task-weighted sum of the
+     trajectory's normalised displacements,
+     phi <- phi + beta * sum_m w_m sum_t (theta_{t+1} - theta_t) / ||theta_{t+1} - theta_t||
+     (``init_learning_rate`` beta; 0 keeps phi fixed; ``leap_norm=False`` drops the norm);
+   - ``"first_order_maml"``: the first-order MAML meta-gradient through the warped learner,
+     g = sum_m w_m grad_theta L(theta_T^m, omega; Q_m) at the omega the tasks adapted with,
+     one step of ``meta_optimizer`` (default Adam(1e-3)) on phi. The paper pairs the warps
+     with a MAML-learned initialisation in its few-shot experiments (Warp-MAML); this is its
+     first-order form. Needs query sets; one more gradient per task.
 
 Where this differs from the authors' code (`warp_on_same_loss`, `simplified_leap`): their
 two steps at a point use two fresh batches of the task's training data (the same loss); here
@@ -38,6 +44,7 @@ stepped point: ~4 gradients per point. Memory: the buffer, M S copies of theta; 
 at fixed S.
 """
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -45,7 +52,9 @@ from keras_metapt import _tree
 from keras_metapt.hypergrad.problem import batch_at
 from keras_metapt.taskmeta.learner import TaskMetaLearner, task_batch
 
-__all__ = ["WarpGrad", "buffered_steps"]
+__all__ = ["WarpGrad", "buffered_steps", "INIT_UPDATES"]
+
+INIT_UPDATES = ("leap", "first_order_maml")  # WarpGrad's rules for the initialisation
 
 
 def buffered_steps(num_steps, num_points=None):
@@ -68,7 +77,10 @@ class WarpGrad(TaskMetaLearner):
       initial_warp_params: omega's first value (a nest).
       inner_steps, inner_learning_rate: T and alpha (see `TaskMetaLearner`).
       warp_learning_rate: the SGD step on omega per chunk of buffered points.
-      init_learning_rate: beta of the Leap step on phi (0: phi fixed).
+      init_learning_rate: beta of the Leap step on phi (0: phi fixed; Leap only).
+      init_update: the rule for phi, one of ``INIT_UPDATES`` (module docstring).
+      meta_optimizer: the Keras optimizer of the ``"first_order_maml"`` rule (default
+        Adam(1e-3)); refused with ``"leap"``.
       trajectory_points: S points buffered per task (None: all T).
       warp_batch: buffered points per omega step (None: all M * S, one step).
       leap_norm: normalise each displacement in the Leap step (the authors' default).
@@ -82,7 +94,7 @@ class WarpGrad(TaskMetaLearner):
     def __init__(self, warped_loss_fn, initial_params, initial_warp_params, *, inner_steps=5,
                  inner_learning_rate=0.1, warp_learning_rate=0.1, init_learning_rate=0.01,
                  trajectory_points=None, warp_batch=1, leap_norm=True, seed=0,
-                 name="warpgrad"):
+                 init_update="leap", meta_optimizer=None, name="warpgrad"):
         super().__init__(lambda theta, batch: warped_loss_fn(theta, self.warp_values(), batch),
                          initial_params, inner_steps=inner_steps,
                          inner_learning_rate=inner_learning_rate, name=name)
@@ -103,13 +115,25 @@ class WarpGrad(TaskMetaLearner):
         self.warp_batch = None if warp_batch is None else int(warp_batch)
         self.leap_norm = bool(leap_norm)
         self.seed = int(seed)
+        if init_update not in INIT_UPDATES:
+            raise ValueError(f"init_update must be one of {INIT_UPDATES}, got {init_update!r}")
+        if init_update == "leap" and meta_optimizer is not None:
+            raise ValueError("meta_optimizer is read only by init_update='first_order_maml'")
+        self.init_update = init_update
+        self.meta_optimizer = None
+        if init_update == "first_order_maml":
+            self.meta_optimizer = meta_optimizer or keras.optimizers.Adam(1e-3)
+            self.meta_optimizer.build(self.initialisation)
 
     def warp_values(self):
         return tf.nest.pack_sequence_as(self._warp_structure[0],
                                         [tf.convert_to_tensor(v) for v in self.warp])
 
     def checkpoint_items(self):
-        return {**super().checkpoint_items(), "warp": self.warp}
+        items = {**super().checkpoint_items(), "warp": self.warp}
+        if self.meta_optimizer is not None:
+            items["meta_optimizer"] = self.meta_optimizer
+        return items
 
     def point_order(self, num_points):
         """The shuffle of this meta-step's buffered points (depends on seed and meta_steps)."""
@@ -153,17 +177,34 @@ class WarpGrad(TaskMetaLearner):
                    for x, g in zip(theta, grads)]
         return self.warped_loss_fn(self.pack(stepped), omega, meta_batch)
 
+    def query_gradient(self, theta, omega, query):
+        """grad_theta L(theta, omega; query) at a fixed theta (first-order MAML's term)."""
+        theta = [tf.stop_gradient(x) for x in theta]
+        with tf.GradientTape() as tape:
+            tape.watch(theta)
+            loss = self.warped_loss_fn(self.pack(theta), omega, query)
+        return tape.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
     def _meta_step(self, support, query, weights):
+        if self.init_update == "first_order_maml" and query is None:
+            raise ValueError("WarpGrad(init_update='first_order_maml') needs query sets: "
+                             "meta_step(support, query)")
         phi = tf.nest.flatten(self.initial_values())
         omega = self.warp_values()
         m = len(weights)
         thetas, metas, firsts, seconds, leaps = [], [], [], [], []
+        init_grad = None
         support_loss, distance = 0.0, 0.0
         for i, w in enumerate(weights):
             batch = task_batch(support, i)
             buffered, theta_t, leap = self._trajectory(phi, batch, omega)
             thetas += buffered
             leaps.append(leap)
+            if self.meta_optimizer is not None:
+                grad = [tf.cast(w, g.dtype) * g for g in
+                        self.query_gradient(theta_t, omega, task_batch(query, i))]
+                init_grad = grad if init_grad is None else [a + b for a, b in
+                                                            zip(init_grad, grad)]
             for t in self.points:
                 firsts.append(batch_at(batch, t))
                 seconds.append(task_batch(query, i) if query is not None
@@ -212,9 +253,13 @@ class WarpGrad(TaskMetaLearner):
 
         _, total = tf.while_loop(lambda c, _: c < chunks, warp_step,
                                  (tf.constant(0), tf.constant(0.0)), maximum_iterations=chunks)
-        for j, v in enumerate(self.initialisation):
-            move = tf.add_n([tf.cast(w, v.dtype) * leap[j] for w, leap in zip(weights, leaps)])
-            v.assign_add(tf.cast(self.init_learning_rate, v.dtype) * move)
+        if self.meta_optimizer is not None:
+            self.meta_optimizer.apply_gradients(zip(init_grad, self.initialisation))
+        else:
+            for j, v in enumerate(self.initialisation):
+                move = tf.add_n([tf.cast(w, v.dtype) * leap[j]
+                                 for w, leap in zip(weights, leaps)])
+                v.assign_add(tf.cast(self.init_learning_rate, v.dtype) * move)
         self.meta_steps.assign_add(1)
         return {"support_loss": support_loss, "warp_objective": total / n,
                 "distance": distance}

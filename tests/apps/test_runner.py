@@ -241,7 +241,8 @@ def test_dtype_policy_flag_sets_the_global_keras_policy_in_setup(tmp_path, monke
 
 def test_resume_run_restores_the_checkpoint_and_drops_history_rows_past_it(tmp_path):
     """Reference: the rows written up to the last checkpoint, by hand; a row written after it
-    (a run killed before saving) is dropped, by key and by count."""
+    (a run killed before saving) is dropped, by key and by count; a list the run added
+    outside the given row names (one entry per process) comes back whole."""
     import tensorflow as tf
     for key in ("step", None):
         directory = tmp_path / f"run_{key}"
@@ -250,6 +251,7 @@ def test_resume_run_restores_the_checkpoint_and_drops_history_rows_past_it(tmp_p
         history, save = runner.resume_run(str(directory), {"step": step}, {"step": [], "x": []},
                                           step.numpy, key=key)
         assert history == {"step": [], "x": []}
+        history["per_process"] = [0.5]  # one entry, fewer than the rows below
         for value in (1, 2):
             step.assign(value)
             history["step"].append(value)
@@ -262,7 +264,7 @@ def test_resume_run_restores_the_checkpoint_and_drops_history_rows_past_it(tmp_p
         resumed, _ = runner.resume_run(str(directory), {"step": restored_step},
                                        {"step": [], "x": []}, restored_step.numpy, key=key)
         assert int(restored_step) == 2
-        assert resumed == {"step": [1, 2], "x": [10.0, 20.0]}
+        assert resumed == {"step": [1, 2], "x": [10.0, 20.0], "per_process": [0.5]}
 
 
 def test_mean_and_interval_is_the_normal_interval_of_the_mean():

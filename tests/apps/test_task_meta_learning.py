@@ -94,7 +94,7 @@ def test_many_shot_minibatches_on_idx_files(tmp_path):
     write_fashion_like(str(images), n_train=400, n_test=10, seed=5)
     proc = run_app(tmp_path / "out", f"--images_dir={images}", "--arms=reptile,aruba,cts,warpgrad",
                    "--warpgrad_points=2", "--warpgrad_batch=0", "--query_in_support",
-                   "--zero_head",
+                   "--zero_head", "--warpgrad_init=first_order_maml",
                    "--seeds=0", "--k_shot=12", "--inner_batch=4", "--inner_steps=6",
                    "--test_shots=12", "--test_inner_steps=6", "--blocks=2", "--plot=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -102,6 +102,9 @@ def test_many_shot_minibatches_on_idx_files(tmp_path):
     assert 0.0 <= record["test_accuracy_12shot"] <= 1.0
     assert record["history"]["metrics"][-1]["distance"] > 0
     assert record["config"]["query_in_support"] is True  # ARUBA trained on support + query
+    warpgrad = json.load(open(tmp_path / "out" / "results" / "warpgrad_seed0.json"))
+    assert warpgrad["config"]["warpgrad_init"] == "first_order_maml"
+    assert np.isfinite(warpgrad["test_accuracy_12shot"])
 
 
 def test_molecule_family_with_a_gin_learner_scored_by_auroc(tmp_path):

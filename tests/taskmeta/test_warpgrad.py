@@ -7,9 +7,12 @@ Reference, per meta-step: the T-step SGD trajectories on w (closed-form gradient
 buffered points (evenly spaced steps), the warp objective's gradient
 dJ/dA of J(A) = L(w_s - alpha grad_w L(w_s, A; b_s), A; b'_s) by central finite differences,
 SGD on A chunk by chunk in the learner's shuffle order (the order only: it is a random
-permutation, taken from `point_order`), and the Leap step on the initialisation.
+permutation, taken from `point_order`), and the Leap step on the initialisation; with
+``init_update="first_order_maml"``, plain SGD on the initialisation along the task-weighted
+closed-form query gradient at each task's theta_T, under the A the tasks adapted with.
 """
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -20,7 +23,7 @@ from keras_metapt.taskmeta import (WarpGrad, classification_loss, conv_classifie
                                    warped_classification_loss, warped_classifier_logits)
 from keras_metapt.taskmeta.warpgrad import buffered_steps
 
-D, ALPHA, WARP_LR, INIT_LR = 3, 0.1, 0.05, 0.02
+D, ALPHA, WARP_LR, INIT_LR, FOMAML_LR = 3, 0.1, 0.05, 0.02, 0.3
 
 
 def warped_loss(theta, omega, batch):
@@ -54,11 +57,12 @@ def np_grad_a(w, a, first, second, eps=1e-6):
     return grad
 
 
-def reference_meta_step(phi, a, task_batches, queries, weights, steps, points, chunk, order):
+def reference_meta_step(phi, a, task_batches, queries, weights, steps, points, chunk, order,
+                        init_update="leap"):
     """One WarpGrad meta-step in NumPy; task_batches[m][t] is task m's batch at step t."""
     weights = np.asarray(weights, float) / np.sum(weights)
     m_tasks = len(task_batches)
-    buffer, leap_total = [], np.zeros_like(phi)
+    buffer, leap_total, query_grad = [], np.zeros_like(phi), np.zeros_like(phi)
     for m in range(m_tasks):
         w, leap = phi.copy(), np.zeros_like(phi)
         for t in range(steps):
@@ -69,6 +73,8 @@ def reference_meta_step(phi, a, task_batches, queries, weights, steps, points, c
             leap += move / (np.linalg.norm(move) + 1e-9)
             w = w + move
         leap_total += weights[m] * leap
+        if init_update == "first_order_maml":
+            query_grad += weights[m] * np_grad_w(w, a, queries[m])
     a = a.copy()
     n = len(buffer)
     for start in range(0, n, chunk):
@@ -76,6 +82,8 @@ def reference_meta_step(phi, a, task_batches, queries, weights, steps, points, c
         grad = sum(scale * np_grad_a(w, a, first, second)
                    for w, first, second, scale in picked) / len(picked)
         a = a - WARP_LR * grad
+    if init_update == "first_order_maml":
+        return phi - FOMAML_LR * query_grad, a
     return phi + INIT_LR * leap_total, a
 
 
@@ -83,18 +91,22 @@ def regression_batch(rng, n):
     return rng.normal(size=(n, D)), rng.normal(size=n)
 
 
-@pytest.mark.parametrize("steps, num_points, warp_batch, per_step, with_query", [
-    (4, None, 1, False, True),    # every point, one warp step per point, query sets
-    (4, 2, 3, True, False),       # points 0 and 3, chunks of 3 and 1, minibatch per step
+@pytest.mark.parametrize("steps, num_points, warp_batch, per_step, with_query, init_update", [
+    (4, None, 1, False, True, "leap"),    # every point, one warp step per point, query sets
+    (4, 2, 3, True, False, "leap"),       # points 0 and 3, chunks of 3 and 1, minibatch per step
+    (4, 2, 1, True, True, "first_order_maml"),  # phi by the first-order MAML meta-gradient
 ])
 def test_meta_steps_match_a_numpy_transcription(steps, num_points, warp_batch, per_step,
-                                                with_query):
+                                                with_query, init_update):
     rng = np.random.default_rng(7)
     phi = rng.normal(size=D)
     a = np.eye(D) + 0.1 * rng.normal(size=(D, D))
+    fomaml = init_update == "first_order_maml"
     learner = WarpGrad(warped_loss, [phi], [a], inner_steps=steps, inner_learning_rate=ALPHA,
                        warp_learning_rate=WARP_LR, init_learning_rate=INIT_LR,
-                       trajectory_points=num_points, warp_batch=warp_batch, seed=3)
+                       trajectory_points=num_points, warp_batch=warp_batch, seed=3,
+                       init_update=init_update,
+                       meta_optimizer=keras.optimizers.SGD(FOMAML_LR) if fomaml else None)
     points = buffered_steps(steps, num_points)
     assert points == ([0, 3] if num_points == 2 else [0, 1, 2, 3])
     weights = [1.0, 3.0]
@@ -112,7 +124,7 @@ def test_meta_steps_match_a_numpy_transcription(steps, num_points, warp_batch, p
                  if with_query else None)
         order = learner.point_order(2 * len(points)).numpy()
         want_phi, want_a = reference_meta_step(phi, a, per_task, queries, weights, steps,
-                                               points, warp_batch, order)
+                                               points, warp_batch, order, init_update)
         metrics = learner.meta_step(support, query, task_weights=weights)
         # the reference A carries finite-difference error (~1e-10), into phi at the second step
         np.testing.assert_allclose(learner.initialisation[0].numpy(), want_phi, rtol=1e-7,
@@ -155,3 +167,12 @@ def test_bad_settings_are_named():
         WarpGrad(warped_loss, [np.zeros(D)], [np.eye(D)], warp_learning_rate=-1)
     with pytest.raises(ValueError, match="num_points"):
         buffered_steps(5, 0)
+    with pytest.raises(ValueError, match="init_update"):
+        WarpGrad(warped_loss, [np.zeros(D)], [np.eye(D)], init_update="reptile")
+    with pytest.raises(ValueError, match="meta_optimizer"):
+        WarpGrad(warped_loss, [np.zeros(D)], [np.eye(D)], meta_optimizer=keras.optimizers.SGD())
+    learner = WarpGrad(warped_loss, [np.zeros(D)], [np.eye(D)], inner_steps=2,
+                       init_update="first_order_maml")
+    support = (np.zeros((1, 4, D)), np.zeros((1, 4)))
+    with pytest.raises(ValueError, match="needs query sets"):
+        learner.meta_step(support)
