@@ -16,9 +16,10 @@ __all__ = ["MetaCheckpoint", "StopOnNonFiniteHypergradient", "MetaParameterSumma
 
 def _write_json_atomically(path, value):
     """Writes ``value`` as JSON to a temporary name beside ``path``, then renames it: a run
-    killed mid-write leaves the previous file, never a half-written one."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                       f".{os.path.basename(path)}.tmp")
+    killed mid-write leaves the previous file, never a half-written one. Makes the folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
     with open(tmp, "w") as f:
         json.dump(value, f)
     os.replace(tmp, path)
@@ -292,7 +293,6 @@ class TaskWeightsHistory(keras.callbacks.Callback):
             entry["auroc_real_moved"] = weight_auroc(np.abs(values - 1.0), self.is_real)
         self.epochs = [e for e in self.epochs if e["epoch"] < epoch + 1] + [entry]
         if self.path:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             _write_json_atomically(self.path, self.epochs)
         if self.verbose:
             print(f"epoch {epoch + 1}: weights min/10%/median/90%/max "
@@ -339,7 +339,6 @@ class EpochTimer(keras.callbacks.Callback):
         self._first = False
         self.epochs = [e for e in self.epochs if e["epoch"] < epoch] + [entry]
         if self.path:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             _write_json_atomically(self.path, self.epochs)
 
     def examples_per_second(self, steps, batch_size, skip=1):
