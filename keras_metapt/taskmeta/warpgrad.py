@@ -145,10 +145,7 @@ class WarpGrad(TaskMetaLearner):
         rates = [_tree.cast_scalar(self.inner_learning_rate, x.dtype) for x in phi]
 
         def step(t, theta, leap):
-            with tf.GradientTape() as tape:
-                tape.watch(theta)
-                loss = self.warped_loss_fn(self.pack(theta), omega, batch_at(batch, t))
-            grads = tape.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            grads = self.theta_gradient(theta, omega, batch_at(batch, t))
             moves = [-r * g for r, g in zip(rates, grads)]
             if self.leap_norm:
                 length = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(d)) for d in moves])) + 1e-9
@@ -169,20 +166,17 @@ class WarpGrad(TaskMetaLearner):
     def warp_objective(self, theta, omega, batch, meta_batch):
         """J(omega) = L(theta - alpha grad_theta L(theta, omega; batch), omega; meta_batch)."""
         theta = [tf.stop_gradient(x) for x in theta]
-        with tf.GradientTape() as tape:
-            tape.watch(theta)
-            loss = self.warped_loss_fn(self.pack(theta), omega, batch)
-        grads = tape.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        grads = self.theta_gradient(theta, omega, batch)
         stepped = [x - _tree.cast_scalar(self.inner_learning_rate, x.dtype) * g
                    for x, g in zip(theta, grads)]
         return self.warped_loss_fn(self.pack(stepped), omega, meta_batch)
 
-    def query_gradient(self, theta, omega, query):
-        """grad_theta L(theta, omega; query) at a fixed theta (first-order MAML's term)."""
-        theta = [tf.stop_gradient(x) for x in theta]
+    def theta_gradient(self, theta, omega, batch):
+        """grad_theta L(theta, omega; batch), theta a flat list (differentiable in omega: the
+        warp objective takes its gradient through it)."""
         with tf.GradientTape() as tape:
             tape.watch(theta)
-            loss = self.warped_loss_fn(self.pack(theta), omega, query)
+            loss = self.warped_loss_fn(self.pack(theta), omega, batch)
         return tape.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
     def _meta_step(self, support, query, weights):
@@ -202,7 +196,8 @@ class WarpGrad(TaskMetaLearner):
             leaps.append(leap)
             if self.meta_optimizer is not None:
                 grad = [tf.cast(w, g.dtype) * g for g in
-                        self.query_gradient(theta_t, omega, task_batch(query, i))]
+                        self.theta_gradient([tf.stop_gradient(x) for x in theta_t], omega,
+                                           task_batch(query, i))]
                 init_grad = grad if init_grad is None else [a + b for a, b in
                                                             zip(init_grad, grad)]
             for t in self.points:
