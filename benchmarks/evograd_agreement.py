@@ -1,0 +1,204 @@
+r"""How far is one EvoGrad hypergradient from the one-step hypergradient it estimates?
+
+    python -m benchmarks.evograd_agreement                     # ~4 min on 2 CPU cores
+    python -m benchmarks.evograd_agreement --copies=2,8 --draws=32
+
+To first order in sigma, EvoGrad's hypergradient of the Meta-Weight-Net weights phi is
+
+    -(1 / tau) sum_k w_k (g_meta . eps_k) J^T (eps_k - sum_j w_j eps_j),   J = d grad_theta L / d phi,
+
+whose mean over the noise eps is -eta J^T g_meta, eta = sigma^2 (K - 1) / (K tau): the one-step
+look-ahead hypergradient at rate eta (`EvoGrad.effective_learning_rate`). One draw projects
+g_meta onto K random directions in the space of all the network's weights, so its
+agreement with that mean is low and grows with K. This benchmark measures it on the problem of
+apps/noisy_labels.py (every flag of the app applies: --network, --width, --evograd_sigma, ...).
+
+For each state in --states (epochs of MWN training with the one-step hypergradient from the
+seed's initialisation, as the app's mwn_one_step arm trains) and each of --batches (noisy
+batch, clean meta batch) pairs, it computes the reference -- `Unrolled(sgd, 1)` at the rate eta,
+the exact hypergradient EvoGrad's mean approximates -- and --draws EvoGrad hypergradients per K
+in --copies, each from its own noise seed, and reports, averaged over states and pairs:
+the cosine of one draw with the reference, the share of the phi coordinates whose sign
+agrees with the reference's (Adam moves each coordinate by its sign, roughly), the cosine of
+the mean of the draws with the reference, and that mean's projection on the reference
+relative to the reference (1: unbiased in scale), and the time of one call. Per state also
+the cosine of the app's one-step hypergradient -- the look-ahead at the current SGD rate, the
+mwn_one_step arm's -- with the reference and with the mean of the EvoGrad draws: the two
+estimate the same thing only where one SGD step is small enough for the meta gradient not to
+change along it.
+
+Writes benchmarks/results/evograd_agreement.{md,json} (or --results_dir).
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import keras_metapt as km  # noqa: E402
+from apps import noisy_labels as app_module  # noqa: E402  (defines the app's flags)
+from keras_metapt import optim  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("copies", ["2", "4", "8", "16", "32"], "EvoGrad's K values to measure.")
+flags.DEFINE_integer("draws", 64, "EvoGrad hypergradients per (state, batch pair, K).")
+flags.DEFINE_list("states", ["0", "10", "30", "45"], "Epochs of one-step MWN training before each "
+                  "measurement (at the app's SGD rate and schedule).")
+flags.DEFINE_integer("batches", 3, "(noisy batch, meta batch) pairs per state.")
+flags.DEFINE_integer("seed", 0, "Seed of the network, the MWN, the batch order and the noise.")
+flags.DEFINE_string("results_dir", os.path.join(os.path.dirname(__file__), "results"),
+                    "Where evograd_agreement.md and .json are written.")
+
+
+def flat(tensors):
+    return np.concatenate([np.asarray(t, np.float64).ravel() for t in tensors])
+
+
+def cosine(a, b):
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def train_epochs(trainer, data, config, seed, first, last):
+    """Epochs [first, last) of the app's training loop (its batch order and meta batches)."""
+    steps = -(-len(data.x_train) // config.batch_size)
+    for epoch in range(first, last):
+        trainer.optimizer.learning_rate = app_module.learning_rate_at(epoch, config)
+        order = app_module.batch_order(seed, epoch, len(data.x_train), config.batch_size, steps)
+        meta_rng = np.random.default_rng([app_module.META_TAG, seed, epoch])
+        for rows in order:
+            meta_rows = meta_rng.choice(len(data.x_meta), config.batch_size, replace=False)
+            trainer.train_step((data.x_train[rows], data.y_train[rows]),
+                               (data.x_meta[meta_rows], data.y_meta[meta_rows]))
+
+
+def measure_state(trainer, data, config, seed, epoch, copies, draws, num_pairs):
+    """Per K, the agreement figures at the trainer's current state, over ``num_pairs`` pairs."""
+    problem = trainer.problem()
+    params = [v.value for v in trainer.model.trainable_variables]
+    phi = trainer.mwn.hparams()
+    rng = np.random.default_rng([7, seed, epoch])
+    pairs = []
+    for _ in range(num_pairs):
+        rows = rng.choice(len(data.x_train), config.batch_size, replace=False)
+        meta_rows = rng.choice(len(data.x_meta), config.batch_size, replace=False)
+        pairs.append(((tf.constant(data.x_train[rows]), tf.constant(data.y_train[rows])),
+                      (tf.constant(data.x_meta[meta_rows]), tf.constant(data.y_meta[meta_rows]))))
+    one_step = km.Unrolled(optim.sgd(config.lr), num_steps=1)
+    reference_fn = tf.function(lambda b, m: one_step(problem, params, phi, b, m).hypergrad)
+    lr_now = float(trainer.optimizer.learning_rate.numpy())
+    rows = {}
+    for K in copies:
+        estimator = km.EvoGrad(num_copies=K, sigma=config.evograd_sigma,
+                               temperature=config.evograd_temperature, noise=config.evograd_noise)
+        evograd_fn = tf.function(lambda b, m, s: estimator(problem, params, phi, b, m,
+                                                           seed=s).hypergrad)
+        eta = estimator.effective_learning_rate
+        single, signs, of_mean, scale, app_cos, mean_at_lr, seconds = [], [], [], [], [], [], []
+        for p, (batch, meta_batch) in enumerate(pairs):
+            trainer.optimizer.learning_rate = eta   # the look-ahead's rate: EvoGrad's eta
+            reference = flat(reference_fn(batch, meta_batch))
+            trainer.optimizer.learning_rate = lr_now
+            at_lr = flat(reference_fn(batch, meta_batch))
+            app_cos.append(cosine(at_lr, reference))
+            evograd_fn(batch, meta_batch, tf.constant([seed, 0], tf.int64))  # trace
+            samples = []
+            for d in range(draws):
+                s = tf.constant([seed * 1000 + p, d], tf.int64)
+                start = time.perf_counter()
+                g = evograd_fn(batch, meta_batch, s)
+                samples.append(flat(g))
+                seconds.append(time.perf_counter() - start)
+            samples = np.array(samples)
+            single += [cosine(x, reference) for x in samples]
+            signs += [float(np.mean(np.sign(x) == np.sign(reference))) for x in samples]
+            mean = samples.mean(0)
+            of_mean.append(cosine(mean, reference))
+            mean_at_lr.append(cosine(mean, at_lr))
+            scale.append(float(mean @ reference / (reference @ reference)))
+        rows[K] = {"eta": eta, "cosine_single": float(np.mean(single)),
+                   "cosine_single_std": float(np.std(single)),
+                   "sign_agreement_single": float(np.mean(signs)),
+                   "cosine_of_mean": float(np.mean(of_mean)),
+                   "scale_of_mean": float(np.mean(scale)),
+                   "ms_per_call": 1e3 * float(np.median(seconds)),
+                   "one_step_at_lr_cosine": float(np.mean(app_cos)),
+                   "cosine_of_mean_with_one_step_at_lr": float(np.mean(mean_at_lr)),
+                   "lr": lr_now}
+        print(f"  epoch {epoch}, K={K}: {rows[K]}", flush=True)
+    return rows
+
+
+def main(argv):
+    del argv
+    config = app_module.Config.from_flags()
+    copies = [int(k) for k in FLAGS.copies]
+    states = sorted(int(s) for s in FLAGS.states)
+    if any(k < 2 for k in copies) or any(s < 0 for s in states):
+        raise app.UsageError(f"--copies must be >= 2 and --states >= 0; got {FLAGS.copies}, "
+                             f"{FLAGS.states}")
+    data = app_module.load_data(config)
+    tf.keras.utils.set_random_seed(FLAGS.seed)
+    trainer = app_module.make_trainer("mwn_one_step", FLAGS.seed, config)
+    start, done, results = time.perf_counter(), 0, {}
+    for epoch in states:
+        train_epochs(trainer, data, config, FLAGS.seed, done, epoch)
+        done = epoch
+        results[epoch] = measure_state(trainer, data, config, FLAGS.seed, epoch, copies,
+                                       FLAGS.draws, FLAGS.batches)
+    keys = ("cosine_single", "sign_agreement_single", "cosine_of_mean", "scale_of_mean",
+            "ms_per_call", "one_step_at_lr_cosine", "cosine_of_mean_with_one_step_at_lr")
+    summary = {K: {k: float(np.mean([results[e][K][k] for e in states])) for k in keys}
+               for K in copies}
+    lines = ["# EvoGrad against the one-step hypergradient it estimates (Meta-Weight-Net)", "",
+             f"`python -m benchmarks.evograd_agreement --draws={FLAGS.draws} --copies="
+             f"{','.join(FLAGS.copies)} --states={','.join(FLAGS.states)} --batches="
+             f"{FLAGS.batches}`; network {config.network} (width {config.width}), seed "
+             f"{FLAGS.seed}, sigma {config.evograd_sigma}, tau {config.evograd_temperature}, "
+             f"{config.evograd_noise} noise; reference: the one-step look-ahead hypergradient "
+             f"at EvoGrad's rate eta = sigma^2 (K-1) / (K tau); mean over states (epochs "
+             f"{', '.join(map(str, states))} of one-step MWN training) and batch pairs; "
+             f"{time.perf_counter() - start:.0f} s.", "",
+             "| K | cosine of one draw | sign agreement of one draw | cosine of the mean of "
+             f"{FLAGS.draws} draws | its scale (1: unbiased) | ms / call |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for K in copies:
+        r = summary[K]
+        lines.append(f"| {K} | {r['cosine_single']:.3f} | {r['sign_agreement_single']:.3f} | "
+                     f"{r['cosine_of_mean']:.3f} | {r['scale_of_mean']:.2f} | "
+                     f"{r['ms_per_call']:.1f} |")
+    lines += ["", "Per state (epochs of one-step MWN training before the measurement; the "
+              "last two columns: the app's one-step hypergradient, a look-ahead at the "
+              "current SGD rate, against the reference and against the mean of the draws):", "",
+              "| epochs | SGD rate | K | cosine of one draw | sign agreement | cosine of the "
+              "mean | scale | one-step at the SGD rate: cosine with the reference | with the "
+              "mean of the draws |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in states:
+        for K in copies:
+            r = results[e][K]
+            lines.append(f"| {e} | {r['lr']:g} | {K} | {r['cosine_single']:.3f} | "
+                         f"{r['sign_agreement_single']:.3f} | {r['cosine_of_mean']:.3f} | "
+                         f"{r['scale_of_mean']:.2f} | {r['one_step_at_lr_cosine']:.3f} | "
+                         f"{r['cosine_of_mean_with_one_step_at_lr']:.3f} |")
+    text = "\n".join(lines) + "\n"
+    os.makedirs(FLAGS.results_dir, exist_ok=True)
+    with open(os.path.join(FLAGS.results_dir, "evograd_agreement.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(FLAGS.results_dir, "evograd_agreement.json"), "w") as f:
+        json.dump({"seed": FLAGS.seed, "config": config.results_config(),
+                   "copies": copies, "states": states, "draws": FLAGS.draws,
+                   "results": {str(e): {str(K): results[e][K] for K in copies} for e in states},
+                   "summary": {str(K): summary[K] for K in copies}}, f, indent=1)
+    print(text)
+
+
+if __name__ == "__main__":
+    app.run(main)
