@@ -5,31 +5,34 @@ r"""How far is one EvoGrad hypergradient from the one-step hypergradient it esti
 
 To first order in sigma, EvoGrad's hypergradient of the Meta-Weight-Net weights phi is
 
-    -(1 / tau) sum_k w_k (g_meta . eps_k) J^T (eps_k - sum_j w_j eps_j),   J = d grad_theta L / d phi,
+    -(1 / tau) sum_k w_k (g_meta . eps_k) J^T (eps_k - sum_j w_j eps_j),  J = d grad_theta L / dphi,
 
 whose mean over the noise eps is -eta J^T g_meta, eta = sigma^2 (K - 1) / (K tau): the one-step
-look-ahead hypergradient at rate eta (`EvoGrad.effective_learning_rate`). One draw projects
-g_meta onto K random directions in the space of all the network's weights, so its
-agreement with that mean is low and grows with K. This benchmark measures it on the problem of
-apps/noisy_labels.py (every flag of the app applies: --network, --width, --evograd_sigma, ...).
+look-ahead hypergradient at rate eta (`EvoGrad.effective_learning_rate`). Each copy's weights
+come from that copy's losses, so grad_theta L here includes the path through the MWN's input
+("live"); the original Meta-Weight-Net, and the app's mwn_one_step arm, stop it ("stopped").
+One draw projects g_meta onto K random directions in the space of all the network's weights,
+so its agreement with the mean is low and grows with K. This benchmark measures it on the
+problem of apps/noisy_labels.py (every flag of the app applies: --network, --width,
+--evograd_sigma, ...).
 
 For each state in --states (epochs of MWN training with the one-step hypergradient from the
 seed's initialisation, as the app's mwn_one_step arm trains) and each of --batches (noisy
-batch, clean meta batch) pairs, it computes the reference -- `Unrolled(sgd, 1)` at the rate eta,
-the exact hypergradient EvoGrad's mean approximates -- and --draws EvoGrad hypergradients per K
-in --copies, each from its own noise seed, and reports, averaged over states and pairs:
-the cosine of one draw with the reference, the share of the phi coordinates whose sign
-agrees with the reference's (Adam moves each coordinate by its sign, roughly), the cosine of
-the mean of the draws with the reference, and that mean's projection on the reference
-relative to the reference (1: unbiased in scale), and the time of one call. Per state also
-the cosine of the app's one-step hypergradient -- the look-ahead at the current SGD rate, the
-mwn_one_step arm's -- with the reference and with the mean of the EvoGrad draws: the two
-estimate the same thing only where one SGD step is small enough for the meta gradient not to
-change along it.
+batch, clean meta batch) pairs, it computes two references -- `Unrolled(sgd, 1)` at the rate
+eta on the stopped and on the live inner loss -- and --draws EvoGrad hypergradients per K in
+--copies, each from its own noise seed, and reports, averaged over states and pairs: the
+cosine of one draw with each reference, the share of the phi coordinates whose sign agrees
+with the stopped reference's (Adam moves each coordinate by about its sign), the cosine of
+the mean of the draws with each reference and the mean's projection on it relative to it (1:
+unbiased in scale), and the time of one call. Per state also the cosine of the app's one-step
+hypergradient -- the look-ahead at the current SGD rate -- with the stopped reference and with
+the mean of the EvoGrad draws: they estimate the same thing only where one SGD step is small
+enough for the meta gradient not to change along it.
 
 Writes benchmarks/results/evograd_agreement.{md,json} (or --results_dir).
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -46,7 +49,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras_metapt as km  # noqa: E402
 from apps import noisy_labels as app_module  # noqa: E402  (defines the app's flags)
-from keras_metapt import optim  # noqa: E402
+from keras_metapt import functional, optim  # noqa: E402
+from keras_metapt.hyper.example_weights import normalised_weighted_loss  # noqa: E402
+from keras_metapt.reweighting import per_example_cross_entropy  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("copies", ["2", "4", "8", "16", "32"], "EvoGrad's K values to measure.")
@@ -65,6 +70,30 @@ def flat(tensors):
 
 def cosine(a, b):
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def weights_of_live_losses(hparams, losses):
+    """The Meta-Weight-Net's v = sigmoid(W2 relu(W1 l + b1) + b2) with the losses' gradient
+    kept (`hyper.meta_weight_net_weights` stops it, as the original Meta-Weight-Net does)."""
+    kernel1, bias1, kernel2, bias2 = hparams
+    hidden = tf.nn.relu(tf.matmul(tf.reshape(losses, [-1, 1]), kernel1) + bias1)
+    return tf.sigmoid(tf.reshape(tf.matmul(hidden, kernel2) + bias2, [-1]))
+
+
+def live_input_problem(trainer):
+    """The trainer's bilevel problem with the inner loss differentiated through the MWN's
+    input too: the total derivative in theta of sum_i l_i v(l_i) / sum_i v(l_i), which is what
+    EvoGrad's copies see (each copy's weights come from that copy's losses)."""
+    stopped = trainer.problem()
+    non_trainable = [v.value for v in trainer.model.non_trainable_variables]
+
+    def inner_loss(params, mwn, batch):
+        logits, _ = functional.stateless_apply(trainer.model, params, non_trainable, batch[0],
+                                               training=True)
+        values = per_example_cross_entropy(logits, batch[1])
+        return normalised_weighted_loss(values, weights_of_live_losses(mwn, values))
+
+    return dataclasses.replace(stopped, inner_loss=inner_loss)
 
 
 def train_epochs(trainer, data, config, seed, first, last):
@@ -94,6 +123,8 @@ def measure_state(trainer, data, config, seed, epoch, copies, draws, num_pairs):
                       (tf.constant(data.x_meta[meta_rows]), tf.constant(data.y_meta[meta_rows]))))
     one_step = km.Unrolled(optim.sgd(config.lr), num_steps=1)
     reference_fn = tf.function(lambda b, m: one_step(problem, params, phi, b, m).hypergrad)
+    live = live_input_problem(trainer)
+    live_fn = tf.function(lambda b, m: one_step(live, params, phi, b, m).hypergrad)
     lr_now = float(trainer.optimizer.learning_rate.numpy())
     rows = {}
     for K in copies:
@@ -103,9 +134,11 @@ def measure_state(trainer, data, config, seed, epoch, copies, draws, num_pairs):
                                                            seed=s).hypergrad)
         eta = estimator.effective_learning_rate
         single, signs, of_mean, scale, app_cos, mean_at_lr, seconds = [], [], [], [], [], [], []
+        live_single, live_of_mean, live_scale, live_vs_stopped = [], [], [], []
         for p, (batch, meta_batch) in enumerate(pairs):
             trainer.optimizer.learning_rate = eta   # the look-ahead's rate: EvoGrad's eta
             reference = flat(reference_fn(batch, meta_batch))
+            live_reference = flat(live_fn(batch, meta_batch))
             trainer.optimizer.learning_rate = lr_now
             at_lr = flat(reference_fn(batch, meta_batch))
             app_cos.append(cosine(at_lr, reference))
@@ -123,6 +156,10 @@ def measure_state(trainer, data, config, seed, epoch, copies, draws, num_pairs):
             mean = samples.mean(0)
             of_mean.append(cosine(mean, reference))
             mean_at_lr.append(cosine(mean, at_lr))
+            live_single += [cosine(x, live_reference) for x in samples]
+            live_of_mean.append(cosine(mean, live_reference))
+            live_scale.append(float(mean @ live_reference / (live_reference @ live_reference)))
+            live_vs_stopped.append(cosine(live_reference, reference))
             scale.append(float(mean @ reference / (reference @ reference)))
         rows[K] = {"eta": eta, "cosine_single": float(np.mean(single)),
                    "cosine_single_std": float(np.std(single)),
@@ -132,6 +169,10 @@ def measure_state(trainer, data, config, seed, epoch, copies, draws, num_pairs):
                    "ms_per_call": 1e3 * float(np.median(seconds)),
                    "one_step_at_lr_cosine": float(np.mean(app_cos)),
                    "cosine_of_mean_with_one_step_at_lr": float(np.mean(mean_at_lr)),
+                   "live_cosine_single": float(np.mean(live_single)),
+                   "live_cosine_of_mean": float(np.mean(live_of_mean)),
+                   "live_scale_of_mean": float(np.mean(live_scale)),
+                   "live_reference_cosine_with_reference": float(np.mean(live_vs_stopped)),
                    "lr": lr_now}
         print(f"  epoch {epoch}, K={K}: {rows[K]}", flush=True)
     return rows
@@ -155,7 +196,9 @@ def main(argv):
         results[epoch] = measure_state(trainer, data, config, FLAGS.seed, epoch, copies,
                                        FLAGS.draws, FLAGS.batches)
     keys = ("cosine_single", "sign_agreement_single", "cosine_of_mean", "scale_of_mean",
-            "ms_per_call", "one_step_at_lr_cosine", "cosine_of_mean_with_one_step_at_lr")
+            "ms_per_call", "one_step_at_lr_cosine", "cosine_of_mean_with_one_step_at_lr",
+            "live_cosine_single", "live_cosine_of_mean", "live_scale_of_mean",
+            "live_reference_cosine_with_reference")
     summary = {K: {k: float(np.mean([results[e][K][k] for e in states])) for k in keys}
                for K in copies}
     lines = ["# EvoGrad against the one-step hypergradient it estimates (Meta-Weight-Net)", "",
@@ -167,26 +210,38 @@ def main(argv):
              f"at EvoGrad's rate eta = sigma^2 (K-1) / (K tau); mean over states (epochs "
              f"{', '.join(map(str, states))} of one-step MWN training) and batch pairs; "
              f"{time.perf_counter() - start:.0f} s.", "",
-             "| K | cosine of one draw | sign agreement of one draw | cosine of the mean of "
-             f"{FLAGS.draws} draws | its scale (1: unbiased) | ms / call |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             "Two references: *stopped*, the look-ahead as the original Meta-Weight-Net (and "
+             "the app's mwn_one_step) takes it, with the MWN's input loss a constant; *live*, "
+             "the same with the gradient through the MWN's input as well, which is what "
+             "EvoGrad's copies see.", "",
+             "| K | one draw: cosine with stopped | sign agreement with stopped | cosine with "
+             f"live | mean of {FLAGS.draws} draws: cosine with stopped | its scale on stopped "
+             "| cosine with live | its scale on live (1: unbiased) | ms / call |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for K in copies:
         r = summary[K]
         lines.append(f"| {K} | {r['cosine_single']:.3f} | {r['sign_agreement_single']:.3f} | "
-                     f"{r['cosine_of_mean']:.3f} | {r['scale_of_mean']:.2f} | "
-                     f"{r['ms_per_call']:.1f} |")
-    lines += ["", "Per state (epochs of one-step MWN training before the measurement; the "
-              "last two columns: the app's one-step hypergradient, a look-ahead at the "
-              "current SGD rate, against the reference and against the mean of the draws):", "",
-              "| epochs | SGD rate | K | cosine of one draw | sign agreement | cosine of the "
-              "mean | scale | one-step at the SGD rate: cosine with the reference | with the "
-              "mean of the draws |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                     f"{r['live_cosine_single']:.3f} | {r['cosine_of_mean']:.3f} | "
+                     f"{r['scale_of_mean']:.2f} | {r['live_cosine_of_mean']:.3f} | "
+                     f"{r['live_scale_of_mean']:.2f} | {r['ms_per_call']:.1f} |")
+    lines += ["", "Per state (epochs of one-step MWN training before the measurement). Last "
+              "three columns: the live reference against the stopped one, and the app's "
+              "one-step hypergradient (a look-ahead at the current SGD rate, stopped) against "
+              "the stopped reference and against the mean of the draws:", "",
+              "| epochs | SGD rate | K | one draw: cosine with stopped | sign agreement | mean: "
+              "cosine with stopped | scale | one draw: cosine with live | mean: cosine with "
+              "live | scale | live vs stopped | one-step at the SGD rate vs stopped | vs the "
+              "mean of the draws |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in states:
         for K in copies:
             r = results[e][K]
             lines.append(f"| {e} | {r['lr']:g} | {K} | {r['cosine_single']:.3f} | "
                          f"{r['sign_agreement_single']:.3f} | {r['cosine_of_mean']:.3f} | "
-                         f"{r['scale_of_mean']:.2f} | {r['one_step_at_lr_cosine']:.3f} | "
+                         f"{r['scale_of_mean']:.2f} | {r['live_cosine_single']:.3f} | "
+                         f"{r['live_cosine_of_mean']:.3f} | {r['live_scale_of_mean']:.2f} | "
+                         f"{r['live_reference_cosine_with_reference']:.3f} | "
+                         f"{r['one_step_at_lr_cosine']:.3f} | "
                          f"{r['cosine_of_mean_with_one_step_at_lr']:.3f} |")
     text = "\n".join(lines) + "\n"
     os.makedirs(FLAGS.results_dir, exist_ok=True)
