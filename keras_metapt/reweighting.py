@@ -11,6 +11,17 @@ Each `MetaWeightNetTrainer.train_step(batch, meta_batch)`:
      kept from this step only).
 The MWN's input is the detached loss, so the weights are constants of the inner loss in theta:
 an HVP (`Implicit`) sees H = sum_i v_i Hess l_i / sum v.
+
+Which losses the MWN weighs inside the hypergradient (``mwn_input``): "evaluated" (default, as
+the original Meta-Weight-Net and EvoGrad codes) takes the losses at the weights the inner
+loss is evaluated at -- each EvoGrad copy, each step of a longer unroll, HyperDistill's
+distilled point -- so the weights differ between EvoGrad's copies and the copies' loss gaps
+carry d v / d l; "current" takes the losses of the model's current weights, computed once per
+step (one extra forward pass) and shared by every evaluation. The one-step look-ahead and
+`Implicit` evaluate at the current weights, so they are the same either way; EvoGrad's mean
+over its noise is then the original one-step hypergradient (stopped input) at its rate eta,
+where with "evaluated" it is the look-ahead differentiated through the MWN's input as well
+(`benchmarks.evograd_agreement` measures both).
 Without a Meta-Weight-Net the step is plain SGD on the mean cross-entropy. The SGD is Keras'
 (velocity v <- mu v - lr g, so after a change of the rate the velocity still carries the old
 rate for about 1 / (1 - mu) steps; PyTorch keeps the rate outside the velocity). Cost per step:
@@ -36,7 +47,9 @@ from keras_metapt import distribute, functional
 from keras_metapt.hyper.example_weights import meta_weight_net_weights, normalised_weighted_loss
 from keras_metapt.hypergrad.problem import BilevelProblem
 
-__all__ = ["per_example_cross_entropy", "MetaWeightNetTrainer"]
+__all__ = ["per_example_cross_entropy", "MetaWeightNetTrainer", "MWN_INPUTS"]
+
+MWN_INPUTS = ("evaluated", "current")
 
 
 def per_example_cross_entropy(logits, labels):
@@ -58,6 +71,7 @@ class MetaWeightNetTrainer:
         Neumann step of `linalg.neumann(alpha=None)` follow it.
       mwn, meta_optimizer, estimator: all three or none.
       seed: the EvoGrad noise of step s is drawn from the stateless seed (seed, s).
+      mwn_input: "evaluated" or "current" (module doc).
       jit_compile: compile the steps with XLA.
       strategy: a `tf.distribute.Strategy` (default: the current one); see the module doc.
     `train_step(batch, meta_batch)` runs one step; ``compiled_step`` is its tf.function (on
@@ -66,9 +80,13 @@ class MetaWeightNetTrainer:
     """
 
     def __init__(self, model, *, learning_rate, momentum=0.9, weight_decay=0.0, mwn=None,
-                 meta_optimizer=None, estimator=None, seed=0, jit_compile=False, strategy=None):
+                 meta_optimizer=None, estimator=None, seed=0, jit_compile=False, strategy=None,
+                 mwn_input="evaluated"):
         if (mwn is None) != (estimator is None) or (mwn is None) != (meta_optimizer is None):
             raise ValueError("give mwn, meta_optimizer and estimator together, or none of them")
+        if mwn_input not in MWN_INPUTS:
+            raise ValueError(f"mwn_input must be one of {MWN_INPUTS}, got {mwn_input!r}")
+        self.mwn_input = mwn_input
         self.strategy = strategy or tf.distribute.get_strategy()
         self.replicas = int(self.strategy.num_replicas_in_sync)
         if (self.replicas > 1 and estimator is not None
@@ -104,19 +122,25 @@ class MetaWeightNetTrainer:
             items.update(getattr(self.estimator, "checkpoint_items", dict)())
         return items
 
-    def problem(self):
-        """The bilevel problem at the current BatchNorm statistics (both losses run the model
-        in training mode, as the original's meta step; their statistics are not kept)."""
+    def _losses(self, params, batch):
+        """Per-example cross-entropy of ``params`` on ``batch`` (training mode, at the current
+        BatchNorm statistics, which are not updated)."""
         non_trainable = [v.value for v in self.model.non_trainable_variables]
+        logits, _ = functional.stateless_apply(self.model, params, non_trainable, batch[0],
+                                               training=True)
+        return per_example_cross_entropy(logits, batch[1])
 
-        def losses(params, batch):
-            logits, _ = functional.stateless_apply(self.model, params, non_trainable, batch[0],
-                                                   training=True)
-            return per_example_cross_entropy(logits, batch[1])
+    def problem(self, mwn_input_losses=None):
+        """The bilevel problem at the current BatchNorm statistics (both losses run the model
+        in training mode, as the original's meta step; their statistics are not kept).
+        ``mwn_input_losses``: the losses the MWN weighs in every evaluation of the inner loss
+        (``mwn_input="current"``); None: the evaluated weights' own losses."""
+        losses = self._losses
 
         def inner_loss(params, mwn, batch):
             values = losses(params, batch)
-            return self._weighted_share(values, meta_weight_net_weights(mwn, values))
+            weighed = values if mwn_input_losses is None else mwn_input_losses
+            return self._weighted_share(values, meta_weight_net_weights(mwn, weighed))
 
         def outer_loss(params, mwn, batch):
             del mwn
@@ -190,9 +214,11 @@ class MetaWeightNetTrainer:
         mwn_values = None
         if self.mwn is not None:
             seed = tf.stack([tf.constant(self.seed, tf.int64), self.step.read_value()])
-            result = self.estimator(self.problem(),
-                                    [v.value for v in self.model.trainable_variables],
-                                    self.mwn.hparams(), batch, meta_batch, seed=seed)
+            params = [v.value for v in self.model.trainable_variables]
+            current = (tf.stop_gradient(self._losses(params, batch))
+                       if self.mwn_input == "current" else None)
+            result = self.estimator(self.problem(current), params, self.mwn.hparams(), batch,
+                                    meta_batch, seed=seed)
             # the hypergradient is the same on every replica, and Keras sums over replicas
             hypergrad = result.hypergrad if self.replicas == 1 else [
                 g / tf.cast(self.replicas, g.dtype) for g in result.hypergrad]

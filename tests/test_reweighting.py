@@ -5,7 +5,9 @@ of the MWN-weighted cross-entropy gradients (sum_i v_i (p_i - y_i) x_i / sum v);
 momentum step written out (first step: theta - lr (g + wd theta)); Adam's first step written
 out (phi - lr g / (|g| + eps / sqrt(1 - beta_2))), applied to the hypergradient at the state
 before the step, taken by float64 central differences of the NumPy one-step and EvoGrad
-objectives of tests/hyper/test_example_weights.py (the look-ahead at the trainer's rate);
+objectives of tests/hyper/test_example_weights.py (the look-ahead at the trainer's rate; with
+``mwn_input="current"`` EvoGrad's copies weighed by the MWN at the unperturbed losses, written
+out below);
 the weighted step must use the MWN after its update; data-parallel on 2 logical CPUs against
 the same steps on one device (tests/mwn_data_parallel.py: shards of 5 + 4 and of 1 + 0, SGD
 meta optimizer so that any factor on the hypergradient shows, weight decay on).
@@ -53,8 +55,26 @@ def test_plain_step_is_sgd_on_the_mean_cross_entropy():
     assert int(trainer.step.numpy()) == 1
 
 
+def evograd_objective_current_losses(theta, train, val, noise, tau):
+    """The EvoGrad objective with every copy's losses weighed by the MWN at the losses of the
+    unperturbed theta (``mwn_input="current"``): phi -> L_val(sum_k softmax(-L_k / tau)_k
+    theta_k), L_k = sum_i l_i(theta_k) v(l_i(theta)) / sum_i v(l_i(theta))."""
+    thetas = [[a + e for a, e in zip(theta, copy)] for copy in noise]
+    base = np_cross_entropy(theta, *train)
+
+    def objective(mwn_values):
+        v = ref.np_mwn(mwn_values, base)
+        losses = np.array([np.sum(np_cross_entropy(t, *train) * v / v.sum()) for t in thetas])
+        w = np.exp(-(losses - losses.min()) / tau)
+        w /= w.sum()
+        combined = [sum(w[k] * t[i] for k, t in enumerate(thetas)) for i in range(2)]
+        return np.mean(np_cross_entropy(combined, *val))
+    return objective
+
+
+@pytest.mark.parametrize("mwn_input", ["evaluated", "current"])
 @pytest.mark.parametrize("method", ["evograd", "one_step"])
-def test_meta_step_updates_the_mwn_first_then_steps_with_it(method):
+def test_meta_step_updates_the_mwn_first_then_steps_with_it(method, mwn_input):
     model = linear_model(1)
     mwn = km.hyper.MetaWeightNet(hidden=5, seed=2)
     # the look-ahead must take the trainer's rate (0.1), not the estimator's own (123)
@@ -62,7 +82,7 @@ def test_meta_step_updates_the_mwn_first_then_steps_with_it(method):
                  else km.Unrolled(optim.sgd(123.0), num_steps=1))
     trainer = MetaWeightNetTrainer(model, learning_rate=0.1, mwn=mwn,
                                    meta_optimizer=keras.optimizers.Adam(0.01),
-                                   estimator=estimator, seed=4)
+                                   estimator=estimator, seed=4, mwn_input=mwn_input)
     train, val = data(1)
     theta = [v.numpy().astype(np.float64) for v in model.trainable_variables]
     phi = [v.numpy().astype(np.float64) for v in mwn.hparams()]
@@ -70,8 +90,9 @@ def test_meta_step_updates_the_mwn_first_then_steps_with_it(method):
     val64 = (val[0].astype(np.float64), val[1])
     if method == "evograd":  # the draws of step 0: stateless seed (trainer seed, step)
         noise = ref.evograd_noise(tf.constant([4, 0], tf.int64), [t.shape for t in theta], 2, 0.05)
-        objective = ref.evograd_objective(theta, train64, val64, noise, 0.1)
-    else:
+        objective = (ref.evograd_objective if mwn_input == "evaluated"
+                     else evograd_objective_current_losses)(theta, train64, val64, noise, 0.1)
+    else:  # the look-ahead starts at the current weights: the same with either input
         objective = ref.one_step_objective(theta, train64, val64, 0.1)
     expected = ref.central_difference(objective, [p.copy() for p in phi])
     trainer.train_step(tuple(map(tf.constant, train)), tuple(map(tf.constant, val)))
@@ -92,6 +113,8 @@ def test_helpers_and_argument_errors():
                                [-np.log(np.exp(2.0) / np.exp([1.0, 2.0, 0.5]).sum())], rtol=1e-6)
     with pytest.raises(ValueError, match="together"):
         MetaWeightNetTrainer(linear_model(), learning_rate=0.1, mwn=km.hyper.MetaWeightNet())
+    with pytest.raises(ValueError, match="mwn_input must be one of"):
+        MetaWeightNetTrainer(linear_model(), learning_rate=0.1, mwn_input="copies")
     with pytest.raises(ValueError, match="network must be one of"):
         nets.image_classifier("vgg")
     assert nets.image_classifier("mlp", width=1).output_shape == (None, 10)
