@@ -22,8 +22,8 @@ def tiny_config(tmp_path, images, **changes):
                   baseline="uniform", images_dir=images, noise="uniform", noise_rate=0.4,
                   split_seed=0, network="cnn", lr=0.05, weight_decay=5e-4, meta_lr=1e-3,
                   evograd_copies=2, evograd_sigma=1e-3, evograd_temperature=0.05,
-                  evograd_noise="rademacher", neumann_terms=1, hyperdistill_gamma=0.9,
-                  hyperdistill_every=2, hyperdistill_reference_steps=3,
+                  evograd_noise="rademacher", mwn_input="evaluated", neumann_terms=1,
+                  hyperdistill_gamma=0.9, hyperdistill_every=2, hyperdistill_reference_steps=3,
                   hyperdistill_anchor_every=0, xla=False, verbose=0, plot=False, **TINY)
     values.update(changes)
     return noisy_labels.Config(**values)
@@ -53,6 +53,19 @@ def test_evograd_settings_reach_its_estimator_and_only_its_results(tmp_path, ima
     assert evograd_keys <= set(config.results_config_of("mwn_evograd"))
     for arm in ("uniform", "mwn_one_step"):
         assert not evograd_keys & set(config.results_config_of(arm))
+
+
+
+def test_mwn_input_reaches_the_trainer_and_only_the_mwn_arms_results(tmp_path, images):
+    """--mwn_input sets the trainer's; "current" is in the results config of every MWN arm
+    and of no other; the default "evaluated" is in none (results stored before the flag are
+    still recognised)."""
+    current = tiny_config(tmp_path, images, mwn_input="current")
+    assert noisy_labels.make_trainer("mwn_evograd", 0, current).mwn_input == "current"
+    default = tiny_config(tmp_path, images)
+    for arm in noisy_labels.ARMS:
+        assert "mwn_input" not in default.results_config_of(arm)
+        assert ("mwn_input" in current.results_config_of(arm)) == arm.startswith("mwn_")
 
 
 ARMS_EXPECTED = ("uniform", "clean_only", "mwn_one_step", "mwn_evograd", "mwn_implicit",

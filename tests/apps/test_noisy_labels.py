@@ -33,9 +33,9 @@ FLAG_NAMES = ("output_dir", "resume", "strategy", "devices", "tpu_address", "arm
               "baseline", "images_dir", "noise", "noise_rate", "num_train", "num_meta",
               "num_test", "split_seed", "network", "width", "epochs", "batch_size", "lr",
               "weight_decay", "meta_lr", "mwn_hidden", "evograd_copies", "evograd_sigma",
-              "evograd_temperature", "evograd_noise", "neumann_terms", "hyperdistill_gamma",
-              "hyperdistill_every", "hyperdistill_reference_steps", "hyperdistill_anchor_every",
-              "xla", "verbose", "plot")
+              "evograd_temperature", "evograd_noise", "mwn_input", "neumann_terms",
+              "hyperdistill_gamma", "hyperdistill_every", "hyperdistill_reference_steps",
+              "hyperdistill_anchor_every", "xla", "verbose", "plot")
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_in_process_checks_resume_and_pairing():
                            os.path.join("tests", "apps", "noisy_labels_inprocess.py")],
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "5 passed" in proc.stdout
+    assert "6 passed" in proc.stdout
 
 
 def run_two_replicas(out, images, *flags):
