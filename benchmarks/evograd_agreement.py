@@ -14,7 +14,8 @@ come from that copy's losses, so grad_theta L here includes the path through the
 One draw projects g_meta onto K random directions in the space of all the network's weights,
 so its agreement with the mean is low and grows with K. This benchmark measures it on the
 problem of apps/noisy_labels.py (every flag of the app applies: --network, --width,
---evograd_sigma, ...).
+--evograd_sigma, ...; with --mwn_input=current every copy is weighed at the current weights'
+losses, and EvoGrad's mean is the stopped reference).
 
 For each state in --states (epochs of MWN training with the one-step hypergradient from the
 seed's initialisation, as the app's mwn_one_step arm trains) and each of --batches (noisy
@@ -123,6 +124,11 @@ def measure_state(trainer, data, config, seed, epoch, copies, draws, num_pairs):
                       (tf.constant(data.x_meta[meta_rows]), tf.constant(data.y_meta[meta_rows]))))
     one_step = km.Unrolled(optim.sgd(config.lr), num_steps=1)
     reference_fn = tf.function(lambda b, m: one_step(problem, params, phi, b, m).hypergrad)
+
+    def evograd_problem(batch):  # the app's: --mwn_input=current weighs the current losses
+        if trainer.mwn_input == "evaluated":
+            return problem
+        return trainer.problem(tf.stop_gradient(trainer._losses(params, batch)))
     live = live_input_problem(trainer)
     live_fn = tf.function(lambda b, m: one_step(live, params, phi, b, m).hypergrad)
     lr_now = float(trainer.optimizer.learning_rate.numpy())
@@ -130,8 +136,8 @@ def measure_state(trainer, data, config, seed, epoch, copies, draws, num_pairs):
     for K in copies:
         estimator = km.EvoGrad(num_copies=K, sigma=config.evograd_sigma,
                                temperature=config.evograd_temperature, noise=config.evograd_noise)
-        evograd_fn = tf.function(lambda b, m, s: estimator(problem, params, phi, b, m,
-                                                           seed=s).hypergrad)
+        evograd_fn = tf.function(lambda b, m, s: estimator(evograd_problem(b), params, phi, b,
+                                                           m, seed=s).hypergrad)
         eta = estimator.effective_learning_rate
         single, signs, of_mean, scale, app_cos, mean_at_lr, seconds = [], [], [], [], [], [], []
         live_single, live_of_mean, live_scale, live_vs_stopped = [], [], [], []
@@ -204,7 +210,8 @@ def main(argv):
     lines = ["# EvoGrad against the one-step hypergradient it estimates (Meta-Weight-Net)", "",
              f"`python -m benchmarks.evograd_agreement --draws={FLAGS.draws} --copies="
              f"{','.join(FLAGS.copies)} --states={','.join(FLAGS.states)} --batches="
-             f"{FLAGS.batches}`; network {config.network} (width {config.width}), seed "
+             f"{FLAGS.batches}" + ("" if config.mwn_input == "evaluated" else
+                                   f" --mwn_input={config.mwn_input}") + "`; network {config.network} (width {config.width}), seed "
              f"{FLAGS.seed}, sigma {config.evograd_sigma}, tau {config.evograd_temperature}, "
              f"{config.evograd_noise} noise; reference: the one-step look-ahead hypergradient "
              f"at EvoGrad's rate eta = sigma^2 (K-1) / (K tau); mean over states (epochs "
@@ -213,7 +220,9 @@ def main(argv):
              "Two references: *stopped*, the look-ahead as the original Meta-Weight-Net (and "
              "the app's mwn_one_step) takes it, with the MWN's input loss a constant; *live*, "
              "the same with the gradient through the MWN's input as well, which is what "
-             "EvoGrad's copies see.", "",
+             "EvoGrad's copies see" + (" (here each copy is weighed at the current losses, "
+                                       "so EvoGrad's mean is the stopped one)"
+                                       if config.mwn_input == "current" else "") + ".", "",
              "| K | one draw: cosine with stopped | sign agreement with stopped | cosine with "
              f"live | mean of {FLAGS.draws} draws: cosine with stopped | its scale on stopped "
              "| cosine with live | its scale on live (1: unbiased) | ms / call |",
