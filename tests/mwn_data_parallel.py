@@ -3,7 +3,8 @@ tests/test_reweighting.py:
 
     python -m tests.mwn_data_parallel OUT_FILE
 
-For each arm (plain SGD; the MWN by one-step, EvoGrad and implicit hypergradients) at a global
+For each arm (plain SGD; the MWN by one-step, EvoGrad and implicit hypergradients, and EvoGrad
+with the MWN weighing the current losses, ``mwn_input="current"``) at a global
 batch of 9 (shards of 5 + 4), and for plain SGD and one-step at a batch of 1 (one shard
 empty), writes to OUT_FILE (.npz) the
 losses, the change of the model's weights and of the MWN's weights, single and mirrored. The
@@ -28,13 +29,13 @@ import keras_metapt as km  # noqa: E402
 from keras_metapt import nets, optim  # noqa: E402
 from keras_metapt.reweighting import MetaWeightNetTrainer  # noqa: E402
 
-ARMS = ("plain", "one_step", "evograd", "implicit")
+ARMS = ("plain", "one_step", "evograd", "implicit", "evograd_current")
 
 
 def estimator(arm, reduce):
     if arm == "one_step":
         return km.Unrolled(optim.sgd(0.1), num_steps=1, gradient_reduction=reduce)
-    if arm == "evograd":
+    if arm.startswith("evograd"):
         return km.EvoGrad(num_copies=3, sigma=0.05, temperature=0.05, gradient_reduction=reduce)
     return km.Implicit(km.linalg.neumann(3), gradient_reduction=reduce)
 
@@ -52,7 +53,8 @@ def trainer(arm, strategy):
         return MetaWeightNetTrainer(model, learning_rate=0.1, weight_decay=0.05, mwn=mwn,
                                     meta_optimizer=meta_optimizer,
                                     estimator=estimator(arm, reduce), seed=3,
-                                    strategy=strategy)
+                                    strategy=strategy,
+                                    mwn_input="current" if arm.endswith("current") else "evaluated")
 
 
 def main(out_file):

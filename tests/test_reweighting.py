@@ -127,7 +127,7 @@ def test_data_parallel_steps_equal_the_one_device_steps(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = np.load(out)
-    every = ("plain", "one_step", "evograd", "implicit")
+    every = ("plain", "one_step", "evograd", "implicit", "evograd_current")
     for n, arms in ((9, every), (1, every[:2])):
         for arm in arms:
             single, mirrored = (f"{arm}_{n}_{name}" for name in ("single", "mirrored"))
