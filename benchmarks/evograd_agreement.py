@@ -210,8 +210,9 @@ def main(argv):
     lines = ["# EvoGrad against the one-step hypergradient it estimates (Meta-Weight-Net)", "",
              f"`python -m benchmarks.evograd_agreement --draws={FLAGS.draws} --copies="
              f"{','.join(FLAGS.copies)} --states={','.join(FLAGS.states)} --batches="
-             f"{FLAGS.batches}" + ("" if config.mwn_input == "evaluated" else
-                                   f" --mwn_input={config.mwn_input}") + "`; network {config.network} (width {config.width}), seed "
+             f"{FLAGS.batches}"
+             + ("" if config.mwn_input == "evaluated" else f" --mwn_input={config.mwn_input}")
+             + f"`; network {config.network} (width {config.width}), seed "
              f"{FLAGS.seed}, sigma {config.evograd_sigma}, tau {config.evograd_temperature}, "
              f"{config.evograd_noise} noise; reference: the one-step look-ahead hypergradient "
              f"at EvoGrad's rate eta = sigma^2 (K-1) / (K tau); mean over states (epochs "

@@ -27,12 +27,14 @@ def test_tiny_agreement_benchmark(tmp_path):
         [sys.executable, "-m", "benchmarks.evograd_agreement", "--copies=2,3", "--draws=3",
          "--states=0,1", "--batches=2", "--num_train=60", "--num_meta=50", "--batch_size=20",
          "--width=2", "--mwn_hidden=4", "--evograd_sigma=0.01", "--epochs=4",
+         "--mwn_input=current",
          f"--images_dir={images}", f"--results_dir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stored = json.load(open(tmp_path / "evograd_agreement.json"))
     assert stored["copies"] == [2, 3] and stored["states"] == [0, 1]
     table = (tmp_path / "evograd_agreement.md").read_text()
+    assert "--mwn_input=current`; network mlp (width 2), seed 0" in table
     weights = 3 * 4 + 1
     for state in ("0", "1"):
         for K in (2, 3):
