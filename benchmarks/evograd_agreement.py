@@ -50,9 +50,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras_metapt as km  # noqa: E402
 from apps import noisy_labels as app_module  # noqa: E402  (defines the app's flags)
-from keras_metapt import functional, optim  # noqa: E402
+from keras_metapt import optim  # noqa: E402
 from keras_metapt.hyper.example_weights import normalised_weighted_loss  # noqa: E402
-from keras_metapt.reweighting import per_example_cross_entropy  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("copies", ["2", "4", "8", "16", "32"], "EvoGrad's K values to measure.")
@@ -85,16 +84,11 @@ def live_input_problem(trainer):
     """The trainer's bilevel problem with the inner loss differentiated through the MWN's
     input too: the total derivative in theta of sum_i l_i v(l_i) / sum_i v(l_i), which is what
     EvoGrad's copies see (each copy's weights come from that copy's losses)."""
-    stopped = trainer.problem()
-    non_trainable = [v.value for v in trainer.model.non_trainable_variables]
-
     def inner_loss(params, mwn, batch):
-        logits, _ = functional.stateless_apply(trainer.model, params, non_trainable, batch[0],
-                                               training=True)
-        values = per_example_cross_entropy(logits, batch[1])
+        values = trainer.example_losses(params, batch)
         return normalised_weighted_loss(values, weights_of_live_losses(mwn, values))
 
-    return dataclasses.replace(stopped, inner_loss=inner_loss)
+    return dataclasses.replace(trainer.problem(), inner_loss=inner_loss)
 
 
 def train_epochs(trainer, data, config, seed, first, last):
@@ -128,7 +122,7 @@ def measure_state(trainer, data, config, seed, epoch, copies, draws, num_pairs):
     def evograd_problem(batch):  # the app's: --mwn_input=current weighs the current losses
         if trainer.mwn_input == "evaluated":
             return problem
-        return trainer.problem(tf.stop_gradient(trainer._losses(params, batch)))
+        return trainer.problem(tf.stop_gradient(trainer.example_losses(params, batch)))
     live = live_input_problem(trainer)
     live_fn = tf.function(lambda b, m: one_step(live, params, phi, b, m).hypergrad)
     lr_now = float(trainer.optimizer.learning_rate.numpy())

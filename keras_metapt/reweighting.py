@@ -75,7 +75,8 @@ class MetaWeightNetTrainer:
       jit_compile: compile the steps with XLA.
       strategy: a `tf.distribute.Strategy` (default: the current one); see the module doc.
     `train_step(batch, meta_batch)` runs one step; ``compiled_step`` is its tf.function (on
-    the replicas' shards with several replicas).
+    the replicas' shards with several replicas). `problem()` is the bilevel problem the
+    estimator is given, `example_losses(params, batch)` the per-example losses it weighs.
     `checkpoint_items()` names the state to checkpoint (model, optimizers, MWN, step).
     """
 
@@ -122,7 +123,7 @@ class MetaWeightNetTrainer:
             items.update(getattr(self.estimator, "checkpoint_items", dict)())
         return items
 
-    def _losses(self, params, batch):
+    def example_losses(self, params, batch):
         """Per-example cross-entropy of ``params`` on ``batch`` (training mode, at the current
         BatchNorm statistics, which are not updated)."""
         non_trainable = [v.value for v in self.model.non_trainable_variables]
@@ -135,7 +136,7 @@ class MetaWeightNetTrainer:
         in training mode, as the original's meta step; their statistics are not kept).
         ``mwn_input_losses``: the losses the MWN weighs in every evaluation of the inner loss
         (``mwn_input="current"``); None: the evaluated weights' own losses."""
-        losses = self._losses
+        losses = self.example_losses
 
         def inner_loss(params, mwn, batch):
             values = losses(params, batch)
@@ -215,7 +216,7 @@ class MetaWeightNetTrainer:
         if self.mwn is not None:
             seed = tf.stack([tf.constant(self.seed, tf.int64), self.step.read_value()])
             params = [v.value for v in self.model.trainable_variables]
-            current = (tf.stop_gradient(self._losses(params, batch))
+            current = (tf.stop_gradient(self.example_losses(params, batch))
                        if self.mwn_input == "current" else None)
             result = self.estimator(self.problem(current), params, self.mwn.hparams(), batch,
                                     meta_batch, seed=seed)
