@@ -51,7 +51,8 @@ import tensorflow as tf  # noqa: E402
 import keras_metapt as km  # noqa: E402
 from apps import noisy_labels as app_module  # noqa: E402  (defines the app's flags)
 from keras_metapt import optim  # noqa: E402
-from keras_metapt.hyper.example_weights import normalised_weighted_loss  # noqa: E402
+from keras_metapt.hyper.example_weights import (  # noqa: E402
+    meta_weight_net_weights, normalised_weighted_loss)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("copies", ["2", "4", "8", "16", "32"], "EvoGrad's K values to measure.")
@@ -72,21 +73,14 @@ def cosine(a, b):
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def weights_of_live_losses(hparams, losses):
-    """The Meta-Weight-Net's v = sigmoid(W2 relu(W1 l + b1) + b2) with the losses' gradient
-    kept (`hyper.meta_weight_net_weights` stops it, as the original Meta-Weight-Net does)."""
-    kernel1, bias1, kernel2, bias2 = hparams
-    hidden = tf.nn.relu(tf.matmul(tf.reshape(losses, [-1, 1]), kernel1) + bias1)
-    return tf.sigmoid(tf.reshape(tf.matmul(hidden, kernel2) + bias2, [-1]))
-
-
 def live_input_problem(trainer):
     """The trainer's bilevel problem with the inner loss differentiated through the MWN's
     input too: the total derivative in theta of sum_i l_i v(l_i) / sum_i v(l_i), which is what
     EvoGrad's copies see (each copy's weights come from that copy's losses)."""
     def inner_loss(params, mwn, batch):
         values = trainer.example_losses(params, batch)
-        return normalised_weighted_loss(values, weights_of_live_losses(mwn, values))
+        weights = meta_weight_net_weights(mwn, values, stop_loss_gradient=False)
+        return normalised_weighted_loss(values, weights)
 
     return dataclasses.replace(trainer.problem(), inner_loss=inner_loss)
 

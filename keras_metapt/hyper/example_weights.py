@@ -21,11 +21,14 @@ import tensorflow as tf
 __all__ = ["MetaWeightNet", "meta_weight_net_weights", "normalised_weighted_loss"]
 
 
-def meta_weight_net_weights(hparams, losses):
+def meta_weight_net_weights(hparams, losses, stop_loss_gradient=True):
     """v = sigmoid(W2 relu(W1 l + b1) + b2) for a vector of losses; ``hparams`` is
-    [W1 [1, H], b1 [H], W2 [H, 1], b2 [1]]. The losses' gradient is stopped."""
+    [W1 [1, H], b1 [H], W2 [H, 1], b2 [1]]. The losses' gradient is stopped (as the original
+    Meta-Weight-Net's detached input) unless ``stop_loss_gradient=False``."""
     kernel1, bias1, kernel2, bias2 = hparams
-    x = tf.stop_gradient(tf.reshape(losses, [-1, 1]))
+    x = tf.reshape(losses, [-1, 1])
+    if stop_loss_gradient:
+        x = tf.stop_gradient(x)
     hidden = tf.nn.relu(tf.matmul(x, kernel1) + bias1)
     return tf.sigmoid(tf.reshape(tf.matmul(hidden, kernel2) + bias2, [-1]))
 

@@ -2,18 +2,15 @@
 
 Reference: EvoGrad's rate eta = sigma^2 (K - 1) / (K tau) from its definition; each share of
 agreeing signs is a multiple of 1 / (3 H + 1), the Meta-Weight-Net's weight count (1-H-1);
-cosines in [-1, 1]; the table's rows against the stored figures. The live-input weights:
-the Meta-Weight-Net formula in NumPy, and their gradient in the losses against float64
-central differences."""
+cosines in [-1, 1]; the table's rows against the stored figures. (The live-input weights it
+uses: tests/hyper/test_example_weights.py.)"""
 
 import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import tensorflow as tf
 
 from tests.data.test_images import write_fashion_like
 
@@ -58,28 +55,3 @@ def test_tiny_agreement_benchmark(tmp_path):
         assert s["cosine_single"] == pytest.approx(mean)
         assert f"| {K} | {s['cosine_single']:.3f} |" in table
 
-
-def test_live_input_weights_and_their_loss_gradient():
-    from benchmarks.evograd_agreement import weights_of_live_losses
-    rng = np.random.default_rng(0)
-    hparams = [rng.normal(size=(1, 5)), rng.normal(size=5), rng.normal(size=(5, 1)),
-               rng.normal(size=1)]
-
-    def numpy_weights(losses):
-        hidden = np.maximum(losses[:, None] * hparams[0] + hparams[1], 0.0)
-        return 1.0 / (1.0 + np.exp(-((hidden @ hparams[2])[:, 0] + hparams[3])))
-
-    losses = np.array([0.1, 0.7, 1.3, 2.9])
-    tensors = [tf.constant(h) for h in hparams]
-    x = tf.constant(losses)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        total = tf.reduce_sum(weights_of_live_losses(tensors, x)
-                              * tf.range(1.0, 5.0, dtype=x.dtype))
-    np.testing.assert_allclose(weights_of_live_losses(tensors, x).numpy(),
-                               numpy_weights(losses), rtol=1e-12)
-    eps = 1e-6
-    differences = [((numpy_weights(losses + eps * e) - numpy_weights(losses - eps * e))
-                    @ np.arange(1.0, 5.0)) / (2 * eps) for e in np.eye(4)]
-    np.testing.assert_allclose(tape.gradient(total, x).numpy(), differences, rtol=1e-6,
-                               atol=1e-10)

@@ -3,7 +3,8 @@
 References:
 - the weights and the normalised weighted loss: NumPy transcriptions of
   v = sigmoid(W2 relu(W1 l + b1) + b2) and sum l v / sum v (Shu et al. 2019, Eq. 3-4 and
-  their code's normalisation);
+  their code's normalisation); with the losses' gradient kept, float64 central differences
+  of that transcription;
 - the gradient with respect to the model: the closed form sum_i v_i dl_i/dtheta / sum v for a
   softmax regression (the network's input is the detached loss);
 - EvoGrad and the one-step (Unrolled, T=1) hypergradients of a Meta-Weight-Net weighted
@@ -128,6 +129,30 @@ def test_weights_and_weighted_loss_match_numpy():
     # weights summing to zero are used as they are (the original's guard)
     zero = normalised_weighted_loss(tf.constant([1.0, 2.0]), tf.constant([0.0, 0.0])).numpy()
     assert zero == 0.0
+
+
+def test_weights_with_the_loss_gradient_kept_match_central_differences():
+    """``stop_loss_gradient=False``: the same weights, and their gradient in the losses against
+    float64 central differences of the NumPy formula (with it stopped, that gradient is 0)."""
+    _, mwn, _, _ = random_problem(3)
+    losses = np.array([0.1, 0.7, 1.3, 2.9])
+    probe = np.arange(1.0, 5.0)
+    tensors = [tf.constant(m) for m in mwn]
+    x = tf.constant(losses)
+    gradients = {}
+    for stop in (True, False):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            v = meta_weight_net_weights(tensors, x, stop_loss_gradient=stop)
+            total = tf.reduce_sum(v * probe)
+        np.testing.assert_allclose(v.numpy(), np_mwn(mwn, losses), rtol=1e-12)
+        gradients[stop] = tape.gradient(total, x)
+    assert gradients[True] is None
+    eps = 1e-6
+    differences = [(np_mwn(mwn, losses + eps * e) - np_mwn(mwn, losses - eps * e)) @ probe
+                   / (2 * eps) for e in np.eye(4)]
+    np.testing.assert_allclose(gradients[False].numpy(), differences, rtol=1e-6, atol=1e-10)
+    assert np.abs(differences).max() > 1e-3  # the path carries a gradient here
 
 
 def test_model_gradient_is_the_weighted_gradient_with_the_weights_held_fixed():
