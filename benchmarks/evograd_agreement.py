@@ -34,7 +34,6 @@ Writes benchmarks/results/evograd_agreement.{md,json} (or --results_dir).
 """
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -49,6 +48,7 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras_metapt as km  # noqa: E402
+from apps import runner  # noqa: E402
 from apps import noisy_labels as app_module  # noqa: E402  (defines the app's flags)
 from keras_metapt import optim  # noqa: E402
 from keras_metapt.hyper.example_weights import (  # noqa: E402
@@ -120,6 +120,7 @@ def measure_state(trainer, data, config, seed, epoch, copies, draws, num_pairs):
     live = live_input_problem(trainer)
     live_fn = tf.function(lambda b, m: one_step(live, params, phi, b, m).hypergrad)
     lr_now = float(trainer.optimizer.learning_rate.numpy())
+    at_lr_of_pair = [flat(reference_fn(b, m)) for b, m in pairs]  # the app's one-step: any K
     rows = {}
     for K in copies:
         estimator = km.EvoGrad(num_copies=K, sigma=config.evograd_sigma,
@@ -134,7 +135,7 @@ def measure_state(trainer, data, config, seed, epoch, copies, draws, num_pairs):
             reference = flat(reference_fn(batch, meta_batch))
             live_reference = flat(live_fn(batch, meta_batch))
             trainer.optimizer.learning_rate = lr_now
-            at_lr = flat(reference_fn(batch, meta_batch))
+            at_lr = at_lr_of_pair[p]
             app_cos.append(cosine(at_lr, reference))
             evograd_fn(batch, meta_batch, tf.constant([seed, 0], tf.int64))  # trace
             samples = []
@@ -242,14 +243,11 @@ def main(argv):
                          f"{r['one_step_at_lr_cosine']:.3f} | "
                          f"{r['cosine_of_mean_with_one_step_at_lr']:.3f} |")
     text = "\n".join(lines) + "\n"
-    os.makedirs(FLAGS.results_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.results_dir, "evograd_agreement.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(FLAGS.results_dir, "evograd_agreement.json"), "w") as f:
-        json.dump({"seed": FLAGS.seed, "config": config.results_config(),
-                   "copies": copies, "states": states, "draws": FLAGS.draws,
-                   "results": {str(e): {str(K): results[e][K] for K in copies} for e in states},
-                   "summary": {str(K): summary[K] for K in copies}}, f, indent=1)
+    runner.write_report(FLAGS.results_dir, "evograd_agreement", text, {
+        "seed": FLAGS.seed, "config": config.results_config(), "copies": copies,
+        "states": states, "draws": FLAGS.draws,
+        "results": {str(e): {str(K): results[e][K] for K in copies} for e in states},
+        "summary": {str(K): summary[K] for K in copies}})
     print(text)
 
 

@@ -15,7 +15,6 @@ fraction of scales whose mean hypergradient is negative (Adam then raises that s
 Writes benchmarks/results/fewshot_hypergradient_signal.{md,json} (or --output_dir).
 """
 
-import json
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from apps import runner  # noqa: E402
 from apps import cross_domain_fewshot as app_module  # noqa: E402  (defines the app's flags)
 
 FLAGS = flags.FLAGS
@@ -91,12 +91,9 @@ def main(argv):
                      f"{r['fraction_abs_t_above_1.96']:.1%} | {r['median_abs_t']:.2f} | "
                      f"{r['fraction_mean_negative']:.1%} |")
     text = "\n".join(lines) + "\n"
-    os.makedirs(FLAGS.results_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.results_dir, "fewshot_hypergradient_signal.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(FLAGS.results_dir, "fewshot_hypergradient_signal.json"), "w") as f:
-        json.dump({"seed": FLAGS.seed, "config": config.results_config(), "results": results},
-                  f, indent=1)
+    runner.write_report(FLAGS.results_dir, "fewshot_hypergradient_signal", text,
+                        {"seed": FLAGS.seed, "config": config.results_config(),
+                         "results": results})
     print(text)
 
 
