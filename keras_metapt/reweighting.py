@@ -227,7 +227,12 @@ class MetaWeightNetTrainer:
             meta_loss, mwn_values = result.outer_loss, self.mwn.hparams()
             if self.replicas > 1:  # the global value on every replica: each reports 1/R
                 meta_loss = meta_loss / tf.cast(self.replicas, meta_loss.dtype)
-        loss = self._sgd_step(batch, mwn_values)
+            # the weighted step runs after the hyperstep, not beside it: the step holds the
+            # activations of one of them at a time (the SGD forward does not wait for phi)
+            with tf.control_dependencies(tf.nest.flatten(mwn_values) + [meta_loss]):
+                loss = self._sgd_step(batch, mwn_values)
+        else:
+            loss = self._sgd_step(batch, None)
         self.step.assign_add(1)
         return loss, meta_loss
 
