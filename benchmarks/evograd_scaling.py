@@ -1,7 +1,7 @@
 r"""EvoGrad against the second-order one-step hypergradient as the network grows: time per
 Meta-Weight-Net step and peak memory, with a plain training step as the unit.
 
-    python -m benchmarks.evograd_scaling            # MLP, CNN, ResNet-10/18/34 (~6 min, 2 cores)
+    python -m benchmarks.evograd_scaling            # MLP, CNN, ResNet-10/18/34 (~10 min, 2 cores)
     python -m benchmarks.evograd_scaling --quick    # tiny sizes, a smoke run
 
 The step measured is the one apps/noisy_labels.py runs (`keras_metapt.reweighting.
@@ -15,7 +15,10 @@ and the meta batch; SGD rate 0.05, Meta-Weight-Net 1-100-1 with Adam 1e-3):
 Each (network, method) runs in a fresh subprocess (TensorFlow pools freed CPU memory): the
 step is traced, the kernel's peak-RSS counter is reset, and the memory figure is the peak
 resident memory of its first execution minus the resident memory before it (on a GPU: the
-allocator's peak). The times come from one more process per network that holds all three steps and runs
+allocator's peak). A third fresh process per (network, method) measures the tensors the step
+holds at once on its second execution (`benchmarks.memory.peak_requested_mib`: bytes requested
+from TensorFlow's BFC allocator, without its pooling, rounding and one-time graph optimisation;
+what a GPU allocator's peak counts). The times come from one more process per network that holds all three steps and runs
 --repeats rounds of one step each, interleaved (median per method).
 tf.function, no XLA, one inter-op thread (as the apps on one device).
 
@@ -34,7 +37,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from benchmarks.memory import first_execution_peak_mib  # noqa: E402
+from benchmarks.memory import first_execution_peak_mib, peak_requested_mib  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("nets", ["mlp", "cnn", "resnet10", "resnet18", "resnet34"], "Networks of "
@@ -86,11 +89,15 @@ def trainer_and_batches(net, method):
     return trainer, images(), images()
 
 
-def child(net, method):
-    """Peak memory of one method's first step (a fresh process per method)."""
+def child(net, method, held=False):
+    """Peak memory of one method's first step (a fresh process per method); ``held``: the
+    peak of the tensors its second step holds at once (BFC allocator on CPU)."""
     trainer, train, meta = trainer_and_batches(net, method)
     concrete = trainer.compiled_step.get_concrete_function(train, meta)  # traced, not run
-    if tf.config.list_physical_devices("GPU"):
+    if held and not tf.config.list_physical_devices("GPU"):
+        concrete(train, meta)[0].numpy()
+        peak, _, _ = peak_requested_mib(lambda: concrete(train, meta)[0].numpy())
+    elif tf.config.list_physical_devices("GPU"):
         tf.config.experimental.reset_memory_stats("GPU:0")
         concrete(train, meta)[0].numpy()
         peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2 ** 20
@@ -118,13 +125,14 @@ def timing_child(net):
     return {"net": net, "ms": {m: 1e3 * float(np.median(t)) for m, t in times.items()}}
 
 
-def run_child(spec):
+def run_child(spec, env=None):
     cmd = [sys.executable, "-m", "benchmarks.evograd_scaling", f"--child={spec}",
            f"--repeats={FLAGS.repeats}", f"--width={FLAGS.width}",
            f"--batch_size={FLAGS.batch_size}", f"--copies={FLAGS.copies}",
            f"--noise={FLAGS.noise}"]
     cmd += ["--quick"] if FLAGS.quick else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                          env=None if env is None else {**os.environ, **env})
     if proc.returncode != 0:
         raise RuntimeError(f"{spec} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -133,15 +141,19 @@ def run_child(spec):
 def measure():
     rows = []
     for net in FLAGS.nets:
-        row = {"net": net, "peak_mib": {}, "ms": {}}
+        row = {"net": net, "peak_mib": {}, "held_mib": {}, "ms": {}}
         for method in METHODS:
             result = run_child(f"{net}:{method}")
             row["peak_mib"][method], row["params"] = result["peak_mib"], result["params"]
+            row["held_mib"][method] = run_child(f"{net}:{method}:held",
+                                                {"TF_CPU_ALLOCATOR_USE_BFC": "true"})["peak_mib"]
         row["ms"] = run_child(f"{net}:timing")["ms"]
         rows.append(row)
         print(f"  {net} ({row['params']:,} weights): "
               + ", ".join(f"{m} {row['ms'][m]:.1f} ms / +{row['peak_mib'][m]:.0f} MiB"
-                          for m in METHODS), flush=True)
+                          for m in METHODS)
+              + " (held: " + ", ".join(f"{row['held_mib'][m]:.0f}" for m in METHODS) + " MiB)",
+              flush=True)
     return rows
 
 
@@ -152,22 +164,27 @@ def report(rows):
              f"TensorFlow {tf.__version__}, {device}; batch {batch_size()}, EvoGrad "
              f"K={FLAGS.copies} ({FLAGS.noise} noise); time per step (ms, median of "
              f"{FLAGS.repeats} interleaved rounds of one step per method, after a first step, "
-             "in one process) and peak memory of the first execution, a fresh process per "
+             "in one process); peak memory (MiB) of the first execution, a fresh process per "
              "method ("
              + ("the allocator's peak" if device == "GPU" else
                 "MiB above the resident memory before it; it includes TensorFlow's one-time "
-                "graph optimisation, larger for a larger graph") + ").", "",
+                "graph optimisation, larger for a larger graph") + "); held: the peak of the "
+             "tensors the second execution holds at once (bytes requested from the BFC "
+             "allocator, a fresh process per method).", "",
              "| network | weights | plain ms | EvoGrad ms | one-step ms | EvoGrad / plain | "
              "EvoGrad / one-step time | plain MiB | EvoGrad MiB | one-step MiB | "
-             "EvoGrad / one-step memory |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "EvoGrad / one-step memory | plain held | EvoGrad held | one-step held | "
+             "EvoGrad / one-step held |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        ms, mib = r["ms"], r["peak_mib"]
+        ms, mib, held = r["ms"], r["peak_mib"], r["held_mib"]
         lines.append(
             f"| {r['net']} | {r['params']:,} | {ms['plain']:.1f} | {ms['evograd']:.1f} | "
             f"{ms['one_step']:.1f} | {ms['evograd'] / ms['plain']:.2f}x | "
             f"{ms['evograd'] / ms['one_step']:.2f}x | {mib['plain']:.0f} | {mib['evograd']:.0f} | "
-            f"{mib['one_step']:.0f} | {mib['evograd'] / mib['one_step']:.2f}x |")
+            f"{mib['one_step']:.0f} | {mib['evograd'] / mib['one_step']:.2f}x | "
+            f"{held['plain']:.0f} | {held['evograd']:.0f} | {held['one_step']:.0f} | "
+            f"{held['evograd'] / held['one_step']:.2f}x |")
     lines += ["", "Targets at the largest network: EvoGrad memory <= 0.6x and time <= 0.7x of "
               "one-step; EvoGrad <= 2x a plain step (K=2)."]
     return "\n".join(lines) + "\n"
@@ -181,11 +198,13 @@ def plot(rows, path):
     x = [r["params"] for r in rows]
     for method in METHODS:
         left.plot(x, [r["ms"][method] for r in rows], "o-", label=method)
-        right.plot(x, [r["peak_mib"][method] for r in rows], "o-", label=method)
+        line, = right.plot(x, [r["peak_mib"][method] for r in rows], "o-", label=method)
+        right.plot(x, [r["held_mib"][method] for r in rows], "s--", color=line.get_color(),
+                   label=f"{method}, tensors held")
     left.set(xscale="log", yscale="log", xlabel="network weights", ylabel="ms per step",
              title="time per Meta-Weight-Net step")
     right.set(xscale="log", xlabel="network weights", ylabel="peak memory (MiB)",
-              title="first-execution peak memory")
+              title="first-execution peak RSS; tensors held")
     for ax in (left, right):
         for r in rows:
             ax.annotate(r["net"], (r["params"], r["ms"]["one_step"] if ax is left
@@ -203,8 +222,9 @@ def main(argv):
     if FLAGS.child:
         # as the apps run on one device (apps/runner.py): independent ops one after another.
         tf.config.threading.set_inter_op_parallelism_threads(1)
-        net, method = FLAGS.child.split(":")
-        print(json.dumps(timing_child(net) if method == "timing" else child(net, method)))
+        net, method, *held = FLAGS.child.split(":")
+        print(json.dumps(timing_child(net) if method == "timing"
+                         else child(net, method, held == ["held"])))
         return
     rows = measure()
     text = report(rows)
