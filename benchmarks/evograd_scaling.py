@@ -108,15 +108,19 @@ def child(net, method, held=False):
 
 
 def timing_child(net):
-    """Median ms per step of every method, measured interleaved in one process: each of
-    --repeats rounds runs one step of each method in turn (after a first, untimed step)."""
+    """Median ms per step of every method, and of the MWN methods' hyperstep alone, measured
+    interleaved in one process: each of --repeats rounds runs one call of each in turn
+    (after a first, untimed call)."""
     steps = {}
     for method in METHODS:
         trainer, train, meta = trainer_and_batches(net, method)
-        concrete = trainer.compiled_step.get_concrete_function(train, meta)
+        steps[method] = (trainer.compiled_step.get_concrete_function(train, meta), train, meta)
+        if method != "plain":  # the MWN update alone, without the weighted SGD step
+            steps[f"{method}_hyperstep"] = (tf.function(trainer.hyperstep).get_concrete_function(
+                train, meta), train, meta)
+    for concrete, train, meta in steps.values():
         concrete(train, meta)[0].numpy()
-        steps[method] = (concrete, train, meta)
-    times = {method: [] for method in METHODS}
+    times = {method: [] for method in steps}
     for _ in range(FLAGS.repeats):
         for method, (concrete, train, meta) in steps.items():
             start = time.perf_counter()
@@ -149,11 +153,12 @@ def measure():
                                                 {"TF_CPU_ALLOCATOR_USE_BFC": "true"})["peak_mib"]
         row["ms"] = run_child(f"{net}:timing")["ms"]
         rows.append(row)
+        hypersteps = ", ".join(f"{row['ms'][m + '_hyperstep']:.1f}" for m in METHODS[1:])
+        held = ", ".join(f"{row['held_mib'][m]:.0f}" for m in METHODS)
         print(f"  {net} ({row['params']:,} weights): "
               + ", ".join(f"{m} {row['ms'][m]:.1f} ms / +{row['peak_mib'][m]:.0f} MiB"
                           for m in METHODS)
-              + " (held: " + ", ".join(f"{row['held_mib'][m]:.0f}" for m in METHODS) + " MiB)",
-              flush=True)
+              + f" (hypersteps: {hypersteps} ms; held: {held} MiB)", flush=True)
     return rows
 
 
@@ -162,9 +167,10 @@ def report(rows):
     lines = ["## EvoGrad against second-order one-step: Meta-Weight-Net step cost", "",
              f"`python -m benchmarks.evograd_scaling{' --quick' if FLAGS.quick else ''}`; "
              f"TensorFlow {tf.__version__}, {device}; batch {batch_size()}, EvoGrad "
-             f"K={FLAGS.copies} ({FLAGS.noise} noise); time per step (ms, median of "
-             f"{FLAGS.repeats} interleaved rounds of one step per method, after a first step, "
-             "in one process); peak memory (MiB) of the first execution, a fresh process per "
+             f"K={FLAGS.copies} ({FLAGS.noise} noise). Time per step (ms, median of "
+             f"{FLAGS.repeats} interleaved rounds of one call per method, after a first call, "
+             "in one process): the whole training step (the MWN update, then the weighted "
+             "SGD step), and the hyperstep alone (the MWN update). Peak memory (MiB) of the first execution, a fresh process per "
              "method ("
              + ("the allocator's peak" if device == "GPU" else
                 "MiB above the resident memory before it; it includes TensorFlow's one-time "
@@ -172,16 +178,24 @@ def report(rows):
              "tensors the second execution holds at once (bytes requested from the BFC "
              "allocator, a fresh process per method).", "",
              "| network | weights | plain ms | EvoGrad ms | one-step ms | EvoGrad / plain | "
-             "EvoGrad / one-step time | plain MiB | EvoGrad MiB | one-step MiB | "
-             "EvoGrad / one-step memory | plain held | EvoGrad held | one-step held | "
-             "EvoGrad / one-step held |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "EvoGrad / one-step | EvoGrad hyperstep ms | one-step hyperstep ms | "
+             "EvoGrad hyperstep / plain | EvoGrad / one-step hyperstep |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        ms, mib, held = r["ms"], r["peak_mib"], r["held_mib"]
+        ms = r["ms"]
         lines.append(
             f"| {r['net']} | {r['params']:,} | {ms['plain']:.1f} | {ms['evograd']:.1f} | "
             f"{ms['one_step']:.1f} | {ms['evograd'] / ms['plain']:.2f}x | "
-            f"{ms['evograd'] / ms['one_step']:.2f}x | {mib['plain']:.0f} | {mib['evograd']:.0f} | "
+            f"{ms['evograd'] / ms['one_step']:.2f}x | {ms['evograd_hyperstep']:.1f} | "
+            f"{ms['one_step_hyperstep']:.1f} | {ms['evograd_hyperstep'] / ms['plain']:.2f}x | "
+            f"{ms['evograd_hyperstep'] / ms['one_step_hyperstep']:.2f}x |")
+    lines += ["", "| network | plain MiB | EvoGrad MiB | one-step MiB | EvoGrad / one-step | "
+              "plain held | EvoGrad held | one-step held | EvoGrad / one-step held |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        mib, held = r["peak_mib"], r["held_mib"]
+        lines.append(
+            f"| {r['net']} | {mib['plain']:.0f} | {mib['evograd']:.0f} | "
             f"{mib['one_step']:.0f} | {mib['evograd'] / mib['one_step']:.2f}x | "
             f"{held['plain']:.0f} | {held['evograd']:.0f} | {held['one_step']:.0f} | "
             f"{held['evograd'] / held['one_step']:.2f}x |")

@@ -75,7 +75,8 @@ class MetaWeightNetTrainer:
       jit_compile: compile the steps with XLA.
       strategy: a `tf.distribute.Strategy` (default: the current one); see the module doc.
     `train_step(batch, meta_batch)` runs one step; ``compiled_step`` is its tf.function (on
-    the replicas' shards with several replicas). `problem()` is the bilevel problem the
+    the replicas' shards with several replicas); `hyperstep` is its first part, the MWN's
+    update (then the weighted SGD step runs, after it). `problem()` is the bilevel problem the
     estimator is given, `example_losses(params, batch)` the per-example losses it weighs.
     `checkpoint_items()` names the state to checkpoint (model, optimizers, MWN, step).
     """
@@ -208,31 +209,36 @@ class MetaWeightNetTrainer:
             var.assign(value)
         return loss
 
+    def hyperstep(self, batch, meta_batch):
+        """The Meta-Weight-Net's update alone: the estimator's hypergradient and one step of
+        ``meta_optimizer`` (the model is not stepped). Returns (meta loss before the update,
+        the MWN's new values). Under ``strategy.run``, this replica's share of the loss."""
+        seed = tf.stack([tf.constant(self.seed, tf.int64), self.step.read_value()])
+        params = [v.value for v in self.model.trainable_variables]
+        current = (tf.stop_gradient(self.example_losses(params, batch))
+                   if self.mwn_input == "current" else None)
+        result = self.estimator(self.problem(current), params, self.mwn.hparams(), batch,
+                                meta_batch, seed=seed)
+        # the hypergradient is the same on every replica, and Keras sums over replicas
+        hypergrad = result.hypergrad if self.replicas == 1 else [
+            g / tf.cast(self.replicas, g.dtype) for g in result.hypergrad]
+        self.meta_optimizer.apply_gradients(zip(hypergrad, self.mwn.weight_variables()))
+        meta_loss = result.outer_loss
+        if self.replicas > 1:  # the global value on every replica: each reports 1/R
+            meta_loss = meta_loss / tf.cast(self.replicas, meta_loss.dtype)
+        return meta_loss, self.mwn.hparams()
+
     def _train_step(self, batch, meta_batch):
         """(training loss, meta loss before the step; 0 without a Meta-Weight-Net): with
         several replicas, this replica's shares of them."""
-        meta_loss = tf.constant(0.0)
-        mwn_values = None
-        if self.mwn is not None:
-            seed = tf.stack([tf.constant(self.seed, tf.int64), self.step.read_value()])
-            params = [v.value for v in self.model.trainable_variables]
-            current = (tf.stop_gradient(self.example_losses(params, batch))
-                       if self.mwn_input == "current" else None)
-            result = self.estimator(self.problem(current), params, self.mwn.hparams(), batch,
-                                    meta_batch, seed=seed)
-            # the hypergradient is the same on every replica, and Keras sums over replicas
-            hypergrad = result.hypergrad if self.replicas == 1 else [
-                g / tf.cast(self.replicas, g.dtype) for g in result.hypergrad]
-            self.meta_optimizer.apply_gradients(zip(hypergrad, self.mwn.weight_variables()))
-            meta_loss, mwn_values = result.outer_loss, self.mwn.hparams()
-            if self.replicas > 1:  # the global value on every replica: each reports 1/R
-                meta_loss = meta_loss / tf.cast(self.replicas, meta_loss.dtype)
+        if self.mwn is None:
+            loss, meta_loss = self._sgd_step(batch, None), tf.constant(0.0)
+        else:
+            meta_loss, mwn_values = self.hyperstep(batch, meta_batch)
             # the weighted step runs after the hyperstep, not beside it: the step holds the
             # activations of one of them at a time (the SGD forward does not wait for phi)
             with tf.control_dependencies(tf.nest.flatten(mwn_values) + [meta_loss]):
                 loss = self._sgd_step(batch, mwn_values)
-        else:
-            loss = self._sgd_step(batch, None)
         self.step.assign_add(1)
         return loss, meta_loss
 

@@ -24,17 +24,21 @@ def test_quick_evograd_scaling_benchmark(tmp_path):
     assert stored["noise"] == "rademacher"
     model = nets.image_classifier("mlp", width=2)
     assert row["params"] == sum(int(v.numpy().size) for v in model.trainable_variables)
-    assert (set(row["ms"]) == set(row["peak_mib"]) == set(row["held_mib"])
-            == {"plain", "evograd", "one_step"})
+    assert (set(row["peak_mib"]) == set(row["held_mib"]) == {"plain", "evograd", "one_step"})
+    assert set(row["ms"]) == {"plain", "evograd", "one_step", "evograd_hyperstep",
+                              "one_step_hyperstep"}
     assert all(v > 0 for v in row["held_mib"].values())
     assert all(v > 0 for v in row["ms"].values())
     table = (tmp_path / "evograd_scaling.md").read_text()
     assert "EvoGrad K=2 (rademacher noise)" in table
     ms, mib = row["ms"], row["peak_mib"]
-    assert (f"| {ms['evograd'] / ms['plain']:.2f}x | {ms['evograd'] / ms['one_step']:.2f}x |"
-            in table)
+    assert (f"| {ms['evograd'] / ms['plain']:.2f}x | {ms['evograd'] / ms['one_step']:.2f}x | "
+            f"{ms['evograd_hyperstep']:.1f} | {ms['one_step_hyperstep']:.1f} | "
+            f"{ms['evograd_hyperstep'] / ms['plain']:.2f}x | "
+            f"{ms['evograd_hyperstep'] / ms['one_step_hyperstep']:.2f}x |" in table)
     held = row["held_mib"]
-    assert (f"| {mib['evograd'] / mib['one_step']:.2f}x | {held['plain']:.0f} | "
+    assert (f"| {mib['one_step']:.0f} | {mib['evograd'] / mib['one_step']:.2f}x | "
+            f"{held['plain']:.0f} | "
             f"{held['evograd']:.0f} | {held['one_step']:.0f} | "
             f"{held['evograd'] / held['one_step']:.2f}x |" in table)
     assert (tmp_path / "evograd_scaling.png").stat().st_size > 5_000
