@@ -18,6 +18,10 @@ Measured, each with and without XLA (jit_compile), in one process:
 * for each hyperstep variant of --hypersteps: the exact Neumann IFT hyperstep (the reference
   configuration) and the first-order one (`km.hypergrad.first_order()`, SAMA), each in its
   own MetaPretrainer, timed in the same rounds against the same plain PT;
+* memory (--memory, float32, tf.function): the tensors the plain PT step and each hyperstep
+  hold at once on their second call (`benchmarks.memory.peak_requested_mib`: bytes requested
+  from TensorFlow's BFC allocator, each in a fresh process; variables made before the call,
+  such as the weights and optimizer slots, are not counted);
 * for each Keras dtype policy of --dtype_policies (default float32, the reference), the
   same measurements with every part built under that policy (plain PT under it too, with
   Keras' loss scaling for mixed_float16): float32 variables, half-precision compute.
@@ -27,6 +31,8 @@ Writes benchmarks/results/meta_pt.{md,json} (or --output_dir).
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 from absl import app, flags, logging
@@ -59,7 +65,11 @@ flags.DEFINE_list("dtype_policies", ["float32"], "Keras dtype policies to measur
 flags.DEFINE_integer("steps", 100, "Steps per timed epoch.")
 flags.DEFINE_integer("rounds", 5, "Alternating plain / meta-PT timed epochs (median).")
 flags.DEFINE_integer("repeats", 20, "Calls for the function-level timings (median).")
+flags.DEFINE_bool("memory", True, "Also measure the tensors the plain PT step and each "
+                  "hyperstep hold at once (float32, tf.function; a fresh process each).")
 flags.DEFINE_bool("quick", False, "Tiny sizes: a smoke run, not a measurement.")
+flags.DEFINE_string("child", None, "Internal: 'plain' or a --hypersteps variant: print the "
+                    "peak MiB of tensors its function holds (BFC allocator) as JSON.")
 flags.DEFINE_string("output_dir", os.path.join(os.path.dirname(__file__), "results"),
                     "Where meta_pt.md and meta_pt.json are written.")
 
@@ -194,6 +204,37 @@ def function_ms(fn):
     return 1e3 * float(np.median(times))
 
 
+CONFIG_FLAGS = ("input_dim", "hidden", "pt_tasks", "ft_tasks", "batch", "hyperstep_every",
+                "unroll_steps", "neumann_terms")
+
+
+def held_child(what):
+    """Peak MiB of the tensors the plain PT step (``what="plain"``) or the hyperstep of one
+    variant holds at once, on its second call (run with TF_CPU_ALLOCATOR_USE_BFC=true)."""
+    from benchmarks.memory import peak_requested_mib
+    x, y_pt, y_ft = data()
+    fn = plain_pt(False, x, y_pt)[2] if what == "plain" else meta_pt(False, x, y_pt, y_ft, what)[2]
+    function_ms(fn)  # traced and run
+    peak, _, _ = peak_requested_mib(
+        lambda: tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, fn()))
+    return peak
+
+
+def held_mib(what):
+    """``held_child(what)`` in a fresh process (the BFC allocator must be chosen before
+    TensorFlow starts)."""
+    cmd = [sys.executable, "-m", "benchmarks.meta_pt", f"--child={what}"]
+    cmd += [f"--{name}={','.join(v) if isinstance(v, list) else v}"
+            for name in CONFIG_FLAGS for v in [getattr(FLAGS, name)]]
+    cmd += ["--quick"] if FLAGS.quick else []
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          env={**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory of {what} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["held_mib"]
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)
@@ -201,6 +242,9 @@ def main(argv):
         FLAGS.input_dim, FLAGS.hidden, FLAGS.pt_tasks, FLAGS.ft_tasks = 16, ["32"], 20, 3
         # steps = N: every timed meta-PT epoch still holds exactly one hyperstep
         FLAGS.batch, FLAGS.steps, FLAGS.rounds, FLAGS.repeats = 16, 10, 1, 3
+    if FLAGS.child:
+        print(json.dumps({"held_mib": held_child(FLAGS.child)}))
+        return
     x, y_pt, y_ft = data()
     rows = []
     unknown = [v for v in FLAGS.hypersteps if v not in SOLVES]
@@ -235,15 +279,26 @@ def main(argv):
                      f"{r['meta_pt_step_ms']:.2f} ms | {r['meta_over_plain']:.2f}x | "
                      f"{r['hyperstep_fn_ms']:.2f} ms | {r['plain_pt_step_fn_ms']:.2f} ms | "
                      f"{r['hyperstep_over_plain_step']:.2f}x |")
+    held = {}
+    if FLAGS.memory:
+        held = {what: held_mib(what) for what in ["plain", *FLAGS.hypersteps]}
+        lines += ["", "Tensors held at once (MiB; float32, tf.function, second call, a fresh "
+                  "process each; weights and optimizer slots excluded):", "",
+                  "| function | held MiB | / plain PT step |", "|---|---:|---:|",
+                  f"| plain PT step | {held['plain']:.3f} | 1.00x |"]
+        lines += [f"| hyperstep, {names[v]} | {held[v]:.3f} | {held[v] / held['plain']:.2f}x |"
+                  for v in FLAGS.hypersteps]
     lines += ["", "Targets: meta / plain <= 1.3x (Neumann), <= 1.15x (first order); "
-              "hyperstep / plain step <= 4x (Neumann), <= 2x (first order)."]
+              "hyperstep / plain step <= 4x (Neumann), <= 2x (first order); first-order "
+              "hyperstep memory <= 1.1x a plain PT step."]
     report = "\n".join(lines) + "\n"
     print("\n" + report)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     with open(os.path.join(FLAGS.output_dir, "meta_pt.md"), "w") as f:
         f.write(report)
     with open(os.path.join(FLAGS.output_dir, "meta_pt.json"), "w") as f:
-        json.dump({"config": config, "rows": rows, "quick": FLAGS.quick}, f, indent=2)
+        json.dump({"config": config, "rows": rows, "held_mib": held, "quick": FLAGS.quick}, f,
+                  indent=2)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,19 @@ def test_quick_meta_pt_benchmark(tmp_path):
         assert r["plain_pt_step_ms"] > 0 and r["meta_pt_step_ms"] > 0 and r["hyperstep_fn_ms"] > 0
         # the reported ratio is the median of the ratios measured round by round
         assert r["meta_over_plain"] == pytest.approx(np.median(r["meta_over_plain_per_round"]))
-    assert "| float32 | XLA | first order (SAMA) |" in (tmp_path / "meta_pt.md").read_text()
+    table = (tmp_path / "meta_pt.md").read_text()
+    assert "| float32 | XLA | first order (SAMA) |" in table
+    # tensors held: each function's peak in MiB, and the table's ratio recomputed from them
+    held = json.load(open(tmp_path / "meta_pt.json"))["held_mib"]
+    assert set(held) == {"plain", "neumann", "first_order"} and min(held.values()) > 0
+    assert (f"| hyperstep, first order (SAMA) | {held['first_order']:.3f} | "
+            f"{held['first_order'] / held['plain']:.2f}x |") in table
 
 
 def test_quick_meta_pt_benchmark_under_mixed_precision_policies(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.meta_pt", "--quick",
                            "--dtype_policies=mixed_float16", "--hypersteps=neumann",
+                           "--nomemory",
                            f"--output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
