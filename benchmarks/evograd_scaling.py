@@ -45,9 +45,9 @@ flags.DEFINE_list("nets", ["mlp", "cnn", "resnet10", "resnet18", "resnet34"], "N
 flags.DEFINE_integer("width", 16, "--width of the networks.")
 flags.DEFINE_integer("batch_size", 100, "Training and meta batch size.")
 flags.DEFINE_integer("copies", 2, "EvoGrad's K.")
-flags.DEFINE_enum("noise", "gaussian", ["gaussian", "rademacher"], "EvoGrad's noise "
-                  "(apps/noisy_labels.py: --evograd_noise, rademacher by default; rademacher "
-                  "draws 32 signs per random word: see benchmarks/evograd_cost.py).")
+flags.DEFINE_enum("noise", "rademacher", ["rademacher", "gaussian"], "EvoGrad's noise, as "
+                  "apps/noisy_labels.py's --evograd_noise (rademacher there too; it draws 32 "
+                  "signs per random word: see benchmarks/evograd_cost.py).")
 flags.DEFINE_integer("repeats", 5, "Interleaved timing rounds after a first step "
                      "(median per method).")
 flags.DEFINE_bool("quick", False, "Tiny sizes: a smoke run, not a measurement.")
@@ -165,7 +165,9 @@ def measure():
 def report(rows):
     device = "GPU" if tf.config.list_physical_devices("GPU") else f"{os.cpu_count()} CPU cores"
     lines = ["## EvoGrad against second-order one-step: Meta-Weight-Net step cost", "",
-             f"`python -m benchmarks.evograd_scaling{' --quick' if FLAGS.quick else ''}`; "
+             f"`python -m benchmarks.evograd_scaling{' --quick' if FLAGS.quick else ''}"
+             f"{'' if FLAGS.noise == 'rademacher' else ' --noise=' + FLAGS.noise}"
+             f"{'' if FLAGS.repeats == 5 else f' --repeats={FLAGS.repeats}'}`; "
              f"TensorFlow {tf.__version__}, {device}; batch {batch_size()}, EvoGrad "
              f"K={FLAGS.copies} ({FLAGS.noise} noise). Time per step (ms, median of "
              f"{FLAGS.repeats} interleaved rounds of one call per method, after a first call, "

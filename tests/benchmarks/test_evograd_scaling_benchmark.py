@@ -15,13 +15,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_quick_evograd_scaling_benchmark(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.evograd_scaling", "--quick",
-                           "--nets=mlp", "--repeats=2", "--noise=rademacher",
+                           "--nets=mlp", "--repeats=2", "--noise=gaussian",
                            f"--output_dir={tmp_path}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stored = json.load(open(tmp_path / "evograd_scaling.json"))
     (row,) = stored["rows"]
-    assert stored["noise"] == "rademacher"
+    assert stored["noise"] == "gaussian"
     model = nets.image_classifier("mlp", width=2)
     assert row["params"] == sum(int(v.numpy().size) for v in model.trainable_variables)
     assert (set(row["peak_mib"]) == set(row["held_mib"]) == {"plain", "evograd", "one_step"})
@@ -30,7 +30,8 @@ def test_quick_evograd_scaling_benchmark(tmp_path):
     assert all(v > 0 for v in row["held_mib"].values())
     assert all(v > 0 for v in row["ms"].values())
     table = (tmp_path / "evograd_scaling.md").read_text()
-    assert "EvoGrad K=2 (rademacher noise)" in table
+    assert "EvoGrad K=2 (gaussian noise)" in table
+    assert "`python -m benchmarks.evograd_scaling --quick --noise=gaussian --repeats=2`" in table
     ms, mib = row["ms"], row["peak_mib"]
     assert (f"| {ms['evograd'] / ms['plain']:.2f}x | {ms['evograd'] / ms['one_step']:.2f}x | "
             f"{ms['evograd_hyperstep']:.1f} | {ms['one_step_hyperstep']:.1f} | "
