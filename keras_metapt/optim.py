@@ -34,12 +34,17 @@ class InnerOptimizer(NamedTuple):
     """A differentiable optimizer: ``init(params) -> state`` and
     ``update(grads, state, params, **overrides) -> (new_params, new_state)``.
 
-    ``hyperparameters`` maps each overridable name to its default value.
+    ``hyperparameters`` maps each overridable name to its default value. ``elementwise``:
+    each leaf's update depends only on that leaf's gradient, parameter and state, and the
+    state is a nest shaped like the parameters or a tuple of such nests and scalars (every
+    optimizer here); `keras_metapt.hypergrad.sama.optimizer_preconditioned` then works one
+    leaf at a time.
     """
 
     init: Callable[[Any], Any]
     update: Callable[..., tuple]
     hyperparameters: Mapping[str, float]
+    elementwise: bool = False
 
 
 def _resolve(defaults, overrides, optimizer_name):
@@ -102,7 +107,7 @@ def sgd(learning_rate, momentum=None, nesterov=False, weight_decay=0.0):
         new_state = tf.nest.pack_sequence_as(state, new_v) if has_velocity else ()
         return new_params, new_state
 
-    return InnerOptimizer(init, update, defaults)
+    return InnerOptimizer(init, update, defaults, elementwise=True)
 
 
 def ema_momentum_sgd(learning_rate, momentum=0.9):
@@ -134,7 +139,7 @@ def ema_momentum_sgd(learning_rate, momentum=0.9):
         return (tf.nest.pack_sequence_as(params, new_p),
                 tf.nest.pack_sequence_as(state, new_v))
 
-    return InnerOptimizer(init, update, defaults)
+    return InnerOptimizer(init, update, defaults, elementwise=True)
 
 
 def adamw(learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-8, eps_root=1e-8,
@@ -182,7 +187,7 @@ def adamw(learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-8, eps_root=1
                 (count, tf.nest.pack_sequence_as(m_state, new_m),
                  tf.nest.pack_sequence_as(v_state, new_v)))
 
-    return InnerOptimizer(init, update, defaults)
+    return InnerOptimizer(init, update, defaults, elementwise=True)
 
 
 def adam(learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-8, eps_root=1e-8):

@@ -192,7 +192,11 @@ class PTFT(_p.Estimator):
                 "hparams": phi, "params.encoder": tp[0], "params.pt_head": tp[1],
                 "inner_batch": inner_batch}, tp[0], tp[1], phi, inner_batch)
 
-        cotangent = (g_ft, _tree.tree_zeros_like(theta_h))
+        # first order: P is diagonal, so P [g; 0] = [P g; 0]: the head's zeros as None skip
+        # its gradient, JVP and shifted copies
+        first_order = hasattr(self.solve, "indirect_term") and self.online is None
+        cotangent = (g_ft, tf.nest.map_structure(lambda _: None, theta_h) if first_order
+                     else _tree.tree_zeros_like(theta_h))
         if self.online is not None:
             pt_stage = _p.BilevelProblem(inner_loss=lambda tp, phi, _: pt_of(tp, phi),
                                          outer_loss=_no_outer_loss)

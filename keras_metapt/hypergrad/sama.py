@@ -16,8 +16,10 @@ M = d2 L_in / dphi dtheta, is approximated with first-order passes only:
 The result is exact when P = H^-1 (e.g. a quadratic inner loss with H = I / lr under SGD at
 rate lr) and the finite difference is exact. Cost: 1 outer gradient + 2 gradients of L_in
 with respect to phi (+ 1 inner gradient and 1 JVP of the update with an optimizer); no
-second-order terms. Memory: O(P), about one gradient. Under tf.distribute, the outer gradients
-and the finite difference are each reduced once.
+second-order terms. Memory: O(P): the outer and the inner gradient, P v and one shifted copy
+of the parameters at a time, plus the temporaries of one leaf's update JVP (an elementwise
+optimizer is differentiated leaf by leaf). Under tf.distribute, the outer gradients and the
+finite difference are each reduced once.
 """
 
 import tensorflow as tf
@@ -55,7 +57,9 @@ def optimizer_preconditioned(inner_loss, params, hparams, vector, optimizer, opt
     gradient and ``opt_state`` (None: a fresh state), applied to ``vector`` by one JVP of the
     elementwise update. SGD: lr v; Adam: its diagonal preconditioner, including the change of
     the second moment with g (SAMA's adaptive-optimizer correction). Cost: 1 inner gradient +
-    1 JVP of the update."""
+    1 JVP of the update. With ``optimizer.elementwise``, one leaf at a time (each leaf's JVP
+    waits for the previous one's), so the update's temporaries are held for one leaf, not for
+    all of them at once."""
     with tf.GradientTape() as tape:
         tape.watch(tf.nest.flatten(params))
         loss = inner_loss(params, hparams)
@@ -64,11 +68,34 @@ def optimizer_preconditioned(inner_loss, params, hparams, vector, optimizer, opt
         grads = reduce(grads)
     state = optimizer.init(params) if opt_state is None else opt_state
     grads = tf.nest.map_structure(tf.stop_gradient, grads)
-    flat_g = tf.nest.flatten(grads)
-    with tf.autodiff.ForwardAccumulator(flat_g, tf.nest.flatten(vector)) as acc:
-        new_params, _ = optimizer.update(tf.nest.pack_sequence_as(grads, flat_g), state, params)
-    jvp = acc.jvp(tf.nest.flatten(new_params), tf.UnconnectedGradients.ZERO)
-    return tf.nest.pack_sequence_as(params, [-j for j in jvp])
+    flat_p, flat_g, flat_v = (tf.nest.flatten(t) for t in (params, grads, vector))
+    if not getattr(optimizer, "elementwise", False) or len(flat_p) == 1:
+        with tf.autodiff.ForwardAccumulator(flat_g, flat_v) as acc:
+            new_params, _ = optimizer.update(tf.nest.pack_sequence_as(grads, flat_g), state,
+                                             params)
+        jvp = acc.jvp(tf.nest.flatten(new_params), tf.UnconnectedGradients.ZERO)
+        return tf.nest.pack_sequence_as(params, [-j for j in jvp])
+    jvp = []
+    for i, (p, g, v) in enumerate(zip(flat_p, flat_g, flat_v)):
+        with tf.control_dependencies(jvp[-1:]):  # one leaf's temporaries at a time
+            g = tf.identity(g)
+            with tf.autodiff.ForwardAccumulator(g, v) as acc:
+                (new_p,), _ = optimizer.update([g], _leaves_state(state, flat_p, [i]), [p])
+            jvp.append(-acc.jvp(new_p, tf.UnconnectedGradients.ZERO))
+    return tf.nest.pack_sequence_as(params, jvp)
+
+
+def _leaves_state(state, flat_params, indices):
+    """The state of the leaves ``indices`` alone, for an elementwise optimizer: every part of
+    ``state`` whose leaves match ``flat_params`` in number and shape becomes the list of those
+    leaves; other leaves (e.g. Adam's step count) are kept."""
+    flat = tf.nest.flatten(state)
+    if len(flat) == len(flat_params) and all(
+            a.shape == b.shape for a, b in zip(flat, flat_params)):
+        return [flat[i] for i in indices]
+    if isinstance(state, (tuple, list)):
+        return type(state)(_leaves_state(part, flat_params, indices) for part in state)
+    return state
 
 
 def first_order_indirect_term(inner_loss, params, hparams, outer_grad, radius=1e-2,
@@ -81,13 +108,35 @@ def first_order_indirect_term(inner_loss, params, hparams, outer_grad, radius=1e
     sum) is applied to the inner gradient and once to the finite difference. Returns a nest
     shaped like ``hparams`` (None where a leaf does not enter). Cost: 2 gradients of L_in with
     respect to phi (+ 1 inner gradient and 1 JVP with an optimizer); memory O(P).
+    A None leaf of ``outer_grad`` is a zero known in advance: with a diagonal P (an
+    elementwise optimizer, step_size I or I) its leaf of P g is zero too, and the whole term
+    is computed over the other leaves alone (no gradient, JVP or shifted copy of that leaf);
+    with another optimizer it enters as zeros.
     """
+    flat_g, flat_p = tf.nest.flatten(outer_grad), tf.nest.flatten(params)
+    if any(g is None for g in flat_g):
+        if optimizer is not None and not getattr(optimizer, "elementwise", False):
+            outer_grad = tf.nest.pack_sequence_as(params, [
+                tf.zeros_like(p) if g is None else g for g, p in zip(flat_g, flat_p)])
+        else:
+            live = [i for i, g in enumerate(flat_g) if g is not None]
+
+            def live_loss(sub, h):
+                full = list(flat_p)
+                for j, i in enumerate(live):
+                    full[i] = sub[j]
+                return inner_loss(tf.nest.pack_sequence_as(params, full), h)
+            state = (None if opt_state is None or optimizer is None
+                     else _leaves_state(opt_state, flat_p, live))
+            return first_order_indirect_term(
+                live_loss, [flat_p[i] for i in live], hparams, [flat_g[i] for i in live],
+                radius, optimizer, state, step_size, reduce)
     v = outer_grad
     if optimizer is not None:
         v = optimizer_preconditioned(inner_loss, params, hparams, v, optimizer, opt_state,
                                      reduce)
     elif step_size is not None:
-        v = tf.nest.map_structure(lambda t: tf.cast(step_size, t.dtype) * t, v)
+        v = tf.nest.map_structure(lambda t: _tree.cast_scalar(step_size, t.dtype) * t, v)
     norm = tf.sqrt(_tree.tree_vdot(v, v))
     eps = radius / tf.maximum(norm, tf.constant(1e-15, norm.dtype))
     mixed = finite_difference_mixed_vjp(inner_loss, params, hparams, v, eps)

@@ -14,6 +14,7 @@ import tensorflow as tf
 import keras_metapt as km
 from keras_metapt import linalg, optim
 from keras_metapt.hypergrad import finite_difference_mixed_vjp
+from keras_metapt.hypergrad.sama import first_order_indirect_term, optimizer_preconditioned
 from tests import references
 from tests.conftest import Ridge, rel_err
 
@@ -76,6 +77,112 @@ def test_adam_preconditioner_is_the_derivative_of_the_adam_step():
     g_val = ridge.x_val.T @ (ridge.x_val @ w - ridge.y_val) / len(ridge.y_val)
     expected = -lam * w * (lr * dstep * g_val)
     assert rel_err(result.hypergrad[0], expected) < 1e-7
+
+
+ADAM = dict(count=3, lr=0.05, b1=0.9, b2=0.999, eps=1e-8, eps_root=1e-8)
+
+
+def three_leaf_problem(seed=6):
+    """Nested parameters of three leaves and L(p, h) = e^h sum_i a_i p_i^2 / 2 (gradient
+    e^h a p; M v = d/dh <grad, v> = e^h sum a p v, which the central difference gets exactly),
+    with Adam moments for every leaf."""
+    rng = np.random.default_rng(seed)
+    shapes = [(3, 2), (4,), (2, 2)]
+    params = ([tf.constant(rng.normal(size=shapes[0]))],
+              (tf.constant(rng.normal(size=shapes[1])), tf.constant(rng.normal(size=shapes[2]))))
+    curvature = [rng.random(s) + 0.5 for s in shapes]
+
+    def inner(p, h):
+        return 0.5 * tf.add_n([tf.reduce_sum(a * x ** 2) * tf.exp(h[0])
+                               for a, x in zip(curvature, tf.nest.flatten(p))])
+
+    m_old = [0.1 * rng.normal(size=s) for s in shapes]
+    v_old = [0.05 * rng.random(s) + 0.01 for s in shapes]
+    return params, curvature, inner, m_old, v_old, rng
+
+
+def adam_preconditioned(g, m_old, v_old, vector):
+    """The derivative of the Adam step with respect to the gradient times ``vector``,
+    written out (as in the test above), leaf by leaf."""
+    count, lr, b1, b2, eps, eps_root = (ADAM[k] for k in
+                                        ("count", "lr", "b1", "b2", "eps", "eps_root"))
+    t = count + 1
+    out = []
+    for gi, m0, v0, vi in zip(g, m_old, v_old, vector):
+        m_hat = (b1 * m0 + (1 - b1) * gi) / (1 - b1 ** t)
+        s_ = np.sqrt((b2 * v0 + (1 - b2) * gi * gi) / (1 - b2 ** t) + eps_root)
+        dstep = ((1 - b1) / (1 - b1 ** t) / (s_ + eps)
+                 - m_hat / (s_ + eps) ** 2 / (2 * s_) * (1 - b2) * 2 * gi / (1 - b2 ** t))
+        out.append(lr * dstep * vi)
+    return out
+
+
+def nest_like(params, flat):
+    return tf.nest.pack_sequence_as(params, [tf.constant(x) for x in flat])
+
+
+def adam_and_state(params, m_old, v_old):
+    return (optim.adam(*(ADAM[k] for k in ("lr", "b1", "b2", "eps", "eps_root"))),
+            (tf.constant(ADAM["count"]), nest_like(params, m_old), nest_like(params, v_old)))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_preconditioner_leaf_by_leaf_equals_the_hand_derivatives(compiled):
+    """Worked one leaf at a time (``elementwise``) and in one JVP of the whole update: both
+    equal the derivatives of the steps written out in NumPy (Adam: as above; heavy ball: lr;
+    Nesterov: lr (1 + mu))."""
+    params, curvature, inner, m_old, v_old, rng = three_leaf_problem()
+    vector = tf.nest.map_structure(lambda p: tf.constant(rng.normal(size=p.shape)), params)
+    hparams = [tf.constant(0.0, tf.float64)]
+    flat_p = [x.numpy() for x in tf.nest.flatten(params)]
+    flat_v = [x.numpy() for x in tf.nest.flatten(vector)]
+    g = [a * x for a, x in zip(curvature, flat_p)]
+    lr = ADAM["lr"]
+    cases = [(*adam_and_state(params, m_old, v_old),
+              adam_preconditioned(g, m_old, v_old, flat_v)),
+             (optim.sgd(lr, momentum=0.5), nest_like(params, m_old), [lr * v for v in flat_v]),
+             (optim.sgd(lr, momentum=0.5, nesterov=True), nest_like(params, m_old),
+              [lr * 1.5 * v for v in flat_v]),
+             (optim.sgd(lr), (), [lr * v for v in flat_v])]
+    for optimizer, state, expected in cases:
+        assert optimizer.elementwise
+        for opt in (optimizer, optimizer._replace(elementwise=False)):
+            def precondition(opt=opt, state=state):
+                return optimizer_preconditioned(inner, params, hparams, vector, opt, state)
+            got = tf.function(precondition)() if compiled else precondition()
+            tf.nest.assert_same_structure(got, params)
+            for x, want in zip(tf.nest.flatten(got), expected):
+                np.testing.assert_allclose(x.numpy(), want, rtol=1e-9, atol=1e-14)
+
+
+def test_a_none_outer_gradient_leaf_is_a_known_zero():
+    """-M P g with g's second leaf None: SAMA's formula written out in NumPy with that leaf of
+    P g zero (M v = e^h sum a p v), for Adam (elementwise: the leaf is left out; and as a
+    non-elementwise optimizer: it enters as zeros), SGD's step size and the identity."""
+    params, curvature, inner, m_old, v_old, rng = three_leaf_problem(7)
+    h = 0.3
+    flat_p = [x.numpy() for x in tf.nest.flatten(params)]
+    outer = [rng.normal(size=x.shape) for x in flat_p]
+    outer[1] = None
+    outer_grad = tf.nest.pack_sequence_as(
+        params, [None if x is None else tf.constant(x) for x in outer])
+    g_inner = [np.exp(h) * a * x for a, x in zip(curvature, flat_p)]
+    zeros = [np.zeros_like(x) if o is None else o for o, x in zip(outer, flat_p)]
+    adam, state = adam_and_state(params, m_old, v_old)
+
+    def expected(pg):
+        return -np.exp(h) * sum(np.sum(a * x * v) for a, x, v in zip(curvature, flat_p, pg))
+
+    cases = [(dict(optimizer=adam, opt_state=state),
+              adam_preconditioned(g_inner, m_old, v_old, zeros)),
+             (dict(optimizer=adam._replace(elementwise=False), opt_state=state),
+              adam_preconditioned(g_inner, m_old, v_old, zeros)),
+             (dict(step_size=0.1), [0.1 * v for v in zeros]),
+             ({}, zeros)]
+    for kwargs, pg in cases:
+        (got,) = first_order_indirect_term(inner, params, [tf.constant(h, tf.float64)],
+                                           outer_grad, radius=1e-3, **kwargs)
+        assert rel_err(got, expected(pg)) < 1e-8, kwargs
 
 
 def test_finite_difference_mixed_product_is_second_order_in_eps():
