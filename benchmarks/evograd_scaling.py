@@ -53,6 +53,8 @@ flags.DEFINE_integer("repeats", 5, "Interleaved timing rounds after a first step
 flags.DEFINE_bool("quick", False, "Tiny sizes: a smoke run, not a measurement.")
 flags.DEFINE_string("output_dir", os.path.join(os.path.dirname(__file__), "results"),
                     "Where evograd_scaling.md, .json and .png are written.")
+flags.DEFINE_bool("plot_only", False, "Redraw evograd_scaling.png from the "
+                  "evograd_scaling.json in --output_dir (no measurement).")
 flags.DEFINE_string("child", None, "Internal: measure '<net>:<method>' and print its JSON.")
 
 METHODS = ("plain", "evograd", "one_step")  # the app's arms uniform, mwn_evograd, mwn_one_step
@@ -207,26 +209,40 @@ def report(rows):
 
 
 def plot(rows, path):
+    """Time (whole step solid, hyperstep alone dashed) and memory (first-execution RSS solid,
+    tensors held dashed) against the weight count: the convolutional family as lines, any
+    other network (the MLP) as separate markers."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    x = [r["params"] for r in rows]
-    for method in METHODS:
-        left.plot(x, [r["ms"][method] for r in rows], "o-", label=method)
-        line, = right.plot(x, [r["peak_mib"][method] for r in rows], "o-", label=method)
-        right.plot(x, [r["held_mib"][method] for r in rows], "s--", color=line.get_color(),
-                   label=f"{method}, tensors held")
-    left.set(xscale="log", yscale="log", xlabel="network weights", ylabel="ms per step",
-             title="time per Meta-Weight-Net step")
+    family = sorted((r for r in rows if r["net"] != "mlp"), key=lambda r: r["params"])
+    others = [r for r in rows if r["net"] == "mlp"]
+    series = {left: [("ms", "", "o-"), ("ms", "_hyperstep", "s--")],
+              right: [("peak_mib", "", "o-"), ("held_mib", "", "s--")]}
+    for ax, kinds in series.items():
+        for method in METHODS:
+            color = None
+            for key, suffix, style in kinds:
+                name = method + suffix
+                if name not in rows[0][key]:
+                    continue
+                label = {("ms", ""): method, ("ms", "_hyperstep"): f"{method}, hyperstep alone",
+                         ("peak_mib", ""): method, ("held_mib", ""): f"{method}, tensors held"}
+                line, = ax.plot([r["params"] for r in family], [r[key][name] for r in family],
+                                style, color=color, label=label[(key, suffix)])
+                color = line.get_color()
+                ax.plot([r["params"] for r in others], [r[key][name] for r in others],
+                        style[0], color=color, fillstyle="none")
+        for r in family + others:
+            ax.annotate(r["net"], (r["params"], r["ms" if ax is left else "peak_mib"]["one_step"]),
+                        fontsize=7)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    left.set(xscale="log", yscale="log", xlabel="network weights", ylabel="ms per call",
+             title="time per Meta-Weight-Net step (open: MLP)")
     right.set(xscale="log", xlabel="network weights", ylabel="peak memory (MiB)",
               title="first-execution peak RSS; tensors held")
-    for ax in (left, right):
-        for r in rows:
-            ax.annotate(r["net"], (r["params"], r["ms"]["one_step"] if ax is left
-                                   else r["peak_mib"]["one_step"]), fontsize=7)
-        ax.legend()
-        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -241,6 +257,10 @@ def main(argv):
         net, method, *held = FLAGS.child.split(":")
         print(json.dumps(timing_child(net) if method == "timing"
                          else child(net, method, held == ["held"])))
+        return
+    if FLAGS.plot_only:
+        rows = json.load(open(os.path.join(FLAGS.output_dir, "evograd_scaling.json")))["rows"]
+        plot(rows, os.path.join(FLAGS.output_dir, "evograd_scaling.png"))
         return
     rows = measure()
     text = report(rows)
