@@ -23,9 +23,10 @@ and batch order of a seed:
   Adam step on them (--meta_lr; epsilon 1e-12, so that the step does not depend on the
   hypergradient's scale, which differs by estimator: EvoGrad's is about sigma^2 / (2 tau lr)
   of the one-step one), then the real SGD step with the updated weights. --mwn_input chooses
-  the losses the MWN weighs inside the hypergradient: each EvoGrad copy its own (the EvoGrad
-  code's; EvoGrad's mean is then the look-ahead differentiated through the MWN's input too) or
-  the current weights' (EvoGrad's mean is then the original one-step hypergradient).
+  the losses the MWN weighs inside the hypergradient: the current weights' (the default;
+  EvoGrad's mean is then the original one-step hypergradient) or each EvoGrad copy its own
+  (the EvoGrad code's; EvoGrad's mean is then the look-ahead differentiated through the MWN's
+  input too).
 
     python apps/noisy_labels.py                                  # CPU default, 3 seeds
     python apps/noisy_labels.py --noise=flip --arms=uniform,mwn_evograd
@@ -73,6 +74,8 @@ from keras_metapt.data import label_noise  # noqa: E402
 FLAGS = flags.FLAGS
 ESTIMATORS = ("one_step", "evograd", "implicit", "hyperdistill", "lookahead5")
 ARMS = ("uniform", "clean_only") + tuple(f"mwn_{e}" for e in ESTIMATORS)
+# the arms that evaluate the inner loss away from the current weights: --mwn_input applies
+MWN_INPUT_ARMS = ("mwn_evograd", "mwn_hyperdistill", "mwn_lookahead5")
 NUM_CLASSES = 10
 LR_DECAY_AT = (0.6, 0.8)  # fractions of the epochs where the SGD rate is multiplied by 0.1
 WEIGHT_CURVE_LOSSES = np.linspace(0.0, 8.0, 81)
@@ -116,13 +119,15 @@ flags.DEFINE_float("evograd_temperature", 0.05, "EvoGrad: softmax temperature ta
 flags.DEFINE_enum("evograd_noise", "rademacher", ["rademacher", "gaussian"], "EvoGrad: noise "
                   "of the copies, sigma times random signs (the EvoGrad code's "
                   "Meta-Weight-Net experiment) or sigma times standard normals.")
-flags.DEFINE_enum("mwn_input", "evaluated", list(km.reweighting.MWN_INPUTS), "Which losses the "
-                  "Meta-Weight-Net weighs inside the hypergradient: 'evaluated', the losses at "
-                  "the weights each evaluation of the inner loss uses, so every EvoGrad copy "
-                  "weighs its own (the original codes); 'current', the losses of the current "
-                  "weights, the same for every copy (EvoGrad then estimates the original one-step "
-                  "hypergradient; one more forward pass per step). mwn_one_step and mwn_implicit "
-                  "are the same either way.")
+flags.DEFINE_enum("mwn_input", "current", list(km.reweighting.MWN_INPUTS), "Which losses the "
+                  "Meta-Weight-Net weighs inside the hypergradient of mwn_evograd, "
+                  "mwn_hyperdistill and mwn_lookahead5: 'current' (default), the losses of the "
+                  "current weights, the same for every evaluation of the inner loss (EvoGrad's "
+                  "mean is then the original one-step hypergradient, benchmarks/"
+                  "evograd_agreement.py; one more forward pass per step); 'evaluated', the "
+                  "losses at the weights each evaluation uses, so every EvoGrad copy weighs its "
+                  "own (the original codes). mwn_one_step and mwn_implicit evaluate the inner "
+                  "loss at the current weights only: the flag does not apply to them.")
 flags.DEFINE_integer("neumann_terms", 1, "mwn_implicit: Hessian-vector products of the "
                      "Neumann series (n gives the terms (I - lr H)^0 .. ^n).")
 flags.DEFINE_bool("xla", False, "Compile the training steps with XLA (runs then need not repeat "
@@ -176,7 +181,7 @@ class Config(runner.GridConfig):
     DATA_PATHS = ("images_dir",)
     ARM_SETTINGS = {"mwn_evograd": ("evograd_copies", "evograd_sigma", "evograd_temperature",
                                     "evograd_noise", "mwn_input"),
-                    **{f"mwn_{e}": ("mwn_input",) for e in ESTIMATORS if e != "evograd"}}
+                    **{arm: ("mwn_input",) for arm in MWN_INPUT_ARMS if arm != "mwn_evograd"}}
     BOUNDS = {"noise_rate": "[0, 1]", "num_train": "[0, inf)", "num_meta": "[10, inf)",
               "num_test": "[0, inf)", "split_seed": "[0, inf)", "width": "[1, inf)",
               "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)",
@@ -188,7 +193,8 @@ class Config(runner.GridConfig):
 
     def results_config_of(self, arm):
         """An arm's settings (`runner.Config.results_config_of`); --mwn_input only when it is
-        not the default, so results stored before the flag existed are still recognised."""
+        not "evaluated", so results stored before the flag existed (all "evaluated") are
+        still recognised."""
         config = super().results_config_of(arm)
         if config.get("mwn_input") == "evaluated":
             del config["mwn_input"]
@@ -290,7 +296,8 @@ def make_trainer(arm, seed, config, strategy=None):
     return km.reweighting.MetaWeightNetTrainer(
         model, learning_rate=config.lr, weight_decay=config.weight_decay, mwn=mwn,
         meta_optimizer=meta_optimizer, estimator=estimator, seed=seed,
-        jit_compile=config.xla and replicas == 1, strategy=strategy, mwn_input=config.mwn_input)
+        jit_compile=config.xla and replicas == 1, strategy=strategy,
+        mwn_input=config.mwn_input if arm in MWN_INPUT_ARMS else "evaluated")
 
 
 def learning_rate_at(epoch, config):

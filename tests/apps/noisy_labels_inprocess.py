@@ -56,16 +56,21 @@ def test_evograd_settings_reach_its_estimator_and_only_its_results(tmp_path, ima
 
 
 
-def test_mwn_input_reaches_the_trainer_and_only_the_mwn_arms_results(tmp_path, images):
-    """--mwn_input sets the trainer's; "current" is in the results config of every MWN arm
-    and of no other; the default "evaluated" is in none (results stored before the flag are
-    still recognised)."""
+def test_mwn_input_reaches_the_trainer_and_only_the_arms_it_applies_to(tmp_path, images):
+    """--mwn_input sets the trainer's of mwn_evograd, mwn_hyperdistill and mwn_lookahead5
+    (one-step and implicit evaluate at the current weights: always "evaluated", no extra
+    forward); "current" is in those arms' results config and no other; "evaluated" is in none
+    (results stored before the flag are still recognised)."""
+    applies = {"mwn_evograd", "mwn_hyperdistill", "mwn_lookahead5"}
     current = tiny_config(tmp_path, images, mwn_input="current")
-    assert noisy_labels.make_trainer("mwn_evograd", 0, current).mwn_input == "current"
-    default = tiny_config(tmp_path, images)
+    evaluated = tiny_config(tmp_path, images, mwn_input="evaluated")
+    for arm in ("mwn_evograd", "mwn_lookahead5", "mwn_one_step", "mwn_implicit"):
+        assert noisy_labels.make_trainer(arm, 0, current).mwn_input == (
+            "current" if arm in applies else "evaluated")
+        assert noisy_labels.make_trainer(arm, 0, evaluated).mwn_input == "evaluated"
     for arm in noisy_labels.ARMS:
-        assert "mwn_input" not in default.results_config_of(arm)
-        assert ("mwn_input" in current.results_config_of(arm)) == arm.startswith("mwn_")
+        assert "mwn_input" not in evaluated.results_config_of(arm)
+        assert ("mwn_input" in current.results_config_of(arm)) == (arm in applies)
 
 
 ARMS_EXPECTED = ("uniform", "clean_only", "mwn_one_step", "mwn_evograd", "mwn_implicit",
