@@ -213,6 +213,8 @@ class MetaWeightNetTrainer:
         """The Meta-Weight-Net's update alone: the estimator's hypergradient and one step of
         ``meta_optimizer`` (the model is not stepped). Returns (meta loss before the update,
         the MWN's new values). Under ``strategy.run``, this replica's share of the loss."""
+        if self.mwn is None:
+            raise ValueError("hyperstep needs a trainer with a Meta-Weight-Net")
         seed = tf.stack([tf.constant(self.seed, tf.int64), self.step.read_value()])
         params = [v.value for v in self.model.trainable_variables]
         current = (tf.stop_gradient(self.example_losses(params, batch))

@@ -120,6 +120,8 @@ def test_helpers_and_argument_errors():
                                [-np.log(np.exp(2.0) / np.exp([1.0, 2.0, 0.5]).sum())], rtol=1e-6)
     with pytest.raises(ValueError, match="together"):
         MetaWeightNetTrainer(linear_model(), learning_rate=0.1, mwn=km.hyper.MetaWeightNet())
+    with pytest.raises(ValueError, match="hyperstep needs a trainer with a Meta-Weight-Net"):
+        MetaWeightNetTrainer(linear_model(), learning_rate=0.1).hyperstep(*data())
     with pytest.raises(ValueError, match="mwn_input must be one of"):
         MetaWeightNetTrainer(linear_model(), learning_rate=0.1, mwn_input="copies")
     with pytest.raises(ValueError, match="network must be one of"):

@@ -120,6 +120,8 @@ def first_order_indirect_term(inner_loss, params, hparams, outer_grad, radius=1e
                 tf.zeros_like(p) if g is None else g for g, p in zip(flat_g, flat_p)])
         else:
             live = [i for i, g in enumerate(flat_g) if g is not None]
+            if not live:  # g = 0: no indirect term
+                return tf.nest.map_structure(lambda _: None, hparams)
 
             def live_loss(sub, h):
                 full = list(flat_p)

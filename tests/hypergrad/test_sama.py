@@ -183,6 +183,9 @@ def test_a_none_outer_gradient_leaf_is_a_known_zero():
         (got,) = first_order_indirect_term(inner, params, [tf.constant(h, tf.float64)],
                                            outer_grad, radius=1e-3, **kwargs)
         assert rel_err(got, expected(pg)) < 1e-8, kwargs
+    none = tf.nest.map_structure(lambda _: None, params)  # g = 0: no indirect term
+    assert first_order_indirect_term(inner, params, [tf.constant(h, tf.float64)], none,
+                                     optimizer=adam, opt_state=state) == [None]
 
 
 def test_finite_difference_mixed_product_is_second_order_in_eps():
