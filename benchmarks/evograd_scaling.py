@@ -9,7 +9,10 @@ MetaWeightNetTrainer.compiled_step`, batch --batch_size of 28x28x1 images for bo
 and the meta batch; SGD rate 0.05, Meta-Weight-Net 1-100-1 with Adam 1e-3):
 - plain: one SGD step on the mean cross-entropy (the "uniform" arm);
 - evograd: the EvoGrad hypergradient (K = --copies perturbed copies), an Adam step on the
-  Meta-Weight-Net and the weighted SGD step ("mwn_evograd");
+  Meta-Weight-Net and the weighted SGD step ("mwn_evograd --mwn_input=evaluated": every copy
+  weighs its own losses, as the EvoGrad code);
+- evograd_current: the same with every copy weighed at the current weights' losses (the
+  app's default, --mwn_input=current: one more forward pass per step);
 - one_step: the same with the second-order one-step look-ahead hypergradient
   (keras_metapt.Unrolled, T = 1, "mwn_one_step"), as the original Meta-Weight-Net.
 Each (network, method) runs in a fresh subprocess (TensorFlow pools freed CPU memory): the
@@ -57,7 +60,12 @@ flags.DEFINE_bool("plot_only", False, "Redraw evograd_scaling.png from the "
                   "evograd_scaling.json in --output_dir (no measurement).")
 flags.DEFINE_string("child", None, "Internal: measure '<net>:<method>' and print its JSON.")
 
-METHODS = ("plain", "evograd", "one_step")  # the app's arms uniform, mwn_evograd, mwn_one_step
+# the app's arms uniform, mwn_evograd (--mwn_input=evaluated / current, its default),
+# mwn_one_step
+METHODS = ("plain", "evograd", "evograd_current", "one_step")
+LABELS = {"plain": "plain SGD", "evograd": "EvoGrad, own losses (EvoGrad code)",
+          "evograd_current": "EvoGrad, current losses (app default)",
+          "one_step": "one-step (second order)"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -78,9 +86,10 @@ def trainer_and_batches(net, method):
     if method != "plain":
         estimator = (km.EvoGrad(num_copies=FLAGS.copies, sigma=1e-3, temperature=0.05,
                                noise=FLAGS.noise)
-                     if method == "evograd" else km.Unrolled(optim.sgd(lr), num_steps=1))
+                     if method.startswith("evograd") else km.Unrolled(optim.sgd(lr), num_steps=1))
         extra = dict(mwn=km.hyper.MetaWeightNet(100, seed=0),
-                     meta_optimizer=keras.optimizers.Adam(1e-3), estimator=estimator)
+                     meta_optimizer=keras.optimizers.Adam(1e-3), estimator=estimator,
+                     mwn_input="current" if method == "evograd_current" else "evaluated")
     trainer = km.reweighting.MetaWeightNetTrainer(nets.image_classifier(net, width),
                                                   learning_rate=lr, **extra)
     rng = np.random.default_rng(0)
@@ -181,30 +190,25 @@ def report(rows):
                 "graph optimisation, larger for a larger graph") + "); held: the peak of the "
              "tensors the second execution holds at once (bytes requested from the BFC "
              "allocator, a fresh process per method).", "",
-             "| network | weights | plain ms | EvoGrad ms | one-step ms | EvoGrad / plain | "
-             "EvoGrad / one-step | EvoGrad hyperstep ms | one-step hyperstep ms | "
-             "EvoGrad hyperstep / plain | EvoGrad / one-step hyperstep |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| network | weights | method | step ms | / plain | / one-step | hyperstep ms | "
+             "hyperstep / plain step | / one-step hyperstep | RSS MiB | / one-step | "
+             "held MiB | / one-step |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        ms = r["ms"]
-        lines.append(
-            f"| {r['net']} | {r['params']:,} | {ms['plain']:.1f} | {ms['evograd']:.1f} | "
-            f"{ms['one_step']:.1f} | {ms['evograd'] / ms['plain']:.2f}x | "
-            f"{ms['evograd'] / ms['one_step']:.2f}x | {ms['evograd_hyperstep']:.1f} | "
-            f"{ms['one_step_hyperstep']:.1f} | {ms['evograd_hyperstep'] / ms['plain']:.2f}x | "
-            f"{ms['evograd_hyperstep'] / ms['one_step_hyperstep']:.2f}x |")
-    lines += ["", "| network | plain MiB | EvoGrad MiB | one-step MiB | EvoGrad / one-step | "
-              "plain held | EvoGrad held | one-step held | EvoGrad / one-step held |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        mib, held = r["peak_mib"], r["held_mib"]
-        lines.append(
-            f"| {r['net']} | {mib['plain']:.0f} | {mib['evograd']:.0f} | "
-            f"{mib['one_step']:.0f} | {mib['evograd'] / mib['one_step']:.2f}x | "
-            f"{held['plain']:.0f} | {held['evograd']:.0f} | {held['one_step']:.0f} | "
-            f"{held['evograd'] / held['one_step']:.2f}x |")
+        ms, mib, held = r["ms"], r["peak_mib"], r["held_mib"]
+        for method in METHODS:
+            hyper = f"{method}_hyperstep"
+            hyper_cells = ("- | - | -" if hyper not in ms else
+                           f"{ms[hyper]:.1f} | {ms[hyper] / ms['plain']:.2f}x | "
+                           f"{ms[hyper] / ms['one_step_hyperstep']:.2f}x")
+            lines.append(
+                f"| {r['net']} | {r['params']:,} | {LABELS[method]} | {ms[method]:.1f} | "
+                f"{ms[method] / ms['plain']:.2f}x | {ms[method] / ms['one_step']:.2f}x | "
+                f"{hyper_cells} | {mib[method]:.0f} | {mib[method] / mib['one_step']:.2f}x | "
+                f"{held[method]:.0f} | {held[method] / held['one_step']:.2f}x |")
     lines += ["", "Targets at the largest network: EvoGrad memory <= 0.6x and time <= 0.7x of "
-              "one-step; EvoGrad <= 2x a plain step (K=2)."]
+              "one-step; EvoGrad <= 2x a plain step (K=2). RSS: first-execution peak; held: "
+              "tensors held at once."]
     return "\n".join(lines) + "\n"
 
 
