@@ -21,8 +21,9 @@ resident memory of its first execution minus the resident memory before it (on a
 allocator's peak). A third fresh process per (network, method) measures the tensors the step
 holds at once on its second execution (`benchmarks.memory.peak_requested_mib`: bytes requested
 from TensorFlow's BFC allocator, without its pooling, rounding and one-time graph optimisation;
-what a GPU allocator's peak counts). The times come from one more process per network that holds all three steps and runs
---repeats rounds of one step each, interleaved (median per method).
+what a GPU allocator's peak counts). The times come from one more process per network that
+holds every method's step and the MWN methods' hyperstep alone (`MetaWeightNetTrainer.
+hyperstep`) and runs --repeats rounds of one call each, interleaved (median per call).
 tf.function, no XLA, one inter-op thread (as the apps on one device).
 
 Writes benchmarks/results/evograd_scaling.{md,json,png} (or --output_dir).
@@ -40,6 +41,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from apps import runner  # noqa: E402
 from benchmarks.memory import first_execution_peak_mib, peak_requested_mib  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -105,10 +107,11 @@ def child(net, method, held=False):
     peak of the tensors its second step holds at once (BFC allocator on CPU)."""
     trainer, train, meta = trainer_and_batches(net, method)
     concrete = trainer.compiled_step.get_concrete_function(train, meta)  # traced, not run
-    if held and not tf.config.list_physical_devices("GPU"):
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    if held and not gpu:
         concrete(train, meta)[0].numpy()
         peak, _, _ = peak_requested_mib(lambda: concrete(train, meta)[0].numpy())
-    elif tf.config.list_physical_devices("GPU"):
+    elif gpu:
         tf.config.experimental.reset_memory_stats("GPU:0")
         concrete(train, meta)[0].numpy()
         peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2 ** 20
@@ -269,13 +272,9 @@ def main(argv):
     rows = measure()
     text = report(rows)
     print("\n" + text)
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.output_dir, "evograd_scaling.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(FLAGS.output_dir, "evograd_scaling.json"), "w") as f:
-        json.dump({"rows": rows, "quick": FLAGS.quick, "batch_size": batch_size(),
-                   "noise": FLAGS.noise, "width": 2 if FLAGS.quick else FLAGS.width, "copies": FLAGS.copies}, f,
-                  indent=1)
+    runner.write_report(FLAGS.output_dir, "evograd_scaling", text, {
+        "rows": rows, "quick": FLAGS.quick, "batch_size": batch_size(), "noise": FLAGS.noise,
+        "width": 2 if FLAGS.quick else FLAGS.width, "copies": FLAGS.copies})
     plot(rows, os.path.join(FLAGS.output_dir, "evograd_scaling.png"))
 
 

@@ -46,6 +46,7 @@ import tensorflow as tf  # noqa: E402
 from keras_metapt.callbacks import EpochTimer  # noqa: E402
 from keras_metapt.hyper import TaskWeights  # noqa: E402
 from keras_metapt.losses import masked_multitask_bce  # noqa: E402
+from apps import runner  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("input_dim", 128, "Input features.")
@@ -193,13 +194,17 @@ def compare(xla, x, y_pt, y_ft, policy="float32"):
     return rows
 
 
+def call_to_host(fn):
+    """fn(), its tensors brought to the host (so the call has finished)."""
+    return tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, fn())
+
+
 def function_ms(fn):
     fn()  # tracing and compilation
     times = []
     for _ in range(FLAGS.repeats):
         start = time.perf_counter()
-        out = fn()
-        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, out)
+        call_to_host(fn)
         times.append(time.perf_counter() - start)
     return 1e3 * float(np.median(times))
 
@@ -214,9 +219,8 @@ def held_child(what):
     from benchmarks.memory import peak_requested_mib
     x, y_pt, y_ft = data()
     fn = plain_pt(False, x, y_pt)[2] if what == "plain" else meta_pt(False, x, y_pt, y_ft, what)[2]
-    function_ms(fn)  # traced and run
-    peak, _, _ = peak_requested_mib(
-        lambda: tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, fn()))
+    call_to_host(fn)  # traced and run once
+    peak, _, _ = peak_requested_mib(lambda: call_to_host(fn))
     return peak
 
 
@@ -293,12 +297,8 @@ def main(argv):
               "hyperstep memory <= 1.1x a plain PT step."]
     report = "\n".join(lines) + "\n"
     print("\n" + report)
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.output_dir, "meta_pt.md"), "w") as f:
-        f.write(report)
-    with open(os.path.join(FLAGS.output_dir, "meta_pt.json"), "w") as f:
-        json.dump({"config": config, "rows": rows, "held_mib": held, "quick": FLAGS.quick}, f,
-                  indent=2)
+    runner.write_report(FLAGS.output_dir, "meta_pt", report,
+                        {"config": config, "rows": rows, "held_mib": held, "quick": FLAGS.quick})
 
 
 if __name__ == "__main__":
