@@ -24,8 +24,10 @@ and batch order of a seed:
   hypergradient's scale, which differs by estimator: EvoGrad's is about sigma^2 / (2 tau lr)
   of the one-step one), then the real SGD step with the updated weights. --mwn_input chooses
   the losses the MWN weighs inside the hypergradient: the current weights' (the default;
-  EvoGrad's mean is then the original one-step hypergradient) or each EvoGrad copy its own
-  (the EvoGrad code's; EvoGrad's mean is then the look-ahead differentiated through the MWN's
+  EvoGrad's mean is then the original one-step hypergradient), the mean of EvoGrad's copies'
+  losses (the same to first order in sigma, without the forward pass at the current weights;
+  the other arms then weigh the current weights' losses) or each EvoGrad copy its own (the
+  EvoGrad code's; EvoGrad's mean is then the look-ahead differentiated through the MWN's
   input too).
 
     python apps/noisy_labels.py                                  # CPU default, 3 seeds
@@ -126,7 +128,10 @@ flags.DEFINE_enum("mwn_input", "current", list(km.reweighting.MWN_INPUTS), "Whic
                   "mean is then the original one-step hypergradient, benchmarks/"
                   "evograd_agreement.py; one more forward pass per step); 'evaluated', the "
                   "losses at the weights each evaluation uses, so every EvoGrad copy weighs its "
-                  "own (the original codes). mwn_one_step and mwn_implicit evaluate the inner "
+                  "own (the original codes); 'copies_mean', EvoGrad's copies weighed at the mean "
+                  "of their K losses per example (as 'current' to first order in sigma, "
+                  "without its extra forward pass; mwn_hyperdistill and mwn_lookahead5 then "
+                  "weigh the current losses). mwn_one_step and mwn_implicit evaluate the inner "
                   "loss at the current weights only: the flag does not apply to them.")
 flags.DEFINE_integer("neumann_terms", 1, "mwn_implicit: Hessian-vector products of the "
                      "Neumann series (n gives the terms (I - lr H)^0 .. ^n).")
@@ -196,6 +201,8 @@ class Config(runner.GridConfig):
         not "evaluated", so results stored before the flag existed (all "evaluated") are
         still recognised."""
         config = super().results_config_of(arm)
+        if "mwn_input" in config:
+            config["mwn_input"] = mwn_input_of(arm, config["mwn_input"])
         if config.get("mwn_input") == "evaluated":
             del config["mwn_input"]
         return config
@@ -297,7 +304,16 @@ def make_trainer(arm, seed, config, strategy=None):
         model, learning_rate=config.lr, weight_decay=config.weight_decay, mwn=mwn,
         meta_optimizer=meta_optimizer, estimator=estimator, seed=seed,
         jit_compile=config.xla and replicas == 1, strategy=strategy,
-        mwn_input=config.mwn_input if arm in MWN_INPUT_ARMS else "evaluated")
+        mwn_input=mwn_input_of(arm, config.mwn_input))
+
+
+def mwn_input_of(arm, mwn_input):
+    """The trainer's ``mwn_input`` for ``arm`` under --mwn_input: "evaluated" outside
+    MWN_INPUT_ARMS (the same computation either way there); "copies_mean" applies to EvoGrad's
+    copies only, the other arms weigh the current losses then."""
+    if arm not in MWN_INPUT_ARMS:
+        return "evaluated"
+    return "current" if mwn_input == "copies_mean" and arm != "mwn_evograd" else mwn_input
 
 
 def learning_rate_at(epoch, config):

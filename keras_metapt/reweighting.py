@@ -17,11 +17,15 @@ the original Meta-Weight-Net and EvoGrad codes) takes the losses at the weights 
 loss is evaluated at -- each EvoGrad copy, each step of a longer unroll, HyperDistill's
 distilled point -- so the weights differ between EvoGrad's copies and the copies' loss gaps
 carry d v / d l; "current" takes the losses of the model's current weights, computed once per
-step (one extra forward pass) and shared by every evaluation. The one-step look-ahead and
-`Implicit` evaluate at the current weights, so they are the same either way; EvoGrad's mean
-over its noise is then the original one-step hypergradient (stopped input) at its rate eta,
-where with "evaluated" it is the look-ahead differentiated through the MWN's input as well
-(`benchmarks.evograd_agreement` measures both).
+step (one extra forward pass) and shared by every evaluation; "copies_mean" (`EvoGrad`
+only) takes the mean over EvoGrad's K copies of their per-example losses, (1/K) sum_k
+l_i(theta + eps_k), and weighs every copy at it: the copies share their weights as with
+"current", without the extra forward pass (the mean differs from l_i(theta) by
+g_i . mean_k eps_k + O(sigma^2)). The one-step look-ahead and `Implicit` evaluate at the
+current weights, so they are the same with "evaluated" and "current"; EvoGrad's mean over its
+noise is then the original one-step hypergradient (stopped input) at its rate eta, where with
+"evaluated" it is the look-ahead differentiated through the MWN's input as well
+(`benchmarks.evograd_agreement` measures all three).
 Without a Meta-Weight-Net the step is plain SGD on the mean cross-entropy. The SGD is Keras'
 (velocity v <- mu v - lr g, so after a change of the rate the velocity still carries the old
 rate for about 1 / (1 - mu) steps; PyTorch keeps the rate outside the velocity). Cost per step:
@@ -45,11 +49,12 @@ import tensorflow as tf
 
 from keras_metapt import distribute, functional
 from keras_metapt.hyper.example_weights import meta_weight_net_weights, normalised_weighted_loss
+from keras_metapt.hypergrad.evograd import EvoGrad
 from keras_metapt.hypergrad.problem import BilevelProblem
 
 __all__ = ["per_example_cross_entropy", "MetaWeightNetTrainer", "MWN_INPUTS"]
 
-MWN_INPUTS = ("evaluated", "current")
+MWN_INPUTS = ("evaluated", "current", "copies_mean")
 
 
 def per_example_cross_entropy(logits, labels):
@@ -71,7 +76,8 @@ class MetaWeightNetTrainer:
         Neumann step of `linalg.neumann(alpha=None)` follow it.
       mwn, meta_optimizer, estimator: all three or none.
       seed: the EvoGrad noise of step s is drawn from the stateless seed (seed, s).
-      mwn_input: "evaluated" or "current" (module doc).
+      mwn_input: "evaluated", "current" or "copies_mean" (an `EvoGrad` estimator only); see
+        the module doc.
       jit_compile: compile the steps with XLA.
       strategy: a `tf.distribute.Strategy` (default: the current one); see the module doc.
     `train_step(batch, meta_batch)` runs one step; ``compiled_step`` is its tf.function (on
@@ -88,6 +94,10 @@ class MetaWeightNetTrainer:
             raise ValueError("give mwn, meta_optimizer and estimator together, or none of them")
         if mwn_input not in MWN_INPUTS:
             raise ValueError(f"mwn_input must be one of {MWN_INPUTS}, got {mwn_input!r}")
+        if mwn_input == "copies_mean" and not isinstance(estimator, EvoGrad):
+            raise ValueError(f"mwn_input='copies_mean' weighs EvoGrad's copies at their mean "
+                             f"losses: it needs an EvoGrad estimator, got "
+                             f"{type(estimator).__name__}")
         self.mwn_input = mwn_input
         self.strategy = strategy or tf.distribute.get_strategy()
         self.replicas = int(self.strategy.num_replicas_in_sync)
@@ -136,7 +146,9 @@ class MetaWeightNetTrainer:
         """The bilevel problem at the current BatchNorm statistics (both losses run the model
         in training mode, as the original's meta step; their statistics are not kept).
         ``mwn_input_losses``: the losses the MWN weighs in every evaluation of the inner loss
-        (``mwn_input="current"``); None: the evaluated weights' own losses."""
+        (``mwn_input="current"``); None: the evaluated weights' own losses, or with
+        ``mwn_input="copies_mean"`` the mean of the losses at the points given together to
+        ``inner_loss_at_points`` (EvoGrad's copies)."""
         losses = self.example_losses
 
         def inner_loss(params, mwn, batch):
@@ -148,10 +160,17 @@ class MetaWeightNetTrainer:
             del mwn
             return self._mean_share(losses(params, batch), batch)
 
+        def inner_loss_at_points(points, mwn, batch):
+            values = tf.stack([losses(p, batch) for p in points])  # [K, batch]
+            weights = meta_weight_net_weights(
+                mwn, tf.stop_gradient(tf.reduce_mean(values, axis=0)))
+            return tf.stack([self._weighted_share(v, weights) for v in tf.unstack(values)])
+
         rate = self.optimizer.learning_rate  # the variable: read at every step
+        at_points = inner_loss_at_points if self.mwn_input == "copies_mean" else None
         return BilevelProblem(inner_loss, outer_loss,
                               inner_optimizer_hparams=lambda h, s, n: {"learning_rate": rate},
-                              inner_learning_rate=rate)
+                              inner_learning_rate=rate, inner_loss_at_points=at_points)
 
     def train_step(self, batch, meta_batch):
         """One step on the global ``batch`` and ``meta_batch`` ((images, labels) each):

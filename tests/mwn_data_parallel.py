@@ -4,7 +4,8 @@ tests/test_reweighting.py:
     python -m tests.mwn_data_parallel OUT_FILE
 
 For each arm (plain SGD; the MWN by one-step, EvoGrad and implicit hypergradients, and EvoGrad
-with the MWN weighing the current losses, ``mwn_input="current"``) at a global
+with the MWN weighing the current losses, ``mwn_input="current"``, and the copies' mean
+losses, ``"copies_mean"``) at a global
 batch of 9 (shards of 5 + 4), and for plain SGD and one-step at a batch of 1 (one shard
 empty), writes to OUT_FILE (.npz) the
 losses, the change of the model's weights and of the MWN's weights, single and mirrored. The
@@ -29,7 +30,7 @@ import keras_metapt as km  # noqa: E402
 from keras_metapt import nets, optim  # noqa: E402
 from keras_metapt.reweighting import MetaWeightNetTrainer  # noqa: E402
 
-ARMS = ("plain", "one_step", "evograd", "implicit", "evograd_current")
+ARMS = ("plain", "one_step", "evograd", "implicit", "evograd_current", "evograd_copies_mean")
 
 
 def estimator(arm, reduce):
@@ -54,7 +55,8 @@ def trainer(arm, strategy):
                                     meta_optimizer=meta_optimizer,
                                     estimator=estimator(arm, reduce), seed=3,
                                     strategy=strategy,
-                                    mwn_input="current" if arm.endswith("current") else "evaluated")
+                                    mwn_input=next((m for m in ("current", "copies_mean")
+                                                    if arm.endswith(m)), "evaluated"))
 
 
 def main(out_file):

@@ -7,7 +7,7 @@ out (phi - lr g / (|g| + eps / sqrt(1 - beta_2))), applied to the hypergradient 
 before the step, taken by float64 central differences of the NumPy one-step and EvoGrad
 objectives of tests/hyper/test_example_weights.py (the look-ahead at the trainer's rate; with
 ``mwn_input="current"`` EvoGrad's copies weighed by the MWN at the unperturbed losses, written
-out below);
+out below, and with ``"copies_mean"`` at the mean of the copies' losses);
 the weighted step must use the MWN after its update; data-parallel on 2 logical CPUs against
 the same steps on one device (tests/mwn_data_parallel.py: shards of 5 + 4 and of 1 + 0, SGD
 meta optimizer so that any factor on the hypergradient shows, weight decay on); the tensors an
@@ -58,12 +58,15 @@ def test_plain_step_is_sgd_on_the_mean_cross_entropy():
     assert int(trainer.step.numpy()) == 1
 
 
-def evograd_objective_current_losses(theta, train, val, noise, tau):
-    """The EvoGrad objective with every copy's losses weighed by the MWN at the losses of the
-    unperturbed theta (``mwn_input="current"``): phi -> L_val(sum_k softmax(-L_k / tau)_k
-    theta_k), L_k = sum_i l_i(theta_k) v(l_i(theta)) / sum_i v(l_i(theta))."""
+def evograd_objective_shared_losses(mwn_input, theta, train, val, noise, tau):
+    """The EvoGrad objective with every copy's losses weighed by the MWN at one shared loss
+    per example, m_i: phi -> L_val(sum_k softmax(-L_k / tau)_k theta_k),
+    L_k = sum_i l_i(theta_k) v(m_i) / sum_i v(m_i), where m_i = l_i(theta), the unperturbed
+    losses (``mwn_input="current"``), or m_i = mean_k l_i(theta_k), the copies' mean
+    (``"copies_mean"``)."""
     thetas = [[a + e for a, e in zip(theta, copy)] for copy in noise]
-    base = np_cross_entropy(theta, *train)
+    base = (np_cross_entropy(theta, *train) if mwn_input == "current"
+            else np.mean([np_cross_entropy(t, *train) for t in thetas], axis=0))
 
     def objective(mwn_values):
         v = ref.np_mwn(mwn_values, base)
@@ -76,8 +79,9 @@ def evograd_objective_current_losses(theta, train, val, noise, tau):
 
 
 @pytest.mark.parametrize("call", ["train_step", "hyperstep"])
-@pytest.mark.parametrize("mwn_input", ["evaluated", "current"])
-@pytest.mark.parametrize("method", ["evograd", "one_step"])
+@pytest.mark.parametrize("method,mwn_input", [
+    ("evograd", "evaluated"), ("evograd", "current"), ("evograd", "copies_mean"),
+    ("one_step", "evaluated"), ("one_step", "current")])
 def test_meta_step_updates_the_mwn_first_then_steps_with_it(method, mwn_input, call):
     """``hyperstep`` alone: the same MWN update, and the model not stepped."""
     model = linear_model(1)
@@ -95,8 +99,9 @@ def test_meta_step_updates_the_mwn_first_then_steps_with_it(method, mwn_input, c
     val64 = (val[0].astype(np.float64), val[1])
     if method == "evograd":  # the draws of step 0: stateless seed (trainer seed, step)
         noise = ref.evograd_noise(tf.constant([4, 0], tf.int64), [t.shape for t in theta], 2, 0.05)
-        objective = (ref.evograd_objective if mwn_input == "evaluated"
-                     else evograd_objective_current_losses)(theta, train64, val64, noise, 0.1)
+        objective = (ref.evograd_objective(theta, train64, val64, noise, 0.1)
+                     if mwn_input == "evaluated" else evograd_objective_shared_losses(
+                         mwn_input, theta, train64, val64, noise, 0.1))
     else:  # the look-ahead starts at the current weights: the same with either input
         objective = ref.one_step_objective(theta, train64, val64, 0.1)
     expected = ref.central_difference(objective, [p.copy() for p in phi])
@@ -124,6 +129,10 @@ def test_helpers_and_argument_errors():
         MetaWeightNetTrainer(linear_model(), learning_rate=0.1).hyperstep(*data())
     with pytest.raises(ValueError, match="mwn_input must be one of"):
         MetaWeightNetTrainer(linear_model(), learning_rate=0.1, mwn_input="copies")
+    with pytest.raises(ValueError, match="copies_mean.*needs an EvoGrad estimator, got Unrolled"):
+        MetaWeightNetTrainer(linear_model(), learning_rate=0.1, mwn=km.hyper.MetaWeightNet(),
+                             meta_optimizer=keras.optimizers.Adam(), mwn_input="copies_mean",
+                             estimator=km.Unrolled(optim.sgd(0.1), num_steps=1))
     with pytest.raises(ValueError, match="network must be one of"):
         nets.image_classifier("vgg")
     assert nets.image_classifier("mlp", width=1).output_shape == (None, 10)
@@ -136,7 +145,8 @@ def test_data_parallel_steps_equal_the_one_device_steps(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = np.load(out)
-    every = ("plain", "one_step", "evograd", "implicit", "evograd_current")
+    every = ("plain", "one_step", "evograd", "implicit", "evograd_current",
+             "evograd_copies_mean")
     for n, arms in ((9, every), (1, every[:2])):
         for arm in arms:
             single, mirrored = (f"{arm}_{n}_{name}" for name in ("single", "mirrored"))

@@ -1,7 +1,7 @@
 """EvoGrad hypergradients: first-order only (Bohdal et al. 2021).
 
     theta_k = theta + eps_k,   eps_k ~ sigma * N(0, I) or sigma * Rademacher,  k = 1..K
-    l_k     = L_in(theta_k, phi, b)
+    l_k     = L_in(theta_k, phi, b)    (or all K at once: `BilevelProblem.inner_loss_at_points`)
     w       = softmax(-l / tau)
     theta*  = sum_k w_k theta_k
     hypergradient = d L_out(theta*, phi) / d phi      (through w only: first derivatives)
@@ -134,8 +134,7 @@ class EvoGrad(_p.Estimator):
 
         with tf.GradientTape() as tape:
             tape.watch(tf.nest.flatten(hparams))
-            losses = tf.stack([_p.inner_loss_value(problem, c, hparams, inner_batch)
-                               for c in copies])
+            losses = _p.inner_loss_values_at_points(problem, copies, hparams, inner_batch)
             if reduce is not None:
                 losses = reduce(losses)
             weights = tf.nn.softmax(-losses / _tree.cast_scalar(self.temperature, losses.dtype))

@@ -37,6 +37,13 @@ class BilevelProblem:
     ``inner_learning_rate`` (optional, a float or scalar tensor) is the inner optimizer's
     step size; `Implicit` hands it to its solver, where `linalg.neumann(alpha=None)` uses it.
 
+    ``inner_loss_at_points(points, hparams, batch) -> [K]`` (optional) is the inner loss at K
+    parameter points at once, ``points`` a list of K params nests; `EvoGrad` calls it, when
+    given, for its K copies instead of ``inner_loss`` once per copy, so that the losses of
+    one copy may depend on the others (a Meta-Weight-Net that weighs every copy at the mean
+    of the copies' per-example losses, `reweighting.MetaWeightNetTrainer`). Every other
+    estimator uses ``inner_loss``.
+
     ``outer_loss_scale`` (optional, S > 0: a float or scalar tensor; None for 1) is loss
     scaling for losses computed in float16. The estimators differentiate S * outer_loss, so
     the outer gradient and everything computed from it (an unroll's backward pass, the
@@ -54,6 +61,7 @@ class BilevelProblem:
     inner_optimizer_hparams: Optional[Callable[[Any, tf.Tensor, int], dict]] = None
     inner_learning_rate: Any = None
     outer_loss_scale: Any = None
+    inner_loss_at_points: Optional[Callable[[Any, Any, Any], tf.Tensor]] = None
 
     def __post_init__(self):
         scale = self.outer_loss_scale
@@ -216,6 +224,22 @@ def inner_loss_value(problem, params, hparams, batch):
     return loss_value("inner_loss", problem.inner_loss,
                       {"hparams": hparams, "params": params, "inner_batch": batch},
                       params, hparams, batch)
+
+
+def inner_loss_values_at_points(problem, points, hparams, batch):
+    """The inner loss at each of the params nests ``points``: a [K] tensor, from
+    ``problem.inner_loss_at_points`` when given (its shape checked), else ``inner_loss`` once
+    per point."""
+    if problem.inner_loss_at_points is None:
+        return tf.stack([inner_loss_value(problem, p, hparams, batch) for p in points])
+    with _checks.naming_shape_errors("inner_loss_at_points",
+                                     {"hparams": hparams, "params": points[0],
+                                      "inner_batch": batch}):
+        values = tf.convert_to_tensor(problem.inner_loss_at_points(points, hparams, batch))
+    if values.shape.rank != 1 or values.shape[0] not in (None, len(points)):
+        raise InputMismatchError(f"inner_loss_at_points must return one loss per point, a "
+                                 f"[{len(points)}] tensor; got shape {values.shape}")
+    return values
 
 
 def outer_loss_value(problem, params, hparams, batch):

@@ -60,7 +60,8 @@ def test_mwn_input_reaches_the_trainer_and_only_the_arms_it_applies_to(tmp_path,
     """--mwn_input sets the trainer's of mwn_evograd, mwn_hyperdistill and mwn_lookahead5
     (one-step and implicit evaluate at the current weights: always "evaluated", no extra
     forward); "current" is in those arms' results config and no other; "evaluated" is in none
-    (results stored before the flag are still recognised)."""
+    (results stored before the flag are still recognised); "copies_mean" reaches EvoGrad's
+    trainer only."""
     applies = {"mwn_evograd", "mwn_hyperdistill", "mwn_lookahead5"}
     current = tiny_config(tmp_path, images, mwn_input="current")
     evaluated = tiny_config(tmp_path, images, mwn_input="evaluated")
@@ -71,6 +72,17 @@ def test_mwn_input_reaches_the_trainer_and_only_the_arms_it_applies_to(tmp_path,
     for arm in noisy_labels.ARMS:
         assert "mwn_input" not in evaluated.results_config_of(arm)
         assert ("mwn_input" in current.results_config_of(arm)) == (arm in applies)
+    # "copies_mean": EvoGrad's alone; the other arms it reaches weigh the current losses,
+    # under the same results key as --mwn_input=current (their stored results are reused)
+    copies_mean = tiny_config(tmp_path, images, mwn_input="copies_mean")
+    for arm in ("mwn_evograd", "mwn_lookahead5", "mwn_one_step"):
+        assert noisy_labels.make_trainer(arm, 0, copies_mean).mwn_input == {
+            "mwn_evograd": "copies_mean", "mwn_lookahead5": "current"}.get(arm, "evaluated")
+    for arm in noisy_labels.ARMS:
+        expected = current.results_config_of(arm)
+        if arm == "mwn_evograd":
+            expected["mwn_input"] = "copies_mean"
+        assert copies_mean.results_config_of(arm) == expected
 
 
 ARMS_EXPECTED = ("uniform", "clean_only", "mwn_one_step", "mwn_evograd", "mwn_implicit",

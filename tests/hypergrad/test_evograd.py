@@ -103,3 +103,55 @@ def test_perturbations_have_the_documented_law(noise):
     compiled = tf.function(lambda s: perturbations(tf.zeros(shape), s, copies, sigma, noise),
                            jit_compile=True)(seed).numpy()
     assert compiled.shape == eps.shape and abs(compiled.std() / sigma - 1) < 0.03
+
+
+def test_inner_loss_at_points_gives_every_copy_the_others_losses():
+    """``BilevelProblem.inner_loss_at_points``: the copies' losses from one call.
+
+    Reference, written out in float64 with the estimator's documented Gaussian draws
+    (tests/hyper/test_example_weights.evograd_noise): copies x_k = x + sigma eps_k,
+    l_k = (x_k - 1)^2 + lam x_k m with m = mean_j x_j (stopped), w = softmax(-l / tau),
+    x* = sum_k w_k x_k; d/dlam (x* - 0.5)^2 = 2 (x* - 0.5) sum_k x_k dw_k/dlam with
+    dw_k/dlam = -w_k (x_k m - sum_j w_j x_j m) / tau. A hook that stacks ``inner_loss`` per
+    point gives the per-copy result exactly."""
+    from tests.hyper.test_example_weights import evograd_noise
+    x, lam, sigma, tau, copies = 0.3, 0.5, 0.2, 0.1, 3
+    seed = tf.constant([5, 9], tf.int64)
+
+    def at_points(points, hparams, batch):
+        xs = tf.stack([p[0][0] for p in points])
+        m = tf.stop_gradient(tf.reduce_mean(xs))
+        return (xs - 1.0) ** 2 + hparams[0] * xs * m
+
+    plain = toy_problem()
+    hooked = km.BilevelProblem(plain.inner_loss, plain.outer_loss, inner_loss_at_points=at_points)
+    stacked = km.BilevelProblem(plain.inner_loss, plain.outer_loss,
+                                inner_loss_at_points=lambda points, h, b: tf.stack(
+                                    [plain.inner_loss(p, h, b) for p in points]))
+    estimator = km.EvoGrad(num_copies=copies, sigma=sigma, temperature=tau)
+
+    def hypergrad(problem):
+        return estimator(problem, [tf.constant([x], tf.float64)], [tf.constant(lam, tf.float64)],
+                         None, None, seed=seed).hypergrad[0].numpy()
+
+    xs = x + np.array([n[0][0] for n in evograd_noise(seed, [(1,)], copies, 1.0)]) * sigma
+    m = xs.mean()
+    losses = (xs - 1) ** 2 + lam * xs * m
+    w = np.exp(-(losses - losses.min()) / tau)
+    w /= w.sum()
+    dl = xs * m
+    dw = -w * (dl - np.sum(w * dl)) / tau
+    expected = 2 * (np.sum(w * xs) - 0.5) * np.sum(xs * dw)
+    np.testing.assert_allclose(hypergrad(hooked), expected, rtol=1e-10)
+    assert hypergrad(stacked) == hypergrad(plain)
+
+
+def test_inner_loss_at_points_must_return_one_loss_per_point():
+    plain = toy_problem()
+    bad = km.BilevelProblem(plain.inner_loss, plain.outer_loss,
+                            inner_loss_at_points=lambda points, h, b: tf.zeros([len(points) + 1],
+                                                                                tf.float64))
+    with pytest.raises(km.errors.InputMismatchError, match=r"one loss per point, a \[2\] tensor"):
+        km.EvoGrad(num_copies=2)(bad, [tf.constant([0.3], tf.float64)],
+                                 [tf.constant(0.5, tf.float64)], None, None,
+                                 seed=tf.constant([1, 2], tf.int64))
