@@ -15,7 +15,8 @@ One draw projects g_meta onto K random directions in the space of all the networ
 so its agreement with the mean is low and grows with K. This benchmark measures it on the
 problem of apps/noisy_labels.py (every flag of the app applies: --network, --width,
 --evograd_sigma, ...; with --mwn_input=current every copy is weighed at the current weights'
-losses, and EvoGrad's mean is the stopped reference).
+losses, and EvoGrad's mean is the stopped reference; with --mwn_input=copies_mean at the mean
+of the copies' losses, the same to first order in sigma).
 
 For each state in --states (epochs of MWN training with the one-step hypergradient from the
 seed's initialisation, as the app's mwn_one_step arm trains) and each of --batches (noisy
@@ -113,10 +114,13 @@ def measure_state(trainer, data, config, seed, epoch, copies, draws, num_pairs):
     one_step = km.Unrolled(optim.sgd(config.lr), num_steps=1)
     reference_fn = tf.function(lambda b, m: one_step(problem, params, phi, b, m).hypergrad)
 
-    def evograd_problem(batch):  # the app's: --mwn_input=current weighs the current losses
-        if trainer.mwn_input == "evaluated":
-            return problem
-        return trainer.problem(tf.stop_gradient(trainer.example_losses(params, batch)))
+    # the app's mwn_evograd problem (the trainer is mwn_one_step's, whose input is "evaluated")
+    mwn_input = app_module.mwn_input_of("mwn_evograd", config.mwn_input)
+
+    def evograd_problem(batch):
+        if mwn_input == "current":  # every copy weighed at the current losses
+            return trainer.problem(tf.stop_gradient(trainer.example_losses(params, batch)))
+        return trainer.problem(mwn_input=mwn_input)
     live = live_input_problem(trainer)
     live_fn = tf.function(lambda b, m: one_step(live, params, phi, b, m).hypergrad)
     lr_now = float(trainer.optimizer.learning_rate.numpy())
@@ -212,7 +216,11 @@ def main(argv):
              "the same with the gradient through the MWN's input as well, which is what "
              "EvoGrad's copies see" + (" (here each copy is weighed at the current losses, "
                                        "so EvoGrad's mean is the stopped one)"
-                                       if config.mwn_input == "current" else "") + ".", "",
+                                       if config.mwn_input == "current" else
+                                       " (here each copy is weighed at the mean of the copies' "
+                                       "losses, so EvoGrad's mean is the stopped one to first "
+                                       "order in sigma)"
+                                       if config.mwn_input == "copies_mean" else "") + ".", "",
              "| K | one draw: cosine with stopped | sign agreement with stopped | cosine with "
              f"live | mean of {FLAGS.draws} draws: cosine with stopped | its scale on stopped "
              "| cosine with live | its scale on live (1: unbiased) | ms / call |",

@@ -11,8 +11,10 @@ and the meta batch; SGD rate 0.05, Meta-Weight-Net 1-100-1 with Adam 1e-3):
 - evograd: the EvoGrad hypergradient (K = --copies perturbed copies), an Adam step on the
   Meta-Weight-Net and the weighted SGD step ("mwn_evograd --mwn_input=evaluated": every copy
   weighs its own losses, as the EvoGrad code);
-- evograd_current: the same with every copy weighed at the current weights' losses (the
-  app's default, --mwn_input=current: one more forward pass per step);
+- evograd_current: the same with every copy weighed at the current weights' losses
+  (--mwn_input=current: one more forward pass per step);
+- evograd_copies_mean: the same with every copy weighed at the mean of the K copies' losses
+  (--mwn_input=copies_mean: no extra forward pass);
 - one_step: the same with the second-order one-step look-ahead hypergradient
   (keras_metapt.Unrolled, T = 1, "mwn_one_step"), as the original Meta-Weight-Net.
 Each (network, method) runs in a fresh subprocess (TensorFlow pools freed CPU memory): the
@@ -64,9 +66,10 @@ flags.DEFINE_string("child", None, "Internal: measure '<net>:<method>' and print
 
 # the app's arms uniform, mwn_evograd (--mwn_input=evaluated / current, its default),
 # mwn_one_step
-METHODS = ("plain", "evograd", "evograd_current", "one_step")
+METHODS = ("plain", "evograd", "evograd_current", "evograd_copies_mean", "one_step")
 LABELS = {"plain": "plain SGD", "evograd": "EvoGrad, own losses (EvoGrad code)",
-          "evograd_current": "EvoGrad, current losses (app default)",
+          "evograd_current": "EvoGrad, current losses",
+          "evograd_copies_mean": "EvoGrad, copies' mean losses",
           "one_step": "one-step (second order)"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,7 +94,8 @@ def trainer_and_batches(net, method):
                      if method.startswith("evograd") else km.Unrolled(optim.sgd(lr), num_steps=1))
         extra = dict(mwn=km.hyper.MetaWeightNet(100, seed=0),
                      meta_optimizer=keras.optimizers.Adam(1e-3), estimator=estimator,
-                     mwn_input="current" if method == "evograd_current" else "evaluated")
+                     mwn_input={"evograd_current": "current",
+                                "evograd_copies_mean": "copies_mean"}.get(method, "evaluated"))
     trainer = km.reweighting.MetaWeightNetTrainer(nets.image_classifier(net, width),
                                                   learning_rate=lr, **extra)
     rng = np.random.default_rng(0)

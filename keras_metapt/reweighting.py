@@ -142,13 +142,13 @@ class MetaWeightNetTrainer:
                                                training=True)
         return per_example_cross_entropy(logits, batch[1])
 
-    def problem(self, mwn_input_losses=None):
+    def problem(self, mwn_input_losses=None, mwn_input=None):
         """The bilevel problem at the current BatchNorm statistics (both losses run the model
         in training mode, as the original's meta step; their statistics are not kept).
         ``mwn_input_losses``: the losses the MWN weighs in every evaluation of the inner loss
         (``mwn_input="current"``); None: the evaluated weights' own losses, or with
-        ``mwn_input="copies_mean"`` the mean of the losses at the points given together to
-        ``inner_loss_at_points`` (EvoGrad's copies)."""
+        ``mwn_input="copies_mean"`` (default: the trainer's) the mean of the losses at the
+        points given together to ``inner_loss_at_points`` (EvoGrad's copies)."""
         losses = self.example_losses
 
         def inner_loss(params, mwn, batch):
@@ -167,7 +167,8 @@ class MetaWeightNetTrainer:
             return tf.stack([self._weighted_share(v, weights) for v in tf.unstack(values)])
 
         rate = self.optimizer.learning_rate  # the variable: read at every step
-        at_points = inner_loss_at_points if self.mwn_input == "copies_mean" else None
+        at_points = (inner_loss_at_points if (mwn_input or self.mwn_input) == "copies_mean"
+                     else None)
         return BilevelProblem(inner_loss, outer_loss,
                               inner_optimizer_hparams=lambda h, s, n: {"learning_rate": rate},
                               inner_learning_rate=rate, inner_loss_at_points=at_points)

@@ -2,7 +2,8 @@
 
 Reference: EvoGrad's rate eta = sigma^2 (K - 1) / (K tau) from its definition; each share of
 agreeing signs is a multiple of 1 / (3 H + 1), the Meta-Weight-Net's weight count (1-H-1);
-cosines in [-1, 1]; the table's rows against the stored figures. (The live-input weights it
+cosines in [-1, 1]; the table's rows against the stored figures; the EvoGrad draws, on the
+same batches and noise, differ when --mwn_input does. (The live-input weights it
 uses: tests/hyper/test_example_weights.py.)"""
 
 import json
@@ -17,18 +18,28 @@ from tests.data.test_images import write_fashion_like
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def run_tiny(tmp_path, images, *flags):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.evograd_agreement", "--batches=2", "--num_train=60",
+         "--num_meta=50", "--batch_size=20", "--width=2", "--mwn_hidden=4",
+         "--evograd_sigma=0.01", "--epochs=4", f"--images_dir={images}",
+         f"--results_dir={tmp_path}", *flags],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.load(open(tmp_path / "evograd_agreement.json"))
+
+
 def test_tiny_agreement_benchmark(tmp_path):
     images = tmp_path / "fashion"
     write_fashion_like(str(images), n_train=300, n_test=10, seed=4)
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.evograd_agreement", "--copies=2,3", "--draws=3",
-         "--states=0,1", "--batches=2", "--num_train=60", "--num_meta=50", "--batch_size=20",
-         "--width=2", "--mwn_hidden=4", "--evograd_sigma=0.01", "--epochs=4",
-         "--mwn_input=current",
-         f"--images_dir={images}", f"--results_dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    stored = json.load(open(tmp_path / "evograd_agreement.json"))
+    # the EvoGrad problem follows --mwn_input (the draws and batches are the same for each)
+    single = {mwn_input: run_tiny(tmp_path / mwn_input, images, "--copies=2", "--draws=3",
+                                  "--states=0", f"--mwn_input={mwn_input}"
+                                  )["results"]["0"]["2"]["cosine_single"]
+              for mwn_input in ("evaluated", "copies_mean")}
+    assert single["evaluated"] != single["copies_mean"]
+    stored = run_tiny(tmp_path, images, "--copies=2,3", "--draws=3", "--states=0,1",
+                      "--mwn_input=current")
     assert stored["copies"] == [2, 3] and stored["states"] == [0, 1]
     table = (tmp_path / "evograd_agreement.md").read_text()
     assert "--mwn_input=current`; network mlp (width 2), seed 0" in table

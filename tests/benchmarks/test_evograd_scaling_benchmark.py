@@ -24,7 +24,7 @@ def test_quick_evograd_scaling_benchmark(tmp_path):
     assert stored["noise"] == "gaussian"
     model = nets.image_classifier("mlp", width=2)
     assert row["params"] == sum(int(v.numpy().size) for v in model.trainable_variables)
-    methods = {"plain", "evograd", "evograd_current", "one_step"}
+    methods = {"plain", "evograd", "evograd_current", "evograd_copies_mean", "one_step"}
     assert set(row["peak_mib"]) == set(row["held_mib"]) == methods
     assert set(row["ms"]) == methods | {f"{m}_hyperstep" for m in methods - {"plain"}}
     assert all(v > 0 for v in row["held_mib"].values())
@@ -33,8 +33,8 @@ def test_quick_evograd_scaling_benchmark(tmp_path):
     assert "EvoGrad K=2 (gaussian noise)" in table
     assert "`python -m benchmarks.evograd_scaling --quick --noise=gaussian --repeats=2`" in table
     ms, mib, held = row["ms"], row["peak_mib"], row["held_mib"]
-    m = "evograd_current"
-    assert (f"| EvoGrad, current losses (app default) | {ms[m]:.1f} | "
+    m = "evograd_copies_mean"
+    assert (f"| EvoGrad, copies' mean losses | {ms[m]:.1f} | "
             f"{ms[m] / ms['plain']:.2f}x | {ms[m] / ms['one_step']:.2f}x | "
             f"{ms[m + '_hyperstep']:.1f} | {ms[m + '_hyperstep'] / ms['plain']:.2f}x | "
             f"{ms[m + '_hyperstep'] / ms['one_step_hyperstep']:.2f}x | {mib[m]:.0f} | "
