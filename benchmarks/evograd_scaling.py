@@ -64,8 +64,8 @@ flags.DEFINE_bool("plot_only", False, "Redraw evograd_scaling.png from the "
                   "evograd_scaling.json in --output_dir (no measurement).")
 flags.DEFINE_string("child", None, "Internal: measure '<net>:<method>' and print its JSON.")
 
-# the app's arms uniform, mwn_evograd (--mwn_input=evaluated / current, its default),
-# mwn_one_step
+# the app's arms uniform, mwn_evograd (--mwn_input=evaluated / current, its default /
+# copies_mean), mwn_one_step
 METHODS = ("plain", "evograd", "evograd_current", "evograd_copies_mean", "one_step")
 LABELS = {"plain": "plain SGD", "evograd": "EvoGrad, own losses (EvoGrad code)",
           "evograd_current": "EvoGrad, current losses",

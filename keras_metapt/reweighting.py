@@ -22,10 +22,11 @@ only) takes the mean over EvoGrad's K copies of their per-example losses, (1/K) 
 l_i(theta + eps_k), and weighs every copy at it: the copies share their weights as with
 "current", without the extra forward pass (the mean differs from l_i(theta) by
 g_i . mean_k eps_k + O(sigma^2)). The one-step look-ahead and `Implicit` evaluate at the
-current weights, so they are the same with "evaluated" and "current"; EvoGrad's mean over its
-noise is then the original one-step hypergradient (stopped input) at its rate eta, where with
-"evaluated" it is the look-ahead differentiated through the MWN's input as well
-(`benchmarks.evograd_agreement` measures all three).
+current weights, so they are the same with "evaluated" and "current". With "current" (and,
+to first order in sigma, "copies_mean") EvoGrad's mean over its noise is the original one-step
+hypergradient (stopped input) at its rate eta; with "evaluated" it is the look-ahead
+differentiated through the MWN's input as well (`benchmarks.evograd_agreement` measures all
+three).
 Without a Meta-Weight-Net the step is plain SGD on the mean cross-entropy. The SGD is Keras'
 (velocity v <- mu v - lr g, so after a change of the rate the velocity still carries the old
 rate for about 1 / (1 - mu) steps; PyTorch keeps the rate outside the velocity). Cost per step:
@@ -149,6 +150,12 @@ class MetaWeightNetTrainer:
         (``mwn_input="current"``); None: the evaluated weights' own losses, or with
         ``mwn_input="copies_mean"`` (default: the trainer's) the mean of the losses at the
         points given together to ``inner_loss_at_points`` (EvoGrad's copies)."""
+        mwn_input = mwn_input or self.mwn_input
+        if mwn_input not in MWN_INPUTS:
+            raise ValueError(f"mwn_input must be one of {MWN_INPUTS}, got {mwn_input!r}")
+        if mwn_input == "copies_mean" and mwn_input_losses is not None:
+            raise ValueError("mwn_input='copies_mean' weighs the copies' own mean losses: "
+                             "give no mwn_input_losses")
         losses = self.example_losses
 
         def inner_loss(params, mwn, batch):
@@ -167,8 +174,7 @@ class MetaWeightNetTrainer:
             return tf.stack([self._weighted_share(v, weights) for v in tf.unstack(values)])
 
         rate = self.optimizer.learning_rate  # the variable: read at every step
-        at_points = (inner_loss_at_points if (mwn_input or self.mwn_input) == "copies_mean"
-                     else None)
+        at_points = inner_loss_at_points if mwn_input == "copies_mean" else None
         return BilevelProblem(inner_loss, outer_loss,
                               inner_optimizer_hparams=lambda h, s, n: {"learning_rate": rate},
                               inner_learning_rate=rate, inner_loss_at_points=at_points)

@@ -133,6 +133,13 @@ def test_helpers_and_argument_errors():
         MetaWeightNetTrainer(linear_model(), learning_rate=0.1, mwn=km.hyper.MetaWeightNet(),
                              meta_optimizer=keras.optimizers.Adam(), mwn_input="copies_mean",
                              estimator=km.Unrolled(optim.sgd(0.1), num_steps=1))
+    trainer = MetaWeightNetTrainer(linear_model(), learning_rate=0.1)
+    with pytest.raises(ValueError, match="mwn_input must be one of"):
+        trainer.problem(mwn_input="copy_mean")
+    with pytest.raises(ValueError, match="give no mwn_input_losses"):
+        trainer.problem(tf.zeros([3]), mwn_input="copies_mean")
+    assert trainer.problem(mwn_input="copies_mean").inner_loss_at_points is not None
+    assert trainer.problem().inner_loss_at_points is None
     with pytest.raises(ValueError, match="network must be one of"):
         nets.image_classifier("vgg")
     assert nets.image_classifier("mlp", width=1).output_shape == (None, 10)

@@ -236,9 +236,12 @@ def inner_loss_values_at_points(problem, points, hparams, batch):
                                      {"hparams": hparams, "params": points[0],
                                       "inner_batch": batch}):
         values = tf.convert_to_tensor(problem.inner_loss_at_points(points, hparams, batch))
-    if values.shape.rank != 1 or values.shape[0] not in (None, len(points)):
+    if not values.shape.is_compatible_with([len(points)]):
         raise InputMismatchError(f"inner_loss_at_points must return one loss per point, a "
                                  f"[{len(points)}] tensor; got shape {values.shape}")
+    if not values.dtype.is_floating:
+        raise InputMismatchError(f"inner_loss_at_points must return floating losses, got "
+                                 f"{values.dtype.name}")
     return values
 
 

@@ -37,9 +37,10 @@ def test_tiny_agreement_benchmark(tmp_path):
                                   "--states=0", f"--mwn_input={mwn_input}"
                                   )["results"]["0"]["2"]["cosine_single"]
               for mwn_input in ("evaluated", "copies_mean")}
-    assert single["evaluated"] != single["copies_mean"]
     stored = run_tiny(tmp_path, images, "--copies=2,3", "--draws=3", "--states=0,1",
                       "--mwn_input=current")
+    single["current"] = stored["results"]["0"]["2"]["cosine_single"]  # the same draws
+    assert len(set(single.values())) == 3, single
     assert stored["copies"] == [2, 3] and stored["states"] == [0, 1]
     table = (tmp_path / "evograd_agreement.md").read_text()
     assert "--mwn_input=current`; network mlp (width 2), seed 0" in table

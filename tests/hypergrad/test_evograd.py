@@ -151,7 +151,11 @@ def test_inner_loss_at_points_must_return_one_loss_per_point():
     bad = km.BilevelProblem(plain.inner_loss, plain.outer_loss,
                             inner_loss_at_points=lambda points, h, b: tf.zeros([len(points) + 1],
                                                                                 tf.float64))
-    with pytest.raises(km.errors.InputMismatchError, match=r"one loss per point, a \[2\] tensor"):
-        km.EvoGrad(num_copies=2)(bad, [tf.constant([0.3], tf.float64)],
-                                 [tf.constant(0.5, tf.float64)], None, None,
-                                 seed=tf.constant([1, 2], tf.int64))
+    integer = km.BilevelProblem(plain.inner_loss, plain.outer_loss,
+                                inner_loss_at_points=lambda points, h, b: tf.zeros([2], tf.int32))
+    for problem, message in ((bad, r"one loss per point, a \[2\] tensor; got shape \(3,\)"),
+                             (integer, "must return floating losses, got int32")):
+        with pytest.raises(km.errors.InputMismatchError, match=message):
+            km.EvoGrad(num_copies=2)(problem, [tf.constant([0.3], tf.float64)],
+                                     [tf.constant(0.5, tf.float64)], None, None,
+                                     seed=tf.constant([1, 2], tf.int64))
