@@ -66,6 +66,11 @@ def per_example_cross_entropy(logits, labels):
                           * tf.nn.log_softmax(logits), axis=-1)
 
 
+def _check_mwn_input(mwn_input):
+    if mwn_input not in MWN_INPUTS:
+        raise ValueError(f"mwn_input must be one of {MWN_INPUTS}, got {mwn_input!r}")
+
+
 class MetaWeightNetTrainer:
     """SGD (momentum, L2 added to the gradients) on ``model``, optionally with a
     `keras_metapt.hyper.MetaWeightNet` meta-learned by ``estimator`` and ``meta_optimizer``.
@@ -93,8 +98,7 @@ class MetaWeightNetTrainer:
                  mwn_input="evaluated"):
         if (mwn is None) != (estimator is None) or (mwn is None) != (meta_optimizer is None):
             raise ValueError("give mwn, meta_optimizer and estimator together, or none of them")
-        if mwn_input not in MWN_INPUTS:
-            raise ValueError(f"mwn_input must be one of {MWN_INPUTS}, got {mwn_input!r}")
+        _check_mwn_input(mwn_input)
         if mwn_input == "copies_mean" and not isinstance(estimator, EvoGrad):
             raise ValueError(f"mwn_input='copies_mean' weighs EvoGrad's copies at their mean "
                              f"losses: it needs an EvoGrad estimator, got "
@@ -151,8 +155,7 @@ class MetaWeightNetTrainer:
         ``mwn_input="copies_mean"`` (default: the trainer's) the mean of the losses at the
         points given together to ``inner_loss_at_points`` (EvoGrad's copies)."""
         mwn_input = mwn_input or self.mwn_input
-        if mwn_input not in MWN_INPUTS:
-            raise ValueError(f"mwn_input must be one of {MWN_INPUTS}, got {mwn_input!r}")
+        _check_mwn_input(mwn_input)
         if mwn_input == "copies_mean" and mwn_input_losses is not None:
             raise ValueError("mwn_input='copies_mean' weighs the copies' own mean losses: "
                              "give no mwn_input_losses")
