@@ -2,13 +2,19 @@ r"""Meta-learn per-example loss weights on noisy digits (scikit-learn's 8x8 digi
 
 A fraction of the training labels is replaced by random classes. Each outer step
 trains the MLP for --inner_steps SGD steps on the weighted training loss and
-takes a hypergradient of the clean validation loss with respect to the 1 weight
-logit per training example; Adam updates the logits. A baseline with uniform
-weights is trained identically (same steps, same initialisation), so the printed
-validation losses compare like with like.
+takes a hypergradient of the clean validation loss with respect to what sets the
+weights; Adam updates it. --weighting=logits (default): 1 weight logit per training
+example, weight sigmoid(logit) (1,000 hyperparameters). --weighting=mwn: a
+Meta-Weight-Net (Shu et al. 2019; loss -> weight, one hidden layer of --mwn_hidden
+units, 3H + 1 hyperparameters) shared by every example, whose input is each example's
+loss (--mwn_input says at which weights). The training loss is the mean of weight x
+loss either way. A baseline with uniform weights (1/2, the initial weight of both)
+is trained identically (same steps, same initialisation), so the printed validation
+losses compare like with like.
 
     python apps/digits_reweighting.py                    # about 10 seconds on 2 CPU cores
     python apps/digits_reweighting.py --estimator=evograd --outer_steps=300
+    python apps/digits_reweighting.py --weighting=mwn --hyper_lr=0.01
 
 Writes <output_dir>/history.csv, summary.json and reweighting.png; checkpoints
 every --checkpoint_every outer steps and resumes from the latest checkpoint when
@@ -52,7 +58,18 @@ flags.DEFINE_integer("inner_steps", 5, "Inner SGD steps per outer step (unrolled
 flags.DEFINE_integer("truncate", None, "Unrolled only: differentiate through the last K inner "
                      "steps (1 = greedy one-step); default all.")
 flags.DEFINE_float("inner_lr", 0.5, "Inner SGD learning rate.")
-flags.DEFINE_float("hyper_lr", 0.1, "Adam learning rate on the weight logits.")
+flags.DEFINE_float("hyper_lr", 0.1, "Adam learning rate on the weight logits (or the "
+                   "Meta-Weight-Net's weights).")
+flags.DEFINE_enum("weighting", "logits", ["logits", "mwn"], "What is meta-learned: one weight "
+                  "logit per training example (weight sigmoid(logit)), or a Meta-Weight-Net "
+                  "(per-example loss -> weight) shared by every example.")
+flags.DEFINE_integer("mwn_hidden", 100, "--weighting=mwn: hidden units of the Meta-Weight-Net "
+                     "(the original's 100).")
+flags.DEFINE_enum("mwn_input", "current", ["current", "evaluated"], "--weighting=mwn: the "
+                  "losses the Meta-Weight-Net weighs inside a hypergradient: those of the current "
+                  "weights (one extra forward pass per outer step), or those at the weights the "
+                  "inner loss is evaluated at (each unrolled step; HyperDistill's distilled "
+                  "point). The one-step look-ahead is the same with both.")
 flags.DEFINE_float("label_noise", 0.4, "Fraction of training labels replaced by a random class.")
 flags.DEFINE_integer("num_train", 1000, "Training examples (the rest: 300 validation, test).")
 flags.DEFINE_integer("hidden", 64, "Hidden units of the MLP 64-hidden-10.")
@@ -85,6 +102,9 @@ class Config(runner.Config):
     hyperdistill_anchor_every: int
     inner_lr: float
     hyper_lr: float
+    weighting: str
+    mwn_hidden: int
+    mwn_input: str
     label_noise: float
     num_train: int
     hidden: int
@@ -98,7 +118,7 @@ class Config(runner.Config):
                                                      "checkpoint_every", "plot")
     BOUNDS = {"outer_steps": "[1, inf)", "inner_steps": "[1, inf)", "truncate": "[1, inf)",
               **runner.HYPERDISTILL_BOUNDS,
-              "inner_lr": "(0, inf)", "hyper_lr": "[0, inf)", "label_noise": "[0, 1]",
+              "inner_lr": "(0, inf)", "hyper_lr": "[0, inf)", "mwn_hidden": "[1, inf)", "label_noise": "[0, 1]",
               "num_train": "[10, 1496]", "hidden": "[1, inf)", "seed": "[0, inf)",
               "log_every": "[1, inf)", "checkpoint_every": "[0, inf)"}
 
@@ -128,10 +148,15 @@ def build_model(hidden):
                              keras.layers.Dense(10)], name="digits_mlp")
 
 
-def make_problem(model, non_trainable):
-    """Weighted training loss (weights sigmoid(logits)) and clean validation loss.
+def make_problem(model, non_trainable, weighting="logits"):
+    """Weighted training loss and clean validation loss.
 
-    Returns the problem and ``predict(params, x) -> class logits``.
+    The hyperparameters are [weight logits [N]] (weights sigmoid(logit)) with
+    ``weighting="logits"``, or the Meta-Weight-Net's [W1, b1, W2, b2]
+    (`km.hyper.meta_weight_net_weights`, its input the detached per-example losses) with
+    ``"mwn"``. Training batches are (x, y, example index) or, for the MWN weighing given
+    losses, (x, y, example index, losses). Returns the problem, ``predict(params, x) -> class
+    logits`` and ``per_example(params, x, y) -> losses``.
     """
     def predict(params, x):
         return functional.stateless_apply(model, params, non_trainable, x)[0]
@@ -145,15 +170,28 @@ def make_problem(model, non_trainable):
     # Batches are (x, y, example index); with several replicas each loss is the replica's
     # share of the global mean (shard_fraction is 1 on one device).
     def inner_loss(p, h, b):
-        x, y, index = b
-        weights = tf.sigmoid(tf.gather(h[0], index))
-        return km.distribute.shard_fraction(x) * tf.reduce_mean(weights * per_example(p, x, y))
+        x, y, index = b[:3]
+        losses = per_example(p, x, y)
+        if weighting == "mwn":
+            weights = km.hyper.meta_weight_net_weights(h, b[3] if len(b) > 3 else losses)
+        else:
+            weights = tf.sigmoid(tf.gather(h[0], index))
+        return km.distribute.shard_fraction(x) * tf.reduce_mean(weights * losses)
 
     def outer_loss(p, h, b):
         x, y = b[0], b[1]
         return km.distribute.shard_fraction(x) * tf.reduce_mean(per_example(p, x, y))
 
-    return km.BilevelProblem(inner_loss, outer_loss), predict
+    return km.BilevelProblem(inner_loss, outer_loss), predict, per_example
+
+
+def uniform_loss(per_example):
+    """The baseline's training loss: every weight 1/2 (sigmoid(0), about the MWN's initial
+    weights), ``loss(params, batch)``."""
+    def loss(p, b):
+        x, y = b[0], b[1]
+        return km.distribute.shard_fraction(x) * tf.reduce_mean(0.5 * per_example(p, x, y))
+    return loss
 
 
 def make_estimator(config, reduce=None):
@@ -177,7 +215,7 @@ def main(argv):
         config.num_train, config.label_noise, config.seed)
     model = build_model(config.hidden)
     trainable, non_trainable = functional.model_state(model)
-    problem, predict = make_problem(model, non_trainable)
+    problem, predict, per_example = make_problem(model, non_trainable, config.weighting)
     replicas = strategy.num_replicas_in_sync
     if config.estimator == "hyperdistill" and config.inner_steps != 1:
         raise app.UsageError(f"--estimator=hyperdistill takes one inner step per outer step "
@@ -193,15 +231,19 @@ def main(argv):
     # State: meta-learned run (params, logits), uniform baseline (params), hyper-optimizer.
     params = [tf.Variable(t) for t in trainable]
     baseline = [tf.Variable(t) for t in trainable]
-    logits = tf.Variable(tf.zeros([config.num_train]), name="example_weight_logits")
+    if config.weighting == "mwn":
+        hyper_vars = km.hyper.MetaWeightNet(config.mwn_hidden, seed=config.seed).weight_variables()
+        items = {"mwn": hyper_vars}
+    else:
+        hyper_vars = [tf.Variable(tf.zeros([config.num_train]), name="example_weight_logits")]
+        items = {"logits": hyper_vars[0]}
     hyper_opt = keras.optimizers.Adam(config.hyper_lr)
-    hyper_opt.build([logits])
+    hyper_opt.build(hyper_vars)
     step = tf.Variable(0, dtype=tf.int64)
-    items = {}
     if config.estimator == "hyperdistill":  # keeps w_0, the step count and its scale's fit
-        items = estimator.start([p.read_value() for p in params]).checkpoint_items()
-    ckpt = tf.train.Checkpoint(params=params, baseline=baseline, logits=logits, step=step,
-                               hyper_opt=hyper_opt, **items)
+        items.update(estimator.start([p.read_value() for p in params]).checkpoint_items())
+    ckpt = tf.train.Checkpoint(params=params, baseline=baseline, step=step, hyper_opt=hyper_opt,
+                               **items)
     os.makedirs(config.output_dir, exist_ok=True)
     ckpt_dir = os.path.join(config.output_dir, "ckpt")
     resumable = runner.claim_directory(ckpt_dir, config)
@@ -222,8 +264,13 @@ def main(argv):
         # EvoGrad's noise seed: a function of the step, the same on every replica (the other
         # estimators ignore it).
         seed = tf.stack([tf.constant(config.seed, tf.int64), step.read_value()])
-        return estimator(problem, [p.read_value() for p in params], [logits.read_value()],
-                         train_batch, val_batch, seed=seed)
+        current = [p.read_value() for p in params]
+        if config.weighting == "mwn" and config.mwn_input == "current":
+            train_batch = (*train_batch, per_example(current, train_batch[0], train_batch[1]))
+        return estimator(problem, current, hparams(), train_batch, val_batch, seed=seed)
+
+    def hparams():
+        return [tf.convert_to_tensor(v) for v in hyper_vars]
 
     if replicas == 1:
         meta_step = tf.function(lambda: hypergradient(train, val), jit_compile=True)
@@ -238,16 +285,17 @@ def main(argv):
             return tf.nest.map_structure(lambda v: strategy.experimental_local_results(v)[0],
                                          per_replica)
 
+    baseline_loss = uniform_loss(per_example)
+
     @tf.function(jit_compile=True)
     def baseline_steps():
         state = [p.read_value() for p in baseline]
-        uniform = [tf.zeros_like(logits)]
         for _ in range(config.inner_steps):
             with tf.GradientTape() as tape:
                 tape.watch(state)
-                loss = problem.inner_loss(state, uniform, train)
+                loss = baseline_loss(state, train)
             state, _ = sgd.update(tape.gradient(loss, state), (), state)
-        return state, problem.outer_loss(state, uniform, val)
+        return state, problem.outer_loss(state, None, val)
 
     def inner_sgd_steps():
         """EvoGrad and IFT do not move the parameters: train them with the current weights."""
@@ -255,7 +303,7 @@ def main(argv):
         for _ in range(config.inner_steps):
             with tf.GradientTape() as tape:
                 tape.watch(state)
-                loss = problem.inner_loss(state, [logits.read_value()], train)
+                loss = problem.inner_loss(state, hparams(), train)
             state, _ = sgd.update(tape.gradient(loss, state), (), state)
         return state
 
@@ -269,7 +317,7 @@ def main(argv):
         while int(step.numpy()) < config.outer_steps:
             started = time.perf_counter()
             result = km.ensure_finite(meta_step())
-            hyper_opt.apply_gradients([(result.hypergrad[0], logits)])
+            hyper_opt.apply_gradients(zip(result.hypergrad, hyper_vars))
             if config.estimator in ("unrolled", "hyperdistill"):
                 new_params = result.params
             else:
@@ -293,7 +341,12 @@ def main(argv):
                 f.flush()
                 manager.save(checkpoint_number=s)
 
-    summary = summarise(problem, predict, params, baseline, logits, (x_te, y_te), val,
+    if config.weighting == "mwn":  # each example's weight at its loss under the final weights
+        weights = km.hyper.meta_weight_net_weights(hparams(), per_example(
+            [p.read_value() for p in params], x_tr, y_tr)).numpy()
+    else:
+        weights = tf.sigmoid(hyper_vars[0]).numpy()
+    summary = summarise(problem, predict, params, baseline, weights, (x_te, y_te), val,
                         corrupted)
     # the mean over the steps after the first (which traces and compiles); it includes any
     # periodic work (HyperDistill's references)
@@ -306,11 +359,13 @@ def main(argv):
     runner.write_json(os.path.join(config.output_dir, "summary.json"), summary)
     print("\n" + "\n".join(f"{k}: {v}" for k, v in summary.items()))
     if config.plot:
-        plot(history_path, tf.sigmoid(logits).numpy(), corrupted,
+        plot(history_path, weights, corrupted,
              os.path.join(config.output_dir, "reweighting.png"))
 
 
-def summarise(problem, predict, params, baseline, logits, test, val, corrupted):
+def summarise(problem, predict, params, baseline, weights, test, val, corrupted):
+    """Losses and accuracies of both runs; ``weights`` [N], the learned weight of every
+    training example (clean against corrupted)."""
     from sklearn.metrics import roc_auc_score
 
     def accuracy(state, data):
@@ -318,7 +373,6 @@ def summarise(problem, predict, params, baseline, logits, test, val, corrupted):
 
     meta = [p.read_value() for p in params]
     base = [p.read_value() for p in baseline]
-    weights = tf.sigmoid(logits).numpy()
     return {
         "val_loss_meta": round(float(problem.outer_loss(meta, None, val)), 4),
         "val_loss_uniform": round(float(problem.outer_loss(base, None, val)), 4),
