@@ -8,9 +8,11 @@ example, weight sigmoid(logit) (1,000 hyperparameters). --weighting=mwn: a
 Meta-Weight-Net (Shu et al. 2019; loss -> weight, one hidden layer of --mwn_hidden
 units, 3H + 1 hyperparameters) shared by every example, whose input is each example's
 loss (--mwn_input says at which weights). The training loss is the mean of weight x
-loss either way. A baseline with uniform weights (1/2, the initial weight of both)
-is trained identically (same steps, same initialisation), so the printed validation
-losses compare like with like.
+loss for the logits and, as in the original Meta-Weight-Net, sum_i v_i l_i / sum_i v_i
+for the MWN (normalised: the MWN cannot rescale the step by raising every weight). A
+baseline with uniform weights is trained identically (same steps, same
+initialisation; weights 1/2, the logits' initial weight, or the normalised uniform
+weights 1/N), so the printed validation losses compare like with like.
 
     python apps/digits_reweighting.py                    # about 10 seconds on 2 CPU cores
     python apps/digits_reweighting.py --estimator=evograd --outer_steps=300
@@ -154,7 +156,8 @@ def make_problem(model, non_trainable, weighting="logits"):
     The hyperparameters are [weight logits [N]] (weights sigmoid(logit)) with
     ``weighting="logits"``, or the Meta-Weight-Net's [W1, b1, W2, b2]
     (`km.hyper.meta_weight_net_weights`, its input the detached per-example losses) with
-    ``"mwn"``. Training batches are (x, y, example index) or, for the MWN weighing given
+    ``"mwn"``, whose training loss is normalised: sum_i v_i l_i / sum_i v_i (one replica).
+    Training batches are (x, y, example index) or, for the MWN weighing given
     losses, (x, y, example index, losses). Returns the problem, ``predict(params, x) -> class
     logits`` and ``per_example(params, x, y) -> losses``.
     """
@@ -174,8 +177,8 @@ def make_problem(model, non_trainable, weighting="logits"):
         losses = per_example(p, x, y)
         if weighting == "mwn":
             weights = km.hyper.meta_weight_net_weights(h, b[3] if len(b) > 3 else losses)
-        else:
-            weights = tf.sigmoid(tf.gather(h[0], index))
+            return km.hyper.normalised_weighted_loss(losses, weights)
+        weights = tf.sigmoid(tf.gather(h[0], index))
         return km.distribute.shard_fraction(x) * tf.reduce_mean(weights * losses)
 
     def outer_loss(p, h, b):
@@ -185,12 +188,14 @@ def make_problem(model, non_trainable, weighting="logits"):
     return km.BilevelProblem(inner_loss, outer_loss), predict, per_example
 
 
-def uniform_loss(per_example):
-    """The baseline's training loss: every weight 1/2 (sigmoid(0), about the MWN's initial
-    weights), ``loss(params, batch)``."""
+def uniform_loss(per_example, weighting="logits"):
+    """The baseline's training loss ``loss(params, batch)``: the mean loss with every weight
+    1/2 (sigmoid(0), the logits' start), or with the MWN's normalised uniform weights 1/N."""
+    scale = 1.0 if weighting == "mwn" else 0.5
+
     def loss(p, b):
         x, y = b[0], b[1]
-        return km.distribute.shard_fraction(x) * tf.reduce_mean(0.5 * per_example(p, x, y))
+        return km.distribute.shard_fraction(x) * tf.reduce_mean(scale * per_example(p, x, y))
     return loss
 
 
@@ -217,6 +222,9 @@ def main(argv):
     trainable, non_trainable = functional.model_state(model)
     problem, predict, per_example = make_problem(model, non_trainable, config.weighting)
     replicas = strategy.num_replicas_in_sync
+    if config.weighting == "mwn" and replicas > 1:
+        raise app.UsageError(f"--weighting=mwn runs on one replica (its normalised loss "
+                             f"divides by the sum of every weight); got {replicas} replicas")
     if config.estimator == "hyperdistill" and config.inner_steps != 1:
         raise app.UsageError(f"--estimator=hyperdistill takes one inner step per outer step "
                              f"(an online hypergradient); got --inner_steps={config.inner_steps}")
@@ -285,7 +293,7 @@ def main(argv):
             return tf.nest.map_structure(lambda v: strategy.experimental_local_results(v)[0],
                                          per_replica)
 
-    baseline_loss = uniform_loss(per_example)
+    baseline_loss = uniform_loss(per_example, config.weighting)
 
     @tf.function(jit_compile=True)
     def baseline_steps():

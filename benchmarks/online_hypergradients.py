@@ -3,11 +3,14 @@ truncated (K = 5) hypergradients, at equal inner steps, with their wall-clock.
 
     python -m benchmarks.online_hypergradients              # 5 seeds, ~15 min on 2 cores
     python -m benchmarks.online_hypergradients --quick      # 2 seeds, 20 inner steps (smoke)
+    python -m benchmarks.online_hypergradients --weighting=mwn --hyper_lr=0.001 --seeds=5,...,14
 
 The problem is apps/digits_reweighting.py: per-example loss weights sigmoid(logit) for the
 1,000 training examples of scikit-learn's digits with 40% of the labels replaced, an MLP
 64-64-10 trained by full-batch SGD (0.5), the clean validation loss (300 examples) as the
-outer objective, Adam (0.1) on the logits. Every arm trains --inner_steps_total SGD steps
+outer objective, Adam (0.1) on the logits. ``--weighting=mwn`` meta-learns a Meta-Weight-Net
+(loss -> weight, shared by every example; the app's --mwn_input=current) in place of the
+logits, with Adam at --hyper_lr. Every arm trains --inner_steps_total SGD steps
 from the seed's initialisation and updates the logits online:
 - one_step: after every step, the one-step look-ahead hypergradient (``Unrolled(sgd, 1)``);
 - hyperdistill: after every step, ``HyperDistill`` (gamma --hyperdistill_gamma, a reference
@@ -23,7 +26,8 @@ of the learned weights for telling clean from corrupted examples, seconds per in
 mean hypergradient-and-step of the run after its first, which compiles; HyperDistill's
 references included); the paired difference of hyperdistill to each other arm with a 95% t
 interval over seeds; the validation loss against the inner step (plot).
-Writes benchmarks/results/online_hypergradients.{md,json,png} (or --output_dir).
+Writes benchmarks/results/online_hypergradients.{md,json,png} (online_hypergradients_mwn.* with
+--weighting=mwn; or --output_dir).
 """
 
 import csv
@@ -61,17 +65,22 @@ def define_flags():
     flags.DEFINE_float("hyperdistill_gamma", 0.99, "HyperDistill's damping gamma.")
     flags.DEFINE_integer("hyperdistill_every", 100, "HyperDistill: a reference every this many "
                          "steps.")
+    flags.DEFINE_enum("weighting", "logits", ["logits", "mwn"], "What is meta-learned: one "
+                      "weight logit per example, or a Meta-Weight-Net (the app's --weighting).")
+    flags.DEFINE_float("hyper_lr", None, "Adam's rate on the hyperparameters (default: the "
+                       "app's, 0.1, set for the logits).")
     flags.DEFINE_bool("quick", False, "2 seeds, 20 inner steps, a reference every 5: a smoke run.")
     flags.DEFINE_string("output_dir", os.path.join(ROOT, "benchmarks", "results"),
                         "Where online_hypergradients.{md,json,png} and the runs go.")
 
 
-def run_flags(arm, seed, total, gamma, every):
+def run_flags(arm, seed, total, gamma, every, extra=()):
+    """The app's flags for ``arm`` and ``seed``; ``extra`` (e.g. --weighting) go last."""
     estimator_flags, inner = ARMS[arm]
     return estimator_flags + [f"--inner_steps={inner}", f"--outer_steps={total // inner}",
                               f"--seed={seed}", f"--hyperdistill_gamma={gamma}",
                               f"--hyperdistill_every={every}", "--checkpoint_every=0",
-                              f"--log_every={max(total // inner, 1)}", "--noplot"]
+                              f"--log_every={max(total // inner, 1)}", "--noplot", *extra]
 
 
 def run_one(run_dir, arguments):
@@ -167,21 +176,26 @@ def main(argv):
         seeds, total, every = seeds[:2], 20, 5
     if total % 5:
         raise app.UsageError(f"--inner_steps_total={total}: must be a multiple of 5")
-    name = "online_hypergradients_quick" if FLAGS.quick else "online_hypergradients"
+    extra = [] if FLAGS.weighting == "logits" else [f"--weighting={FLAGS.weighting}"]
+    if FLAGS.hyper_lr is not None:
+        extra.append(f"--hyper_lr={FLAGS.hyper_lr}")
+    name = "online_hypergradients" + ("_mwn" if FLAGS.weighting == "mwn" else "")
+    name += "_quick" if FLAGS.quick else ""
     runs_dir = os.path.join(FLAGS.output_dir, name)
     results, curves = {}, {}
     for arm in arms:
         results[arm], curves[arm] = {}, []
         for seed in seeds:
             run_dir = os.path.join(runs_dir, f"{arm}_seed{seed}")
-            arguments = run_flags(arm, seed, total, FLAGS.hyperdistill_gamma, every)
+            arguments = run_flags(arm, seed, total, FLAGS.hyperdistill_gamma, every, extra)
             results[arm][seed] = run_one(run_dir, arguments)
             curves[arm].append(validation_curve(run_dir, ARMS[arm][1]))
             runner.log(f"{arm} seed {seed}: test accuracy "
                        f"{results[arm][seed]['test_accuracy_meta']:.4f}")
     table, paired = tables(results, arms, seeds)
     header = (f"# Online hypergradients on noisy digits\n\n`python -m "
-              f"benchmarks.online_hypergradients{' --quick' if FLAGS.quick else ''}`: "
+              f"benchmarks.online_hypergradients{' --quick' if FLAGS.quick else ''}"
+              f"{''.join(' ' + f for f in extra)}`: {FLAGS.weighting} weighting, "
               f"{total} inner steps, seeds {', '.join(map(str, seeds))}, HyperDistill gamma "
               f"{FLAGS.hyperdistill_gamma}, a reference every {every} steps.\n\n")
     print(header + table)

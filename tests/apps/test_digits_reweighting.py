@@ -77,3 +77,29 @@ def test_hyperdistill_online_run_fits_its_scale_and_refuses_several_inner_steps(
                            "--inner_steps=5"], capture_output=True, text=True, timeout=300,
                           cwd=ROOT)
     assert proc.returncode != 0 and "--inner_steps=5" in proc.stderr
+
+
+def test_in_process_checks_of_the_problem():
+    """tests/apps/digits_reweighting_inprocess.py in its own process (the app's absl flags
+    would clash with other modules' flags here): the inner losses of both weightings and the
+    uniform baseline against a NumPy transcription."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0",
+                           "-p", "no:cacheprovider",
+                           os.path.join("tests", "apps", "digits_reweighting_inprocess.py")],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "3 passed" in proc.stdout
+
+
+def test_meta_weight_net_online_runs_find_noisy_labels(tmp_path):
+    """--weighting=mwn, one-step and HyperDistill online: the Meta-Weight-Net learns to weigh
+    corrupted examples below clean ones and the run ends below the uniform run's validation
+    loss (reference: the run's own uniform baseline, same steps and initialisation)."""
+    for estimator in ("unrolled", "hyperdistill"):
+        out = str(tmp_path / estimator)
+        run_app(out, "--weighting=mwn", "--hyper_lr=0.003", f"--estimator={estimator}",
+                "--inner_steps=1", "--outer_steps=150", "--hyperdistill_every=50",
+                "--checkpoint_every=0", "--noplot")
+        summary = json.load(open(os.path.join(out, "summary.json")))
+        assert summary["val_loss_meta"] < summary["val_loss_uniform"], (estimator, summary)
+        assert summary["auroc_weights_vs_clean"] > 0.9, (estimator, summary)
