@@ -42,7 +42,8 @@ def test_meta_learned_weights_beat_uniform_and_find_noisy_labels(tmp_path):
 
 def test_mirrored_two_devices_reproduce_the_one_device_run(tmp_path):
     """Reference: the same run on one device; unrolled hypergradients summed over 2 replicas
-    (shards of 300 examples) must give the same validation-loss history."""
+    (shards of 300 examples) must give the same validation-loss history. --weighting=mwn is
+    refused there."""
     flags = ["--outer_steps=6", "--checkpoint_every=0", "--noplot", "--estimator=unrolled"]
     one = tmp_path / "one"
     run_app(one, *flags)
@@ -57,6 +58,11 @@ def test_mirrored_two_devices_reproduce_the_one_device_run(tmp_path):
     assert len(h1) == len(h2) == 6
     for a, b in zip(h1, h2):
         assert abs(a[1] - b[1]) <= 2e-5 and a[2] == b[2]
+    # the Meta-Weight-Net's normalised loss runs on one replica: refused, naming the count
+    proc = subprocess.run(cmd[:-2] + ["--weighting=mwn", f"--output_dir={tmp_path / 'mwn'}",
+                                      "--strategy=mirrored", "--devices=/cpu:0,/cpu:1"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode != 0 and "--weighting=mwn runs on one replica" in proc.stderr
 
 
 def test_hyperdistill_online_run_fits_its_scale_and_refuses_several_inner_steps(tmp_path):

@@ -19,6 +19,11 @@ def test_every_arm_trains_the_same_inner_steps():
         assert outer * inner == 750
         assert f"--inner_steps={inner}" in flags and "--seed=3" in flags
     assert bench.ARMS["truncated5"][1] == 5 and bench.ARMS["one_step"][1] == 1
+    # the weighting flags reach every arm's run, after its own flags
+    flags = bench.run_flags("hyperdistill", 3, 750, 0.99, 100,
+                            ["--weighting=mwn", "--hyper_lr=0.001"])
+    assert flags[-2:] == ["--weighting=mwn", "--hyper_lr=0.001"]
+    assert flags[:-2] == bench.run_flags("hyperdistill", 3, 750, 0.99, 100)
 
 
 def test_paired_differences_and_intervals_against_scipy():
