@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.apps import run_pytest_file
 from tests.data.test_images import write_fashion_like
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -97,12 +98,7 @@ def test_app_end_to_end(tmp_path, images):
 def test_in_process_checks_resume_and_pairing():
     """tests/apps/cross_domain_fewshot_inprocess.py in its own process (the app's absl flags
     would clash with other modules' flags here)."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0",  # in one process
-                           "-p", "no:cacheprovider",
-                           os.path.join("tests", "apps", "cross_domain_fewshot_inprocess.py")],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "4 passed" in proc.stdout
+    run_pytest_file("cross_domain_fewshot_inprocess.py", 4)
 
 
 def test_a_domain_too_small_for_the_episodes_is_a_usage_error(tmp_path):

@@ -2,7 +2,8 @@
 killed at arbitrary points, is tests/faults/test_kill_and_resume.py's).
 
 References: the run's own uniform-weight baseline (same steps and initialisation) for
-"meta-learning helps"; the one-device run for the mirrored one.
+"meta-learning helps"; the one-device run for the mirrored one; a NumPy transcription of
+the losses (tests/apps/digits_reweighting_inprocess.py).
 """
 
 import csv
@@ -10,6 +11,8 @@ import json
 import os
 import subprocess
 import sys
+
+from tests.apps import run_pytest_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -89,12 +92,7 @@ def test_in_process_checks_of_the_problem():
     """tests/apps/digits_reweighting_inprocess.py in its own process (the app's absl flags
     would clash with other modules' flags here): the inner losses of both weightings and the
     uniform baseline against a NumPy transcription."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0",
-                           "-p", "no:cacheprovider",
-                           os.path.join("tests", "apps", "digits_reweighting_inprocess.py")],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "3 passed" in proc.stdout
+    run_pytest_file("digits_reweighting_inprocess.py", 3, timeout=600)
 
 
 def test_meta_weight_net_online_runs_find_noisy_labels(tmp_path):

@@ -20,6 +20,7 @@ import pytest
 
 from keras_metapt.data import corrupt_labels, split_clean_meta
 from keras_metapt.data.images import load_idx_dataset
+from tests.apps import run_pytest_file
 from tests.data.test_images import write_fashion_like
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -89,12 +90,7 @@ def test_in_process_checks_resume_and_pairing():
     clash with other modules' flags here): an interrupted arm resumes to the uninterrupted
     result; arms of a seed share weights and batches; the config's fields are FLAG_NAMES;
     the EvoGrad settings reach its estimator and only its results config."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0",  # in one process
-                           "-p", "no:cacheprovider",
-                           os.path.join("tests", "apps", "noisy_labels_inprocess.py")],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "6 passed" in proc.stdout
+    run_pytest_file("noisy_labels_inprocess.py", 6)
 
 
 def run_two_replicas(out, images, *flags):
