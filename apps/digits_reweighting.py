@@ -16,7 +16,7 @@ weights 1/N), so the printed validation losses compare like with like.
 
     python apps/digits_reweighting.py                    # about 10 seconds on 2 CPU cores
     python apps/digits_reweighting.py --estimator=evograd --outer_steps=300
-    python apps/digits_reweighting.py --weighting=mwn --hyper_lr=0.01
+    python apps/digits_reweighting.py --weighting=mwn --hyper_lr=0.001
 
 Writes <output_dir>/history.csv, summary.json and reweighting.png; checkpoints
 every --checkpoint_every outer steps and resumes from the latest checkpoint when
@@ -60,8 +60,8 @@ flags.DEFINE_integer("inner_steps", 5, "Inner SGD steps per outer step (unrolled
 flags.DEFINE_integer("truncate", None, "Unrolled only: differentiate through the last K inner "
                      "steps (1 = greedy one-step); default all.")
 flags.DEFINE_float("inner_lr", 0.5, "Inner SGD learning rate.")
-flags.DEFINE_float("hyper_lr", 0.1, "Adam learning rate on the weight logits (or the "
-                   "Meta-Weight-Net's weights).")
+flags.DEFINE_float("hyper_lr", 0.1, "Adam learning rate on the weight logits, or on the "
+                   "Meta-Weight-Net's weights (0.001 suits --weighting=mwn: 0.1 saturates it).")
 flags.DEFINE_enum("weighting", "logits", ["logits", "mwn"], "What is meta-learned: one weight "
                   "logit per training example (weight sigmoid(logit)), or a Meta-Weight-Net "
                   "(per-example loss -> weight) shared by every example.")
@@ -71,7 +71,8 @@ flags.DEFINE_enum("mwn_input", "current", ["current", "evaluated"], "--weighting
                   "losses the Meta-Weight-Net weighs inside a hypergradient: those of the current "
                   "weights (one extra forward pass per outer step), or those at the weights the "
                   "inner loss is evaluated at (each unrolled step; HyperDistill's distilled "
-                  "point). The one-step look-ahead is the same with both.")
+                  "point). The one-step look-ahead, and the training steps themselves, are the "
+                  "same with both.")
 flags.DEFINE_float("label_noise", 0.4, "Fraction of training labels replaced by a random class.")
 flags.DEFINE_integer("num_train", 1000, "Training examples (the rest: 300 validation, test).")
 flags.DEFINE_integer("hidden", 64, "Hidden units of the MLP 64-hidden-10.")
@@ -120,9 +121,19 @@ class Config(runner.Config):
                                                      "checkpoint_every", "plot")
     BOUNDS = {"outer_steps": "[1, inf)", "inner_steps": "[1, inf)", "truncate": "[1, inf)",
               **runner.HYPERDISTILL_BOUNDS,
-              "inner_lr": "(0, inf)", "hyper_lr": "[0, inf)", "mwn_hidden": "[1, inf)", "label_noise": "[0, 1]",
-              "num_train": "[10, 1496]", "hidden": "[1, inf)", "seed": "[0, inf)",
+              "inner_lr": "(0, inf)", "hyper_lr": "[0, inf)", "mwn_hidden": "[1, inf)",
+              "label_noise": "[0, 1]", "num_train": "[10, 1496]", "hidden": "[1, inf)", "seed": "[0, inf)",
               "log_every": "[1, inf)", "checkpoint_every": "[0, inf)"}
+    MWN_SETTINGS = ("weighting", "mwn_hidden", "mwn_input")
+
+    def results_config(self):
+        """The runner's, without the Meta-Weight-Net's settings for the logits (which never
+        read them): a logits run resumes whatever they say, as it did before they existed."""
+        config = super().results_config()
+        if self.weighting == "logits":
+            for name in self.MWN_SETTINGS:
+                config.pop(name)
+        return config
 
 
 def load_noisy_digits(num_train, noise, seed):
@@ -349,7 +360,8 @@ def main(argv):
                 f.flush()
                 manager.save(checkpoint_number=s)
 
-    if config.weighting == "mwn":  # each example's weight at its loss under the final weights
+    if config.weighting == "mwn":  # the MWN's output v at each example's final loss (the
+        # normalised loss weighs by v / sum v)
         weights = km.hyper.meta_weight_net_weights(hparams(), per_example(
             [p.read_value() for p in params], x_tr, y_tr)).numpy()
     else:
@@ -367,13 +379,14 @@ def main(argv):
     runner.write_json(os.path.join(config.output_dir, "summary.json"), summary)
     print("\n" + "\n".join(f"{k}: {v}" for k, v in summary.items()))
     if config.plot:
-        plot(history_path, weights, corrupted,
+        plot(history_path, weights, corrupted, config.weighting,
              os.path.join(config.output_dir, "reweighting.png"))
 
 
 def summarise(problem, predict, params, baseline, weights, test, val, corrupted):
     """Losses and accuracies of both runs; ``weights`` [N], the learned weight of every
-    training example (clean against corrupted)."""
+    training example (sigmoid(logit), or the MWN's output v, whose scale the normalised loss
+    ignores), by clean against corrupted: the means and the AUROC."""
     from sklearn.metrics import roc_auc_score
 
     def accuracy(state, data):
@@ -406,7 +419,7 @@ def truncate_history(history_path, last_step):
     os.replace(tmp, history_path)
 
 
-def plot(history_path, weights, corrupted, path):
+def plot(history_path, weights, corrupted, weighting, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -419,10 +432,11 @@ def plot(history_path, weights, corrupted, path):
     ax1.set_ylabel("clean validation loss")
     ax1.legend()
     ax1.set_title("Validation loss")
-    bins = np.linspace(0, 1, 31)
+    bins = np.linspace(0, 1 if weighting == "logits" else max(float(weights.max()), 1e-6), 31)
     ax2.hist(weights[~corrupted], bins, alpha=0.6, label="clean label")
     ax2.hist(weights[corrupted], bins, alpha=0.6, label="corrupted label")
-    ax2.set_xlabel("learned example weight sigmoid(logit)")
+    ax2.set_xlabel("learned example weight sigmoid(logit)" if weighting == "logits" else
+                   "Meta-Weight-Net output v at the example's final loss")
     ax2.set_ylabel("examples")
     ax2.legend()
     ax2.set_title("Learned weights")

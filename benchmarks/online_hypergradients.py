@@ -3,7 +3,8 @@ truncated (K = 5) hypergradients, at equal inner steps, with their wall-clock.
 
     python -m benchmarks.online_hypergradients              # 5 seeds, ~15 min on 2 cores
     python -m benchmarks.online_hypergradients --quick      # 2 seeds, 20 inner steps (smoke)
-    python -m benchmarks.online_hypergradients --weighting=mwn --hyper_lr=0.001 --seeds=5,...,14
+    python -m benchmarks.online_hypergradients --weighting=mwn --hyper_lr=0.001 \
+        --seeds=5,6,7,8,9,10,11,12,13,14
 
 The problem is apps/digits_reweighting.py: per-example loss weights sigmoid(logit) for the
 1,000 training examples of scikit-learn's digits with 40% of the labels replaced, an MLP
@@ -202,7 +203,8 @@ def main(argv):
     with open(os.path.join(FLAGS.output_dir, f"{name}.md"), "w") as f:
         f.write(header + table)
     runner.write_json(os.path.join(FLAGS.output_dir, f"{name}.json"),
-                      {"inner_steps_total": total, "seeds": seeds, "per_seed": results,
+                      {"inner_steps_total": total, "seeds": seeds, "weighting": FLAGS.weighting,
+                       "app_flags": extra, "per_seed": results,
                        "paired_hyperdistill_minus": paired})
     plot(curves, os.path.join(FLAGS.output_dir, f"{name}.png"))
 

@@ -66,6 +66,7 @@ def test_mirrored_two_devices_reproduce_the_one_device_run(tmp_path):
                                       "--strategy=mirrored", "--devices=/cpu:0,/cpu:1"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode != 0 and "--weighting=mwn runs on one replica" in proc.stderr
+    assert "got 2 replicas" in proc.stderr
 
 
 def test_hyperdistill_online_run_fits_its_scale_and_refuses_several_inner_steps(tmp_path):
@@ -107,3 +108,27 @@ def test_meta_weight_net_online_runs_find_noisy_labels(tmp_path):
         summary = json.load(open(os.path.join(out, "summary.json")))
         assert summary["val_loss_meta"] < summary["val_loss_uniform"], (estimator, summary)
         assert summary["auroc_weights_vs_clean"] > 0.9, (estimator, summary)
+
+
+def test_meta_weight_net_run_resumes_and_logits_runs_ignore_its_settings(tmp_path):
+    """Reference: the uninterrupted run. A --weighting=mwn HyperDistill run of 4 outer steps,
+    resumed to 8 from its checkpoint (MWN weights, hyper-optimizer, HyperDistill state),
+    gives the uninterrupted 8-step run's history and summary; a logits run resumes whatever
+    the MWN settings, which it does not read, say."""
+    flags = ["--weighting=mwn", "--hyper_lr=0.001", "--estimator=hyperdistill", "--inner_steps=1",
+             "--hyperdistill_every=3", "--checkpoint_every=4", "--noplot"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_app(straight, *flags, "--outer_steps=8")
+    run_app(resumed, *flags, "--outer_steps=4")
+    proc = run_app(resumed, *flags, "--outer_steps=8")
+    assert "Resumed from" in proc.stdout
+    assert history(resumed) == history(straight)
+    summaries = [json.load(open(os.path.join(d, "summary.json"))) for d in (straight, resumed)]
+    for summary in summaries:
+        summary.pop("seconds_per_outer_step")
+    assert summaries[0] == summaries[1]
+    logits = tmp_path / "logits"
+    run_app(logits, "--outer_steps=4", "--checkpoint_every=4", "--noplot")
+    proc = run_app(logits, "--outer_steps=5", "--checkpoint_every=4", "--noplot", "--mwn_hidden=7",
+                   "--mwn_input=evaluated")
+    assert "Resumed from" in proc.stdout
