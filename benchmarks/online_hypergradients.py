@@ -17,7 +17,9 @@ from the seed's initialisation and updates the logits online:
 - hyperdistill: after every step, ``HyperDistill`` (gamma --hyperdistill_gamma, a reference
   every --hyperdistill_every steps);
 - truncated5: every 5 steps, the hypergradient through those 5 steps (``Unrolled(sgd, 5)``),
-  so one logit update per 5 steps.
+  so one logit update per 5 steps;
+- one_step_1.2x_steps (not run by default): one_step for 1.2x the steps, so at least
+  HyperDistill's wall-clock (the s / inner step column shows the ratio).
 Each (arm, seed) runs the app in its own process (reused when its summary exists for the same
 flags). The seed fixes the split, the noise and the initialisation, so arms are paired by seed;
 the app's uniform-weights run of the same steps is the same for every arm of a seed.
@@ -49,7 +51,12 @@ ARMS = {  # flags of apps/digits_reweighting.py; the inner steps of one outer st
     "one_step": (["--estimator=unrolled"], 1),
     "hyperdistill": (["--estimator=hyperdistill"], 1),
     "truncated5": (["--estimator=unrolled"], 5),
+    "one_step_1.2x_steps": (["--estimator=unrolled"], 1),
 }
+# arms that train longer than --inner_steps_total, by this factor: one-step given at least
+# HyperDistill's wall-clock (its per-step cost is below 1.2x one-step's on this problem)
+LONGER = {"one_step_1.2x_steps": 1.2}
+DEFAULT_ARMS = ["one_step", "hyperdistill", "truncated5"]
 METRICS = (("test_accuracy_meta", "test accuracy", "+.4f"), ("test_loss_meta", "test loss", "+.4f"),
            ("val_loss_meta", "validation loss", "+.4f"),
            ("auroc_weights_vs_clean", "AUROC clean vs corrupted", "+.4f"))
@@ -60,16 +67,22 @@ FLAGS = flags.FLAGS
 def define_flags():
     """The flags (defined only when run as a program: tests import this module next to other
     benchmarks whose flags share names)."""
-    flags.DEFINE_list("arms", list(ARMS), "Arms, out of " + ", ".join(ARMS) + ".")
+    flags.DEFINE_list("arms", DEFAULT_ARMS, "Arms, out of " + ", ".join(ARMS) + ".")
     flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds (split, noise, initialisation).")
     flags.DEFINE_integer("inner_steps_total", 750, "SGD steps of every run (a multiple of 5).")
     flags.DEFINE_float("hyperdistill_gamma", 0.99, "HyperDistill's damping gamma.")
     flags.DEFINE_integer("hyperdistill_every", 100, "HyperDistill: a reference every this many "
                          "steps.")
+    flags.DEFINE_integer("hyperdistill_reference_steps", 100, "HyperDistill: steps of a "
+                         "reference (passed to the app only when not 100).")
+    flags.DEFINE_integer("hyperdistill_anchor_every", 0, "HyperDistill: move the line's start "
+                         "every this many steps (0: never; passed only when not 0).")
     flags.DEFINE_enum("weighting", "logits", ["logits", "mwn"], "What is meta-learned: one "
                       "weight logit per example, or a Meta-Weight-Net (the app's --weighting).")
     flags.DEFINE_float("hyper_lr", None, "Adam's rate on the hyperparameters (default: the "
                        "app's, 0.1, set for the logits).")
+    flags.DEFINE_string("results_name", None, "Name of the report files and runs folder "
+                        "(default: online_hypergradients, + _mwn with --weighting=mwn, + _quick).")
     flags.DEFINE_bool("quick", False, "2 seeds, 20 inner steps, a reference every 5: a smoke run.")
     flags.DEFINE_string("output_dir", os.path.join(ROOT, "benchmarks", "results"),
                         "Where online_hypergradients.{md,json,png} and the runs go.")
@@ -78,10 +91,11 @@ def define_flags():
 def run_flags(arm, seed, total, gamma, every, extra=()):
     """The app's flags for ``arm`` and ``seed``; ``extra`` (e.g. --weighting) go last."""
     estimator_flags, inner = ARMS[arm]
-    return estimator_flags + [f"--inner_steps={inner}", f"--outer_steps={total // inner}",
+    outer = int(round(total * LONGER[arm])) if arm in LONGER else total // inner
+    return estimator_flags + [f"--inner_steps={inner}", f"--outer_steps={outer}",
                               f"--seed={seed}", f"--hyperdistill_gamma={gamma}",
                               f"--hyperdistill_every={every}", "--checkpoint_every=0",
-                              f"--log_every={max(total // inner, 1)}", "--noplot", *extra]
+                              f"--log_every={max(outer, 1)}", "--noplot", *extra]
 
 
 def run_one(run_dir, arguments):
@@ -180,8 +194,13 @@ def main(argv):
     extra = [] if FLAGS.weighting == "logits" else [f"--weighting={FLAGS.weighting}"]
     if FLAGS.hyper_lr is not None:
         extra.append(f"--hyper_lr={FLAGS.hyper_lr}")
-    name = "online_hypergradients" + ("_mwn" if FLAGS.weighting == "mwn" else "")
-    name += "_quick" if FLAGS.quick else ""
+    if FLAGS.hyperdistill_reference_steps != 100:
+        extra.append(f"--hyperdistill_reference_steps={FLAGS.hyperdistill_reference_steps}")
+    if FLAGS.hyperdistill_anchor_every:
+        extra.append(f"--hyperdistill_anchor_every={FLAGS.hyperdistill_anchor_every}")
+    name = FLAGS.results_name or ("online_hypergradients"
+                                  + ("_mwn" if FLAGS.weighting == "mwn" else "")
+                                  + ("_quick" if FLAGS.quick else ""))
     runs_dir = os.path.join(FLAGS.output_dir, name)
     results, curves = {}, {}
     for arm in arms:
