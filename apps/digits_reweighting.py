@@ -401,6 +401,8 @@ def summarise(problem, predict, params, baseline, weights, test, val, corrupted)
         "test_loss_uniform": round(float(problem.outer_loss(base, None, test)), 4),
         "test_accuracy_meta": round(accuracy(meta, test), 4),
         "test_accuracy_uniform": round(accuracy(base, test), 4),
+        "val_accuracy_meta": round(accuracy(meta, val), 4),
+        "val_accuracy_uniform": round(accuracy(base, val), 4),
         "mean_weight_clean": round(float(weights[~corrupted].mean()), 4),
         "mean_weight_corrupted": round(float(weights[corrupted].mean()), 4),
         "auroc_weights_vs_clean": round(float(roc_auc_score(~corrupted, weights)), 4),

@@ -59,6 +59,7 @@ LONGER = {"one_step_1.2x_steps": 1.2}
 DEFAULT_ARMS = ["one_step", "hyperdistill", "truncated5"]
 METRICS = (("test_accuracy_meta", "test accuracy", "+.4f"), ("test_loss_meta", "test loss", "+.4f"),
            ("val_loss_meta", "validation loss", "+.4f"),
+           ("val_accuracy_meta", "validation accuracy", "+.4f"),
            ("auroc_weights_vs_clean", "AUROC clean vs corrupted", "+.4f"))
 
 FLAGS = flags.FLAGS
@@ -99,14 +100,17 @@ def run_flags(arm, seed, total, gamma, every, extra=()):
 
 
 def run_one(run_dir, arguments):
-    """The app's summary for ``arguments`` in ``run_dir`` (run now unless stored for them)."""
+    """The app's summary for ``arguments`` in ``run_dir`` (run now unless stored for them,
+    with every metric of METRICS)."""
     summary_path = os.path.join(run_dir, "summary.json")
     flags_path = os.path.join(run_dir, "benchmark_flags.json")
     if os.path.exists(summary_path) and os.path.exists(flags_path):
         with open(flags_path) as f:
             if json.load(f) == arguments:
                 with open(summary_path) as f:
-                    return json.load(f)
+                    summary = json.load(f)
+                if all(key in summary for key, _, _ in METRICS):  # else made before a metric
+                    return summary
     os.makedirs(run_dir, exist_ok=True)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "apps", "digits_reweighting.py"),
                            f"--output_dir={run_dir}", "--noresume", *arguments],
