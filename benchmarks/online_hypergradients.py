@@ -217,9 +217,16 @@ def main(argv):
             runner.log(f"{arm} seed {seed}: test accuracy "
                        f"{results[arm][seed]['test_accuracy_meta']:.4f}")
     table, paired = tables(results, arms, seeds)
+    shown = list(extra)  # the flags that differ from the defaults
+    if every != 100 and not FLAGS.quick:
+        shown.append(f"--hyperdistill_every={every}")
+    if arms != DEFAULT_ARMS:
+        shown.append(f"--arms={','.join(arms)}")
+    if FLAGS.results_name:
+        shown.append(f"--results_name={FLAGS.results_name}")
     header = (f"# Online hypergradients on noisy digits\n\n`python -m "
               f"benchmarks.online_hypergradients{' --quick' if FLAGS.quick else ''}"
-              f"{''.join(' ' + f for f in extra)}`: {FLAGS.weighting} weighting, "
+              f"{''.join(' ' + f for f in shown)}`: {FLAGS.weighting} weighting, "
               f"{total} inner steps, seeds {', '.join(map(str, seeds))}, HyperDistill gamma "
               f"{FLAGS.hyperdistill_gamma}, a reference every {every} steps.\n\n")
     print(header + table)
