@@ -11,8 +11,8 @@ The problem is apps/digits_reweighting.py: per-example loss weights sigmoid(logi
 64-64-10 trained by full-batch SGD (0.5), the clean validation loss (300 examples) as the
 outer objective, Adam (0.1) on the logits. ``--weighting=mwn`` meta-learns a Meta-Weight-Net
 (loss -> weight, shared by every example; the app's --mwn_input=current) in place of the
-logits, with Adam at --hyper_lr. Every arm trains --inner_steps_total SGD steps
-from the seed's initialisation and updates the logits online:
+logits, with Adam at --hyper_lr. Every arm trains --inner_steps_total SGD steps (the longer
+arm 1.2x as many) from the seed's initialisation and updates the logits online:
 - one_step: after every step, the one-step look-ahead hypergradient (``Unrolled(sgd, 1)``);
 - hyperdistill: after every step, ``HyperDistill`` (gamma --hyperdistill_gamma, a reference
   every --hyperdistill_every steps);
@@ -22,15 +22,17 @@ from the seed's initialisation and updates the logits online:
   HyperDistill's wall-clock (the s / inner step column shows the ratio).
 Each (arm, seed) runs the app in its own process (reused when its summary exists for the same
 flags). The seed fixes the split, the noise and the initialisation, so arms are paired by seed;
-the app's uniform-weights run of the same steps is the same for every arm of a seed.
+the app's uniform-weights run of the same steps is the same for every arm of a seed (the
+longer arm's runs longer; the table's uniform figure comes from an arm of --inner_steps_total).
 
-Reports, per arm: test accuracy and test loss of the trained MLP, the validation loss, the AUROC
+Reports, per arm: test accuracy and test loss of the trained MLP, the validation loss and
+accuracy, the AUROC
 of the learned weights for telling clean from corrupted examples, seconds per inner step (the
 mean hypergradient-and-step of the run after its first, which compiles; HyperDistill's
 references included); the paired difference of hyperdistill to each other arm with a 95% t
 interval over seeds; the validation loss against the inner step (plot).
 Writes benchmarks/results/online_hypergradients.{md,json,png} (online_hypergradients_mwn.* with
---weighting=mwn; or --output_dir).
+--weighting=mwn, --results_name.* when given, with _quick after --quick; or --output_dir).
 """
 
 import csv
@@ -141,7 +143,8 @@ def tables(results, arms, seeds):
         seconds = [results[arm][s]["seconds_per_outer_step"] / ARMS[arm][1] for s in seeds]
         cells.append(f"{sum(seconds) / len(seconds):.4f}")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    uniform = [results[arms[0]][s]["test_accuracy_uniform"] for s in seeds]
+    same_steps = next((a for a in arms if a not in LONGER), arms[0])
+    uniform = [results[same_steps][s]["test_accuracy_uniform"] for s in seeds]
     lines += ["", f"Uniform weights, the same steps (every arm's reference run): test accuracy "
               f"{sum(uniform) / len(uniform):.4f} over the seeds."]
     paired = {}
@@ -202,9 +205,9 @@ def main(argv):
         extra.append(f"--hyperdistill_reference_steps={FLAGS.hyperdistill_reference_steps}")
     if FLAGS.hyperdistill_anchor_every:
         extra.append(f"--hyperdistill_anchor_every={FLAGS.hyperdistill_anchor_every}")
-    name = FLAGS.results_name or ("online_hypergradients"
-                                  + ("_mwn" if FLAGS.weighting == "mwn" else "")
-                                  + ("_quick" if FLAGS.quick else ""))
+    name = (FLAGS.results_name or ("online_hypergradients"
+                                   + ("_mwn" if FLAGS.weighting == "mwn" else ""))
+            ) + ("_quick" if FLAGS.quick else "")
     runs_dir = os.path.join(FLAGS.output_dir, name)
     results, curves = {}, {}
     for arm in arms:
@@ -217,13 +220,19 @@ def main(argv):
             runner.log(f"{arm} seed {seed}: test accuracy "
                        f"{results[arm][seed]['test_accuracy_meta']:.4f}")
     table, paired = tables(results, arms, seeds)
-    shown = list(extra)  # the flags that differ from the defaults
+    shown = list(extra)  # the flags that differ from the defaults, and the seeds
+    if FLAGS.hyperdistill_gamma != 0.99:
+        shown.append(f"--hyperdistill_gamma={FLAGS.hyperdistill_gamma}")
+    if total != 750 and not FLAGS.quick:
+        shown.append(f"--inner_steps_total={total}")
     if every != 100 and not FLAGS.quick:
         shown.append(f"--hyperdistill_every={every}")
     if arms != DEFAULT_ARMS:
         shown.append(f"--arms={','.join(arms)}")
     if FLAGS.results_name:
         shown.append(f"--results_name={FLAGS.results_name}")
+    if not FLAGS.quick:
+        shown.append(f"--seeds={','.join(map(str, seeds))}")
     header = (f"# Online hypergradients on noisy digits\n\n`python -m "
               f"benchmarks.online_hypergradients{' --quick' if FLAGS.quick else ''}"
               f"{''.join(' ' + f for f in shown)}`: {FLAGS.weighting} weighting, "
