@@ -122,8 +122,8 @@ class Config(runner.Config):
     BOUNDS = {"outer_steps": "[1, inf)", "inner_steps": "[1, inf)", "truncate": "[1, inf)",
               **runner.HYPERDISTILL_BOUNDS,
               "inner_lr": "(0, inf)", "hyper_lr": "[0, inf)", "mwn_hidden": "[1, inf)",
-              "label_noise": "[0, 1]", "num_train": "[10, 1496]", "hidden": "[1, inf)", "seed": "[0, inf)",
-              "log_every": "[1, inf)", "checkpoint_every": "[0, inf)"}
+              "label_noise": "[0, 1]", "num_train": "[10, 1496]", "hidden": "[1, inf)",
+              "seed": "[0, inf)", "log_every": "[1, inf)", "checkpoint_every": "[0, inf)"}
     MWN_SETTINGS = ("weighting", "mwn_hidden", "mwn_input")
 
     def results_config(self):
@@ -247,7 +247,8 @@ def main(argv):
         print(f"{replicas} replicas ({config.strategy}): each hypergradient is data-parallel")
     sgd = optim.sgd(config.inner_lr)
 
-    # State: meta-learned run (params, logits), uniform baseline (params), hyper-optimizer.
+    # State: meta-learned run (params; logits or MWN weights), uniform baseline (params),
+    # hyper-optimizer.
     params = [tf.Variable(t) for t in trainable]
     baseline = [tf.Variable(t) for t in trainable]
     if config.weighting == "mwn":
@@ -279,6 +280,9 @@ def main(argv):
     train = (x_tr, y_tr, np.arange(len(x_tr)))
     val = (x_val, y_val)
 
+    def hparams():
+        return [tf.convert_to_tensor(v) for v in hyper_vars]
+
     def hypergradient(train_batch, val_batch):
         # EvoGrad's noise seed: a function of the step, the same on every replica (the other
         # estimators ignore it).
@@ -287,9 +291,6 @@ def main(argv):
         if config.weighting == "mwn" and config.mwn_input == "current":
             train_batch = (*train_batch, per_example(current, train_batch[0], train_batch[1]))
         return estimator(problem, current, hparams(), train_batch, val_batch, seed=seed)
-
-    def hparams():
-        return [tf.convert_to_tensor(v) for v in hyper_vars]
 
     if replicas == 1:
         meta_step = tf.function(lambda: hypergradient(train, val), jit_compile=True)

@@ -65,6 +65,10 @@ METRICS = (("test_accuracy_meta", "test accuracy", "+.4f"), ("test_loss_meta", "
            ("auroc_weights_vs_clean", "AUROC clean vs corrupted", "+.4f"))
 
 FLAGS = flags.FLAGS
+# this benchmark's flags (output_dir aside), shown in its report when set away from default
+FLAG_NAMES = ("arms", "seeds", "inner_steps_total", "hyperdistill_gamma", "hyperdistill_every",
+              "hyperdistill_reference_steps", "hyperdistill_anchor_every", "weighting",
+              "hyper_lr", "results_name", "quick")
 
 
 def define_flags():
@@ -73,13 +77,8 @@ def define_flags():
     flags.DEFINE_list("arms", DEFAULT_ARMS, "Arms, out of " + ", ".join(ARMS) + ".")
     flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds (split, noise, initialisation).")
     flags.DEFINE_integer("inner_steps_total", 750, "SGD steps of every run (a multiple of 5).")
-    flags.DEFINE_float("hyperdistill_gamma", 0.99, "HyperDistill's damping gamma.")
-    flags.DEFINE_integer("hyperdistill_every", 100, "HyperDistill: a reference every this many "
-                         "steps.")
-    flags.DEFINE_integer("hyperdistill_reference_steps", 100, "HyperDistill: steps of a "
-                         "reference (passed to the app only when not 100).")
-    flags.DEFINE_integer("hyperdistill_anchor_every", 0, "HyperDistill: move the line's start "
-                         "every this many steps (0: never; passed only when not 0).")
+    # gamma 0.99, a reference of 100 steps every 100, no anchor moves: the app's defaults
+    runner.define_hyperdistill_flags("HyperDistill", every_default=100)
     flags.DEFINE_enum("weighting", "logits", ["logits", "mwn"], "What is meta-learned: one "
                       "weight logit per example, or a Meta-Weight-Net (the app's --weighting).")
     flags.DEFINE_float("hyper_lr", None, "Adam's rate on the hyperparameters (default: the "
@@ -99,6 +98,18 @@ def run_flags(arm, seed, total, gamma, every, extra=()):
                               f"--seed={seed}", f"--hyperdistill_gamma={gamma}",
                               f"--hyperdistill_every={every}", "--checkpoint_every=0",
                               f"--log_every={max(outer, 1)}", "--noplot", *extra]
+
+
+def non_default_flags():
+    """``--name=value`` for each of FLAG_NAMES set away from its default (lists joined by
+    commas, a true bool as ``--name``)."""
+    shown = []
+    for name in FLAG_NAMES:
+        value, default = FLAGS[name].value, FLAGS[name].default
+        if value != default:
+            value = ",".join(map(str, value)) if isinstance(value, list) else value
+            shown.append(f"--{name}" if value is True else f"--{name}={value}")
+    return shown
 
 
 def run_one(run_dir, arguments):
@@ -220,24 +231,10 @@ def main(argv):
             runner.log(f"{arm} seed {seed}: test accuracy "
                        f"{results[arm][seed]['test_accuracy_meta']:.4f}")
     table, paired = tables(results, arms, seeds)
-    shown = list(extra)  # the flags that differ from the defaults, and the seeds
-    if FLAGS.hyperdistill_gamma != 0.99:
-        shown.append(f"--hyperdistill_gamma={FLAGS.hyperdistill_gamma}")
-    if total != 750 and not FLAGS.quick:
-        shown.append(f"--inner_steps_total={total}")
-    if every != 100 and not FLAGS.quick:
-        shown.append(f"--hyperdistill_every={every}")
-    if arms != DEFAULT_ARMS:
-        shown.append(f"--arms={','.join(arms)}")
-    if FLAGS.results_name:
-        shown.append(f"--results_name={FLAGS.results_name}")
-    if not FLAGS.quick:
-        shown.append(f"--seeds={','.join(map(str, seeds))}")
-    header = (f"# Online hypergradients on noisy digits\n\n`python -m "
-              f"benchmarks.online_hypergradients{' --quick' if FLAGS.quick else ''}"
-              f"{''.join(' ' + f for f in shown)}`: {FLAGS.weighting} weighting, "
-              f"{total} inner steps, seeds {', '.join(map(str, seeds))}, HyperDistill gamma "
-              f"{FLAGS.hyperdistill_gamma}, a reference every {every} steps.\n\n")
+    command = " ".join(["python -m benchmarks.online_hypergradients", *non_default_flags()])
+    header = (f"# Online hypergradients on noisy digits\n\n`{command}`: {FLAGS.weighting} "
+              f"weighting, {total} inner steps, seeds {', '.join(map(str, seeds))}, "
+              f"HyperDistill gamma {FLAGS.hyperdistill_gamma}, a reference every {every} steps.\n\n")
     print(header + table)
     with open(os.path.join(FLAGS.output_dir, f"{name}.md"), "w") as f:
         f.write(header + table)
