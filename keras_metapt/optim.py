@@ -38,13 +38,17 @@ class InnerOptimizer(NamedTuple):
     each leaf's update depends only on that leaf's gradient, parameter and state, and the
     state is a nest shaped like the parameters or a tuple of such nests and scalars (every
     optimizer here); `keras_metapt.hypergrad.sama.optimizer_preconditioned` then works one
-    leaf at a time.
+    leaf at a time. ``affine_in_gradient``: the update is affine in the gradient with
+    coefficients that do not depend on it (`sgd`, `ema_momentum_sgd`), so the update's VJP
+    with respect to (params, state, grads) needs no gradient value; `Unrolled(backward=
+    "mixed")` then stores no per-step gradients.
     """
 
     init: Callable[[Any], Any]
     update: Callable[..., tuple]
     hyperparameters: Mapping[str, float]
     elementwise: bool = False
+    affine_in_gradient: bool = False
 
 
 def _resolve(defaults, overrides, optimizer_name):
@@ -107,7 +111,7 @@ def sgd(learning_rate, momentum=None, nesterov=False, weight_decay=0.0):
         new_state = tf.nest.pack_sequence_as(state, new_v) if has_velocity else ()
         return new_params, new_state
 
-    return InnerOptimizer(init, update, defaults, elementwise=True)
+    return InnerOptimizer(init, update, defaults, elementwise=True, affine_in_gradient=True)
 
 
 def ema_momentum_sgd(learning_rate, momentum=0.9):
@@ -139,7 +143,7 @@ def ema_momentum_sgd(learning_rate, momentum=0.9):
         return (tf.nest.pack_sequence_as(params, new_p),
                 tf.nest.pack_sequence_as(state, new_v))
 
-    return InnerOptimizer(init, update, defaults, elementwise=True)
+    return InnerOptimizer(init, update, defaults, elementwise=True, affine_in_gradient=True)
 
 
 def adamw(learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-8, eps_root=1e-8,

@@ -16,8 +16,9 @@ Two backward passes (``backward=``):
   keeps every intermediate of every recorded step (activations of each inner gradient), so
   memory is O(K * (P + activations of one inner gradient)).
 - "mixed" (MixFlow-MG style, Kemaev et al. 2025): the forward pass stores only (theta_t, s_t)
-  and the inner gradient g_t of the K recorded steps; the backward loop takes one step at a
-  time: the VJP of the optimizer update with respect to (theta, s, g, phi), then the
+  and the inner gradient g_t of the K recorded steps (not g_t when the optimizer is
+  ``affine_in_gradient`` and no hyperparameter enters its update: the update's VJP then needs
+  no gradient value); the backward loop takes one step at a time: the VJP of the optimizer update with respect to (theta, s, g, phi), then the
   second-order terms H w and (d2 L / dphi dtheta) w for w = (dU/dg)^T a in one
   forward-over-reverse pass (a JVP of the (theta, phi)-gradient along w). Both loops run one
   iteration at a time. Memory: O(K * P) + one step's intermediates; cost about that of
@@ -117,9 +118,13 @@ class Unrolled(_p.Estimator):
         """Steps start..stop-1 storing only (theta_t, s_t), then the per-step backward loop."""
         optimizer, T = self.optimizer, self.num_steps
         p_leaves, s_leaves = tf.nest.flatten(params), tf.nest.flatten(opt_state)
+        # g_t is needed by the update's VJP unless the update is affine in it and no
+        # hyperparameter enters the update (whose VJP would read g_t, e.g. d/d lr = -g_t)
+        keep_grads = not (getattr(optimizer, "affine_in_gradient", False)
+                          and problem.inner_optimizer_hparams is None)
         # per step: theta_t, s_t and the inner gradient g_t (O(K * P) in all)
         stored = [tf.TensorArray(x.dtype, size=stop - start, element_shape=x.shape)
-                  for x in p_leaves + s_leaves + p_leaves]
+                  for x in p_leaves + s_leaves + (p_leaves if keep_grads else [])]
 
         def forward(t, p, st, arrays):
             theta = tf.nest.pack_sequence_as(params, p)
@@ -127,8 +132,8 @@ class Unrolled(_p.Estimator):
                 tape.watch(p)
                 loss = _p.inner_loss_value(problem, theta, hparams, _p.batch_at(inner_batch, t))
             grads = tape.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            arrays = [a.write(t - start, x)
-                      for a, x in zip(arrays, p + st + tf.nest.flatten(grads))]
+            arrays = [a.write(t - start, x) for a, x in zip(
+                arrays, p + st + (tf.nest.flatten(grads) if keep_grads else []))]
             new_p, new_s = optimizer.update(grads, tf.nest.pack_sequence_as(opt_state, st),
                                             theta, **self._overrides(problem, hparams, t))
             return t + 1, tf.nest.flatten(new_p), tf.nest.flatten(new_s), arrays
@@ -151,7 +156,8 @@ class Unrolled(_p.Estimator):
             n = len(p_leaves)
             theta = tf.nest.pack_sequence_as(params, values[:n])
             state_leaves = values[n:n + len(s_leaves)]
-            grads = tf.nest.pack_sequence_as(params, values[n + len(s_leaves):])
+            grads = tf.nest.pack_sequence_as(params, values[n + len(s_leaves):] if keep_grads
+                                             else [tf.zeros_like(x) for x in values[:n]])
             batch = _p.batch_at(inner_batch, t)
             # VJP of the update U(theta, s, g; h(phi)) along (a_p, a_s)
             watched = tf.nest.flatten(theta) + [state_leaves[i] for i in floats] \
