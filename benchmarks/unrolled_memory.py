@@ -14,7 +14,10 @@ pool -> Dense 10, ReLU, batch 64). Each (network, backward, K) runs in a fresh s
 (TensorFlow pools freed CPU memory): the function is traced, the kernel's peak-RSS counter is
 reset, and the figure is the peak resident memory of the first execution minus the resident
 memory before it (it includes a constant first-execution overhead). Time: median of --repeats
-further calls in the same process (tf.function, no XLA).
+further calls in the same process (tf.function, no XLA). With --held (default), a second fresh
+process per (network, backward, K) measures the tensors held at once during the second call
+(`benchmarks.memory.peak_requested_mib`: bytes requested from TensorFlow's BFC allocator),
+what the computation itself holds, without the runtime's first-execution overhead.
 
 Writes benchmarks/results/unrolled_memory.{md,json,png} (or --output_dir).
 """
@@ -33,7 +36,7 @@ import keras_metapt as km  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from benchmarks.memory import first_execution_peak_mib  # noqa: E402
+from benchmarks.memory import first_execution_peak_mib, peak_requested_mib  # noqa: E402
 from keras_metapt import functional, optim  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -41,6 +44,8 @@ flags.DEFINE_list("steps", ["1", "4", "16", "64"], "Horizons K (= T, untruncated
 flags.DEFINE_list("nets", ["mlp", "conv"], "Networks: mlp, conv.")
 flags.DEFINE_integer("repeats", 3, "Timed calls after the measured first one (median).")
 flags.DEFINE_bool("quick", False, "Tiny sizes: a smoke run, not a measurement.")
+flags.DEFINE_bool("held", True, "Also measure the tensors held at once (BFC allocator's "
+                  "requested bytes, second call, a fresh process each).")
 flags.DEFINE_string("output_dir", os.path.join(os.path.dirname(__file__), "results"),
                     "Where unrolled_memory.md, .json and .png are written.")
 flags.DEFINE_string("child", None, "Internal: run one 'net:backward:K' measurement and print "
@@ -85,14 +90,20 @@ def weighted_problem(model, shape, batch):
 
 
 def child(spec):
-    """One (net, backward, K) measurement in this process, printed as JSON."""
-    net, backward, steps = spec.split(":")
+    """One (net, backward, K) measurement in this process, printed as JSON; with a fourth
+    field "held" (run under TF_CPU_ALLOCATOR_USE_BFC=true), the tensors held instead."""
+    net, backward, steps, *held = spec.split(":")
     model, shape, batch = network(net, FLAGS.quick)
     problem, params, hparams, inner, outer = weighted_problem(model, shape, batch)
     estimator = km.Unrolled(optim.sgd(0.1), int(steps), backward=backward)
     inner, outer = tf.nest.map_structure(tf.constant, (inner, outer))
     fn = tf.function(lambda p, h, b_in, b_out: estimator(problem, p, h, b_in, b_out).hypergrad)
     concrete = fn.get_concrete_function(params, hparams, inner, outer)  # traced, not run
+    if held:
+        concrete(params, hparams, inner, outer)[0].numpy()  # first execution
+        mib = peak_requested_mib(lambda: concrete(params, hparams, inner, outer)[0].numpy())[0]
+        print(json.dumps({"held_mib": mib}))
+        return
     peak, _, first = first_execution_peak_mib(
         lambda: concrete(params, hparams, inner, outer)[0].numpy())
     times = []
@@ -110,27 +121,41 @@ def measure():
     for net in FLAGS.nets:
         for steps in FLAGS.steps:
             for backward in BACKWARDS:
-                cmd = [sys.executable, "-m", "benchmarks.unrolled_memory",
-                       f"--child={net}:{backward}:{steps}", f"--repeats={FLAGS.repeats}"]
-                cmd += ["--quick"] if FLAGS.quick else []
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"{net} {backward} K={steps} failed:\n{proc.stderr[-2000:]}")
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                row = run_child(f"{net}:{backward}:{steps}")
+                if FLAGS.held:
+                    row.update(run_child(f"{net}:{backward}:{steps}:held",
+                                         TF_CPU_ALLOCATOR_USE_BFC="true"))
                 rows.append(row)
                 print(f"  {net} K={steps} {backward}: peak +{row['peak_mib']:.1f} MiB, "
-                      f"{row['ms']:.1f} ms", flush=True)
+                      f"{row['ms']:.1f} ms"
+                      + (f", held {row['held_mib']:.1f} MiB" if FLAGS.held else ""), flush=True)
     return rows
+
+
+def run_child(spec, **env):
+    """The JSON a --child run of ``spec`` prints, from a fresh process."""
+    cmd = [sys.executable, "-m", "benchmarks.unrolled_memory", f"--child={spec}",
+           f"--repeats={FLAGS.repeats}"] + (["--quick"] if FLAGS.quick else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **env})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{spec} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def report(rows):
     lines = ["## Unrolled backward: reverse-over-reverse against mixed mode", "",
              f"`python -m benchmarks.unrolled_memory{' --quick' if FLAGS.quick else ''}`; "
              f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores; peak memory of the first "
-             "execution (MiB, fresh process each), time per hypergradient (ms, tf.function).", "",
+             "execution (MiB, fresh process each), time per hypergradient (ms, tf.function)"
+             + ("; tensors held at once (MiB, BFC allocator, second call, fresh process each)"
+                if FLAGS.held else "") + ".", "",
              "| network | K | reverse MiB | mixed MiB | mixed / reverse memory | reverse ms "
-             "| mixed ms | mixed / reverse time | same hypergradient |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| mixed ms | mixed / reverse time | same hypergradient |"
+             + (" reverse held MiB | mixed held MiB | mixed / reverse held |" if FLAGS.held
+                else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|" + ("---:|---:|---:|" if FLAGS.held
+                                                              else "")]
     for net in FLAGS.nets:
         for steps in FLAGS.steps:
             r, m = [next(x for x in rows if x["net"] == net and x["K"] == int(steps)
@@ -138,7 +163,9 @@ def report(rows):
             same = abs(r["hypergrad_norm"] - m["hypergrad_norm"]) <= 1e-4 * r["hypergrad_norm"]
             lines.append(f"| {net} | {steps} | {r['peak_mib']:.1f} | {m['peak_mib']:.1f} | "
                          f"{m['peak_mib'] / r['peak_mib']:.2f}x | {r['ms']:.1f} | {m['ms']:.1f} | "
-                         f"{m['ms'] / r['ms']:.2f}x | {'yes' if same else 'NO'} (norms) |")
+                         f"{m['ms'] / r['ms']:.2f}x | {'yes' if same else 'NO'} (norms) |"
+                         + (f" {r['held_mib']:.1f} | {m['held_mib']:.1f} | "
+                            f"{m['held_mib'] / r['held_mib']:.2f}x |" if FLAGS.held else ""))
     lines += ["", "Targets at K=64: mixed peak memory <= 0.5x reverse, time <= 1.3x."]
     return "\n".join(lines) + "\n"
 

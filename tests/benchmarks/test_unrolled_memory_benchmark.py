@@ -23,5 +23,6 @@ def test_quick_unrolled_memory_benchmark(tmp_path):
     reverse, mixed = rows
     assert mixed["hypergrad_norm"] == pytest.approx(reverse["hypergrad_norm"], rel=1e-4)
     assert reverse["peak_mib"] > 0 and mixed["ms"] > 0
+    assert reverse["held_mib"] > 0 and mixed["held_mib"] > 0
     assert "| mlp | 3 |" in (tmp_path / "unrolled_memory.md").read_text()
     assert (tmp_path / "unrolled_memory.png").stat().st_size > 5_000
