@@ -107,14 +107,9 @@ def small_mlp_problem():
             (x_val, y_val))
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "momentum"])
-def test_mixed_backward_through_stateful_optimizers_matches_finite_differences(optimizer):
-    # Reference: float64 central differences of the outer loss after T inner steps, each run
-    # eagerly by the optimizer's update (no estimator involved).
-    import tensorflow as tf
-    problem, params, hparams, train, val = small_mlp_problem()
-    opt = optim.adam(0.05) if optimizer == "adam" else optim.sgd(0.1, momentum=0.9)
-    T = 6
+def eager_steps_finite_differences(problem, params, hparams, train, val, opt, T):
+    """float64 central differences of the outer loss after T inner steps of ``opt``, each run
+    eagerly by the optimizer's update (no estimator involved)."""
 
     def outer_after(logits):
         p, state = [tf.constant(v) for v in params], opt.init([tf.constant(v) for v in params])
@@ -125,7 +120,17 @@ def test_mixed_backward_through_stateful_optimizers_matches_finite_differences(o
             p, state = opt.update(tape.gradient(loss, p), state, p)
         return float(problem.outer_loss(p, None, val))
 
-    fd = central_differences(outer_after, [hparams[0]], h=1e-6)[0]
+    return central_differences(outer_after, [hparams[0]], h=1e-6)[0]
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "momentum"])
+def test_mixed_backward_through_stateful_optimizers_matches_finite_differences(optimizer):
+    # Reference: float64 central differences of the outer loss after T inner steps, each run
+    # eagerly by the optimizer's update (no estimator involved).
+    problem, params, hparams, train, val = small_mlp_problem()
+    opt = optim.adam(0.05) if optimizer == "adam" else optim.sgd(0.1, momentum=0.9)
+    T = 6
+    fd = eager_steps_finite_differences(problem, params, hparams, train, val, opt, T)
     for backward in ("mixed", "reverse"):
         result = compiled(lambda p, h: km.Unrolled(opt, num_steps=T, backward=backward)(
             problem, p, h, train, val), "graph")(params, hparams)
@@ -138,28 +143,17 @@ def test_mixed_backward_without_stored_gradients_is_the_same_to_the_bit(name):
     # differentiated at a zero gradient instead of the stored one. Reference: float64 central
     # differences of the outer loss after T eager steps, and the same estimator made to store
     # the gradients (affine_in_gradient=False), bit for bit.
-    import tensorflow as tf
     problem, params, hparams, train, val = small_mlp_problem()
     opt = {"sgd": optim.sgd(0.1),
            "nesterov_decay": optim.sgd(0.1, momentum=0.8, nesterov=True, weight_decay=0.01),
            "ema_momentum": optim.ema_momentum_sgd(0.2, 0.7)}[name]
     assert opt.affine_in_gradient and not optim.adam().affine_in_gradient
     T = 5
-
-    def outer_after(logits):
-        p, state = [tf.constant(v) for v in params], opt.init([tf.constant(v) for v in params])
-        for _ in range(T):
-            with tf.GradientTape() as tape:
-                tape.watch(p)
-                loss = problem.inner_loss(p, [tf.constant(logits)], train)
-            p, state = opt.update(tape.gradient(loss, p), state, p)
-        return float(problem.outer_loss(p, None, val))
-
     results = [compiled(lambda p, h, o=o: km.Unrolled(o, num_steps=T, backward="mixed")(
         problem, p, h, train, val), "graph")(params, hparams)
         for o in (opt, opt._replace(affine_in_gradient=False))]
     np.testing.assert_array_equal(results[0].hypergrad[0], results[1].hypergrad[0])
-    fd = central_differences(outer_after, [hparams[0]], h=1e-6)[0]
+    fd = eager_steps_finite_differences(problem, params, hparams, train, val, opt, T)
     assert rel_err(results[0].hypergrad[0], fd) < 1e-6
 
 
