@@ -18,9 +18,10 @@ Two backward passes (``backward=``):
 - "mixed" (MixFlow-MG style, Kemaev et al. 2025): the forward pass stores only (theta_t, s_t)
   and the inner gradient g_t of the K recorded steps (not g_t when the optimizer is
   ``affine_in_gradient`` and no hyperparameter enters its update: the update's VJP then needs
-  no gradient value); the backward loop takes one step at a time: the VJP of the optimizer update with respect to (theta, s, g, phi), then the
-  second-order terms H w and (d2 L / dphi dtheta) w for w = (dU/dg)^T a in one
-  forward-over-reverse pass (a JVP of the (theta, phi)-gradient along w). Both loops run one
+  no gradient value); the backward loop takes one step at a time: the VJP of the optimizer
+  update with respect to (theta, s, g, phi), then the second-order terms H w and
+  (d2 L / dphi dtheta) w for w = (dU/dg)^T a in one forward-over-reverse pass (a JVP of the
+  (theta, phi)-gradient along w). Both loops run one
   iteration at a time. Memory: O(K * P) + one step's intermediates; cost about that of
   "reverse" (a forward-over-reverse pass per step instead of reverse-over-reverse). Same
   result to float rounding.
@@ -122,7 +123,7 @@ class Unrolled(_p.Estimator):
         # hyperparameter enters the update (whose VJP would read g_t, e.g. d/d lr = -g_t)
         keep_grads = not (getattr(optimizer, "affine_in_gradient", False)
                           and problem.inner_optimizer_hparams is None)
-        # per step: theta_t, s_t and the inner gradient g_t (O(K * P) in all)
+        # per step: theta_t, s_t and, if keep_grads, the inner gradient g_t (O(K * P) in all)
         stored = [tf.TensorArray(x.dtype, size=stop - start, element_shape=x.shape)
                   for x in p_leaves + s_leaves + (p_leaves if keep_grads else [])]
 

@@ -163,6 +163,27 @@ def test_preconditioner_leaf_by_leaf_equals_the_hand_derivatives(compiled, fuse)
                 np.testing.assert_allclose(x.numpy(), want, rtol=1e-9, atol=1e-14)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_preconditioner_of_one_scalar_parameter(compiled):
+    """One scalar parameter under Adam, whose step count is a scalar too (the per-leaf state
+    must not take it for the moment): the NumPy derivative of the Adam step, as above."""
+    rng = np.random.default_rng(9)
+    p0, v0, m0, s0 = 0.7, rng.normal(), 0.1 * rng.normal(), 0.05 * rng.random() + 0.01
+    params, vector = [tf.constant(p0, tf.float64)], [tf.constant(v0, tf.float64)]
+
+    def inner(p, h):
+        return 0.5 * 1.3 * p[0] ** 2 * tf.exp(h[0])
+
+    adam, state = adam_and_state(params, [np.float64(m0)], [np.float64(s0)])
+    expected = adam_preconditioned([1.3 * p0], [m0], [s0], [v0])[0]
+    for fuse in (True, False):
+        def precondition(fuse=fuse):
+            return optimizer_preconditioned(inner, params, [tf.constant(0.0, tf.float64)],
+                                            vector, adam, state, fuse_update=fuse)
+        got = tf.function(precondition)() if compiled else precondition()
+        np.testing.assert_allclose(got[0].numpy(), expected, rtol=1e-9)
+
+
 HELD_FUSED_SCRIPT = """
 import json, os
 os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
@@ -263,4 +284,3 @@ def test_sama_compiles_with_xla_and_refuses_a_bad_radius():
     np.testing.assert_allclose(xla.hypergrad[0], eager.hypergrad[0], rtol=1e-9)
     with pytest.raises(ValueError, match="radius"):
         km.SAMA(radius=0.0)
-

@@ -153,6 +153,15 @@ def test_mixed_backward_without_stored_gradients_is_the_same_to_the_bit(name):
         problem, p, h, train, val), "graph")(params, hparams)
         for o in (opt, opt._replace(affine_in_gradient=False))]
     np.testing.assert_array_equal(results[0].hypergrad[0], results[1].hypergrad[0])
+    # and the gradients are indeed not stored: one TensorArray (a TensorList in the graph)
+    # fewer per parameter leaf
+    arrays = [sum(op.type == "TensorListReserve" for op in tf.function(
+        lambda p, h, o=o: km.Unrolled(o, num_steps=T, backward="mixed")(
+            problem, p, h, train, val).hypergrad).get_concrete_function(
+                [tf.constant(v) for v in params], [tf.constant(v) for v in hparams]
+            ).graph.get_operations())
+        for o in (opt, opt._replace(affine_in_gradient=False))]
+    assert arrays[1] - arrays[0] == len(params), arrays
     fd = eager_steps_finite_differences(problem, params, hparams, train, val, opt, T)
     assert rel_err(results[0].hypergrad[0], fd) < 1e-6
 
