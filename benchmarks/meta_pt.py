@@ -26,7 +26,8 @@ Measured, each with and without XLA (jit_compile), in one process:
   same measurements with every part built under that policy (plain PT under it too, with
   Keras' loss scaling for mixed_float16): float32 variables, half-precision compute.
 
-Writes benchmarks/results/meta_pt.{md,json} (or --output_dir).
+Writes benchmarks/results/meta_pt.{md,json,png} (or --output_dir); --plot_only redraws the
+plot from a stored meta_pt.json.
 """
 
 import json
@@ -71,6 +72,8 @@ flags.DEFINE_bool("memory", True, "Also measure the tensors the plain PT step an
 flags.DEFINE_bool("quick", False, "Tiny sizes: a smoke run, not a measurement.")
 flags.DEFINE_string("child", None, "Internal: 'plain' or a --hypersteps variant: print the "
                     "peak MiB of tensors its function holds (BFC allocator) as JSON.")
+flags.DEFINE_bool("plot_only", False, "Only redraw meta_pt.png from the meta_pt.json in "
+                  "--output_dir (no measurement).")
 flags.DEFINE_string("output_dir", os.path.join(os.path.dirname(__file__), "results"),
                     "Where meta_pt.md and meta_pt.json are written.")
 
@@ -239,9 +242,65 @@ def held_mib(what):
     return json.loads(proc.stdout.strip().splitlines()[-1])["held_mib"]
 
 
+HYPERSTEP_NAMES = {"neumann": "Neumann", "first_order": "first order"}
+# targets of the reference configuration: meta / plain, hyperstep / plain step, held / plain
+TARGETS = {"neumann": (1.3, 4.0, None), "first_order": (1.15, 2.0, 1.1)}
+
+
+def plot(result, path):
+    """Three panels from a meta_pt.json: meta-PT / plain PT (bars: median; dots: rounds),
+    hyperstep / plain step, and tensors held / plain step, each variant's target dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in result["rows"] if r["policy"] == "float32"] or result["rows"]
+    labels = [f"{HYPERSTEP_NAMES.get(r['hyperstep'], r['hyperstep'])}\n"
+              f"{'XLA' if r['xla'] else 'tf.function'}" for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    panels = [("meta-PT / plain PT (fit)", [r["meta_over_plain"] for r in rows], 0),
+              ("hyperstep / plain PT step (functions)",
+               [r["hyperstep_over_plain_step"] for r in rows], 1)]
+    for ax, (title, values, k) in zip(axes, panels):
+        x = np.arange(len(rows))
+        ax.bar(x, values, color=["C0" if r["hyperstep"] == "neumann" else "C1" for r in rows])
+        if k == 0:
+            for i, r in enumerate(rows):
+                ax.plot([i] * len(r["meta_over_plain_per_round"]),
+                        r["meta_over_plain_per_round"], "k.", ms=4)
+        for i, r in enumerate(rows):
+            target = TARGETS.get(r["hyperstep"], (None,) * 3)[k]
+            if target:
+                ax.hlines(target, i - 0.4, i + 0.4, colors="r", linestyles="--")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set(xticks=x, xticklabels=labels, title=title, ylabel="ratio")
+    ax = axes[2]
+    held = result.get("held_mib") or {}
+    variants = [v for v in held if v != "plain"]
+    if held:
+        ratios = [held[v] / held["plain"] for v in variants]
+        ax.bar(range(len(variants)), ratios,
+               color=["C0" if v == "neumann" else "C1" for v in variants])
+        for i, v in enumerate(variants):
+            target = TARGETS.get(v, (None,) * 3)[2]
+            if target:
+                ax.hlines(target, i - 0.4, i + 0.4, colors="r", linestyles="--")
+        ax.set(xticks=range(len(variants)),
+               xticklabels=[HYPERSTEP_NAMES.get(v, v) for v in variants])
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set(title="tensors held / plain PT step (tf.function)", ylabel="ratio")
+    fig.suptitle(f"MetaPretrainer cost ({result['config']}); red dashes: targets", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)
+    if FLAGS.plot_only:
+        with open(os.path.join(FLAGS.output_dir, "meta_pt.json")) as f:
+            plot(json.load(f), os.path.join(FLAGS.output_dir, "meta_pt.png"))
+        return
     if FLAGS.quick:
         FLAGS.input_dim, FLAGS.hidden, FLAGS.pt_tasks, FLAGS.ft_tasks = 16, ["32"], 20, 3
         # steps = N: every timed meta-PT epoch still holds exactly one hyperstep
@@ -297,8 +356,9 @@ def main(argv):
               "hyperstep memory <= 1.1x a plain PT step."]
     report = "\n".join(lines) + "\n"
     print("\n" + report)
-    runner.write_report(FLAGS.output_dir, "meta_pt", report,
-                        {"config": config, "rows": rows, "held_mib": held, "quick": FLAGS.quick})
+    result = {"config": config, "rows": rows, "held_mib": held, "quick": FLAGS.quick}
+    runner.write_report(FLAGS.output_dir, "meta_pt", report, result)
+    plot(result, os.path.join(FLAGS.output_dir, "meta_pt.png"))
 
 
 if __name__ == "__main__":

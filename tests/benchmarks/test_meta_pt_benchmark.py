@@ -30,6 +30,15 @@ def test_quick_meta_pt_benchmark(tmp_path):
     assert set(held) == {"plain", "neumann", "first_order"} and min(held.values()) > 0
     assert (f"| hyperstep, first order (SAMA) | {held['first_order']:.3f} | "
             f"{held['first_order'] / held['plain']:.2f}x |") in table
+    # the plot, and --plot_only redraws it from the stored JSON alone
+    png = tmp_path / "meta_pt.png"
+    assert png.stat().st_size > 10_000
+    png.unlink()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.meta_pt", "--plot_only",
+                           f"--output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert png.stat().st_size > 10_000
 
 
 def test_quick_meta_pt_benchmark_under_mixed_precision_policies(tmp_path):
