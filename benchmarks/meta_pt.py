@@ -254,40 +254,32 @@ def plot(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in result["rows"] if r["policy"] == "float32"] or result["rows"]
-    labels = [f"{HYPERSTEP_NAMES.get(r['hyperstep'], r['hyperstep'])}\n"
-              f"{'XLA' if r['xla'] else 'tf.function'}" for r in rows]
+    held = result.get("held_mib") or {}
+    variants = [v for v in held if v != "plain"]
+    kinds = [r["hyperstep"] for r in rows]
+    modes = ["XLA" if r["xla"] else "tf.function" for r in rows]
+    # per panel: (title, variants of the bars, their compilations, values, per-round dots)
+    panels = [
+        ("meta-PT / plain PT (fit)", kinds, modes, [r["meta_over_plain"] for r in rows],
+         [r["meta_over_plain_per_round"] for r in rows]),
+        ("hyperstep / plain PT step (functions)", kinds, modes,
+         [r["hyperstep_over_plain_step"] for r in rows], None),
+        ("tensors held / plain PT step (tf.function)", variants, [""] * len(variants),
+         [held[v] / held["plain"] for v in variants], None)]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    panels = [("meta-PT / plain PT (fit)", [r["meta_over_plain"] for r in rows], 0),
-              ("hyperstep / plain PT step (functions)",
-               [r["hyperstep_over_plain_step"] for r in rows], 1)]
-    for ax, (title, values, k) in zip(axes, panels):
-        x = np.arange(len(rows))
-        ax.bar(x, values, color=["C0" if r["hyperstep"] == "neumann" else "C1" for r in rows])
-        if k == 0:
-            for i, r in enumerate(rows):
-                ax.plot([i] * len(r["meta_over_plain_per_round"]),
-                        r["meta_over_plain_per_round"], "k.", ms=4)
-        for i, r in enumerate(rows):
-            target = TARGETS.get(r["hyperstep"], (None,) * 3)[k]
+    for k, (ax, (title, kinds, modes, values, rounds)) in enumerate(zip(axes, panels)):
+        x = np.arange(len(values))
+        ax.bar(x, values, color=["C0" if v == "neumann" else "C1" for v in kinds])
+        for i, v in enumerate(kinds):
+            if rounds:
+                ax.plot([i] * len(rounds[i]), rounds[i], "k.", ms=4)
+            target = TARGETS.get(v, (None,) * 3)[k]
             if target:
                 ax.hlines(target, i - 0.4, i + 0.4, colors="r", linestyles="--")
         ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set(xticks=x, xticklabels=labels, title=title, ylabel="ratio")
-    ax = axes[2]
-    held = result.get("held_mib") or {}
-    variants = [v for v in held if v != "plain"]
-    if held:
-        ratios = [held[v] / held["plain"] for v in variants]
-        ax.bar(range(len(variants)), ratios,
-               color=["C0" if v == "neumann" else "C1" for v in variants])
-        for i, v in enumerate(variants):
-            target = TARGETS.get(v, (None,) * 3)[2]
-            if target:
-                ax.hlines(target, i - 0.4, i + 0.4, colors="r", linestyles="--")
-        ax.set(xticks=range(len(variants)),
-               xticklabels=[HYPERSTEP_NAMES.get(v, v) for v in variants])
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set(title="tensors held / plain PT step (tf.function)", ylabel="ratio")
+        ax.set(xticks=x, xticklabels=[f"{HYPERSTEP_NAMES.get(v, v)}\n{m}".strip()
+                                      for v, m in zip(kinds, modes)],
+               title=title, ylabel="ratio")
     fig.suptitle(f"MetaPretrainer cost ({result['config']}); red dashes: targets", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
