@@ -130,7 +130,9 @@ flags.DEFINE_integer("agreement_batches", 4, "After meta-PT, hypergradients on t
                      "elements after the last step (other MetaVal, MetaTrain and PT batches) at "
                      "the final state: their mean pairwise cosine, also centred over tasks, is "
                      "the reported signal-to-noise check (0: skip, else >= 2; on one device "
-                     "only).")
+                     "only). From 3 on, each task's mean hypergradient is also t-tested "
+                     "against 0: the share of real and permuted tasks with a non-zero expected "
+                     "hypergradient, and where the weights head in expectation.")
 flags.DEFINE_list("seeds", ["0"], "Seeds (model initialisation, data order); a seed fixes a run "
                   "(bit-identical on CPU). One by default, to stay near 10 minutes on 2 CPU "
                   "cores; python -m benchmarks.multitask_graphs runs 5, paired by seed.")
@@ -529,16 +531,22 @@ def pretrain_meta(config, encoder, pt_ds, steps, data, ft_train, seed, strategy,
                       task_weight_moved_auroc_real=weight_auroc(np.abs(learned - 1.0), is_real))
     if config.agreement_batches >= 2 and replicas == 1:  # (computed on one device)
         record["hypergradient_agreement"] = hypergradient_agreement(
-            model, stream.skip(config.pt_epochs * steps), config.agreement_batches)
+            model, stream.skip(config.pt_epochs * steps), config.agreement_batches, is_real)
     return record
 
 
-def hypergradient_agreement(model, stream, count):
+def hypergradient_agreement(model, stream, count, is_real=None):
     """Hypergradients at the current state on ``count`` stream elements (other MetaVal,
     MetaTrain and fresh PT batches than each other: the streams reshuffle every pass): mean
     pairwise cosine similarity, the same after removing each hypergradient's mean over tasks,
     and the share of tasks whose hypergradient has the same sign on every element (about
-    1/2^(count-1) for pure noise)."""
+    1/2^(count-1) for pure noise).
+
+    With ``is_real`` (False: a permuted control) and count >= 3, also per task the t test of
+    its mean hypergradient against 0 (t = mean / (std / sqrt(count)), two-sided, 5%): the
+    share of real and of permuted tasks whose expected hypergradient is not 0, the share
+    whose mean is negative (the weight rises in expectation), and the AUROC for "task is
+    real" of -mean (where the weights head) and of |t| (how sure their move is)."""
     compute = tf.function(lambda element: model.hypergradient(element).hypergrad[0])
     grads = np.stack([compute(element).numpy() for element in stream.take(count)])
 
@@ -546,10 +554,21 @@ def hypergradient_agreement(model, stream, count):
         unit = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-30)
         return float((unit @ unit.T)[np.triu_indices(count, 1)].mean())
     signs = np.sign(grads)
-    return {"batches": count, "mean_cosine": mean_cosine(grads),
-            # without the component shared by all tasks (raise or lower every weight)
-            "mean_centred_cosine": mean_cosine(grads - grads.mean(axis=1, keepdims=True)),
-            "same_sign_share": float((np.abs(signs.sum(0)) == count).mean())}
+    out = {"batches": count, "mean_cosine": mean_cosine(grads),
+           # without the component shared by all tasks (raise or lower every weight)
+           "mean_centred_cosine": mean_cosine(grads - grads.mean(axis=1, keepdims=True)),
+           "same_sign_share": float((np.abs(signs.sum(0)) == count).mean())}
+    if is_real is not None and count >= 3:
+        from scipy import stats
+        mean = grads.mean(0)
+        t = mean / np.maximum(grads.std(0, ddof=1) / np.sqrt(count), 1e-30)
+        significant = np.abs(t) > stats.t.ppf(0.975, count - 1)
+        for name, mask in (("real", is_real), ("permuted", ~is_real)):
+            out[f"{name}_significant_share"] = float(significant[mask].mean())
+            out[f"{name}_raised_share"] = float((mean[mask] < 0).mean())
+        out["expected_direction_auroc_real"] = weight_auroc(-mean, is_real)
+        out["expected_size_auroc_real"] = weight_auroc(np.abs(t), is_real)
+    return out
 
 
 def finetune(config, encoder_weights, ft_train, test, linear):

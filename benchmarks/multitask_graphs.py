@@ -30,6 +30,10 @@ from absl import app, flags
 from apps import runner
 
 FLAGS = flags.FLAGS
+flags.DEFINE_string("diagnose", None, "An apps/multitask_pt.py output directory: write the "
+                    "diagnostics table of its meta arms (from the per-seed records under its "
+                    "results/, e.g. a run with --agreement_batches=64 for the per-task t tests) "
+                    "to <dir>/diagnostics.md, print it, and run nothing else.")
 flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds (>= 5 for paired intervals worth "
                   "reading).")
 flags.DEFINE_bool("full", False, "Use the app's --full preset.")
@@ -73,9 +77,21 @@ def meta_diagnostics(records, arm="meta"):
     if all("hypergradient_agreement" in r for r in records):
         for key, label in (("mean_cosine", "hypergradient cosine between batches"),
                            ("mean_centred_cosine", "the same, each centred over tasks"),
-                           ("same_sign_share", "share of tasks with one hypergradient sign")):
-            lines.append(f"| {label} | "
-                         f"{cell([r['hypergradient_agreement'][key] for r in records])} |")
+                           ("same_sign_share", "share of tasks with one hypergradient sign"),
+                           # the t tests of each task's mean hypergradient (from 3 batches on)
+                           ("real_significant_share", "share of real tasks whose expected "
+                            "hypergradient is not 0 (t test, 5%)"),
+                           ("permuted_significant_share", "the same, permuted tasks"),
+                           ("real_raised_share", "share of real tasks whose weight rises in "
+                            "expectation (mean hypergradient < 0)"),
+                           ("permuted_raised_share", "the same, permuted tasks"),
+                           ("expected_direction_auroc_real", "AUROC of -mean hypergradient "
+                            "for \"task is real\" (where the weights head)"),
+                           ("expected_size_auroc_real", "AUROC of \\|t\\| for \"task is real\" "
+                            "(how sure the move is)")):
+            if all(key in r["hypergradient_agreement"] for r in records):
+                lines.append(f"| {label} | "
+                             f"{cell([r['hypergradient_agreement'][key] for r in records])} |")
     spread = [r["task_weight_history"][-1]["quantiles"] for r in records]
     lines.append("| final weights 10% / 50% / 90% quantile (mean) | " + " / ".join(
         f"{sum(q[k] for q in spread) / len(spread):.3f}" for k in ("10", "50", "90")) + " |")
@@ -101,8 +117,32 @@ def online_against_implicit(comparison):
             + " |\n")
 
 
+def diagnose(run_dir):
+    """The diagnostics tables of the meta arms of an app run directory, written to
+    <run_dir>/diagnostics.md; returns the markdown."""
+    results = os.path.join(run_dir, "results")
+    tables = []
+    for arm in META_ARMS:
+        names = [n for n in (os.listdir(results) if os.path.isdir(results) else [])
+                 if n.startswith(f"{arm}_seed") and n.endswith(".json")]
+        if names:
+            records = sorted((json.load(open(os.path.join(results, n))) for n in names),
+                             key=lambda r: r["seed"])
+            seeds = ",".join(str(r["seed"]) for r in records)
+            tables.append(f"Seeds {seeds}.\n\n" + meta_diagnostics(records, arm))
+    if not tables:
+        raise app.UsageError(f"--diagnose={run_dir}: no meta arm records under {results}")
+    report = "\n".join(tables)
+    with open(os.path.join(run_dir, "diagnostics.md"), "w") as f:
+        f.write(report)
+    return report
+
+
 def main(argv):
     del argv
+    if FLAGS.diagnose:
+        print(diagnose(FLAGS.diagnose))
+        return
     base = os.path.join(FLAGS.output_dir, "multitask_graphs")
     comparison = run_app(os.path.join(base, "comparison"), f"--seeds={','.join(FLAGS.seeds)}",
                          "--arms=no_pt,uniform,oracle," + ",".join(META_ARMS))

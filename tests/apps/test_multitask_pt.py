@@ -13,6 +13,8 @@ import sys
 import numpy as np
 import tensorflow as tf
 
+from tests.apps import run_pytest_file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--max_pt_molecules=96", "--pt_epochs=2", "--ft_epochs=1", "--hidden=8", "--num_layers=1",
         "--batch_size=16", "--seeds=0", "--noxla", "--verbose=0", "--hyperstep_every=2",
@@ -53,6 +55,11 @@ def check_run(run_dir, stdout, arms=("no_pt", "uniform", "meta")):
                                                for k in ("real", "permuted")}
     agreement = record["hypergradient_agreement"]
     assert agreement["batches"] == 3 and -1.0 <= agreement["mean_cosine"] <= 1.0
+    # per-task t tests against 0 (checked against scipy in multitask_pt_inprocess.py)
+    for key in ("real_significant_share", "permuted_significant_share", "real_raised_share",
+                "permuted_raised_share", "expected_direction_auroc_real",
+                "expected_size_auroc_real"):
+        assert 0.0 <= agreement[key] <= 1.0, key
     assert f"PT: 96 molecules, {len(names)} tasks ({len(record['permuted_tasks'])} permuted" in stdout
     assert record["jit_compile"] is False  # --noxla
     # the GIN's BatchNorm leaves the padding out: results stored before are not taken for these
@@ -70,6 +77,12 @@ def check_run(run_dir, stdout, arms=("no_pt", "uniform", "meta")):
         request = graph_request([smiles_to_graph(s) for s in smiles])
         scores = signature(**{k: tf.constant(v) for k, v in request.items()})["outputs"].numpy()
         assert scores.shape == (len(smiles), 1) and np.all(np.isfinite(scores))
+
+
+def test_in_process_checks():
+    """tests/apps/multitask_pt_inprocess.py in its own process (the app's absl flags would
+    clash with other modules' flags here)."""
+    run_pytest_file("multitask_pt_inprocess.py", 1)
 
 
 def test_app_pretrains_from_a_graph_tfds_directory(tmp_path):

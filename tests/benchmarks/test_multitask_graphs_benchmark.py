@@ -24,6 +24,18 @@ def test_meta_diagnostics_rows_hold_means_and_t_intervals():
     assert "| final weights 10% / 50% / 90% quantile (mean) | 0.900 / 1.000 / 3.100 |" in table
     assert "| mean weight, morgan permuted tasks | 0.990 [0.990, 0.990] |" in table
     assert "hypergradient cosine between batches | 0.200 [" in table
+    assert "t test" not in table  # records without the per-task t tests: no such rows
+    for i, record in enumerate(records):
+        record["hypergradient_agreement"].update(
+            real_significant_share=0.3, permuted_significant_share=0.05 + 0.01 * i,
+            real_raised_share=0.5, permuted_raised_share=0.5, expected_direction_auroc_real=0.5,
+            expected_size_auroc_real=0.8)
+    table = meta_diagnostics(records)
+    shares = 0.05 + 0.01 * np.arange(5)
+    half = stats.t.ppf(0.975, 4) * np.std(shares, ddof=1) / np.sqrt(5)
+    assert (f"| the same, permuted tasks | {shares.mean():.3f} [{shares.mean() - half:.3f}, "
+            f"{shares.mean() + half:.3f}] |") in table
+    assert "expected hypergradient is not 0 (t test, 5%) | 0.300 [0.300, 0.300] |" in table
 
 
 def test_online_against_implicit_is_the_paired_difference_with_a_t_interval():
@@ -41,3 +53,31 @@ def test_online_against_implicit_is_the_paired_difference_with_a_t_interval():
         low, high = stats.t.interval(0.95, 2, loc=diffs.mean(), scale=stats.sem(diffs))
         cells.append(f"{diffs.mean():+.4f} [{low:+.4f}, {high:+.4f}]")
     assert row.splitlines()[-1] == f"| mean [95% t interval] | {cells[0]} | {cells[1]} |"
+
+
+def test_diagnose_writes_the_tables_of_the_meta_arms_of_a_run_directory(tmp_path):
+    """--diagnose: the meta arm's table from its per-seed records (reference: the same
+    records through meta_diagnostics), seeds in order; a directory without them is refused."""
+    import json
+
+    import pytest
+    from absl import app
+
+    from benchmarks.multitask_graphs import diagnose
+    (tmp_path / "results").mkdir()
+    records = [{"seed": seed, "task_weight_auroc_real": 0.5 + 0.01 * seed,
+                "task_weight_moved_auroc_real": 0.8,
+                "task_weight_history": [{"quantiles": {"10": 0.9, "50": 1.0, "90": 1.1}}],
+                "mean_task_weight": {"morgan real": 1.0}} for seed in (11, 2, 0)]
+    for record in records:
+        (tmp_path / "results" / f"meta_seed{record['seed']}.json").write_text(json.dumps(record))
+    (tmp_path / "results" / "uniform_seed0.json").write_text("{}")
+    report = diagnose(str(tmp_path))
+    ordered = sorted(records, key=lambda r: r["seed"])
+    assert report == "Seeds 0,2,11.\n\n" + meta_diagnostics(ordered, "meta")
+    assert (tmp_path / "diagnostics.md").read_text() == report
+    (tmp_path / "no_meta" / "results").mkdir(parents=True)
+    (tmp_path / "no_meta" / "results" / "uniform_seed0.json").write_text("{}")
+    for path in (tmp_path / "no_meta", tmp_path / "missing"):
+        with pytest.raises(app.UsageError, match="no meta arm records"):
+            diagnose(str(path))
