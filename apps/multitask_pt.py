@@ -531,11 +531,12 @@ def pretrain_meta(config, encoder, pt_ds, steps, data, ft_train, seed, strategy,
                       task_weight_moved_auroc_real=weight_auroc(np.abs(learned - 1.0), is_real))
     if config.agreement_batches >= 2 and replicas == 1:  # (computed on one device)
         record["hypergradient_agreement"] = hypergradient_agreement(
-            model, stream.skip(config.pt_epochs * steps), config.agreement_batches, is_real)
+            model, stream.skip(config.pt_epochs * steps), config.agreement_batches, is_real,
+            learned)
     return record
 
 
-def hypergradient_agreement(model, stream, count, is_real=None):
+def hypergradient_agreement(model, stream, count, is_real=None, task_weights=None):
     """Hypergradients at the current state on ``count`` stream elements (other MetaVal,
     MetaTrain and fresh PT batches than each other: the streams reshuffle every pass): mean
     pairwise cosine similarity, the same after removing each hypergradient's mean over tasks,
@@ -543,31 +544,47 @@ def hypergradient_agreement(model, stream, count, is_real=None):
     1/2^(count-1) for pure noise).
 
     With ``is_real`` (False: a permuted control) and count >= 3, also per task the t test of
-    its mean hypergradient against 0 (t = mean / (std / sqrt(count)), two-sided, 5%): the
-    share of real and of permuted tasks whose expected hypergradient is not 0, the share
-    whose mean is negative (the weight rises in expectation), and the AUROC for "task is
-    real" of -mean (where the weights head) and of |t| (how sure their move is)."""
+    its mean hypergradient g_t against 0 (t = mean / (std / sqrt(n)), n - 1 degrees of
+    freedom, two-sided, 5%). The expectation is over the stream's batches of the fixed
+    MetaVal, MetaTrain and PT sets. Reported: per task the mean and t; the share of real and
+    of permuted tasks whose expected hypergradient is not 0; among real tasks that pass the
+    test, the share with mean < 0 (the weight, descending g_t, rises in expectation); the
+    AUROC for "task is real" of -t (the weights' expected direction, scaled per task as Adam
+    scales it) and of |t| (how sure the move is). With ``task_weights`` (the learned values),
+    also the share of the tasks that pass the test whose weight has moved from 1 the way
+    -mean points (over those whose weight moved at all)."""
     compute = tf.function(lambda element: model.hypergradient(element).hypergrad[0])
     grads = np.stack([compute(element).numpy() for element in stream.take(count)])
+    n = len(grads)
 
     def mean_cosine(g):
         unit = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-30)
-        return float((unit @ unit.T)[np.triu_indices(count, 1)].mean())
+        return float((unit @ unit.T)[np.triu_indices(n, 1)].mean())
     signs = np.sign(grads)
-    out = {"batches": count, "mean_cosine": mean_cosine(grads),
+    out = {"batches": n, "mean_cosine": mean_cosine(grads),
            # without the component shared by all tasks (raise or lower every weight)
            "mean_centred_cosine": mean_cosine(grads - grads.mean(axis=1, keepdims=True)),
-           "same_sign_share": float((np.abs(signs.sum(0)) == count).mean())}
-    if is_real is not None and count >= 3:
+           "same_sign_share": float((np.abs(signs.sum(0)) == n).mean())}
+    if is_real is not None and n >= 3:
         from scipy import stats
+        is_real = np.asarray(is_real, bool)
         mean = grads.mean(0)
-        t = mean / np.maximum(grads.std(0, ddof=1) / np.sqrt(count), 1e-30)
-        significant = np.abs(t) > stats.t.ppf(0.975, count - 1)
+        t = mean / np.maximum(grads.std(0, ddof=1) / np.sqrt(n), 1e-30)
+        significant = np.abs(t) > stats.t.ppf(0.975, n - 1)
+        out.update(task_mean=mean.tolist(), task_t=t.tolist())
         for name, mask in (("real", is_real), ("permuted", ~is_real)):
             out[f"{name}_significant_share"] = float(significant[mask].mean())
-            out[f"{name}_raised_share"] = float((mean[mask] < 0).mean())
-        out["expected_direction_auroc_real"] = weight_auroc(-mean, is_real)
+        real_significant = significant & is_real
+        if real_significant.any():
+            out["real_significant_raised_share"] = float((mean[real_significant] < 0).mean())
+        out["expected_direction_auroc_real"] = weight_auroc(-t, is_real)
         out["expected_size_auroc_real"] = weight_auroc(np.abs(t), is_real)
+        if task_weights is not None:
+            moved = np.sign(np.asarray(task_weights, np.float64) - 1.0)
+            counted = significant & (moved != 0)  # (weights that never moved say nothing)
+            if counted.any():
+                out["significant_weight_follows_share"] = float(
+                    (moved[counted] == -np.sign(mean[counted])).mean())
     return out
 
 

@@ -81,17 +81,22 @@ def meta_diagnostics(records, arm="meta"):
                            # the t tests of each task's mean hypergradient (from 3 batches on)
                            ("real_significant_share", "share of real tasks whose expected "
                             "hypergradient is not 0 (t test, 5%)"),
-                           ("permuted_significant_share", "the same, permuted tasks"),
-                           ("real_raised_share", "share of real tasks whose weight rises in "
-                            "expectation (mean hypergradient < 0)"),
-                           ("permuted_raised_share", "the same, permuted tasks"),
-                           ("expected_direction_auroc_real", "AUROC of -mean hypergradient "
-                            "for \"task is real\" (where the weights head)"),
+                           ("permuted_significant_share", "share of permuted tasks whose "
+                            "expected hypergradient is not 0 (t test, 5%)"),
+                           ("real_significant_raised_share", "of the real tasks that pass the "
+                            "test, the share whose weight rises in expectation (mean < 0)"),
+                           ("significant_weight_follows_share", "of all tasks that pass the "
+                            "test, the share whose weight moved from 1 the way -mean points"),
+                           ("expected_direction_auroc_real", "AUROC of -t for \"task is real\" "
+                            "(where the weights head)"),
                            ("expected_size_auroc_real", "AUROC of \\|t\\| for \"task is real\" "
                             "(how sure the move is)")):
-            if all(key in r["hypergradient_agreement"] for r in records):
-                lines.append(f"| {label} | "
-                             f"{cell([r['hypergradient_agreement'][key] for r in records])} |")
+            values = [r["hypergradient_agreement"][key] for r in records
+                      if key in r["hypergradient_agreement"]]
+            if values:  # a row over fewer seeds says how many
+                count = f" ({len(values)} of {len(records)} seeds)" \
+                    if len(values) < len(records) else ""
+                lines.append(f"| {label}{count} | {cell(values)} |")
     spread = [r["task_weight_history"][-1]["quantiles"] for r in records]
     lines.append("| final weights 10% / 50% / 90% quantile (mean) | " + " / ".join(
         f"{sum(q[k] for q in spread) / len(spread):.3f}" for k in ("10", "50", "90")) + " |")
@@ -119,17 +124,32 @@ def online_against_implicit(comparison):
 
 def diagnose(run_dir):
     """The diagnostics tables of the meta arms of an app run directory, written to
-    <run_dir>/diagnostics.md; returns the markdown."""
+    <run_dir>/diagnostics.md; returns the markdown. Refuses (UsageError, naming the files) a
+    record it cannot read, and records of one arm made with different settings."""
     results = os.path.join(run_dir, "results")
     tables = []
     for arm in META_ARMS:
         names = [n for n in (os.listdir(results) if os.path.isdir(results) else [])
                  if n.startswith(f"{arm}_seed") and n.endswith(".json")]
-        if names:
-            records = sorted((json.load(open(os.path.join(results, n))) for n in names),
-                             key=lambda r: r["seed"])
-            seeds = ",".join(str(r["seed"]) for r in records)
-            tables.append(f"Seeds {seeds}.\n\n" + meta_diagnostics(records, arm))
+        if not names:
+            continue
+        records = []
+        for name in names:
+            path = os.path.join(results, name)
+            try:
+                with open(path) as f:
+                    record = json.load(f)
+                record["seed"]
+            except (ValueError, KeyError, TypeError) as error:
+                raise app.UsageError(f"--diagnose: cannot read {path}: {error!r}") from error
+            records.append(record)
+        records.sort(key=lambda r: r["seed"])
+        settings = {r.get("config_sha256") for r in records}
+        if len(settings) > 1:
+            raise app.UsageError(f"--diagnose: the {arm} records under {results} were made "
+                                 f"with {len(settings)} different settings (config_sha256)")
+        seeds = ",".join(str(r["seed"]) for r in records)
+        tables.append(f"Seeds {seeds}.\n\n" + meta_diagnostics(records, arm))
     if not tables:
         raise app.UsageError(f"--diagnose={run_dir}: no meta arm records under {results}")
     report = "\n".join(tables)

@@ -3,6 +3,7 @@ process: importing an app defines its absl flags, which would clash with other m
 flags in the test process."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -16,4 +17,4 @@ def run_pytest_file(name, expected_passed, timeout=900):
                            "-p", "no:cacheprovider", os.path.join("tests", "apps", name)],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert f"{expected_passed} passed" in proc.stdout, proc.stdout[-3000:]
+    assert re.search(rf"\b{expected_passed} passed\b", proc.stdout), proc.stdout[-3000:]

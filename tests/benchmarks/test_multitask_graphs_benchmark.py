@@ -28,14 +28,18 @@ def test_meta_diagnostics_rows_hold_means_and_t_intervals():
     for i, record in enumerate(records):
         record["hypergradient_agreement"].update(
             real_significant_share=0.3, permuted_significant_share=0.05 + 0.01 * i,
-            real_raised_share=0.5, permuted_raised_share=0.5, expected_direction_auroc_real=0.5,
-            expected_size_auroc_real=0.8)
+            expected_direction_auroc_real=0.5, expected_size_auroc_real=0.8)
+        if i < 2:  # only some seeds have it: the row says over how many
+            record["hypergradient_agreement"]["real_significant_raised_share"] = 0.6
     table = meta_diagnostics(records)
     shares = 0.05 + 0.01 * np.arange(5)
     half = stats.t.ppf(0.975, 4) * np.std(shares, ddof=1) / np.sqrt(5)
-    assert (f"| the same, permuted tasks | {shares.mean():.3f} [{shares.mean() - half:.3f}, "
-            f"{shares.mean() + half:.3f}] |") in table
+    assert (f"| share of permuted tasks whose expected hypergradient is not 0 (t test, 5%) | "
+            f"{shares.mean():.3f} [{shares.mean() - half:.3f}, {shares.mean() + half:.3f}] |"
+            ) in table
     assert "expected hypergradient is not 0 (t test, 5%) | 0.300 [0.300, 0.300] |" in table
+    assert "(mean < 0) (2 of 5 seeds) | 0.600 [0.600, 0.600] |" in table
+    assert "the way -mean points" not in table  # no seed has it: no row
 
 
 def test_online_against_implicit_is_the_paired_difference_with_a_t_interval():
@@ -76,8 +80,22 @@ def test_diagnose_writes_the_tables_of_the_meta_arms_of_a_run_directory(tmp_path
     ordered = sorted(records, key=lambda r: r["seed"])
     assert report == "Seeds 0,2,11.\n\n" + meta_diagnostics(ordered, "meta")
     assert (tmp_path / "diagnostics.md").read_text() == report
+    # both meta arms: one table each, a meta_online record never taken for meta
+    online = dict(records[0], seed=0)
+    (tmp_path / "results" / "meta_online_seed0.json").write_text(json.dumps(online))
+    report = diagnose(str(tmp_path))
+    assert report == ("Seeds 0,2,11.\n\n" + meta_diagnostics(ordered, "meta") + "\n"
+                      + "Seeds 0.\n\n" + meta_diagnostics([online], "meta_online"))
+    # refused, naming what: no records, records of different settings, an unreadable record
     (tmp_path / "no_meta" / "results").mkdir(parents=True)
     (tmp_path / "no_meta" / "results" / "uniform_seed0.json").write_text("{}")
     for path in (tmp_path / "no_meta", tmp_path / "missing"):
         with pytest.raises(app.UsageError, match="no meta arm records"):
             diagnose(str(path))
+    (tmp_path / "results" / "meta_seed5.json").write_text(json.dumps(
+        dict(records[0], seed=5, config_sha256="other")))
+    with pytest.raises(app.UsageError, match="2 different settings"):
+        diagnose(str(tmp_path))
+    (tmp_path / "results" / "meta_seed5.json").write_text("{not json")
+    with pytest.raises(app.UsageError, match="cannot read .*meta_seed5.json"):
+        diagnose(str(tmp_path))
