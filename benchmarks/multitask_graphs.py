@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 from absl import app, flags
 
 from apps import runner
@@ -33,7 +34,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("diagnose", None, "An apps/multitask_pt.py output directory: write the "
                     "diagnostics table of its meta arms (from the per-seed records under its "
                     "results/, e.g. a run with --agreement_batches=64 for the per-task t tests) "
-                    "to <dir>/diagnostics.md, print it, and run nothing else.")
+                    "to <dir>/diagnostics.md, with the plot hypergradient_t_<arm>.png of every "
+                    "task's t where the records hold it; print it, and run nothing else.")
 flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds (>= 5 for paired intervals worth "
                   "reading).")
 flags.DEFINE_bool("full", False, "Use the app's --full preset.")
@@ -122,10 +124,59 @@ def online_against_implicit(comparison):
             + " |\n")
 
 
+def task_t_points(records):
+    """Per task, pooled over the records (seeds): (t of its mean hypergradient, learned weight,
+    is_real), from records holding ``hypergradient_agreement["task_t"]``; tasks in the
+    records' task order (the order of ``task_weights``, which the t values follow)."""
+    t, weight, real = [], [], []
+    for record in records:
+        names = list(record["task_weights"])
+        permuted = set(record.get("permuted_tasks", ()))
+        t += record["hypergradient_agreement"]["task_t"]
+        weight += [record["task_weights"][n] for n in names]
+        real += [n not in permuted for n in names]
+    return np.array(t), np.array(weight), np.array(real, bool)
+
+
+def plot_task_t(records, path, arm):
+    """Two panels of every task of every seed: the histogram of t (its mean hypergradient
+    over the agreement batches against 0) for real and permuted tasks, and t against the
+    learned weight; the 5% cutoffs dashed. Writes ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy import stats
+    t, weight, real = task_t_points(records)
+    batches = records[0]["hypergradient_agreement"]["batches"]
+    cutoff = stats.t.ppf(0.975, batches - 1)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    bins = np.linspace(t.min(), t.max(), 41)
+    for mask, label, color in ((real, "real", "C0"), (~real, "permuted", "C3")):
+        left.hist(t[mask], bins=bins, density=True, alpha=0.55, color=color,
+                  label=f"{label} ({mask.sum()})")
+        right.scatter(t[mask], weight[mask], s=6, alpha=0.5, color=color, label=label)
+    for ax in (left, right):
+        for x in (-cutoff, cutoff):
+            ax.axvline(x, color="k", ls="--", lw=0.8)
+        ax.set_xlabel("t of the mean hypergradient (< 0: the weight rises in expectation)")
+    left.set_ylabel("density")
+    left.legend()
+    right.axhline(1.0, color="grey", lw=0.8)
+    right.set_ylabel("learned task weight")
+    right.legend()
+    fig.suptitle(f"{arm}: {len(records)} seeds x {len(t) // len(records)} tasks, "
+                 f"{batches} batches each; dashed: 5% two-sided cutoffs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def diagnose(run_dir):
     """The diagnostics tables of the meta arms of an app run directory, written to
-    <run_dir>/diagnostics.md; returns the markdown. Refuses (UsageError, naming the files) a
-    record it cannot read, and records of one arm made with different settings."""
+    <run_dir>/diagnostics.md, and, where the records hold every task's t, the plot
+    <run_dir>/hypergradient_t_<arm>.png (`plot_task_t`); returns the markdown. Refuses
+    (UsageError, naming the files) a record it cannot read, and records of one arm made with
+    different settings."""
     results = os.path.join(run_dir, "results")
     tables = []
     for arm in META_ARMS:
@@ -150,6 +201,8 @@ def diagnose(run_dir):
                                  f"with {len(settings)} different settings (config_sha256)")
         seeds = ",".join(str(r["seed"]) for r in records)
         tables.append(f"Seeds {seeds}.\n\n" + meta_diagnostics(records, arm))
+        if all("task_t" in r.get("hypergradient_agreement", {}) for r in records):
+            plot_task_t(records, os.path.join(run_dir, f"hypergradient_t_{arm}.png"), arm)
     if not tables:
         raise app.UsageError(f"--diagnose={run_dir}: no meta arm records under {results}")
     report = "\n".join(tables)

@@ -99,3 +99,27 @@ def test_diagnose_writes_the_tables_of_the_meta_arms_of_a_run_directory(tmp_path
     (tmp_path / "results" / "meta_seed5.json").write_text("{not json")
     with pytest.raises(app.UsageError, match="cannot read .*meta_seed5.json"):
         diagnose(str(tmp_path))
+
+
+def test_task_t_plot_pools_every_task_of_every_seed_in_task_order(tmp_path):
+    """task_t_points against the records written by hand (t follows the task order of
+    task_weights; a task is real unless listed as permuted); --diagnose draws the plot when
+    every record holds the per-task t."""
+    import json
+
+    from benchmarks.multitask_graphs import diagnose, task_t_points
+    records = [{"seed": seed, "task_weights": {"b": 1.2 + seed, "a": 0.7, "c": 1.0},
+                "permuted_tasks": ["a"], "task_weight_auroc_real": 0.5,
+                "task_weight_moved_auroc_real": 0.5,
+                "hypergradient_agreement": {"batches": 8, "task_t": [-3.0 - seed, 2.5, 0.1]},
+                "task_weight_history": [{"quantiles": {"10": 0.9, "50": 1.0, "90": 1.1}}],
+                "mean_task_weight": {"tasks real": 1.0}} for seed in (0, 1)]
+    t, weight, real = task_t_points(records)
+    assert t.tolist() == [-3.0, 2.5, 0.1, -4.0, 2.5, 0.1]
+    assert weight.tolist() == [1.2, 0.7, 1.0, 2.2, 0.7, 1.0]
+    assert real.tolist() == [True, False, True, True, False, True]
+    (tmp_path / "results").mkdir()
+    for record in records:
+        (tmp_path / "results" / f"meta_seed{record['seed']}.json").write_text(json.dumps(record))
+    diagnose(str(tmp_path))
+    assert (tmp_path / "hypergradient_t_meta.png").stat().st_size > 10_000
