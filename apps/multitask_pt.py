@@ -569,7 +569,7 @@ def hypergradient_agreement(model, stream, count, is_real=None, task_weights=Non
         from scipy import stats
         is_real = np.asarray(is_real, bool)
         mean = grads.mean(0)
-        t = mean / np.maximum(grads.std(0, ddof=1) / np.sqrt(n), 1e-30)
+        t = runner.one_sample_t(grads)
         significant = np.abs(t) > stats.t.ppf(0.975, n - 1)
         out.update(task_mean=mean.tolist(), task_t=t.tolist())
         for name, mask in (("real", is_real), ("permuted", ~is_real)):

@@ -69,7 +69,7 @@ __all__ = ["Config", "GridConfig", "FT_MODES", "FT_SEED_OFFSET", "FineTuned",
            "setup", "seed_everything", "result_path",
            "config_differences", "run_grid", "run_directory", "claim_directory", "load_results",
            "fine_tune", "export_finetuned", "summarise", "summary_table", "paired_table",
-           "write_json", "resume_run", "mean_and_interval", "distinct_counts"]
+           "write_json", "resume_run", "mean_and_interval", "one_sample_t", "distinct_counts"]
 
 # label in the log, label in the tables
 FT_MODES = {"full": ("full fine-tuning", "full FT test AUROC"),
@@ -559,6 +559,15 @@ def mean_and_interval(values):
         return mean, float("nan")
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     return mean, 1.96 * std / math.sqrt(n)
+
+
+def one_sample_t(samples):
+    """Per column of ``samples`` [n, k]: the one-sample t statistic of its mean against 0,
+    mean / (std / sqrt(n)) with the std over n - 1 (a zero std counts as 1e-30)."""
+    import numpy as np
+    samples = np.asarray(samples)  # (in its own precision)
+    spread = samples.std(0, ddof=1) / np.sqrt(len(samples))
+    return samples.mean(0) / np.maximum(spread, 1e-30)
 
 
 def load_results(results_dir, arms, seeds):

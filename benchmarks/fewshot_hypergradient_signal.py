@@ -64,7 +64,7 @@ def hypergradients(config, domains, arm, seed, draws):
 
 def signal(samples):
     n = len(samples)
-    t = samples.mean(0) / (samples.std(0, ddof=1) / np.sqrt(n))
+    t = runner.one_sample_t(samples)
     return {"draws": n, "scales": int(samples.shape[1]),
             "fraction_abs_t_above_1.96": float(np.mean(np.abs(t) > 1.96)),
             "median_abs_t": float(np.median(np.abs(t))),

@@ -190,7 +190,7 @@ def diagnose(run_dir):
             try:
                 with open(path) as f:
                     record = json.load(f)
-                record["seed"]
+                int(record["seed"])  # every record names its seed
             except (ValueError, KeyError, TypeError) as error:
                 raise app.UsageError(f"--diagnose: cannot read {path}: {error!r}") from error
             records.append(record)

@@ -300,3 +300,12 @@ def test_online_arm_checks_and_record_fields(tmp_path):
     assert runner.hyperdistill_fields(online) == {
         "hyperdistill_scale": float(online.scale), "hyperdistill_references": 0,
         "hyperdistill_steps": 3}
+
+
+def test_one_sample_t_is_scipys_t_statistic_per_column():
+    """Reference: scipy.stats.ttest_1samp against 0, column by column; a constant zero column
+    gives 0 rather than NaN."""
+    samples = np.random.default_rng(3).normal(0.2, 1.0, (9, 4))
+    np.testing.assert_allclose(runner.one_sample_t(samples),
+                               stats.ttest_1samp(samples, 0.0).statistic, rtol=1e-12)
+    assert runner.one_sample_t(np.zeros((5, 2))).tolist() == [0.0, 0.0]

@@ -3,7 +3,11 @@
 Reference: the mean and 95% Student-t interval computed here with scipy.stats.
 """
 
+import json
+
 import numpy as np
+import pytest
+from absl import app
 from scipy import stats
 
 from benchmarks.multitask_graphs import meta_diagnostics
@@ -62,11 +66,6 @@ def test_online_against_implicit_is_the_paired_difference_with_a_t_interval():
 def test_diagnose_writes_the_tables_of_the_meta_arms_of_a_run_directory(tmp_path):
     """--diagnose: the meta arm's table from its per-seed records (reference: the same
     records through meta_diagnostics), seeds in order; a directory without them is refused."""
-    import json
-
-    import pytest
-    from absl import app
-
     from benchmarks.multitask_graphs import diagnose
     (tmp_path / "results").mkdir()
     records = [{"seed": seed, "task_weight_auroc_real": 0.5 + 0.01 * seed,
@@ -105,8 +104,6 @@ def test_task_t_plot_pools_every_task_of_every_seed_in_task_order(tmp_path):
     """task_t_points against the records written by hand (t follows the task order of
     task_weights; a task is real unless listed as permuted); --diagnose draws the plot when
     every record holds the per-task t."""
-    import json
-
     from benchmarks.multitask_graphs import diagnose, task_t_points
     records = [{"seed": seed, "task_weights": {"b": 1.2 + seed, "a": 0.7, "c": 1.0},
                 "permuted_tasks": ["a"], "task_weight_auroc_real": 0.5,
